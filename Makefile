@@ -1,0 +1,105 @@
+# imdsd — node-local IMDS-compatible token sidecar.
+# make            build build/imdsd (release)
+# make check      install dependencies, then unit + integration tests, plain, ASan/UBSan and valgrind
+# make demo       install dependencies, run the daemon against a local stand-in Entra, fetch a token
+# make deps       install the Debian packages the build and the tests need
+
+CC      ?= cc
+V       ?= 0
+Q        = $(if $(filter 1,$(V)),,@)
+
+LLHTTP_SRC  ?= /usr/share/llhttp
+LLHTTP_INC  ?= /usr/share/include/llhttp
+
+WARN     = -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wformat=2 -Wvla
+CPPFLAGS = -Iinclude -isystem $(LLHTTP_INC) -D_DEFAULT_SOURCE -D_GNU_SOURCE
+BASE     = -std=c11 -g -fno-omit-frame-pointer
+LIBS     = -luv -lmbedtls -lmbedx509 -lmbedcrypto
+
+# Variants: release (build/), asan (build/asan/), debug for valgrind (build/debug/).
+REL_CFLAGS  = $(BASE) -O2 -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIE
+REL_LDFLAGS = -pie -Wl,-z,relro,-z,now
+ASAN_CFLAGS = $(BASE) -O1 -fsanitize=address,undefined -fno-sanitize-recover=all
+DBG_CFLAGS  = $(BASE) -O1
+
+SRCS     := $(wildcard daemon/*.c)
+LIB_SRCS := $(filter-out daemon/main.c,$(SRCS))
+LLHTTP_SRCS = $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c $(LLHTTP_SRC)/llhttp.c
+UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+
+VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
+CPPFLAGS += -DIMDSD_VERSION='"$(VERSION)"'
+
+all: build/imdsd
+
+# ---- generic per-variant rules -------------------------------------------------------------
+define variant
+$(1)_OBJS   := $$(patsubst daemon/%.c,$(2)/obj/%.o,$$(LIB_SRCS))
+$(1)_LLHTTP := $(2)/obj/llhttp_api.o $(2)/obj/llhttp_http.o $(2)/obj/llhttp_llhttp.o
+
+$(2)/obj/%.o: daemon/%.c
+	@mkdir -p $$(@D)
+	$$(if $$(Q),@echo "  CC      $$@")
+	$(Q)$$(CC) $$(CPPFLAGS) $(3) $$(WARN) -MMD -MP -c -o $$@ $$<
+
+$(2)/obj/llhttp_%.o: $$(LLHTTP_SRC)/%.c
+	@mkdir -p $$(@D)
+	$$(if $$(Q),@echo "  CC      $$@")
+	$(Q)$$(CC) $$(CPPFLAGS) $(3) -w -c -o $$@ $$<
+
+$(2)/libimdsd.a: $$($(1)_OBJS) $$($(1)_LLHTTP)
+	$(Q)rm -f $$@ && ar rcs $$@ $$^
+
+$(2)/imdsd: $(2)/obj/main.o $(2)/libimdsd.a
+	$$(if $$(Q),@echo "  LD      $$@")
+	$(Q)$$(CC) $(3) $(4) -o $$@ $$^ $$(LIBS)
+
+$(2)/unit/%: tests/unit/%.c $(2)/libimdsd.a
+	@mkdir -p $$(@D)
+	$$(if $$(Q),@echo "  CC      $$@")
+	$(Q)$$(CC) $$(CPPFLAGS) $(3) $$(WARN) -Wno-missing-prototypes -o $$@ $$< $(2)/libimdsd.a $$(LIBS) -lcmocka
+
+$(1)_UNITS := $$(patsubst tests/unit/%.c,$(2)/unit/%,$$(UNIT_SRCS))
+-include $$(wildcard $(2)/obj/*.d)
+endef
+
+$(eval $(call variant,REL,build,$(REL_CFLAGS),$(REL_LDFLAGS)))
+$(eval $(call variant,ASAN,build/asan,$(ASAN_CFLAGS),-fsanitize=address,undefined))
+$(eval $(call variant,DBG,build/debug,$(DBG_CFLAGS),))
+
+units: $(REL_UNITS)
+units-asan: $(ASAN_UNITS)
+units-debug: $(DBG_UNITS)
+
+# ---- tests -------------------------------------------------------------------------------
+PY ?= /usr/bin/python3
+
+unit: build/imdsd units units-asan units-debug
+	$(Q)tests/run-unit.sh build build/asan build/debug
+
+integration: build/imdsd
+	$(Q)$(PY) tests/integration/run.py --binary build/imdsd
+
+integration-asan: build/asan/imdsd
+	$(Q)$(PY) tests/integration/run.py --binary build/asan/imdsd --label asan
+
+integration-valgrind: build/debug/imdsd
+	$(Q)$(PY) tests/integration/run.py --binary build/debug/imdsd --label valgrind --valgrind
+
+check: deps
+	$(Q)$(MAKE) --no-print-directory build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug
+	$(Q)tests/check.sh
+
+demo: deps build/imdsd
+	$(Q)$(PY) tests/demo.py --binary build/imdsd
+
+deps:
+	$(Q)tests/deps.sh
+
+lint:
+	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c
+
+clean:
+	rm -rf build
+
+.PHONY: all unit units units-asan units-debug integration integration-asan integration-valgrind check demo deps lint clean

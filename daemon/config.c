@@ -1,0 +1,324 @@
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "imds.h"
+#include "util.h"
+
+static const char USAGE[] =
+    "Usage: imdsd [OPTIONS]\n"
+    "Serves Entra ID access tokens for a Kubernetes workload identity on a local\n"
+    "IMDS-compatible endpoint (GET /metadata/identity/oauth2/token).\n"
+    "\n"
+    "  --listen ADDR:PORT      address to serve on, repeatable (default " CONFIG_DEFAULT_LISTEN ";\n"
+    "                          IPv6 as [::1]:8000)\n"
+    "  --client-id GUID        default identity                [AZURE_CLIENT_ID]\n"
+    "  --tenant-id TENANT      tenant GUID or domain            [AZURE_TENANT_ID]\n"
+    "  --token-file PATH       projected service-account token  [AZURE_FEDERATED_TOKEN_FILE]\n"
+    "  --authority-host URL    Entra authority, https only      [AZURE_AUTHORITY_HOST]\n"
+    "                          (default " CONFIG_DEFAULT_AUTHORITY ")\n"
+    "  --ca-file PATH          trust anchors for Entra's TLS    [IMDSD_CA_FILE]\n"
+    "                          (default " CONFIG_DEFAULT_CA_FILE ")\n"
+    "  --allow-client-id GUID  another identity it may serve, repeatable\n"
+    "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
+    "  --max-connections N     concurrent client connections (default 1024)\n"
+    "  --idle-timeout SEC      close connections without a complete request (default 60)\n"
+    "  --entra-timeout SEC     deadline for one exchange with Entra (default 15)\n"
+    "  --help, --version\n";
+
+enum {
+    OPT_LISTEN = 256, OPT_CLIENT_ID, OPT_TENANT_ID, OPT_TOKEN_FILE, OPT_AUTHORITY, OPT_CA_FILE,
+    OPT_ALLOW, OPT_LOG_LEVEL, OPT_MAX_CONN, OPT_IDLE, OPT_ENTRA_TIMEOUT, OPT_HELP, OPT_VERSION,
+};
+
+static const struct option options[] = {
+    {"listen", required_argument, NULL, OPT_LISTEN},
+    {"client-id", required_argument, NULL, OPT_CLIENT_ID},
+    {"tenant-id", required_argument, NULL, OPT_TENANT_ID},
+    {"token-file", required_argument, NULL, OPT_TOKEN_FILE},
+    {"authority-host", required_argument, NULL, OPT_AUTHORITY},
+    {"ca-file", required_argument, NULL, OPT_CA_FILE},
+    {"allow-client-id", required_argument, NULL, OPT_ALLOW},
+    {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"max-connections", required_argument, NULL, OPT_MAX_CONN},
+    {"idle-timeout", required_argument, NULL, OPT_IDLE},
+    {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
+    {"help", no_argument, NULL, OPT_HELP},
+    {"version", no_argument, NULL, OPT_VERSION},
+    {NULL, 0, NULL, 0},
+};
+
+static void set(char **dst, const char *v)
+{
+    free(*dst);
+    *dst = xstrdup(v);
+}
+
+int config_parse_listen(const char *s, struct config_listen *l)
+{
+    const char *colon;
+    size_t hlen;
+    if (s[0] == '[') {
+        const char *close = strchr(s, ']');
+        if (!close || close[1] != ':')
+            return -1;
+        hlen = (size_t)(close - s - 1);
+        s++;
+        colon = close + 1;
+    } else {
+        colon = strrchr(s, ':');
+        if (!colon)
+            return -1;
+        hlen = (size_t)(colon - s);
+    }
+    if (hlen == 0 || hlen >= sizeof l->host)
+        return -1;
+    memcpy(l->host, s, hlen);
+    l->host[hlen] = 0;
+    unsigned char addr[16];
+    if (inet_pton(AF_INET, l->host, addr) != 1 && inet_pton(AF_INET6, l->host, addr) != 1)
+        return -1;
+    const char *p = colon + 1;
+    if (!*p || strlen(p) > 5)
+        return -1;
+    for (const char *q = p; *q; q++)
+        if (!isdigit((unsigned char)*q))
+            return -1;
+    l->port = atoi(p);
+    return l->port >= 1 && l->port <= 65535 ? 0 : -1;
+}
+
+int config_set_authority(struct config *c, const char *url, const char **why)
+{
+    static const char scheme[] = "https://";
+    while (isspace((unsigned char)*url))
+        url++;
+    size_t n = strlen(url);
+    while (n && (isspace((unsigned char)url[n - 1]) || url[n - 1] == '/'))
+        n--;
+    if (strncasecmp(url, scheme, sizeof scheme - 1) != 0) {
+        *why = strstr(url, "://") ? "must be an https:// URL" : "must start with https://";
+        return -1;
+    }
+    const char *host = url + sizeof scheme - 1, *end = url + n;
+    const char *slash = memchr(host, '/', (size_t)(end - host));
+    const char *hend = slash ? slash : end;
+    const char *port = NULL;
+    char hbuf[256];
+    size_t hlen;
+    if (host < hend && *host == '[') {
+        const char *close = memchr(host, ']', (size_t)(hend - host));
+        if (!close) {
+            *why = "has an unterminated IPv6 address";
+            return -1;
+        }
+        hlen = (size_t)(close - host - 1);
+        if (hlen >= sizeof hbuf)
+            goto badhost;
+        memcpy(hbuf, host + 1, hlen);
+        if (close + 1 < hend) {
+            if (close[1] != ':')
+                goto badhost;
+            port = close + 2;
+        }
+    } else {
+        const char *colon = memchr(host, ':', (size_t)(hend - host));
+        hlen = (size_t)((colon ? colon : hend) - host);
+        if (hlen >= sizeof hbuf)
+            goto badhost;
+        memcpy(hbuf, host, hlen);
+        port = colon ? colon + 1 : NULL;
+        for (size_t i = 0; i < hlen; i++)
+            if (!isalnum((unsigned char)hbuf[i]) && hbuf[i] != '-' && hbuf[i] != '.')
+                goto badhost;
+    }
+    hbuf[hlen] = 0;
+    if (hlen == 0)
+        goto badhost;
+    if (port) {
+        size_t plen = (size_t)(hend - port);
+        if (plen == 0 || plen > 5)
+            goto badport;
+        for (size_t i = 0; i < plen; i++)
+            if (!isdigit((unsigned char)port[i]))
+                goto badport;
+        memcpy(c->authority_port, port, plen);
+        c->authority_port[plen] = 0;
+        long p = atol(c->authority_port);
+        if (p < 1 || p > 65535)
+            goto badport;
+    } else {
+        strcpy(c->authority_port, "443");
+    }
+    for (const char *q = hend; q < end; q++)
+        if ((unsigned char)*q <= ' ' || *q == '?' || *q == '#') {
+            *why = "has a query, fragment or space in its path";
+            return -1;
+        }
+    free(c->authority);
+    free(c->authority_host);
+    free(c->authority_path);
+    c->authority = xstrndup(url, n);
+    c->authority_host = xstrdup(hbuf);
+    c->authority_path = xstrndup(hend, (size_t)(end - hend));
+    return 0;
+badhost:
+    *why = "has no valid host name";
+    return -1;
+badport:
+    *why = "has an invalid port";
+    return -1;
+}
+
+static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
+{
+    char *end;
+    errno = 0;
+    if (!isdigit((unsigned char)*s))
+        return -1;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || *end || v < lo || v > hi)
+        return -1;
+    *out = (unsigned)v;
+    return 0;
+}
+
+static int valid_tenant(const char *t)
+{
+    if (imds_is_guid(t))
+        return 1;
+    size_t n = strlen(t);
+    if (n == 0 || n > 253)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)t[i]) && t[i] != '-' && t[i] != '.')
+            return 0;
+    return 1;
+}
+
+#define ERR(...)                                                                                 \
+    do {                                                                                         \
+        snprintf(err, errlen, __VA_ARGS__);                                                      \
+        return CONFIG_ERROR;                                                                     \
+    } while (0)
+
+int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *getenv_fn, char *err,
+                 size_t errlen)
+{
+    memset(c, 0, sizeof *c);
+    c->log_level = LOG_INFO;
+    c->max_connections = 1024;
+    c->idle_timeout_s = 60;
+    c->entra_timeout_s = 15;
+    const char *v, *why = NULL;
+    const char *authority = CONFIG_DEFAULT_AUTHORITY, *authority_src = "AZURE_AUTHORITY_HOST";
+
+    if ((v = getenv_fn("AZURE_CLIENT_ID")) && *v)
+        set(&c->client_id, v);
+    if ((v = getenv_fn("AZURE_TENANT_ID")) && *v)
+        set(&c->tenant_id, v);
+    if ((v = getenv_fn("AZURE_FEDERATED_TOKEN_FILE")) && *v)
+        set(&c->token_file, v);
+    if ((v = getenv_fn("AZURE_AUTHORITY_HOST")) && *v)
+        authority = v;
+    if ((v = getenv_fn("IMDSD_CA_FILE")) && *v)
+        set(&c->ca_file, v);
+    if ((v = getenv_fn("IMDSD_LOG_LEVEL")) && *v && log_level_parse(v, &c->log_level) < 0)
+        ERR("IMDSD_LOG_LEVEL: invalid value '%s' (debug, info, warn or error)", v);
+
+    optind = 1;
+    opterr = 0;
+    int opt, li = -1;
+    while ((opt = getopt_long(argc, argv, ":", options, &li)) != -1) {
+        switch (opt) {
+        case OPT_LISTEN:
+            if (c->nlisten >= CONFIG_MAX_LISTEN)
+                ERR("--listen: at most %d addresses", CONFIG_MAX_LISTEN);
+            if (config_parse_listen(optarg, &c->listen[c->nlisten]) < 0)
+                ERR("--listen: invalid address '%s' (want IP:PORT or [IPv6]:PORT)", optarg);
+            c->nlisten++;
+            break;
+        case OPT_CLIENT_ID: set(&c->client_id, optarg); break;
+        case OPT_TENANT_ID: set(&c->tenant_id, optarg); break;
+        case OPT_TOKEN_FILE: set(&c->token_file, optarg); break;
+        case OPT_AUTHORITY:
+            authority = optarg;
+            authority_src = "--authority-host";
+            break;
+        case OPT_CA_FILE: set(&c->ca_file, optarg); break;
+        case OPT_ALLOW:
+            if (c->nallowed >= CONFIG_MAX_CLIENT_IDS)
+                ERR("--allow-client-id: at most %d identities", CONFIG_MAX_CLIENT_IDS);
+            if (!imds_is_guid(optarg))
+                ERR("--allow-client-id: '%s' is not a GUID", optarg);
+            c->allowed_client_ids[c->nallowed++] = xstrdup(optarg);
+            break;
+        case OPT_LOG_LEVEL:
+            if (log_level_parse(optarg, &c->log_level) < 0)
+                ERR("--log-level: invalid value '%s' (debug, info, warn or error)", optarg);
+            break;
+        case OPT_MAX_CONN:
+            if (parse_uint(optarg, 1, 65536, &c->max_connections) < 0)
+                ERR("--max-connections: invalid value '%s' (1 to 65536)", optarg);
+            break;
+        case OPT_IDLE:
+            if (parse_uint(optarg, 1, 3600, &c->idle_timeout_s) < 0)
+                ERR("--idle-timeout: invalid value '%s' (1 to 3600 seconds)", optarg);
+            break;
+        case OPT_ENTRA_TIMEOUT:
+            if (parse_uint(optarg, 1, 300, &c->entra_timeout_s) < 0)
+                ERR("--entra-timeout: invalid value '%s' (1 to 300 seconds)", optarg);
+            break;
+        case OPT_HELP:
+            fputs(USAGE, stdout);
+            return CONFIG_EXIT;
+        case OPT_VERSION:
+            printf("imdsd %s\n", IMDSD_VERSION);
+            return CONFIG_EXIT;
+        case ':':
+            ERR("%s: missing value", argv[optind - 1]);
+        default:
+            ERR("%s: unknown option (see --help)", argv[optind - 1]);
+        }
+    }
+    if (optind < argc)
+        ERR("%s: unexpected argument (see --help)", argv[optind]);
+
+    if (!c->client_id)
+        ERR("AZURE_CLIENT_ID / --client-id: not set");
+    if (!imds_is_guid(c->client_id))
+        ERR("AZURE_CLIENT_ID / --client-id: '%s' is not a GUID", c->client_id);
+    if (!c->tenant_id)
+        ERR("AZURE_TENANT_ID / --tenant-id: not set");
+    if (!valid_tenant(c->tenant_id))
+        ERR("AZURE_TENANT_ID / --tenant-id: '%s' is not a GUID or domain name", c->tenant_id);
+    if (!c->token_file)
+        ERR("AZURE_FEDERATED_TOKEN_FILE / --token-file: not set");
+    if (config_set_authority(c, authority, &why) < 0)
+        ERR("%s: '%s' %s", authority_src, authority, why);
+    if (!c->ca_file)
+        c->ca_file = xstrdup(CONFIG_DEFAULT_CA_FILE);
+    if (c->nlisten == 0)
+        config_parse_listen(CONFIG_DEFAULT_LISTEN, &c->listen[c->nlisten++]);
+    return CONFIG_OK;
+}
+
+void config_free(struct config *c)
+{
+    free(c->client_id);
+    free(c->tenant_id);
+    free(c->token_file);
+    free(c->authority);
+    free(c->authority_host);
+    free(c->authority_path);
+    free(c->ca_file);
+    for (int i = 0; i < c->nallowed; i++)
+        free(c->allowed_client_ids[i]);
+    memset(c, 0, sizeof *c);
+}

@@ -1,0 +1,582 @@
+#include "http_server.h"
+
+#include <llhttp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "buf.h"
+#include "imds.h"
+#include "log.h"
+#include "util.h"
+
+enum conn_state {
+    CONN_READING,  /* parsing a request */
+    CONN_HANDLING, /* the handler owns the request */
+    CONN_WRITING,  /* response queued */
+    CONN_CLOSING,
+};
+
+static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
+
+enum header_kind { H_OTHER, H_METADATA, H_XFF };
+
+struct http_conn {
+    uv_tcp_t tcp;
+    uv_timer_t timer;
+    uv_write_t wreq;
+    struct http_server *server;
+    struct http_conn *prev, *next;
+    llhttp_t parser;
+    enum conn_state state;
+    int handles_open; /* tcp + timer, freed when both closed */
+    int keep_alive;
+    int close_after_write;
+    int in_drive; /* drive() is on the stack: do not re-enter */
+    int reading;  /* uv_read_start is active */
+    /* the request being parsed or handled */
+    struct buf url;
+    char hname[24];
+    size_t hname_len;
+    enum header_kind hkind;
+    char hval[32];
+    size_t hval_len;
+    size_t header_bytes;
+    unsigned nheaders;
+    size_t body_bytes;
+    int reject_status; /* set by a callback that hit a cap */
+    struct http_request req;
+    http_abort_cb *abort_cb;
+    void *abort_arg;
+    /* bytes received while a request is being handled (pipelining) */
+    struct buf pending;
+    struct buf out;
+    struct buf scratch;
+};
+
+struct http_listener {
+    uv_tcp_t tcp;
+    struct http_server *server;
+    struct http_listener *next;
+};
+
+struct http_server {
+    uv_loop_t *loop;
+    struct http_server_opts opts;
+    http_handler_cb *handler;
+    void *arg;
+    struct http_listener *listeners;
+    struct http_conn *conns;
+    unsigned nconns;
+    unsigned open_handles; /* listeners + connections not yet closed */
+    int freeing;
+    llhttp_settings_t settings;
+    uint64_t rejected;
+};
+
+static char read_buf[65536]; /* one loop, one reader at a time */
+
+static void conn_close(struct http_conn *c);
+static void drive(struct http_conn *c);
+static void maybe_free_server(struct http_server *s);
+
+/* ---- response writing -------------------------------------------------------------------- */
+
+static const char *status_text(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 413: return "Payload Too Large";
+    case 414: return "URI Too Long";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Unknown";
+    }
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b);
+static void on_timeout(uv_timer_t *t);
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+
+static void on_write(uv_write_t *w, int status)
+{
+    struct http_conn *c = w->data;
+    if (c->state == CONN_CLOSING)
+        return;
+    if (status < 0 || c->close_after_write || !c->keep_alive) {
+        conn_close(c);
+        return;
+    }
+    buf_reset(&c->out);
+    c->state = CONN_READING;
+    uv_timer_again(&c->timer);
+    llhttp_resume(&c->parser);
+    if (!c->reading) {
+        if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
+            conn_close(c);
+            return;
+        }
+        c->reading = 1;
+    }
+    drive(c);
+}
+
+void http_conn_respond(struct http_conn *c, int status, const char *extra_headers,
+                       const char *body, size_t len)
+{
+    if (c->state != CONN_HANDLING)
+        return;
+    c->abort_cb = NULL;
+    c->state = CONN_WRITING;
+    /* a client that never reads its response is dropped like an idle one */
+    uv_timer_start(&c->timer, on_timeout, c->server->opts.idle_timeout_ms,
+                   c->server->opts.idle_timeout_ms);
+    int close = c->close_after_write || !c->keep_alive;
+    buf_reset(&c->out);
+    int rc = buf_printf(&c->out,
+                        "HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+                        "Content-Length: %zu\r\n%s%s\r\n",
+                        status, status_text(status), len, extra_headers ? extra_headers : "",
+                        close ? "Connection: close\r\n" : "");
+    if (rc < 0 || buf_append(&c->out, body, len) < 0) {
+        conn_close(c);
+        return;
+    }
+    uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
+    int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (n == (int)c->out.len) {
+        on_write(&c->wreq, 0);
+        return;
+    }
+    if (n > 0) {
+        b.base += n;
+        b.len -= (size_t)n;
+    }
+    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0)
+        conn_close(c);
+}
+
+void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg)
+{
+    c->abort_cb = cb;
+    c->abort_arg = arg;
+}
+
+struct buf *http_conn_scratch(struct http_conn *c)
+{
+    return &c->scratch;
+}
+
+/* Answers a request that never reached the handler (parse error, cap) and closes. */
+static void reject(struct http_conn *c, int status, const char *desc)
+{
+    struct imds_error e = {status, status == 400 ? "invalid_request" : "bad_request", desc, 0};
+    log_info("http_reject", "status=%d reason=\"%s\"", status, desc);
+    c->state = CONN_HANDLING;
+    c->close_after_write = 1;
+    buf_reset(&c->scratch);
+    imds_render_error(&c->scratch, &e);
+    http_conn_respond(c, status, NULL, c->scratch.data, c->scratch.len);
+}
+
+/* ---- llhttp callbacks -------------------------------------------------------------------- */
+
+static struct http_conn *conn_of(llhttp_t *p)
+{
+    return p->data;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    struct http_conn *c = conn_of(p);
+    buf_reset(&c->url);
+    c->hname_len = c->hval_len = c->header_bytes = c->body_bytes = 0;
+    c->nheaders = 0;
+    c->hkind = H_OTHER;
+    memset(&c->req, 0, sizeof c->req);
+    return 0;
+}
+
+static int cap(struct http_conn *c, int status)
+{
+    c->reject_status = status;
+    return -1;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len)
+{
+    struct http_conn *c = conn_of(p);
+    if (buf_append(&c->url, at, len) < 0)
+        return cap(c, 414);
+    return 0;
+}
+
+static int add_header_bytes(struct http_conn *c, size_t len)
+{
+    c->header_bytes += len;
+    return c->header_bytes + c->url.len > HTTP_MAX_HEADER_BYTES ? cap(c, 431) : 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len)
+{
+    struct http_conn *c = conn_of(p);
+    if (add_header_bytes(c, len) < 0)
+        return -1;
+    if (c->hname_len + len < sizeof c->hname)
+        memcpy(c->hname + c->hname_len, at, len);
+    c->hname_len += len;
+    return 0;
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+    struct http_conn *c = conn_of(p);
+    if (++c->nheaders > HTTP_MAX_HEADERS)
+        return cap(c, 431);
+    c->hkind = H_OTHER;
+    if (c->hname_len < sizeof c->hname) {
+        c->hname[c->hname_len] = 0;
+        if (strcasecmp(c->hname, "metadata") == 0)
+            c->hkind = H_METADATA;
+        else if (strcasecmp(c->hname, "x-forwarded-for") == 0)
+            c->hkind = H_XFF;
+    }
+    c->hname_len = 0;
+    c->hval_len = 0;
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len)
+{
+    struct http_conn *c = conn_of(p);
+    if (add_header_bytes(c, len) < 0)
+        return -1;
+    if (c->hkind == H_METADATA && c->hval_len + len < sizeof c->hval)
+        memcpy(c->hval + c->hval_len, at, len);
+    c->hval_len += len;
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    struct http_conn *c = conn_of(p);
+    if (c->hkind == H_XFF) {
+        c->req.has_xff = 1;
+    } else if (c->hkind == H_METADATA && c->hval_len < sizeof c->hval) {
+        size_t n = c->hval_len;
+        const char *v = c->hval;
+        while (n && (*v == ' ' || *v == '\t'))
+            v++, n--;
+        while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+            n--;
+        if (n == 4 && strncasecmp(v, "true", 4) == 0)
+            c->req.has_metadata_true = 1;
+    }
+    c->hname_len = 0;
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len)
+{
+    (void)at;
+    struct http_conn *c = conn_of(p);
+    c->body_bytes += len;
+    return c->body_bytes > HTTP_MAX_BODY ? cap(c, 413) : 0;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    struct http_conn *c = conn_of(p);
+    if (p->content_length > HTTP_MAX_BODY && (p->flags & F_CONTENT_LENGTH))
+        return cap(c, 413);
+    return 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    struct http_conn *c = conn_of(p);
+    c->req.method = llhttp_method_name((llhttp_method_t)p->method);
+    c->req.is_get = p->method == HTTP_GET;
+    c->keep_alive = llhttp_should_keep_alive(p);
+    const char *u = c->url.data ? c->url.data : "";
+    const char *q = memchr(u, '?', c->url.len);
+    c->req.path = u;
+    c->req.path_len = q ? (size_t)(q - u) : c->url.len;
+    c->req.query = q ? q + 1 : NULL;
+    c->req.query_len = q ? c->url.len - c->req.path_len - 1 : 0;
+    return HPE_PAUSED;
+}
+
+/* ---- connection life cycle --------------------------------------------------------------- */
+
+static void dispatch(struct http_conn *c)
+{
+    c->state = CONN_HANDLING;
+    uv_timer_stop(&c->timer);
+    buf_reset(&c->scratch);
+    if (c->req.path_len == 0 || c->req.path[0] != '/') {
+        /* absolute-form or asterisk targets are not for us */
+        c->close_after_write = 1;
+        c->state = CONN_READING;
+        reject(c, 400, "Malformed request target");
+        return;
+    }
+    c->server->handler(c, &c->req, c->server->arg);
+}
+
+static void parse_failed(struct http_conn *c, llhttp_errno_t err)
+{
+    switch (c->reject_status) {
+    case 413: reject(c, 413, "Request body too large"); break;
+    case 414: reject(c, 414, "Request URL too long"); break;
+    case 431: reject(c, 431, "Request headers too large or too many"); break;
+    default:
+        if (err == HPE_PAUSED_UPGRADE)
+            reject(c, 400, "Protocol upgrades are not supported");
+        else
+            reject(c, 400, "Malformed HTTP request");
+    }
+}
+
+/* Parses buffered bytes while the connection is ready for a request. A response completed
+ * synchronously by the handler makes the loop continue with the next pipelined request,
+ * instead of recursing. */
+static void drive(struct http_conn *c)
+{
+    if (c->in_drive)
+        return;
+    c->in_drive = 1;
+    while (c->state == CONN_READING && c->pending.len) {
+        const char *data = c->pending.data;
+        llhttp_errno_t err = llhttp_execute(&c->parser, data, c->pending.len);
+        if (err == HPE_OK) {
+            buf_reset(&c->pending);
+        } else if (err == HPE_PAUSED) {
+            const char *pos = llhttp_get_error_pos(&c->parser);
+            buf_consume(&c->pending, pos ? (size_t)(pos - data) : c->pending.len);
+            dispatch(c);
+        } else {
+            buf_reset(&c->pending);
+            parse_failed(c, err);
+        }
+    }
+    c->in_drive = 0;
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
+{
+    (void)h;
+    (void)suggested;
+    *b = uv_buf_init(read_buf, sizeof read_buf);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    struct http_conn *c = s->data;
+    if (nread < 0) {
+        if (c->state == CONN_WRITING && nread == UV_EOF) {
+            /* client half-closed after its last request: finish writing, then close */
+            c->keep_alive = 0;
+            uv_read_stop(s);
+            c->reading = 0;
+            return;
+        }
+        conn_close(c);
+        return;
+    }
+    if (nread == 0)
+        return;
+    if (buf_append(&c->pending, b->base, (size_t)nread) < 0) {
+        conn_close(c);
+        return;
+    }
+    if (c->state != CONN_READING && c->pending.len > HTTP_MAX_PENDING / 2) {
+        uv_read_stop(s);
+        c->reading = 0;
+    }
+    drive(c);
+}
+
+static void on_timeout(uv_timer_t *t)
+{
+    struct http_conn *c = t->data;
+    log_debug("http_idle_timeout", "state=%s", state_names[c->state]);
+    conn_close(c);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    struct http_conn *c = h->data;
+    if (--c->handles_open > 0)
+        return;
+    struct http_server *s = c->server;
+    buf_free(&c->url);
+    buf_free(&c->pending);
+    buf_free_secret(&c->out);
+    buf_free_secret(&c->scratch);
+    free(c);
+    s->open_handles--;
+    maybe_free_server(s);
+}
+
+static void conn_close(struct http_conn *c)
+{
+    if (c->state == CONN_CLOSING)
+        return;
+    enum conn_state was = c->state;
+    c->state = CONN_CLOSING;
+    if (was == CONN_HANDLING && c->abort_cb) {
+        http_abort_cb *cb = c->abort_cb;
+        c->abort_cb = NULL;
+        cb(c, c->abort_arg);
+    }
+    struct http_server *s = c->server;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->nconns--;
+    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+}
+
+static void on_reject_closed(uv_handle_t *h)
+{
+    struct http_server *s = h->data;
+    free(h);
+    s->open_handles--;
+    maybe_free_server(s);
+}
+
+static void on_connection(uv_stream_t *ls, int status)
+{
+    struct http_listener *l = ls->data;
+    struct http_server *s = l->server;
+    if (status < 0) {
+        log_warn("http_accept_failed", "error=%s", uv_strerror(status));
+        return;
+    }
+    if (s->nconns >= s->opts.max_connections) {
+        uv_tcp_t *t = xmalloc(sizeof *t);
+        uv_tcp_init(s->loop, t);
+        t->data = s;
+        s->open_handles++;
+        if (uv_accept(ls, (uv_stream_t *)t) == 0 && (s->rejected++ % 1000) == 0)
+            log_warn("http_connection_limit", "max_connections=%u rejected_total=%llu",
+                     s->opts.max_connections, (unsigned long long)s->rejected);
+        uv_close((uv_handle_t *)t, on_reject_closed);
+        return;
+    }
+    struct http_conn *c = xcalloc(1, sizeof *c);
+    c->server = s;
+    uv_tcp_init(s->loop, &c->tcp);
+    uv_timer_init(s->loop, &c->timer);
+    c->tcp.data = c->timer.data = c->wreq.data = c;
+    c->handles_open = 2;
+    s->open_handles++;
+    c->next = s->conns;
+    if (s->conns)
+        s->conns->prev = c;
+    s->conns = c;
+    s->nconns++;
+    buf_init(&c->url, HTTP_MAX_URL);
+    buf_init(&c->pending, HTTP_MAX_PENDING);
+    buf_init(&c->out, 1 << 20);
+    buf_init(&c->scratch, 1 << 20);
+    llhttp_init(&c->parser, HTTP_REQUEST, &s->settings);
+    c->parser.data = c;
+    if (uv_accept(ls, (uv_stream_t *)&c->tcp) < 0) {
+        conn_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    uv_timer_start(&c->timer, on_timeout, s->opts.idle_timeout_ms, s->opts.idle_timeout_ms);
+    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0)
+        conn_close(c);
+    else
+        c->reading = 1;
+}
+
+int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
+                    http_handler_cb *handler, void *arg)
+{
+    struct http_server *s = xcalloc(1, sizeof *s);
+    s->loop = loop;
+    s->opts = *o;
+    s->handler = handler;
+    s->arg = arg;
+    llhttp_settings_init(&s->settings);
+    s->settings.on_message_begin = on_message_begin;
+    s->settings.on_url = on_url;
+    s->settings.on_header_field = on_header_field;
+    s->settings.on_header_field_complete = on_header_field_complete;
+    s->settings.on_header_value = on_header_value;
+    s->settings.on_header_value_complete = on_header_value_complete;
+    s->settings.on_headers_complete = on_headers_complete;
+    s->settings.on_body = on_body;
+    s->settings.on_message_complete = on_message_complete;
+    *out = s;
+    return 0;
+}
+
+int http_server_listen(struct http_server *s, const char *host, int port)
+{
+    struct sockaddr_storage ss;
+    int rc = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss)
+                               : uv_ip4_addr(host, port, (struct sockaddr_in *)&ss);
+    if (rc < 0)
+        return rc;
+    struct http_listener *l = xcalloc(1, sizeof *l);
+    l->server = s;
+    uv_tcp_init(s->loop, &l->tcp);
+    l->tcp.data = l;
+    s->open_handles++;
+    l->next = s->listeners;
+    s->listeners = l;
+    rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, strchr(host, ':') ? UV_TCP_IPV6ONLY : 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&l->tcp, 511, on_connection);
+    return rc;
+}
+
+static void on_listener_closed(uv_handle_t *h)
+{
+    struct http_listener *l = h->data;
+    struct http_server *s = l->server;
+    free(l);
+    s->open_handles--;
+    maybe_free_server(s);
+}
+
+static void maybe_free_server(struct http_server *s)
+{
+    if (s->freeing && s->open_handles == 0)
+        free(s);
+}
+
+void http_server_free(struct http_server *s)
+{
+    if (!s)
+        return;
+    s->freeing = 1;
+    s->open_handles++; /* hold the server while closing */
+    for (struct http_listener *l = s->listeners, *n; l; l = n) {
+        n = l->next;
+        uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
+    }
+    s->listeners = NULL;
+    while (s->conns)
+        conn_close(s->conns);
+    s->open_handles--;
+    maybe_free_server(s);
+}

@@ -1,0 +1,205 @@
+#include "imds.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+
+#include "json.h"
+
+static const char TOKEN_PATH[] = "/metadata/identity/oauth2/token";
+
+enum imds_route imds_route(const char *path, size_t len)
+{
+    char norm[64];
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (path[i] == '/' && o > 0 && norm[o - 1] == '/')
+            continue;
+        if (o + 1 >= sizeof norm)
+            return ROUTE_NOT_FOUND;
+        norm[o++] = (char)tolower((unsigned char)path[i]);
+    }
+    if (o > 1 && norm[o - 1] == '/')
+        o--;
+    norm[o] = 0;
+    if (strcmp(norm, TOKEN_PATH) == 0)
+        return ROUTE_TOKEN;
+    if (strcmp(norm, "/healthz") == 0)
+        return ROUTE_HEALTHZ;
+    if (strcmp(norm, "/readyz") == 0)
+        return ROUTE_READYZ;
+    return ROUTE_NOT_FOUND;
+}
+
+static int fail(struct imds_error *err, int status, const char *code, const char *desc)
+{
+    err->status = status;
+    err->error = code;
+    err->description = desc;
+    err->retry_after = 0;
+    return -1;
+}
+
+int imds_is_guid(const char *s)
+{
+    static const int dash[] = {8, 13, 18, 23};
+    if (strlen(s) != 36)
+        return 0;
+    for (int i = 0, d = 0; i < 36; i++) {
+        if (d < 4 && i == dash[d]) {
+            if (s[i] != '-')
+                return 0;
+            d++;
+        } else if (!isxdigit((unsigned char)s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+int imds_api_version_ok(const char *v)
+{
+    static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int y, m, d, n = 0;
+    if (strlen(v) != 10 || sscanf(v, "%4d-%2d-%2d%n", &y, &m, &d, &n) != 3 || n != 10)
+        return 0;
+    for (int i = 0; i < 10; i++)
+        if (i == 4 || i == 7 ? v[i] != '-' : !isdigit((unsigned char)v[i]))
+            return 0;
+    if (m < 1 || m > 12 || d < 1 || d > mdays[m - 1])
+        return 0;
+    return y * 10000 + m * 100 + d >= 20180201;
+}
+
+static int allowed(const struct imds_identities *ids, const char *client_id)
+{
+    if (ids->default_client_id && strcasecmp(ids->default_client_id, client_id) == 0)
+        return 1;
+    for (int i = 0; i < ids->nallowed; i++)
+        if (strcasecmp(ids->allowed[i], client_id) == 0)
+            return 1;
+    return 0;
+}
+
+static const char *canonical(const struct imds_identities *ids, const char *client_id)
+{
+    if (ids->default_client_id && strcasecmp(ids->default_client_id, client_id) == 0)
+        return ids->default_client_id;
+    for (int i = 0; i < ids->nallowed; i++)
+        if (strcasecmp(ids->allowed[i], client_id) == 0)
+            return ids->allowed[i];
+    return NULL;
+}
+
+int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
+                             struct query *q, struct imds_token_req *out, struct imds_error *err)
+{
+    static const char *const by_other_id[] = {"object_id", "principal_id", "msi_res_id",
+                                              "mi_res_id", "msi-res-id"};
+    if (!in->is_get)
+        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
+    if (in->has_xff)
+        return fail(err, 400, "invalid_request",
+                    "Requests with an X-Forwarded-For header are not allowed");
+    if (!in->has_metadata_true)
+        return fail(err, 400, "invalid_request", "Required metadata header not specified");
+    switch (query_parse(q, in->query ? in->query : "", in->query ? in->query_len : 0)) {
+    case QUERY_OK:
+        break;
+    case QUERY_E_DUPLICATE:
+        return fail(err, 400, "invalid_request",
+                    "Requests with duplicate query parameter names are not allowed");
+    case QUERY_E_TOO_MANY:
+        return fail(err, 400, "invalid_request", "Too many query parameters");
+    default:
+        return fail(err, 400, "invalid_request", "Malformed query string");
+    }
+    const struct query_param *api = query_get(q, "api-version");
+    if (!api || !api->val_len)
+        return fail(err, 400, "invalid_request", "Required query variable 'api-version' is missing");
+    if (!imds_api_version_ok(api->val))
+        return fail(err, 400, "invalid_request", "Invalid or unsupported api-version");
+    const struct query_param *res = query_get(q, "resource");
+    if (!res || !res->val_len)
+        return fail(err, 400, "invalid_request", "Required query variable 'resource' is missing");
+    if (strlen(res->val) != res->val_len)
+        return fail(err, 400, "invalid_request", "Malformed query string");
+
+    for (size_t i = 0; i < sizeof by_other_id / sizeof by_other_id[0]; i++)
+        if (query_get(q, by_other_id[i]))
+            return fail(err, 400, "invalid_request", "Identity not found");
+    const struct query_param *cid = query_get(q, "client_id");
+    const char *selected = ids->default_client_id;
+    if (cid && cid->val_len) {
+        selected = allowed(ids, cid->val) ? canonical(ids, cid->val) : NULL;
+    }
+    if (!selected)
+        return fail(err, 400, "invalid_request", "Identity not found");
+    out->resource = res->val;
+    out->resource_len = res->val_len;
+    out->client_id = selected;
+    return 0;
+}
+
+void imds_error_from_entra(const struct entra_result *r, struct imds_error *err)
+{
+    err->retry_after = 0;
+    err->error = r->error[0] ? r->error : "service_unavailable";
+    err->description = r->description[0] ? r->description : "Token exchange with Entra failed";
+    switch (r->kind) {
+    case ENTRA_PERMANENT:
+        err->status = 400;
+        break;
+    case ENTRA_THROTTLED:
+        err->status = 429;
+        err->error = "too_many_requests";
+        err->retry_after = r->retry_after > 0 ? r->retry_after : 60;
+        break;
+    case ENTRA_OK:
+    case ENTRA_TRANSIENT:
+    default:
+        /* An Entra "invalid_*" code on a transient AADSTS would read as a client error; keep it
+         * but answer 503 so that every SDK retries. */
+        err->status = 503;
+        err->retry_after = r->retry_after > 0 ? r->retry_after : 0;
+        break;
+    }
+}
+
+static int put_num(struct buf *b, const char *key, int64_t v, int comma)
+{
+    return buf_printf(b, "%s\"%s\":\"%lld\"", comma ? "," : "", key, (long long)v);
+}
+
+int imds_render_token(struct buf *b, const struct token *tok, const char *client_id,
+                      const char *resource, size_t resource_len, int64_t now)
+{
+    int64_t in = tok->expires_on - now, ext = tok->ext_expires_on - now;
+    if (in < 0)
+        in = 0;
+    if (ext < in)
+        ext = in;
+    int rc = buf_puts(b, "{\"access_token\":");
+    rc |= json_put_string(b, tok->access_token, tok->len);
+    rc |= buf_puts(b, ",\"client_id\":");
+    rc |= json_put_string(b, client_id, strlen(client_id));
+    rc |= put_num(b, "expires_in", in, 1);
+    rc |= put_num(b, "expires_on", tok->expires_on, 1);
+    rc |= put_num(b, "ext_expires_in", ext, 1);
+    rc |= put_num(b, "not_before", tok->not_before, 1);
+    rc |= buf_puts(b, ",\"resource\":");
+    rc |= json_put_string(b, resource, resource_len);
+    rc |= buf_puts(b, ",\"token_type\":\"Bearer\"}");
+    return rc ? -1 : 0;
+}
+
+int imds_render_error(struct buf *b, const struct imds_error *err)
+{
+    int rc = buf_puts(b, "{\"error\":");
+    rc |= json_put_string(b, err->error, strlen(err->error));
+    rc |= buf_puts(b, ",\"error_description\":");
+    rc |= json_put_string(b, err->description, strlen(err->description));
+    rc |= buf_puts(b, "}");
+    return rc ? -1 : 0;
+}

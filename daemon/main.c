@@ -1,0 +1,122 @@
+/* imdsd - serves Entra ID access tokens for a Kubernetes workload identity on a local
+ * IMDS-compatible endpoint. main: configuration, start-up in dependency order, the loop, and
+ * teardown in reverse order. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "config.h"
+#include "endpoints.h"
+#include "entra.h"
+#include "http_server.h"
+#include "log.h"
+#include "token_cache.h"
+#include "util.h"
+
+struct daemon {
+    uv_loop_t loop;
+    struct config cfg;
+    struct entra *entra;
+    struct token_cache *cache;
+    struct http_server *server;
+    struct endpoints ep;
+    uv_signal_t sigterm, sigint;
+    int stopping;
+};
+
+static const char *env(const char *name)
+{
+    return getenv(name);
+}
+
+static void stop(struct daemon *d, const char *why)
+{
+    if (d->stopping)
+        return;
+    d->stopping = 1;
+    log_info("stopping", "signal=%s", why);
+    http_server_free(d->server);
+    d->server = NULL;
+    token_cache_free(d->cache);
+    d->cache = NULL;
+    entra_free(d->entra);
+    d->entra = NULL;
+    uv_close((uv_handle_t *)&d->sigterm, NULL);
+    uv_close((uv_handle_t *)&d->sigint, NULL);
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    stop(s->data, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static int start(struct daemon *d)
+{
+    char err[512];
+    const struct config *c = &d->cfg;
+    if (entra_new(&d->entra, &d->loop, c, err, sizeof err) < 0) {
+        fprintf(stderr, "imdsd: %s\n", err);
+        return 2;
+    }
+    d->cache = token_cache_new(&d->loop, c, d->entra);
+    endpoints_init(&d->ep, &d->loop, c, d->cache);
+    struct http_server_opts so = {c->max_connections, c->idle_timeout_s * 1000u};
+    http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
+    for (int i = 0; i < c->nlisten; i++) {
+        const struct config_listen *l = &c->listen[i];
+        int rc = http_server_listen(d->server, l->host, l->port);
+        if (rc < 0) {
+            fprintf(stderr, "imdsd: --listen: cannot listen on %s%s%s:%d: %s\n",
+                    strchr(l->host, ':') ? "[" : "", l->host, strchr(l->host, ':') ? "]" : "",
+                    l->port, uv_strerror(rc));
+            return 1;
+        }
+        log_info("listening", "addr=%s%s%s:%d", strchr(l->host, ':') ? "[" : "", l->host,
+                 strchr(l->host, ':') ? "]" : "", l->port);
+    }
+    uv_signal_init(&d->loop, &d->sigterm);
+    uv_signal_init(&d->loop, &d->sigint);
+    d->sigterm.data = d->sigint.data = d;
+    uv_signal_start(&d->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&d->sigint, on_signal, SIGINT);
+    log_info("started", "version=%s client_id=%s tenant_id=%s authority=%s token_file=%s "
+             "ca_file=%s allowed_client_ids=%d",
+             IMDSD_VERSION, c->client_id, c->tenant_id, c->authority, c->token_file, c->ca_file,
+             c->nallowed);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static struct daemon d;
+    char err[512];
+    int rc = config_parse(&d.cfg, argc, argv, env, err, sizeof err);
+    if (rc != CONFIG_OK) {
+        if (rc == CONFIG_ERROR)
+            fprintf(stderr, "imdsd: %s\n", err);
+        config_free(&d.cfg);
+        return rc == CONFIG_EXIT ? 0 : 2;
+    }
+    log_min_level = d.cfg.log_level;
+    signal(SIGPIPE, SIG_IGN);
+    uv_loop_init(&d.loop);
+    rc = start(&d);
+    if (rc != 0) {
+        /* release what was set up, then let the closes finish */
+        d.stopping = 1;
+        http_server_free(d.server);
+        token_cache_free(d.cache);
+        entra_free(d.entra);
+        uv_run(&d.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&d.loop);
+        config_free(&d.cfg);
+        return rc;
+    }
+    uv_run(&d.loop, UV_RUN_DEFAULT);
+    int closed = uv_loop_close(&d.loop);
+    config_free(&d.cfg);
+    log_info("stopped", "clean=%s", closed == 0 ? "yes" : "no");
+    return closed == 0 ? 0 : 1;
+}

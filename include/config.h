@@ -1,0 +1,55 @@
+/* config.h - settings from the workload-identity environment, overridable by flags. */
+#ifndef IMDSD_CONFIG_H
+#define IMDSD_CONFIG_H
+
+#include <stddef.h>
+
+#include "log.h"
+
+#define CONFIG_MAX_LISTEN 8
+#define CONFIG_MAX_CLIENT_IDS 32
+#define CONFIG_DEFAULT_LISTEN "127.0.0.1:8000"
+#define CONFIG_DEFAULT_AUTHORITY "https://login.microsoftonline.com/"
+#define CONFIG_DEFAULT_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
+
+struct config_listen {
+    char host[64]; /* numeric IPv4 or IPv6 address, no brackets */
+    int port;
+};
+
+struct config {
+    char *client_id;
+    char *tenant_id;
+    char *token_file;
+    char *authority;      /* normalised "https://host[:port][/prefix]", no trailing '/' */
+    char *authority_host; /* host name or IP literal, no brackets */
+    char authority_port[6];
+    char *authority_path; /* "" or "/prefix" */
+    char *ca_file;
+    struct config_listen listen[CONFIG_MAX_LISTEN];
+    int nlisten;
+    char *allowed_client_ids[CONFIG_MAX_CLIENT_IDS];
+    int nallowed;
+    enum log_level log_level;
+    unsigned max_connections;
+    unsigned idle_timeout_s;
+    unsigned entra_timeout_s;
+};
+
+enum config_result { CONFIG_OK = 0, CONFIG_EXIT = 1, CONFIG_ERROR = -1 };
+
+typedef const char *config_getenv_fn(const char *name);
+
+/* Fills c from getenv (the AZURE_* variables) and argv (flags win). Returns CONFIG_OK,
+ * CONFIG_EXIT after printing --help/--version to stdout, or CONFIG_ERROR with one line in err
+ * naming the setting and its value. c must be freed with config_free() in every case. */
+int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *getenv_fn, char *err,
+                 size_t errlen);
+void config_free(struct config *c);
+
+/* Parses "ADDR:PORT" / "[v6]:PORT" into l; returns 0 or -1. */
+int config_parse_listen(const char *s, struct config_listen *l);
+/* Normalises an authority URL into c->authority* fields; returns 0 or -1 with a reason. */
+int config_set_authority(struct config *c, const char *url, const char **why);
+
+#endif

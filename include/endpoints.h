@@ -1,0 +1,24 @@
+/* endpoints.h - the HTTP handler: IMDS token endpoint, /healthz and /readyz. */
+#ifndef IMDSD_ENDPOINTS_H
+#define IMDSD_ENDPOINTS_H
+
+#include <uv.h>
+
+#include "config.h"
+#include "http_server.h"
+#include "imds.h"
+#include "token_cache.h"
+
+struct endpoints {
+    uv_loop_t *loop;
+    const struct config *cfg;
+    struct token_cache *cache;
+    struct imds_identities ids;
+};
+
+void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,
+                    struct token_cache *cache);
+/* An http_handler_cb; arg is a struct endpoints. */
+void endpoints_handle(struct http_conn *c, const struct http_request *req, void *arg);
+
+#endif

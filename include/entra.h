@@ -1,0 +1,45 @@
+/* entra.h - one token exchange with Entra ID: form, HTTPS POST, classification, log line. */
+#ifndef IMDSD_ENTRA_H
+#define IMDSD_ENTRA_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "buf.h"
+#include "config.h"
+#include "entra_msg.h"
+#include "https_client.h"
+
+struct entra;
+struct entra_fetch;
+
+/* r is valid only during the callback (the caller may take r->access_token and NULL it).
+ * sent_epoch is the wall-clock second the request was sent: expires_on = sent_epoch + expires_in. */
+typedef void entra_done_cb(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch);
+
+struct entra_fetch {
+    entra_done_cb *done;
+    void *data; /* for the caller */
+    /* private */
+    struct entra *e;
+    struct https_request req;
+    char headers[256];
+    int64_t sent_epoch;
+    uint64_t started_ms;
+    const char *client_id; /* borrowed until done */
+    const char *resource;
+    int active;
+};
+
+/* Creates the client for cfg's authority. On failure returns <0 with a one-line reason in err. */
+int entra_new(struct entra **out, uv_loop_t *loop, const struct config *cfg, char *err,
+              size_t errlen);
+/* Starts an exchange; client_id and resource are borrowed until done, the assertion is copied.
+ * Returns 0 and calls done exactly once, or <0 without calling it. */
+int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id,
+                const char *resource, const char *assertion, size_t assertion_len);
+/* done will not be called. */
+void entra_cancel(struct entra_fetch *f);
+void entra_free(struct entra *e);
+
+#endif

@@ -1,0 +1,60 @@
+/* http_server.h - the loopback HTTP/1.1 listener: per-connection parsing with hard caps,
+ * keep-alive and pipelining, an idle/slow-request timeout and a connection limit. It knows no
+ * routes: every complete request goes to one handler, which answers now or later. */
+#ifndef IMDSD_HTTP_SERVER_H
+#define IMDSD_HTTP_SERVER_H
+
+#include <stddef.h>
+#include <uv.h>
+
+#define HTTP_MAX_URL 4096          /* longer request target -> 414 */
+#define HTTP_MAX_HEADER_BYTES 8192 /* request line + headers -> 431 */
+#define HTTP_MAX_HEADERS 64        /* more header fields -> 431 */
+#define HTTP_MAX_BODY 4096         /* request body -> 413 */
+#define HTTP_MAX_PENDING 65536     /* pipelined bytes buffered while a request is handled */
+#define HTTP_SECRET_HEADER_MAX 256 /* X-IDENTITY-HEADER value kept for the handler */
+
+struct http_conn;
+
+struct http_request {
+    int is_get;
+    const char *method; /* "GET", "POST", ... */
+    const char *path;   /* request target up to '?' (not NUL-terminated) */
+    size_t path_len;
+    const char *query; /* after '?', or NULL */
+    size_t query_len;
+    int has_metadata_true;
+    int has_xff;
+};
+
+/* Called once per complete request. The handler must eventually call http_conn_respond()
+ * exactly once, unless the abort callback it registered has run. req is valid until then. */
+typedef void http_handler_cb(struct http_conn *c, const struct http_request *req, void *arg);
+/* Called if the connection goes away while the handler has not responded yet. */
+typedef void http_abort_cb(struct http_conn *c, void *arg);
+
+struct http_server_opts {
+    unsigned max_connections;
+    unsigned idle_timeout_ms;
+};
+
+struct http_server;
+
+int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
+                    http_handler_cb *handler, void *arg);
+/* Binds and listens on host:port (numeric). Returns 0 or a negative libuv error. */
+int http_server_listen(struct http_server *s, const char *host, int port);
+/* Stops listening, closes every connection (pending handlers get their abort callback) and
+ * frees the server once all handles have closed. */
+void http_server_free(struct http_server *s);
+
+/* Sends a complete response. extra_headers is NULL or header lines each ending "\r\n".
+ * body is copied. The connection stays open when the client asked for keep-alive. */
+void http_conn_respond(struct http_conn *c, int status, const char *extra_headers,
+                       const char *body, size_t len);
+/* Registers the abort callback for the request being handled. */
+void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg);
+/* A scratch buffer owned by the connection for rendering a body (reset per request). */
+struct buf *http_conn_scratch(struct http_conn *c);
+
+#endif

@@ -1,0 +1,70 @@
+/* imds.h - pure IMDS request handling: routing, request validation, identity selection and
+ * the rendering of token and error responses. No I/O, no clock (now is an argument). */
+#ifndef IMDSD_IMDS_H
+#define IMDSD_IMDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "entra_msg.h"
+#include "form.h"
+#include "token.h"
+
+enum imds_route { ROUTE_NOT_FOUND, ROUTE_TOKEN, ROUTE_HEALTHZ, ROUTE_READYZ };
+
+/* Routes a request path (without the query): repeated '/' collapse, one trailing '/' is dropped,
+ * comparison ignores case. */
+enum imds_route imds_route(const char *path, size_t len);
+
+struct imds_error {
+    int status;              /* HTTP status */
+    const char *error;       /* OAuth-style code */
+    const char *description; /* human text */
+    int retry_after;         /* seconds for Retry-After, 0 = no header */
+};
+
+/* What the request handler knows about a token request before validation. */
+struct imds_input {
+    int is_get;
+    int has_metadata_true; /* a Metadata header equal to "true", any case */
+    int has_xff;           /* an X-Forwarded-For header */
+    const char *query;     /* raw query string (after '?'), may be NULL */
+    size_t query_len;
+};
+
+/* The identities this daemon may serve. */
+struct imds_identities {
+    const char *default_client_id;
+    char *const *allowed; /* extra client ids */
+    int nallowed;
+};
+
+struct imds_token_req {
+    const char *resource; /* decoded, inside the struct query */
+    size_t resource_len;
+    const char *client_id; /* the selected identity */
+};
+
+/* Validates a token request in IMDS order: method, X-Forwarded-For, Metadata, query syntax,
+ * api-version, resource, identity. Returns 0 and fills out, or -1 and fills err.
+ * q is scratch storage that out points into. */
+int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
+                             struct query *q, struct imds_token_req *out, struct imds_error *err);
+
+/* Maps a failed Entra exchange to what IMDS clients understand (trap T4): permanent AADSTS
+ * rejections -> 400 with Entra's code and text, throttling -> 429 + Retry-After, the rest -> 5xx. */
+void imds_error_from_entra(const struct entra_result *r, struct imds_error *err);
+
+/* Appends the IMDS 200 body for tok; every field is a JSON string, expires_in counts down. */
+int imds_render_token(struct buf *b, const struct token *tok, const char *client_id,
+                      const char *resource, size_t resource_len, int64_t now);
+/* Appends {"error":..,"error_description":..}. */
+int imds_render_error(struct buf *b, const struct imds_error *err);
+
+/* Supported api-version: YYYY-MM-DD, a real date, not before 2018-02-01. */
+int imds_api_version_ok(const char *v);
+/* True when s is a GUID (8-4-4-4-12 hex digits). */
+int imds_is_guid(const char *s);
+
+#endif

@@ -1,0 +1,28 @@
+/* util.h - allocation that aborts on OOM, secret hygiene, small string and time helpers. */
+#ifndef IMDSD_UTIL_H
+#define IMDSD_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+void *xmalloc(size_t n);
+void *xcalloc(size_t nmemb, size_t size);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
+
+/* Zeroes n bytes in a way the compiler cannot drop. */
+void secret_zero(void *p, size_t n);
+/* Zeroes then frees a NUL-terminated secret string (NULL is fine). */
+void secret_free_str(char *s);
+
+/* Writes the first 6 bytes of SHA-256(p) as 12 hex digits + NUL: a log-safe fingerprint. */
+void fingerprint(const void *p, size_t n, char out[13]);
+
+/* Wall clock in seconds since the epoch, and a monotonic clock in milliseconds. */
+int64_t now_epoch(void);
+uint64_t now_ms(void);
+
+#define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+#endif

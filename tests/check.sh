@@ -1,0 +1,31 @@
+#!/bin/sh
+# make check: unit tests (plain, ASan+UBSan, valgrind), then the integration suite against the
+# real binary (plain, ASan+UBSan, valgrind). Ends with one "N passed, N failed" line.
+set -u
+cd "$(dirname "$0")/.."
+PY=/usr/bin/python3
+total_pass=0
+total_fail=0
+step() {
+    name=$1
+    shift
+    echo "== $name"
+    out=$(mktemp)
+    "$@" 2>&1 | tee "$out"
+    p=$(tail -n 1 "$out" | sed -n 's/.* \([0-9][0-9]*\) passed, \([0-9][0-9]*\) failed.*/\1/p')
+    f=$(tail -n 1 "$out" | sed -n 's/.* \([0-9][0-9]*\) passed, \([0-9][0-9]*\) failed.*/\2/p')
+    if [ -z "$p" ]; then
+        p=0
+        f=1
+        echo "$name: produced no summary line (counted as a failure)"
+    fi
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+    rm -f "$out"
+}
+step "unit tests (plain, asan, valgrind)" tests/run-unit.sh build build/asan build/debug
+step "integration (plain)" $PY tests/integration/run.py --binary build/imdsd
+step "integration (asan+ubsan)" $PY tests/integration/run.py --binary build/asan/imdsd --label asan
+step "integration (valgrind)" $PY tests/integration/run.py --binary build/debug/imdsd --label valgrind --valgrind
+echo "check: $total_pass passed, $total_fail failed"
+[ "$total_fail" -eq 0 ]
