@@ -319,16 +319,13 @@ static int on_message_complete(llhttp_t *p)
 
 static void dispatch(struct http_conn *c)
 {
+    if (c->req.path_len == 0 || c->req.path[0] != '/') {
+        reject(c, 400, "Malformed request target"); /* absolute-form or asterisk targets */
+        return;
+    }
     c->state = CONN_HANDLING;
     uv_timer_stop(&c->timer);
     buf_reset(&c->scratch);
-    if (c->req.path_len == 0 || c->req.path[0] != '/') {
-        /* absolute-form or asterisk targets are not for us */
-        c->close_after_write = 1;
-        c->state = CONN_READING;
-        reject(c, 400, "Malformed request target");
-        return;
-    }
     c->server->handler(c, &c->req, c->server->arg);
 }
 

@@ -20,7 +20,7 @@
 
 #define HTTPS_READ_BUF_SIZE 16384       /* one uv_read's worth of ciphertext */
 #define HTTPS_PLAIN_CHUNK 4096          /* plaintext decrypted per tls_conn_read() */
-#define HTTPS_MAX_REQUEST (256 * 1024)  /* serialized request: head + body */
+#define HTTPS_MAX_REQUEST (512 * 1024)  /* serialized request: head + body */
 #define HTTPS_HEADER_NAME_MAX 32        /* longer response header names are never ours */
 #define HTTPS_RETRY_AFTER_MAX 64        /* Retry-After values are truncated to this */
 #define HTTPS_ERR_MAX 256
@@ -106,6 +106,8 @@ static void conn_fail(struct https_conn *conn, int err, const char *event, const
 static void conn_pump(struct https_conn *conn);
 static void conn_try_connect(struct https_conn *conn);
 static void conn_timer_cb(uv_timer_t *t);
+static int conn_start(struct https_client *c, struct https_request *req, struct buf *reqbuf,
+                      uint64_t req_deadline, int head_only);
 
 const char *https_strerror(int err)
 {
@@ -412,9 +414,6 @@ static void conn_timer_cb(uv_timer_t *t)
 
 /* Fails conn's request (or retries it once on a fresh connection when a reused connection broke
  * before any response byte) and closes conn. */
-static int conn_start(struct https_client *c, struct https_request *req, struct buf *reqbuf,
-                      uint64_t req_deadline, int head_only);
-
 static void conn_fail(struct https_conn *conn, int err, const char *event, const char *reason)
 {
     struct https_client *c = conn->c;

@@ -123,8 +123,8 @@ int imds_check_token_request(const struct imds_input *in, const struct imds_iden
     const struct query_param *res = query_get(q, "resource");
     if (!res || !res->val_len)
         return fail(err, 400, "invalid_request", "Required query variable 'resource' is missing");
-    if (strlen(res->val) != res->val_len)
-        return fail(err, 400, "invalid_request", "Malformed query string");
+    if (res->val_len > IMDS_MAX_RESOURCE)
+        return fail(err, 400, "invalid_request", "Query variable 'resource' is too long");
 
     for (size_t i = 0; i < sizeof by_other_id / sizeof by_other_id[0]; i++)
         if (query_get(q, by_other_id[i]))

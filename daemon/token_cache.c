@@ -189,7 +189,7 @@ static void on_token_file(struct token_file_read *rd, int err, const char *tok, 
 int token_cache_fetch(struct token_cache *c, struct token_cache_waiter *w, const char *client_id,
                       const char *resource, size_t resource_len)
 {
-    if (resource_len > CACHE_MAX_RESOURCE)
+    if (resource_len > IMDS_MAX_RESOURCE)
         return -1;
     uint64_t h = hash_key(client_id, resource, resource_len);
     struct cache_entry *e = find(c, h, client_id, resource, resource_len);

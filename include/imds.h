@@ -11,6 +11,8 @@
 #include "form.h"
 #include "token.h"
 
+#define IMDS_MAX_RESOURCE 2048 /* decoded bytes; longer is a client error */
+
 enum imds_route { ROUTE_NOT_FOUND, ROUTE_TOKEN, ROUTE_HEALTHZ, ROUTE_READYZ };
 
 /* Routes a request path (without the query): repeated '/' collapse, one trailing '/' is dropped,

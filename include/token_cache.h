@@ -11,10 +11,10 @@
 #include "config.h"
 #include "entra.h"
 #include "entra_msg.h"
+#include "imds.h"
 #include "token.h"
 
 #define CACHE_MAX_ENTRIES 1024
-#define CACHE_MAX_RESOURCE 2048
 #define CACHE_EARLY_REFRESH_S 300 /* SDKs treat less than this as expired */
 
 struct token_cache;

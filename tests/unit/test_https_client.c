@@ -1,0 +1,956 @@
+/* test_https_client.c - https_client against an in-process mbedTLS server on a thread.
+ *
+ * A throwaway PKI is made with the openssl CLI at start: CA + leaf for DNS:localhost, a leaf for
+ * the wrong name from the same CA, and a localhost leaf from an unrelated second CA. Every test
+ * runs its own uv loop with a watchdog and ends with uv_loop_close() == 0. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <mbedtls/ctr_drbg.h>
+#include <mbedtls/entropy.h>
+#include <mbedtls/error.h>
+#include <mbedtls/net_sockets.h>
+#include <mbedtls/pk.h>
+#include <mbedtls/ssl.h>
+#include <mbedtls/ssl_cache.h>
+#include <mbedtls/x509_crt.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "https_client.h"
+#include "log.h"
+#include "util.h"
+
+#if defined(__has_include)
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#endif
+#endif
+#ifndef RUNNING_ON_VALGRIND
+#define RUNNING_ON_VALGRIND 0
+#endif
+
+#define WATCHDOG_MS 5000     /* per test; times VALGRIND_SLOWDOWN under valgrind */
+#define VALGRIND_SLOWDOWN 4
+#define PROCESS_ALARM_S 60   /* last resort if something wedges outside the loop */
+#define SRV_POLL_MS 10000    /* server-side waits give up after this */
+#define SRV_HEAD_MAX 8192
+#define SRV_BODY_MAX 4096
+#define LARGE_BODY 200000
+#define SHORT_TIMEOUT_MS 300
+#define REQUEST_TIMEOUT_MS 500
+#define RESULT_BODY_MAX 1024
+
+/* ---- PKI ---------------------------------------------------------------------------------- */
+
+static char pki_dir[64];
+
+static const char *pki(const char *name)
+{
+    static char paths[8][128];
+    static int next;
+    char *p = paths[next++ % 8];
+    snprintf(p, sizeof paths[0], "%s/%s", pki_dir, name);
+    return p;
+}
+
+static int pki_setup(void **state)
+{
+    (void)state;
+    char cmd[2048];
+    snprintf(pki_dir, sizeof pki_dir, "/tmp/imdsd-https-test-XXXXXX");
+    if (!mkdtemp(pki_dir))
+        return -1;
+    snprintf(cmd, sizeof cmd,
+             "set -e; cd '%s'\n"
+             "gen() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 "
+             "-out $1.key; }\n"
+             "ca() { gen $1; openssl req -x509 -new -key $1.key -subj /CN=$2 -days 2 -sha256 "
+             "-addext basicConstraints=critical,CA:TRUE "
+             "-addext keyUsage=critical,keyCertSign,cRLSign -out $1.crt; }\n"
+             "leaf() { gen $1; openssl req -new -key $1.key -subj /CN=$2 -out $1.csr\n"
+             "  printf 'subjectAltName=DNS:%%s\\nbasicConstraints=CA:FALSE\\n"
+             "keyUsage=digitalSignature\\nextendedKeyUsage=serverAuth\\n' $2 > $1.ext\n"
+             "  openssl x509 -req -in $1.csr -CA $3.crt -CAkey $3.key -CAcreateserial -days 2 "
+             "-sha256 -extfile $1.ext -out $1.crt; }\n"
+             "{ ca ca imdsd-test-ca; ca ca2 imdsd-other-ca; leaf leaf localhost ca\n"
+             "  leaf wrong wrong.example ca; leaf other localhost ca2\n"
+             "  : > empty.pem; } > openssl.log 2>&1 || { cat openssl.log >&2; exit 1; }\n",
+             pki_dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static int pki_teardown(void **state)
+{
+    (void)state;
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", pki_dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+/* ---- the test server ---------------------------------------------------------------------- */
+
+enum srv_mode {
+    SRV_OK,         /* Content-Length response with Retry-After, keep-alive */
+    SRV_CHUNKED,    /* chunked response in several records */
+    SRV_CLOSE,      /* Connection: close, then close_notify */
+    SRV_EOF_BODY,   /* no length: body runs until close_notify */
+    SRV_DROP_AFTER, /* keep-alive response, then a plain close() */
+    SRV_RESET,      /* half a response, then RST */
+    SRV_LARGE,      /* LARGE_BODY bytes */
+    SRV_HANG,       /* reads the request, never answers */
+    SRV_SILENT,     /* accepts TCP, never speaks TLS */
+};
+
+struct srv {
+    int lfd;
+    int port;
+    int stop[2];
+    pthread_t th;
+    enum srv_mode mode;
+    mbedtls_ssl_config conf;
+    mbedtls_x509_crt crt;
+    mbedtls_pk_context key;
+    mbedtls_entropy_context entropy;
+    mbedtls_ctr_drbg_context drbg;
+    mbedtls_ssl_cache_context cache;
+    pthread_mutex_t mu;
+    int accepts, requests, cache_hits;
+    char head[SRV_HEAD_MAX + 1]; /* last request head */
+    char body[SRV_BODY_MAX + 1]; /* last request body */
+    size_t body_len;
+};
+
+struct srv_io {
+    struct srv *s;
+    int fd;
+};
+
+/* 0 when fd is ready, -1 on stop or timeout. */
+static int srv_wait(struct srv *s, int fd, short events)
+{
+    struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = s->stop[0], .events = POLLIN}};
+    int r;
+    do {
+        r = poll(p, 2, SRV_POLL_MS);
+    } while (r < 0 && errno == EINTR);
+    if (r <= 0 || p[1].revents)
+        return -1;
+    return 0;
+}
+
+static int srv_send(void *ctx, const unsigned char *b, size_t n)
+{
+    struct srv_io *io = ctx;
+    if (srv_wait(io->s, io->fd, POLLOUT) < 0)
+        return MBEDTLS_ERR_NET_SEND_FAILED;
+    ssize_t r = send(io->fd, b, n, MSG_NOSIGNAL);
+    return r < 0 ? MBEDTLS_ERR_NET_SEND_FAILED : (int)r;
+}
+
+static int srv_recv(void *ctx, unsigned char *b, size_t n)
+{
+    struct srv_io *io = ctx;
+    if (srv_wait(io->s, io->fd, POLLIN) < 0)
+        return MBEDTLS_ERR_NET_RECV_FAILED;
+    ssize_t r = recv(io->fd, b, n, 0);
+    return r < 0 ? MBEDTLS_ERR_NET_RECV_FAILED : (int)r;
+}
+
+static int srv_cache_get(void *p, mbedtls_ssl_session *session)
+{
+    struct srv *s = (struct srv *)((char *)p - offsetof(struct srv, cache));
+    int r = mbedtls_ssl_cache_get(p, session);
+    if (r == 0) {
+        pthread_mutex_lock(&s->mu);
+        s->cache_hits++;
+        pthread_mutex_unlock(&s->mu);
+    }
+    return r;
+}
+
+static int srv_write_all(mbedtls_ssl_context *ssl, const char *p, size_t n)
+{
+    while (n > 0) {
+        int r = mbedtls_ssl_write(ssl, (const unsigned char *)p, n);
+        if (r <= 0)
+            return -1;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static int srv_write_str(mbedtls_ssl_context *ssl, const char *s)
+{
+    return srv_write_all(ssl, s, strlen(s));
+}
+
+/* Reads one request into s->head / s->body. 0, or -1 when the connection ended. */
+static int srv_read_request(struct srv *s, mbedtls_ssl_context *ssl)
+{
+    char in[SRV_HEAD_MAX + SRV_BODY_MAX + 1];
+    size_t len = 0;
+    char *end = NULL;
+    while (!end) {
+        if (len >= sizeof in - 1)
+            return -1;
+        int r = mbedtls_ssl_read(ssl, (unsigned char *)in + len, sizeof in - 1 - len);
+        if (r <= 0)
+            return -1;
+        len += (size_t)r;
+        in[len] = 0;
+        end = strstr(in, "\r\n\r\n");
+    }
+    size_t head_len = (size_t)(end + 4 - in);
+    size_t clen = 0;
+    for (char *h = strstr(in, "\r\n"); h && h < end; h = strstr(h + 2, "\r\n")) {
+        if (strncasecmp(h + 2, "Content-Length:", 15) == 0)
+            clen = strtoul(h + 17, NULL, 10);
+    }
+    if (head_len > SRV_HEAD_MAX || clen > SRV_BODY_MAX)
+        return -1;
+    while (len < head_len + clen) {
+        int r = mbedtls_ssl_read(ssl, (unsigned char *)in + len, head_len + clen - len);
+        if (r <= 0)
+            return -1;
+        len += (size_t)r;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->requests++;
+    memcpy(s->head, in, head_len);
+    s->head[head_len] = 0;
+    memcpy(s->body, in + head_len, clen);
+    s->body[clen] = 0;
+    s->body_len = clen;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+/* Waits for the peer to go away (or for stop). */
+static void srv_drain(struct srv *s, int fd)
+{
+    char junk[4096];
+    while (srv_wait(s, fd, POLLIN) == 0 && recv(fd, junk, sizeof junk, 0) > 0)
+        ;
+}
+
+static void srv_reset(int fd)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+}
+
+/* Serves one connection; closes fd. */
+static void srv_handle(struct srv *s, int fd)
+{
+    struct srv_io io = {.s = s, .fd = fd};
+    mbedtls_ssl_context ssl;
+    char big[16384];
+
+    if (s->mode == SRV_SILENT) {
+        srv_drain(s, fd);
+        close(fd);
+        return;
+    }
+    mbedtls_ssl_init(&ssl);
+    if (mbedtls_ssl_setup(&ssl, &s->conf) != 0)
+        goto out;
+    mbedtls_ssl_set_bio(&ssl, &io, srv_send, srv_recv, NULL);
+    if (mbedtls_ssl_handshake(&ssl) != 0)
+        goto out;
+    while (srv_read_request(s, &ssl) == 0) {
+        switch (s->mode) {
+        case SRV_OK:
+            if (srv_write_str(&ssl, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                    "Retry-After: 7\r\nContent-Length: 11\r\n\r\nhello world") < 0)
+                goto out;
+            continue;
+        case SRV_CHUNKED:
+            if (srv_write_str(&ssl, "HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n") <
+                    0 ||
+                srv_write_str(&ssl, "5\r\nhello\r\n") < 0 ||
+                srv_write_str(&ssl, "6\r\n world\r\n") < 0 || srv_write_str(&ssl, "0\r\n\r\n") < 0)
+                goto out;
+            continue;
+        case SRV_CLOSE:
+            srv_write_str(&ssl, "HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                "Content-Length: 2\r\n\r\nok");
+            mbedtls_ssl_close_notify(&ssl);
+            goto out;
+        case SRV_EOF_BODY:
+            srv_write_str(&ssl, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil ");
+            srv_write_str(&ssl, "the end");
+            mbedtls_ssl_close_notify(&ssl);
+            goto out;
+        case SRV_DROP_AFTER:
+            srv_write_str(&ssl, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            goto out;
+        case SRV_RESET:
+            srv_write_str(&ssl, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial");
+            usleep(20000);
+            srv_reset(fd);
+            goto out;
+        case SRV_LARGE:
+            memset(big, 'x', sizeof big);
+            snprintf(big, sizeof big, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n", LARGE_BODY);
+            big[strlen(big)] = 'x';
+            for (size_t sent = 0; sent < LARGE_BODY; sent += sizeof big) {
+                if (srv_write_all(&ssl, big, sizeof big) < 0)
+                    break;
+            }
+            goto out;
+        case SRV_HANG:
+        case SRV_SILENT:
+            srv_drain(s, fd);
+            goto out;
+        }
+    }
+out:
+    mbedtls_ssl_free(&ssl);
+    close(fd);
+}
+
+static int srv_stopping(struct srv *s)
+{
+    struct pollfd p = {.fd = s->stop[0], .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
+static void *srv_main(void *arg)
+{
+    struct srv *s = arg;
+    while (!srv_stopping(s)) {
+        if (srv_wait(s, s->lfd, POLLIN) < 0)
+            continue;
+        int fd = accept(s->lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        pthread_mutex_lock(&s->mu);
+        s->accepts++;
+        pthread_mutex_unlock(&s->mu);
+        srv_handle(s, fd);
+    }
+    return NULL;
+}
+
+static void srv_start(struct srv *s, enum srv_mode mode, const char *crt, const char *key)
+{
+    static const char pers[] = "test-server";
+    memset(s, 0, sizeof *s);
+    s->mode = mode;
+    pthread_mutex_init(&s->mu, NULL);
+    mbedtls_ssl_config_init(&s->conf);
+    mbedtls_x509_crt_init(&s->crt);
+    mbedtls_pk_init(&s->key);
+    mbedtls_entropy_init(&s->entropy);
+    mbedtls_ctr_drbg_init(&s->drbg);
+    mbedtls_ssl_cache_init(&s->cache);
+    assert_int_equal(mbedtls_ctr_drbg_seed(&s->drbg, mbedtls_entropy_func, &s->entropy,
+                                           (const unsigned char *)pers, sizeof pers - 1),
+                     0);
+    assert_int_equal(mbedtls_x509_crt_parse_file(&s->crt, crt), 0);
+    assert_int_equal(mbedtls_pk_parse_keyfile(&s->key, key, NULL), 0);
+    assert_int_equal(mbedtls_ssl_config_defaults(&s->conf, MBEDTLS_SSL_IS_SERVER,
+                                                 MBEDTLS_SSL_TRANSPORT_STREAM,
+                                                 MBEDTLS_SSL_PRESET_DEFAULT),
+                     0);
+    mbedtls_ssl_conf_rng(&s->conf, mbedtls_ctr_drbg_random, &s->drbg);
+    assert_int_equal(mbedtls_ssl_conf_own_cert(&s->conf, &s->crt, &s->key), 0);
+    mbedtls_ssl_conf_session_cache(&s->conf, &s->cache, srv_cache_get, mbedtls_ssl_cache_set);
+
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof sa;
+    s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(s->lfd >= 0);
+    assert_int_equal(bind(s->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(s->lfd, 16), 0);
+    assert_int_equal(getsockname(s->lfd, (struct sockaddr *)&sa, &sl), 0);
+    s->port = ntohs(sa.sin_port);
+    assert_int_equal(pipe(s->stop), 0);
+    assert_int_equal(pthread_create(&s->th, NULL, srv_main, s), 0);
+}
+
+static void srv_stop(struct srv *s)
+{
+    assert_int_equal(write(s->stop[1], "x", 1), 1);
+    pthread_join(s->th, NULL);
+    close(s->lfd);
+    close(s->stop[0]);
+    close(s->stop[1]);
+    mbedtls_ssl_cache_free(&s->cache);
+    mbedtls_ssl_config_free(&s->conf);
+    mbedtls_x509_crt_free(&s->crt);
+    mbedtls_pk_free(&s->key);
+    mbedtls_ctr_drbg_free(&s->drbg);
+    mbedtls_entropy_free(&s->entropy);
+    pthread_mutex_destroy(&s->mu);
+}
+
+static int srv_get(struct srv *s, const int *field)
+{
+    pthread_mutex_lock(&s->mu);
+    int v = *field;
+    pthread_mutex_unlock(&s->mu);
+    return v;
+}
+
+/* ---- fixture ------------------------------------------------------------------------------ */
+
+struct result {
+    int calls;
+    int err;
+    int status;
+    char body[RESULT_BODY_MAX + 1];
+    size_t body_len;
+    int has_retry_after;
+    char retry_after[64];
+    uint64_t at_ms;
+    /* Optional: send this request from inside done. */
+    struct https_client *then_client;
+    struct https_request *then_req;
+    int then_rc;
+    int then_free; /* free then_client from inside done */
+};
+
+struct fixture {
+    uv_loop_t loop;
+    uv_timer_t watchdog;
+    int watchdog_fired;
+    struct srv srv;
+    int srv_running;
+    struct https_client *client;
+    char port[8];
+};
+
+static void watchdog_cb(uv_timer_t *t)
+{
+    struct fixture *f = t->data;
+    f->watchdog_fired = 1;
+    uv_stop(t->loop);
+}
+
+static int fx_setup(void **state)
+{
+    struct fixture *f = calloc(1, sizeof *f);
+    if (!f || uv_loop_init(&f->loop) != 0)
+        return -1;
+    uv_timer_init(&f->loop, &f->watchdog);
+    f->watchdog.data = f;
+    uv_timer_start(&f->watchdog, watchdog_cb,
+                   RUNNING_ON_VALGRIND ? WATCHDOG_MS * VALGRIND_SLOWDOWN : WATCHDOG_MS, 0);
+    uv_unref((uv_handle_t *)&f->watchdog); /* fires, but does not keep the loop alive */
+    *state = f;
+    return 0;
+}
+
+static void count_handles(uv_handle_t *h, void *arg)
+{
+    (void)h;
+    (*(int *)arg)++;
+}
+
+static int fx_teardown(void **state)
+{
+    struct fixture *f = *state;
+    int rc = 0;
+    if (f->client)
+        https_client_free(f->client);
+    f->client = NULL;
+    uv_run(&f->loop, UV_RUN_DEFAULT); /* the unref'd watchdog still bounds this */
+    if (f->watchdog_fired) {
+        fprintf(stderr, "watchdog fired\n");
+        rc = -1;
+    }
+    uv_close((uv_handle_t *)&f->watchdog, NULL);
+    uv_run(&f->loop, UV_RUN_DEFAULT);
+    int left = 0;
+    uv_walk(&f->loop, count_handles, &left);
+    if (left || uv_loop_close(&f->loop) != 0) {
+        fprintf(stderr, "loop not empty: %d handles\n", left);
+        rc = -1;
+    }
+    if (f->srv_running)
+        srv_stop(&f->srv);
+    free(f);
+    return rc;
+}
+
+/* Runs the loop until *flag is set; fails on watchdog or when nothing is left to wait for. */
+static void run_until(struct fixture *f, const int *flag)
+{
+    while (!*flag) {
+        int alive = uv_run(&f->loop, UV_RUN_ONCE);
+        assert_false(f->watchdog_fired);
+        if (!alive && !*flag)
+            fail_msg("loop went idle before the condition was met");
+    }
+}
+
+static void sleep_cb(uv_timer_t *t)
+{
+    *(int *)t->data = 1;
+}
+
+static void run_for(struct fixture *f, uint64_t ms)
+{
+    uv_timer_t t;
+    int done = 0;
+    uv_timer_init(&f->loop, &t);
+    t.data = &done;
+    uv_timer_start(&t, sleep_cb, ms, 0);
+    run_until(f, &done);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&f->loop, UV_RUN_NOWAIT);
+}
+
+static void start_server(struct fixture *f, enum srv_mode mode, const char *leaf)
+{
+    char crt[64], key[64];
+    snprintf(crt, sizeof crt, "%s.crt", leaf);
+    snprintf(key, sizeof key, "%s.key", leaf);
+    srv_start(&f->srv, mode, pki(crt), pki(key));
+    f->srv_running = 1;
+    snprintf(f->port, sizeof f->port, "%d", f->srv.port);
+}
+
+static void make_client_opts(struct fixture *f, const char *ca, uint64_t connect_ms,
+                             uint64_t request_ms)
+{
+    char err[256] = "";
+    struct https_client_opts o = {
+        .host = "localhost",
+        .port = f->port,
+        .ca_file = pki(ca),
+        .connect_timeout_ms = connect_ms,
+        .request_timeout_ms = request_ms,
+    };
+    int r = https_client_new(&f->client, &f->loop, &o, err, sizeof err);
+    if (r != 0)
+        fail_msg("https_client_new: %s", err);
+}
+
+static void make_client(struct fixture *f)
+{
+    make_client_opts(f, "ca.crt", 0, 0);
+}
+
+static void on_done(struct https_request *req, int err, const struct https_response *resp)
+{
+    struct result *res = req->data;
+    res->calls++;
+    res->err = err;
+    res->at_ms = now_ms();
+    if (resp) {
+        res->status = resp->status;
+        res->body_len = resp->body_len;
+        size_t n = resp->body_len < RESULT_BODY_MAX ? resp->body_len : RESULT_BODY_MAX;
+        memcpy(res->body, resp->body, n);
+        res->body[n] = 0;
+        res->has_retry_after = resp->retry_after != NULL;
+        if (resp->retry_after)
+            snprintf(res->retry_after, sizeof res->retry_after, "%s", resp->retry_after);
+        if (resp->body[resp->body_len] != 0)
+            res->status = -1; /* must be NUL-terminated */
+    }
+    if (res->then_req)
+        res->then_rc = https_client_send(res->then_client, res->then_req);
+    if (res->then_free)
+        https_client_free(res->then_client);
+}
+
+static void init_req(struct https_request *req, struct result *res)
+{
+    memset(req, 0, sizeof *req);
+    memset(res, 0, sizeof *res);
+    req->method = "POST";
+    req->path = "/token";
+    req->headers = "X-Test: yes\r\n";
+    req->body = "a=1&b=two";
+    req->body_len = 9;
+    req->done = on_done;
+    req->data = res;
+}
+
+/* Sends a fresh request, runs until done, checks it succeeded. */
+static void roundtrip_ok(struct fixture *f, struct https_request *req, struct result *res)
+{
+    init_req(req, res);
+    assert_int_equal(https_client_send(f->client, req), 0);
+    run_until(f, &res->calls);
+    assert_int_equal(res->calls, 1);
+    if (res->err != HTTPS_OK)
+        fail_msg("request failed: %s", https_strerror(res->err));
+}
+
+static void expect_error(struct fixture *f, int want)
+{
+    struct https_request req;
+    struct result res;
+    init_req(&req, &res);
+    assert_int_equal(https_client_send(f->client, &req), 0);
+    assert_int_equal(res.calls, 0); /* never from inside send */
+    run_until(f, &res.calls);
+    if (res.err != want)
+        fail_msg("got %d (%s), want %d (%s)", res.err, https_strerror(res.err), want,
+                 https_strerror(want));
+    run_for(f, 20);
+    assert_int_equal(res.calls, 1);
+}
+
+/* ---- tests -------------------------------------------------------------------------------- */
+
+static void test_ca_file_errors(void **state)
+{
+    struct fixture *f = *state;
+    struct https_client *c = NULL;
+    char err[256] = "";
+    struct https_client_opts o = {.host = "localhost", .port = "443"};
+
+    o.ca_file = pki("missing.pem");
+    assert_true(https_client_new(&c, &f->loop, &o, err, sizeof err) < 0);
+    assert_null(c);
+    assert_non_null(strstr(err, o.ca_file));
+    assert_null(strchr(err, '\n'));
+
+    o.ca_file = pki("empty.pem");
+    assert_true(https_client_new(&c, &f->loop, &o, err, sizeof err) < 0);
+    assert_non_null(strstr(err, o.ca_file));
+
+    o.ca_file = pki("leaf.key"); /* PEM, but no certificate */
+    assert_true(https_client_new(&c, &f->loop, &o, err, sizeof err) < 0);
+    assert_non_null(strstr(err, o.ca_file));
+
+    o.ca_file = pki("ca.crt");
+    o.port = "99999";
+    assert_true(https_client_new(&c, &f->loop, &o, err, sizeof err) < 0);
+    assert_non_null(strstr(err, "port"));
+}
+
+static void test_post_content_length(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    char want[64];
+    start_server(f, SRV_OK, "leaf");
+    make_client(f);
+    roundtrip_ok(f, &req, &res);
+    assert_int_equal(res.status, 200);
+    assert_int_equal(res.body_len, 11);
+    assert_string_equal(res.body, "hello world");
+    assert_true(res.has_retry_after);
+    assert_string_equal(res.retry_after, "7");
+
+    pthread_mutex_lock(&f->srv.mu);
+    assert_true(strncmp(f->srv.head, "POST /token HTTP/1.1\r\n", 22) == 0);
+    snprintf(want, sizeof want, "\r\nHost: localhost:%d\r\n", f->srv.port);
+    assert_non_null(strstr(f->srv.head, want));
+    assert_non_null(strstr(f->srv.head, "\r\nUser-Agent: imdsd/" IMDSD_VERSION "\r\n"));
+    assert_non_null(strstr(f->srv.head, "\r\nContent-Length: 9\r\n"));
+    assert_non_null(strstr(f->srv.head, "\r\nConnection: keep-alive\r\n"));
+    assert_non_null(strstr(f->srv.head, "\r\nX-Test: yes\r\n\r\n"));
+    assert_int_equal(f->srv.body_len, 9);
+    assert_string_equal(f->srv.body, "a=1&b=two");
+    pthread_mutex_unlock(&f->srv.mu);
+
+    /* Canceling after done is a no-op. */
+    https_client_cancel(&req);
+}
+
+static void test_chunked(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    start_server(f, SRV_CHUNKED, "leaf");
+    make_client(f);
+    roundtrip_ok(f, &req, &res);
+    assert_int_equal(res.status, 201);
+    assert_string_equal(res.body, "hello world");
+    assert_false(res.has_retry_after);
+}
+
+static void test_body_until_close(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    start_server(f, SRV_EOF_BODY, "leaf");
+    make_client(f);
+    roundtrip_ok(f, &req, &res);
+    assert_int_equal(res.status, 200);
+    assert_string_equal(res.body, "until the end");
+}
+
+static void test_connection_reuse(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2, req3;
+    struct result res1, res2, res3;
+    start_server(f, SRV_OK, "leaf");
+    make_client(f);
+    roundtrip_ok(f, &req1, &res1);
+    run_for(f, 20);
+    roundtrip_ok(f, &req2, &res2);
+    /* And one sent from inside done, while the connection has just gone back to the pool. */
+    init_req(&req1, &res1);
+    init_req(&req3, &res3);
+    res1.then_client = f->client;
+    res1.then_req = &req3;
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    run_until(f, &res3.calls);
+    assert_int_equal(res1.err, HTTPS_OK);
+    assert_int_equal(res1.then_rc, 0);
+    assert_int_equal(res3.err, HTTPS_OK);
+    assert_string_equal(res3.body, "hello world");
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 1);
+    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 4);
+}
+
+static void test_retry_on_stale_connection(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_DROP_AFTER, "leaf");
+    make_client(f);
+    /* The server closes right after each response; the second request goes out on the pooled
+     * connection before the client has seen that, fails there and is retried on a new one. */
+    init_req(&req1, &res1);
+    init_req(&req2, &res2);
+    res1.then_client = f->client;
+    res1.then_req = &req2;
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    run_until(f, &res2.calls);
+    assert_int_equal(res1.err, HTTPS_OK);
+    assert_int_equal(res1.then_rc, 0);
+    assert_int_equal(res2.err, HTTPS_OK);
+    assert_string_equal(res2.body, "ok");
+    assert_int_equal(req2.retried, 1);
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 2);
+}
+
+static void test_idle_closed_by_server(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_DROP_AFTER, "leaf");
+    make_client(f);
+    roundtrip_ok(f, &req1, &res1);
+    run_for(f, 50); /* the client notices the close and drops the pooled connection */
+    roundtrip_ok(f, &req2, &res2);
+    assert_int_equal(req2.retried, 0);
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 2);
+}
+
+static void test_free_from_done(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_OK, "leaf");
+    make_client(f);
+    init_req(&req1, &res1);
+    init_req(&req2, &res2);
+    res1.then_client = f->client;
+    res1.then_req = &req2; /* goes out on the pooled connection, then the client is freed */
+    res1.then_free = 1;
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    f->client = NULL;
+    run_until(f, &res1.calls);
+    assert_int_equal(res1.err, HTTPS_OK);
+    assert_int_equal(res1.then_rc, 0);
+    assert_int_equal(res2.calls, 1);
+    assert_int_equal(res2.err, HTTPS_E_CANCELED);
+    uv_run(&f->loop, UV_RUN_DEFAULT);
+    assert_int_equal(res1.calls, 1);
+    assert_int_equal(res2.calls, 1);
+}
+
+static void test_connection_close_and_resumption(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_CLOSE, "leaf");
+    make_client(f);
+    roundtrip_ok(f, &req1, &res1);
+    assert_string_equal(res1.body, "ok");
+    roundtrip_ok(f, &req2, &res2);
+    assert_string_equal(res2.body, "ok");
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 2);
+    assert_int_equal(srv_get(&f->srv, &f->srv.cache_hits), 1); /* the second one resumed */
+}
+
+static void test_unknown_ca(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "other");
+    make_client(f);
+    expect_error(f, HTTPS_E_VERIFY);
+    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
+}
+
+static void test_wrong_hostname(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "wrong");
+    make_client(f);
+    expect_error(f, HTTPS_E_VERIFY);
+    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
+}
+
+static void test_reset_mid_response(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_RESET, "leaf");
+    make_client(f);
+    expect_error(f, HTTPS_E_IO);
+}
+
+static void test_too_large(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_LARGE, "leaf");
+    make_client(f);
+    expect_error(f, HTTPS_E_TOO_LARGE);
+}
+
+static void test_request_timeout(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_HANG, "leaf");
+    make_client_opts(f, "ca.crt", 0, REQUEST_TIMEOUT_MS);
+    uint64_t t0 = now_ms();
+    expect_error(f, HTTPS_E_TIMEOUT);
+    uint64_t took = now_ms() - t0;
+    /* It got as far as sending the request (valgrind may be too slow for the handshake). */
+    if (!RUNNING_ON_VALGRIND)
+        assert_int_equal(srv_get(&f->srv, &f->srv.requests), 1);
+    assert_true(took >= REQUEST_TIMEOUT_MS - 50);
+    assert_true(took < REQUEST_TIMEOUT_MS + 1500);
+}
+
+static void test_connect_timeout(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_SILENT, "leaf");
+    make_client_opts(f, "ca.crt", SHORT_TIMEOUT_MS, 0);
+    uint64_t t0 = now_ms();
+    expect_error(f, HTTPS_E_TIMEOUT);
+    uint64_t took = now_ms() - t0;
+    assert_true(took >= SHORT_TIMEOUT_MS - 50);
+    assert_true(took < SHORT_TIMEOUT_MS + 1500);
+}
+
+static void test_connection_refused(void **state)
+{
+    struct fixture *f = *state;
+    /* A port nobody listens on: bind one, note it, close it. */
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof sa;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &sl), 0);
+    close(fd);
+    snprintf(f->port, sizeof f->port, "%d", ntohs(sa.sin_port));
+    make_client(f);
+    expect_error(f, HTTPS_E_CONNECT);
+}
+
+static void test_cancel(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_HANG, "leaf");
+    make_client(f);
+
+    /* Right away, while resolving. */
+    init_req(&req1, &res1);
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    https_client_cancel(&req1);
+    https_client_cancel(&req1); /* twice is fine */
+
+    /* Once the request is on the wire. */
+    init_req(&req2, &res2);
+    assert_int_equal(https_client_send(f->client, &req2), 0);
+    for (int i = 0; i < 100 && srv_get(&f->srv, &f->srv.requests) == 0; i++)
+        run_for(f, 10);
+    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 1);
+    https_client_cancel(&req2);
+    run_for(f, 50);
+    assert_int_equal(res1.calls, 0);
+    assert_int_equal(res2.calls, 0);
+}
+
+static void test_free_with_pending(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_HANG, "leaf");
+    make_client(f);
+    init_req(&req1, &res1);
+    init_req(&req2, &res2);
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    for (int i = 0; i < 100 && srv_get(&f->srv, &f->srv.requests) == 0; i++)
+        run_for(f, 10);
+    assert_int_equal(https_client_send(f->client, &req2), 0); /* still resolving */
+    https_client_free(f->client);
+    f->client = NULL;
+    assert_int_equal(res1.calls, 1);
+    assert_int_equal(res1.err, HTTPS_E_CANCELED);
+    assert_int_equal(res2.calls, 1);
+    assert_int_equal(res2.err, HTTPS_E_CANCELED);
+    uv_run(&f->loop, UV_RUN_DEFAULT);
+    assert_int_equal(res1.calls, 1);
+    assert_int_equal(res2.calls, 1);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    alarm(PROCESS_ALARM_S);
+    if (getenv("TEST_DEBUG"))
+        log_min_level = LOG_DEBUG;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_ca_file_errors, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_post_content_length, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_chunked, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_body_until_close, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_connection_reuse, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_retry_on_stale_connection, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_idle_closed_by_server, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_free_from_done, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_connection_close_and_resumption, fx_setup,
+                                        fx_teardown),
+        cmocka_unit_test_setup_teardown(test_unknown_ca, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_wrong_hostname, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_reset_mid_response, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_too_large, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_request_timeout, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_connect_timeout, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_connection_refused, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_cancel, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_free_with_pending, fx_setup, fx_teardown),
+    };
+    return cmocka_run_group_tests(tests, pki_setup, pki_teardown);
+}
