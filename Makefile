@@ -67,6 +67,23 @@ $(eval $(call variant,REL,build,$(REL_CFLAGS),$(REL_LDFLAGS)))
 $(eval $(call variant,ASAN,build/asan,$(ASAN_CFLAGS),-fsanitize=address,undefined))
 $(eval $(call variant,DBG,build/debug,$(DBG_CFLAGS),))
 
+# libFuzzer targets link only the pure modules (no loop, no sockets).
+FUZZ_CFLAGS = -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_LIBSRC = daemon/buf.c daemon/json.c daemon/form.c daemon/imds.c daemon/entra_msg.c daemon/util.c
+FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,build/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_SECONDS ?= 10
+
+build/fuzz/%: tests/fuzz/%.c $(FUZZ_LIBSRC) $(wildcard include/*.h)
+	@mkdir -p $(@D)
+	$(if $(Q),@echo "  CLANG   $@")
+	$(Q)clang $(CPPFLAGS) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -o $@ $< $(FUZZ_LIBSRC) -lmbedcrypto
+
+fuzz: $(FUZZ_TARGETS)
+
+# Replays each seed corpus, then fuzzes each target for FUZZ_SECONDS (kept short in make check).
+fuzz-smoke: $(FUZZ_TARGETS)
+	$(Q)tests/fuzz/smoke.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 units: $(REL_UNITS)
 units-asan: $(ASAN_UNITS)
 units-debug: $(DBG_UNITS)
@@ -87,7 +104,7 @@ integration-valgrind: build/debug/imdsd
 	$(Q)$(PY) tests/integration/run.py --binary build/debug/imdsd --label valgrind --valgrind
 
 check: deps
-	$(Q)$(MAKE) --no-print-directory build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug
+	$(Q)$(MAKE) --no-print-directory build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug fuzz
 	$(Q)tests/check.sh
 
 demo: deps build/imdsd
@@ -102,4 +119,4 @@ lint:
 clean:
 	rm -rf build
 
-.PHONY: all unit units units-asan units-debug integration integration-asan integration-valgrind check demo deps lint clean
+.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration integration-asan integration-valgrind check demo deps lint clean

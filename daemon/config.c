@@ -72,9 +72,9 @@ int config_parse_listen(const char *s, struct config_listen *l)
         s++;
         colon = close + 1;
     } else {
-        colon = strrchr(s, ':');
-        if (!colon)
-            return -1;
+        colon = strchr(s, ':');
+        if (!colon || strchr(colon + 1, ':'))
+            return -1; /* an IPv6 address needs brackets */
         hlen = (size_t)(colon - s);
     }
     if (hlen == 0 || hlen >= sizeof l->host)
@@ -106,6 +106,8 @@ int config_set_authority(struct config *c, const char *url, const char **why)
         *why = strstr(url, "://") ? "must be an https:// URL" : "must start with https://";
         return -1;
     }
+    if (n <= sizeof scheme - 1)
+        goto badhost;
     const char *host = url + sizeof scheme - 1, *end = url + n;
     const char *slash = memchr(host, '/', (size_t)(end - host));
     const char *hend = slash ? slash : end;
@@ -229,8 +231,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         authority = v;
     if ((v = getenv_fn("IMDSD_CA_FILE")) && *v)
         set(&c->ca_file, v);
-    if ((v = getenv_fn("IMDSD_LOG_LEVEL")) && *v && log_level_parse(v, &c->log_level) < 0)
-        ERR("IMDSD_LOG_LEVEL: invalid value '%s' (debug, info, warn or error)", v);
+    const char *env_level = getenv_fn("IMDSD_LOG_LEVEL");
+    int level_flag = 0;
 
     optind = 1;
     opterr = 0;
@@ -262,6 +264,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         case OPT_LOG_LEVEL:
             if (log_level_parse(optarg, &c->log_level) < 0)
                 ERR("--log-level: invalid value '%s' (debug, info, warn or error)", optarg);
+            level_flag = 1;
             break;
         case OPT_MAX_CONN:
             if (parse_uint(optarg, 1, 65536, &c->max_connections) < 0)
@@ -290,6 +293,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     if (optind < argc)
         ERR("%s: unexpected argument (see --help)", argv[optind]);
 
+    if (!level_flag && env_level && *env_level && log_level_parse(env_level, &c->log_level) < 0)
+        ERR("IMDSD_LOG_LEVEL: invalid value '%s' (debug, info, warn or error)", env_level);
     if (!c->client_id)
         ERR("AZURE_CLIENT_ID / --client-id: not set");
     if (!imds_is_guid(c->client_id))

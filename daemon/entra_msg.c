@@ -92,7 +92,8 @@ static void parse_ok(struct entra_result *r, const struct json_obj *o)
                   "Entra's token response has no usable access_token");
         goto out;
     }
-    if (json_get_string(o, "token_type", &type) == 0 && strcasecmp(type, "Bearer") != 0) {
+    int has_type = json_get_string(o, "token_type", &type);
+    if (has_type == -2 || (has_type == 0 && strcasecmp(type, "Bearer") != 0)) {
         set_error(r, ENTRA_TRANSIENT, "server_error", "Entra's token response is not a Bearer token");
         goto out;
     }

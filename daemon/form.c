@@ -12,12 +12,15 @@ static int hexval(unsigned char c)
     return -1;
 }
 
-/* Decodes s[0..n) into out; returns the decoded length or -1. */
-static long decode(char *out, const char *s, size_t n)
+/* Decodes s[0..n) into out (at most cap bytes). Returns the decoded length, -1 for bad
+ * encoding (a bad %XX, %00, or a raw control character) or -2 when over cap. */
+static long decode(char *out, size_t cap, const char *s, size_t n)
 {
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 || c == 0x7f)
+            return -1;
         if (c == '+') {
             c = ' ';
         } else if (c == '%') {
@@ -30,14 +33,21 @@ static long decode(char *out, const char *s, size_t n)
                 return -1;
             i += 2;
         }
+        if (o >= cap)
+            return -2;
         out[o++] = (char)c;
     }
     return (long)o;
 }
 
+static int decode_err(long rc)
+{
+    return rc == -2 ? QUERY_E_TOO_MANY : QUERY_E_ENCODING;
+}
+
 int query_parse(struct query *q, const char *s, size_t len)
 {
-    size_t used = 0;
+    size_t used = 0, decoded = 0;
     q->n = 0;
     size_t i = 0;
     while (i <= len) {
@@ -48,19 +58,22 @@ int query_parse(struct query *q, const char *s, size_t len)
             const char *eq = memchr(s + i, '=', end - i);
             size_t klen = eq ? (size_t)(eq - (s + i)) : end - i;
             size_t vlen = eq ? end - i - klen - 1 : 0;
-            if (q->n >= QUERY_MAX_PARAMS || used + klen + vlen + 2 > sizeof q->storage)
+            if (q->n >= QUERY_MAX_PARAMS)
                 return QUERY_E_TOO_MANY;
+            /* room for the decoded key and value plus their NULs, within QUERY_MAX_BYTES */
+            size_t room = QUERY_MAX_BYTES - decoded;
             char *k = q->storage + used;
-            long kn = decode(k, s + i, klen);
+            long kn = decode(k, room, s + i, klen);
             if (kn < 0)
-                return QUERY_E_ENCODING;
+                return decode_err(kn);
             k[kn] = 0;
             char *v = k + kn + 1;
-            long vn = eq ? decode(v, eq + 1, vlen) : 0;
+            long vn = eq ? decode(v, room - (size_t)kn, eq + 1, vlen) : 0;
             if (vn < 0)
-                return QUERY_E_ENCODING;
+                return decode_err(vn);
             v[vn] = 0;
             used += (size_t)kn + (size_t)vn + 2;
+            decoded += (size_t)kn + (size_t)vn;
             if (query_get(q, k))
                 return QUERY_E_DUPLICATE;
             q->p[q->n].key = k;

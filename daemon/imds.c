@@ -69,6 +69,8 @@ int imds_api_version_ok(const char *v)
             return 0;
     if (m < 1 || m > 12 || d < 1 || d > mdays[m - 1])
         return 0;
+    if (m == 2 && d == 29 && !(y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)))
+        return 0;
     return y * 10000 + m * 100 + d >= 20180201;
 }
 
@@ -159,9 +161,11 @@ void imds_error_from_entra(const struct entra_result *r, struct imds_error *err)
     case ENTRA_OK:
     case ENTRA_TRANSIENT:
     default:
-        /* An Entra "invalid_*" code on a transient AADSTS would read as a client error; keep it
-         * but answer 503 so that every SDK retries. */
+        /* A transient AADSTS carries an "invalid_*" code that would read as a client error:
+         * clients get service_unavailable and the AADSTS text, and retry. */
         err->status = 503;
+        if (r->aadsts)
+            err->error = "service_unavailable";
         err->retry_after = r->retry_after > 0 ? r->retry_after : 0;
         break;
     }

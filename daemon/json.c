@@ -11,8 +11,150 @@
 
 #include "util.h"
 
+/* A strict RFC 8259 syntax check. jsmn tokenises but accepts some malformed input (a key
+ * without a value, trailing commas, bare words), which would pair keys with the wrong values. */
+#define JSON_MAX_DEPTH 32
+
+struct scan {
+    const char *s;
+    size_t n, i;
+};
+
+static void ws(struct scan *c)
+{
+    while (c->i < c->n && (c->s[c->i] == ' ' || c->s[c->i] == '\t' || c->s[c->i] == '\n' ||
+                           c->s[c->i] == '\r'))
+        c->i++;
+}
+
+static int lit(struct scan *c, const char *w)
+{
+    size_t k = strlen(w);
+    if (c->n - c->i < k || memcmp(c->s + c->i, w, k) != 0)
+        return -1;
+    c->i += k;
+    return 0;
+}
+
+static int digits(struct scan *c)
+{
+    size_t start = c->i;
+    while (c->i < c->n && c->s[c->i] >= '0' && c->s[c->i] <= '9')
+        c->i++;
+    return c->i > start ? 0 : -1;
+}
+
+static int number(struct scan *c)
+{
+    if (c->i < c->n && c->s[c->i] == '-')
+        c->i++;
+    if (c->i < c->n && c->s[c->i] == '0')
+        c->i++;
+    else if (digits(c) < 0)
+        return -1;
+    if (c->i < c->n && c->s[c->i] == '.') {
+        c->i++;
+        if (digits(c) < 0)
+            return -1;
+    }
+    if (c->i < c->n && (c->s[c->i] == 'e' || c->s[c->i] == 'E')) {
+        c->i++;
+        if (c->i < c->n && (c->s[c->i] == '+' || c->s[c->i] == '-'))
+            c->i++;
+        if (digits(c) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int string(struct scan *c)
+{
+    if (c->i >= c->n || c->s[c->i] != '"')
+        return -1;
+    for (c->i++; c->i < c->n; c->i++) {
+        unsigned char ch = (unsigned char)c->s[c->i];
+        if (ch == '"') {
+            c->i++;
+            return 0;
+        }
+        if (ch < 0x20)
+            return -1;
+        if (ch == '\\') {
+            if (++c->i >= c->n || !strchr("\"\\/bfnrtu", c->s[c->i]))
+                return -1;
+        }
+    }
+    return -1;
+}
+
+static int value(struct scan *c, int depth);
+
+static int members(struct scan *c, int depth, char close, int keyed)
+{
+    c->i++; /* the opening bracket */
+    ws(c);
+    if (c->i < c->n && c->s[c->i] == close) {
+        c->i++;
+        return 0;
+    }
+    for (;;) {
+        if (keyed) {
+            if (string(c) < 0)
+                return -1;
+            ws(c);
+            if (c->i >= c->n || c->s[c->i] != ':')
+                return -1;
+            c->i++;
+        }
+        if (value(c, depth + 1) < 0)
+            return -1;
+        ws(c);
+        if (c->i >= c->n)
+            return -1;
+        if (c->s[c->i] == close) {
+            c->i++;
+            return 0;
+        }
+        if (c->s[c->i] != ',')
+            return -1;
+        c->i++;
+        ws(c);
+    }
+}
+
+static int value(struct scan *c, int depth)
+{
+    ws(c);
+    if (c->i >= c->n || depth > JSON_MAX_DEPTH)
+        return -1;
+    switch (c->s[c->i]) {
+    case '{': return members(c, depth, '}', 1);
+    case '[': return members(c, depth, ']', 0);
+    case '"': return string(c);
+    case 't': return lit(c, "true");
+    case 'f': return lit(c, "false");
+    case 'n': return lit(c, "null");
+    default: return number(c);
+    }
+}
+
+static int valid_object(const char *s, size_t n)
+{
+    struct scan c = {s, n, 0};
+    ws(&c);
+    if (c.i >= n || s[c.i] != '{' || value(&c, 0) < 0)
+        return 0;
+    ws(&c);
+    return c.i == n;
+}
+
 int json_parse_object(struct json_obj *o, const char *src, size_t len)
 {
+    o->tok = NULL;
+    o->ntok = 0;
+    if (!valid_object(src, len))
+        return -1;
+
     jsmn_parser p;
     jsmntok_t *t = xmalloc(sizeof(jsmntok_t) * JSON_MAX_TOKENS);
     jsmn_init(&p);

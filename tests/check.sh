@@ -24,6 +24,7 @@ step() {
     rm -f "$out"
 }
 step "unit tests (plain, asan, valgrind)" tests/run-unit.sh build build/asan build/debug
+step "fuzz smoke (seed corpora + ${FUZZ_SECONDS:-10} s per target)" make --no-print-directory fuzz-smoke
 step "integration (plain)" $PY tests/integration/run.py --binary build/imdsd
 step "integration (asan+ubsan)" $PY tests/integration/run.py --binary build/asan/imdsd --label asan
 step "integration (valgrind)" $PY tests/integration/run.py --binary build/debug/imdsd --label valgrind --valgrind

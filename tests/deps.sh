@@ -3,7 +3,7 @@
 # Quick when everything is already there.
 set -eu
 PKGS="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev libcmocka-dev
-      python3 openssl curl valgrind ca-certificates"
+      python3 openssl curl valgrind ca-certificates clang libclang-rt-14-dev"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

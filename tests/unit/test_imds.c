@@ -1,0 +1,745 @@
+/* test_imds.c - routing, token request validation (in IMDS order), identity selection, the
+ * Entra -> IMDS error mapping and the rendering of token and error bodies. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "buf.h"
+#include "entra_msg.h"
+#include "form.h"
+#include "imds.h"
+#include "json.h"
+#include "token.h"
+
+#define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+static int cleanup(void **state);
+
+#define MAX_TESTS 320
+static struct CMUnitTest tests[MAX_TESTS];
+static char names[MAX_TESTS][160];
+static size_t ntests;
+
+static void add(const char *table, const char *row, CMUnitTestFunction fn, const void *state)
+{
+    if (ntests >= MAX_TESTS)
+        abort();
+    snprintf(names[ntests], sizeof names[ntests], "%s: %s", table, row);
+    tests[ntests] = (struct CMUnitTest){names[ntests], fn, NULL, cleanup, (void *)state};
+    ntests++;
+}
+
+#define ADD_ROWS(table, rows, fn)                                                                  \
+    for (size_t i_ = 0; i_ < ARRAY_LEN(rows); i_++)                                                \
+    add(table, (rows)[i_].name, fn, &(rows)[i_])
+
+/* ---- per-test resources, released by the teardown (also after a failed assertion) ---------- */
+
+#define MAX_DEFERRED 64
+static struct {
+    void (*fn)(void *);
+    void *arg;
+} deferred[MAX_DEFERRED];
+static int ndeferred;
+
+static void *defer(void (*fn)(void *), void *arg)
+{
+    if (ndeferred >= MAX_DEFERRED)
+        abort();
+    deferred[ndeferred].fn = fn;
+    deferred[ndeferred].arg = arg;
+    ndeferred++;
+    return arg;
+}
+
+static int cleanup(void **state)
+{
+    (void)state;
+    while (ndeferred > 0) {
+        ndeferred--;
+        deferred[ndeferred].fn(deferred[ndeferred].arg);
+    }
+    return 0;
+}
+
+static void *tmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        abort();
+    return defer(free, p);
+}
+
+/* Exact-size heap copy without a NUL: a read past n is caught by ASan and valgrind. */
+static char *tcopy(const char *s, size_t n)
+{
+    char *p = tmalloc(n);
+    memcpy(p, s, n);
+    return p;
+}
+
+static void buf_release(void *p)
+{
+    buf_free(p);
+    free(p);
+}
+
+static struct buf *tbuf(size_t max)
+{
+    struct buf *b = malloc(sizeof *b);
+    if (!b)
+        abort();
+    buf_init(b, max);
+    return defer(buf_release, b);
+}
+
+static void json_release(void *p)
+{
+    json_obj_free(p);
+    free(p);
+}
+
+/* Parses an exact-size copy of src; the object is freed by the teardown. */
+static struct json_obj *tparse(const char *src, size_t len, int *rc)
+{
+    struct json_obj *o = calloc(1, sizeof *o);
+    if (!o)
+        abort();
+    defer(json_release, o);
+    *rc = json_parse_object(o, tcopy(src, len), len);
+    return o;
+}
+
+static void entra_release(void *p)
+{
+    entra_result_free(p);
+    free(p);
+}
+
+/* ---- imds_route ------------------------------------------------------------------------------ */
+
+struct route_row {
+    const char *name;
+    const char *path;
+    size_t len; /* 0 = strlen */
+    enum imds_route want;
+};
+
+static const struct route_row route_rows[] = {
+    {"token path", "/metadata/identity/oauth2/token", 0, ROUTE_TOKEN},
+    {"trailing slash", "/metadata/identity/oauth2/token/", 0, ROUTE_TOKEN},
+    {"leading double slash", "//metadata/identity/oauth2/token", 0, ROUTE_TOKEN},
+    {"double slash and trailing slash", "//metadata/identity/oauth2/token/", 0, ROUTE_TOKEN},
+    {"repeated inner slashes", "/metadata//identity///oauth2/token", 0, ROUTE_TOKEN},
+    {"trailing double slash", "/metadata/identity/oauth2/token//", 0, ROUTE_TOKEN},
+    {"mixed case", "/METADATA/Identity/oauth2/token", 0, ROUTE_TOKEN},
+    {"upper case", "/METADATA/IDENTITY/OAUTH2/TOKEN", 0, ROUTE_TOKEN},
+    {"many leading slashes",
+     "/////////////////////////////////////////////////////////////////////////////////"
+     "/metadata/identity/oauth2/token",
+     0, ROUTE_TOKEN},
+    {"len honoured", "/metadata/identity/oauth2/tokenXYZ", 31, ROUTE_TOKEN},
+    {"extra segment", "/metadata/identity/oauth2/token/extra", 0, ROUTE_NOT_FOUND},
+    {"longer last segment", "/metadata/identity/oauth2/tokens", 0, ROUTE_NOT_FOUND},
+    {"prefix only", "/metadata/identity/oauth2", 0, ROUTE_NOT_FOUND},
+    {"getplatformmetadata (IMDSv2 probe)", "/metadata/identity/getplatformmetadata", 0,
+     ROUTE_NOT_FOUND},
+    {"issuecredential", "/metadata/identity/issuecredential", 0, ROUTE_NOT_FOUND},
+    {"credential", "/metadata/identity/credential", 0, ROUTE_NOT_FOUND},
+    {"instance metadata", "/metadata/instance", 0, ROUTE_NOT_FOUND},
+    {"root", "/", 0, ROUTE_NOT_FOUND},
+    {"empty", "", 0, ROUTE_NOT_FOUND},
+    {"no leading slash", "metadata/identity/oauth2/token", 0, ROUTE_NOT_FOUND},
+    {"encoded slash", "/metadata/identity/oauth2%2Ftoken", 0, ROUTE_NOT_FOUND},
+    {"very long path",
+     "/metadata/identity/oauth2/token/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+     0, ROUTE_NOT_FOUND},
+    {"healthz", "/healthz", 0, ROUTE_HEALTHZ},
+    {"healthz trailing slash", "/healthz/", 0, ROUTE_HEALTHZ},
+    {"readyz", "/readyz", 0, ROUTE_READYZ},
+    {"readyz double slash", "//readyz", 0, ROUTE_READYZ},
+    {"healthz prefix", "/healthzz", 0, ROUTE_NOT_FOUND},
+    {"healthz under metadata", "/metadata/healthz", 0, ROUTE_NOT_FOUND},
+};
+
+static void t_route(void **state)
+{
+    const struct route_row *r = *state;
+    size_t len = r->len ? r->len : strlen(r->path);
+    assert_int_equal(imds_route(tcopy(r->path, len), len), r->want);
+}
+
+/* ---- imds_check_token_request ---------------------------------------------------------------- */
+
+#define DEF "0a1b2c3d-0000-4000-8000-00000000000a"
+#define DEF_UPPER "0A1B2C3D-0000-4000-8000-00000000000A"
+#define EXTRA "5e6f7a8b-1111-4111-8111-11111111111b"
+#define EXTRA_UPPER "5E6F7A8B-1111-4111-8111-11111111111B"
+#define UNKNOWN "99999999-9999-4999-8999-999999999999"
+#define API "api-version=2018-02-01"
+#define RES "resource=https%3A%2F%2Fmanagement.azure.com%2F"
+#define OK_Q API "&" RES
+
+static char extra_id[] = EXTRA;
+static char *const allowed_ids[] = {extra_id};
+static const struct imds_identities ids_default = {DEF, allowed_ids, 1};
+static const struct imds_identities ids_no_default = {NULL, allowed_ids, 1};
+
+#define MD_MISSING "Required metadata header not specified"
+#define RES_MISSING "Required query variable 'resource' is missing"
+#define NOT_FOUND "Identity not found"
+
+struct check_row {
+    const char *name;
+    int is_get, md, xff;
+    const char *query; /* NULL = no query string */
+    const struct imds_identities *ids;
+    int status;            /* 0 = success */
+    const char *error;     /* expected error code (when status != 0) */
+    const char *desc;      /* exact description, or NULL */
+    const char *desc_in;   /* substring of the description, or NULL */
+    const char *resource;  /* expected decoded resource (success) */
+    const char *client_id; /* expected selected client id (success) */
+};
+
+#define GET 1, 1, 0
+#define G(q) GET, q, &ids_default
+
+static const struct check_row check_rows[] = {
+    /* method first */
+    {"POST -> 405", 0, 1, 0, OK_Q, &ids_default, 405, "method_not_allowed", NULL, NULL, NULL, NULL},
+    {"POST without Metadata and with XFF -> 405", 0, 0, 1, "%zz", &ids_default, 405,
+     "method_not_allowed", NULL, NULL, NULL, NULL},
+    /* then X-Forwarded-For */
+    {"X-Forwarded-For -> 400", 1, 1, 1, OK_Q, &ids_default, 400, "invalid_request", NULL,
+     "Forwarded", NULL, NULL},
+    {"X-Forwarded-For without Metadata -> 400 XFF", 1, 0, 1, OK_Q, &ids_default, 400,
+     "invalid_request", NULL, "Forwarded", NULL, NULL},
+    /* then Metadata, before the query is looked at */
+    {"no Metadata", 1, 0, 0, OK_Q, &ids_default, 400, "invalid_request", MD_MISSING, NULL, NULL,
+     NULL},
+    {"no Metadata, no query", 1, 0, 0, NULL, &ids_default, 400, "invalid_request", MD_MISSING, NULL,
+     NULL, NULL},
+    {"no Metadata, bad %-encoding", 1, 0, 0, API "&resource=%zz", &ids_default, 400,
+     "invalid_request", MD_MISSING, NULL, NULL, NULL},
+    {"no Metadata, duplicate params", 1, 0, 0, OK_Q "&" RES, &ids_default, 400, "invalid_request",
+     MD_MISSING, NULL, NULL, NULL},
+    {"no Metadata, api-version only (MSAL.NET discovery)", 1, 0, 0, API, &ids_default, 400,
+     "invalid_request", MD_MISSING, NULL, NULL, NULL},
+    {"no Metadata, unknown identity", 1, 0, 0, OK_Q "&client_id=" UNKNOWN, &ids_default, 400,
+     "invalid_request", MD_MISSING, NULL, NULL, NULL},
+    /* query syntax */
+    {"%zz", G(API "&resource=%zz"), 400, "invalid_request", NULL, NULL, NULL, NULL},
+    {"%4", G(API "&resource=%4"), 400, "invalid_request", NULL, NULL, NULL, NULL},
+    {"trailing %", G(API "&resource=abc%"), 400, "invalid_request", NULL, NULL, NULL, NULL},
+    {"%00", G(API "&resource=a%00b"), 400, "invalid_request", NULL, NULL, NULL, NULL},
+    {"duplicate resource", G(OK_Q "&resource=x"), 400, "invalid_request", NULL, "duplicate", NULL,
+     NULL},
+    {"duplicate api-version", G(OK_Q "&api-version=2018-02-01"), 400, "invalid_request", NULL,
+     "duplicate", NULL, NULL},
+    {"duplicate client_id", G(OK_Q "&client_id=" DEF "&client_id=" DEF), 400, "invalid_request",
+     NULL, "duplicate", NULL, NULL},
+    {"duplicate beats a missing api-version", G("resource=a&resource=b"), 400, "invalid_request",
+     NULL, "duplicate", NULL, NULL},
+    {"too many params",
+     G(OK_Q "&a1&a2&a3&a4&a5&a6&a7&a8&a9&a10&a11&a12&a13&a14&a15&a16&a17&a18&a19&a20&a21&a22&a23"
+            "&a24&a25&a26&a27&a28&a29&a30&a31"),
+     400, "invalid_request", NULL, NULL, NULL, NULL},
+    /* api-version */
+    {"no query at all", G(NULL), 400, "invalid_request", NULL, "api-version", NULL, NULL},
+    {"missing api-version", G(RES), 400, "invalid_request", NULL, "api-version", NULL, NULL},
+    {"empty api-version", G("api-version=&" RES), 400, "invalid_request", NULL, "api-version", NULL,
+     NULL},
+    {"api-version 2018-01-31", G("api-version=2018-01-31&" RES), 400, "invalid_request", NULL,
+     "api-version", NULL, NULL},
+    {"api-version 2018-02-30", G("api-version=2018-02-30&" RES), 400, "invalid_request", NULL,
+     "api-version", NULL, NULL},
+    {"api-version latest", G("api-version=latest&" RES), 400, "invalid_request", NULL,
+     "api-version", NULL, NULL},
+    {"api-version 2018-2-1", G("api-version=2018-2-1&" RES), 400, "invalid_request", NULL,
+     "api-version", NULL, NULL},
+    {"bad api-version checked before resource", G("api-version=latest"), 400, "invalid_request",
+     NULL, "api-version", NULL, NULL},
+    /* resource */
+    {"missing resource", G(API), 400, "invalid_request", RES_MISSING, NULL, NULL, NULL},
+    {"empty resource", G(API "&resource="), 400, "invalid_request", RES_MISSING, NULL, NULL, NULL},
+    {"resource without '='", G(API "&resource"), 400, "invalid_request", RES_MISSING, NULL, NULL,
+     NULL},
+    {"Resource in other case is not resource", G(API "&Resource=x"), 400, "invalid_request",
+     RES_MISSING, NULL, NULL, NULL},
+    {"missing resource beats unknown identity", G(API "&client_id=" UNKNOWN), 400,
+     "invalid_request", RES_MISSING, NULL, NULL, NULL},
+    /* success and identity selection */
+    {"ok: default identity", G(OK_Q), 0, NULL, NULL, NULL, "https://management.azure.com/", DEF},
+    {"ok: api-version 2023-07-01", G("api-version=2023-07-01&resource=https://vault.azure.net"), 0,
+     NULL, NULL, NULL, "https://vault.azure.net", DEF},
+    {"ok: plus and %20 in resource", G(API "&resource=a+b%20c"), 0, NULL, NULL, NULL, "a b c", DEF},
+    {"ok: resource with UTF-8", G(API "&resource=%E2%9C%93"), 0, NULL, NULL, NULL, "\xE2\x9C\x93",
+     DEF},
+    {"ok: explicit default", G(OK_Q "&client_id=" DEF), 0, NULL, NULL, NULL,
+     "https://management.azure.com/", DEF},
+    {"ok: explicit default in upper case", G(OK_Q "&client_id=" DEF_UPPER), 0, NULL, NULL, NULL,
+     "https://management.azure.com/", DEF},
+    {"ok: allowed extra id", G(OK_Q "&client_id=" EXTRA), 0, NULL, NULL, NULL,
+     "https://management.azure.com/", EXTRA},
+    {"ok: allowed extra id in upper case", G(OK_Q "&client_id=" EXTRA_UPPER), 0, NULL, NULL, NULL,
+     "https://management.azure.com/", EXTRA},
+    {"ok: extra id without a default", GET, OK_Q "&client_id=" EXTRA, &ids_no_default, 0, NULL,
+     NULL, NULL, "https://management.azure.com/", EXTRA},
+    {"ok: unknown params ignored",
+     G(OK_Q "&xms_cc=cp1&bypass_cache=true&authority=x&token_sha256_to_refresh=ab"), 0, NULL, NULL,
+     NULL, "https://management.azure.com/", DEF},
+    {"ok: params in any order", G(RES "&client_id=" EXTRA "&" API), 0, NULL, NULL, NULL,
+     "https://management.azure.com/", EXTRA},
+    {"unknown client_id", G(OK_Q "&client_id=" UNKNOWN), 400, "invalid_request", NOT_FOUND, NULL,
+     NULL, NULL},
+    {"client_id not a GUID", G(OK_Q "&client_id=nope"), 400, "invalid_request", NOT_FOUND, NULL,
+     NULL, NULL},
+    {"client_id prefix of the default", G(OK_Q "&client_id=0a1b2c3d"), 400, "invalid_request",
+     NOT_FOUND, NULL, NULL, NULL},
+    {"no default and no client_id", GET, OK_Q, &ids_no_default, 400, "invalid_request", NOT_FOUND,
+     NULL, NULL, NULL},
+    {"object_id", G(OK_Q "&object_id=" DEF), 400, "invalid_request", NOT_FOUND, NULL, NULL, NULL},
+    {"principal_id", G(OK_Q "&principal_id=" DEF), 400, "invalid_request", NOT_FOUND, NULL, NULL,
+     NULL},
+    {"msi_res_id", G(OK_Q "&msi_res_id=%2Fsubscriptions%2Fx"), 400, "invalid_request", NOT_FOUND,
+     NULL, NULL, NULL},
+    {"mi_res_id", G(OK_Q "&mi_res_id=%2Fsubscriptions%2Fx"), 400, "invalid_request", NOT_FOUND,
+     NULL, NULL, NULL},
+    {"msi-res-id (.NET probe)", G(OK_Q "&msi-res-id=%2Fsubscriptions%2Fx"), 400, "invalid_request",
+     NOT_FOUND, NULL, NULL, NULL},
+};
+
+static void t_check(void **state)
+{
+    const struct check_row *r = *state;
+    struct imds_input in = {r->is_get, r->md, r->xff, NULL, 0};
+    if (r->query) {
+        in.query_len = strlen(r->query);
+        in.query = tcopy(r->query, in.query_len); /* not NUL-terminated on purpose */
+    }
+    struct query *q = tmalloc(sizeof *q);
+    struct imds_token_req out = {0};
+    struct imds_error err = {0, NULL, NULL, -1};
+    int rc = imds_check_token_request(&in, r->ids, q, &out, &err);
+    if (r->status == 0) {
+        if (rc != 0)
+            print_error("unexpected error %d %s: %s\n", err.status, err.error, err.description);
+        assert_int_equal(rc, 0);
+        assert_int_equal(out.resource_len, strlen(r->resource));
+        assert_memory_equal(out.resource, r->resource, out.resource_len);
+        assert_non_null(out.client_id);
+        assert_string_equal(out.client_id, r->client_id);
+    } else {
+        assert_int_equal(rc, -1);
+        assert_int_equal(err.status, r->status);
+        assert_non_null(err.error);
+        assert_string_equal(err.error, r->error);
+        assert_non_null(err.description);
+        assert_true(err.description[0] != 0);
+        if (r->desc)
+            assert_string_equal(err.description, r->desc);
+        if (r->desc_in && !strstr(err.description, r->desc_in)) {
+            print_error("description '%s' lacks '%s'\n", err.description, r->desc_in);
+            fail();
+        }
+        assert_int_equal(err.retry_after, 0); /* never Retry-After on a 4xx (T13) */
+    }
+}
+
+#ifdef IMDS_MAX_RESOURCE
+/* A resource of n decoded bytes ("a" * n) must be accepted up to IMDS_MAX_RESOURCE. */
+static void check_resource_len(size_t n, int want_status)
+{
+    size_t prefix = strlen(API "&resource=");
+    char *query = tmalloc(prefix + n);
+    memcpy(query, API "&resource=", prefix);
+    memset(query + prefix, 'a', n);
+    struct imds_input in = {1, 1, 0, query, prefix + n};
+    struct query *q = tmalloc(sizeof *q);
+    struct imds_token_req out = {0};
+    struct imds_error err = {0, NULL, NULL, -1};
+    int rc = imds_check_token_request(&in, &ids_default, q, &out, &err);
+    if (want_status == 0) {
+        assert_int_equal(rc, 0);
+        assert_int_equal(out.resource_len, n);
+    } else {
+        assert_int_equal(rc, -1);
+        assert_int_equal(err.status, want_status);
+        assert_string_equal(err.error, "invalid_request");
+        assert_int_equal(err.retry_after, 0);
+    }
+}
+
+static void t_resource_at_limit(void **state)
+{
+    (void)state;
+    check_resource_len(IMDS_MAX_RESOURCE, 0);
+}
+
+static void t_resource_over_limit(void **state)
+{
+    (void)state;
+    check_resource_len(IMDS_MAX_RESOURCE + 1, 400);
+}
+#endif
+
+/* ---- imds_api_version_ok / imds_is_guid ------------------------------------------------------ */
+
+struct str_bool_row {
+    const char *name;
+    const char *in;
+    int want;
+};
+
+static const struct str_bool_row api_rows[] = {
+    {"2018-02-01", "2018-02-01", 1},
+    {"2019-08-01", "2019-08-01", 1},
+    {"2023-07-01", "2023-07-01", 1},
+    {"2020-02-29 leap day", "2020-02-29", 1},
+    {"2018-12-31", "2018-12-31", 1},
+    {"9999-12-31", "9999-12-31", 1},
+    {"2018-01-31 too old", "2018-01-31", 0},
+    {"2017-12-31 too old", "2017-12-31", 0},
+    {"2018-02-30", "2018-02-30", 0},
+    {"2019-02-29 not a leap year", "2019-02-29", 0},
+    {"2018-04-31", "2018-04-31", 0},
+    {"2018-13-01", "2018-13-01", 0},
+    {"2018-00-10", "2018-00-10", 0},
+    {"2018-02-00", "2018-02-00", 0},
+    {"latest", "latest", 0},
+    {"2018-2-1", "2018-2-1", 0},
+    {"empty", "", 0},
+    {"trailing space", "2018-02-01 ", 0},
+    {"leading space", " 2018-02-01", 0},
+    {"slashes", "2018/02/01", 0},
+    {"plus sign", "+018-02-01", 0},
+    {"minus in month", "2018--2-01", 0},
+    {"suffix", "2018-02-01-preview", 0},
+    {"letters", "2O18-02-01", 0},
+};
+
+static void t_api(void **state)
+{
+    const struct str_bool_row *r = *state;
+    assert_int_equal(!!imds_api_version_ok(r->in), r->want);
+}
+
+static const struct str_bool_row guid_rows[] = {
+    {"lower case", "0a1b2c3d-0000-4000-8000-00000000000a", 1},
+    {"upper case", "0A1B2C3D-ABCD-4EF0-8000-00000000000A", 1},
+    {"35 chars", "0a1b2c3d-0000-4000-8000-00000000000", 0},
+    {"37 chars", "0a1b2c3d-0000-4000-8000-00000000000aa", 0},
+    {"no dashes", "0a1b2c3d00004000800000000000000a", 0},
+    {"dash moved", "0a1b2c3-d0000-4000-8000-00000000000a", 0},
+    {"non-hex", "0g1b2c3d-0000-4000-8000-00000000000a", 0},
+    {"braces", "{0a1b2c3d-0000-4000-8000-00000000000a}", 0},
+    {"empty", "", 0},
+    {"all dashes", "------------------------------------", 0},
+};
+
+static void t_guid(void **state)
+{
+    const struct str_bool_row *r = *state;
+    assert_int_equal(!!imds_is_guid(r->in), r->want);
+}
+
+/* ---- imds_render_token ------------------------------------------------------------------------
+ */
+
+#define EXP 1700003600
+#define NBF 1700000000
+
+/* Renders the token body into *bp and parses it back. */
+static struct json_obj *render_and_parse(struct buf **bp, const char *access_token,
+                                         int64_t ext_expires_on, const char *resource,
+                                         size_t resource_len, int64_t now)
+{
+    size_t alen = strlen(access_token);
+    struct token tok = {tcopy(access_token, alen), alen, EXP, ext_expires_on, NBF, 43199};
+    struct buf *b = *bp = tbuf(1 << 16);
+    assert_int_equal(
+        imds_render_token(b, &tok, DEF, tcopy(resource, resource_len), resource_len, now), 0);
+    int rc;
+    struct json_obj *o = tparse(b->data, b->len, &rc);
+    assert_int_equal(rc, 0);
+    return o;
+}
+
+/* The member's value, which must be a JSON string; freed by the teardown. */
+static char *get_str(const struct json_obj *o, const char *key)
+{
+    char *s = NULL;
+    int rc = json_get_string(o, key, &s);
+    if (rc != 0)
+        print_error("member '%s': json_get_string -> %d (not a JSON string?)\n", key, rc);
+    assert_int_equal(rc, 0);
+    return defer(free, s);
+}
+
+static int64_t get_str_int(const struct json_obj *o, const char *key)
+{
+    char *s = get_str(o, key);
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    assert_true(*s && *end == 0); /* a decimal integer, no float, no date */
+    assert_true(s[0] != '+' && s[0] != ' ');
+    return v;
+}
+
+static void t_render_fields(void **state)
+{
+    (void)state;
+    struct buf *b;
+    const char *res = "https://management.azure.com/";
+    struct json_obj *o =
+        render_and_parse(&b, "eyJ0eXAi.eyJhdWQi.sig", EXP + 100, res, strlen(res), NBF + 1);
+    assert_string_equal(get_str(o, "access_token"), "eyJ0eXAi.eyJhdWQi.sig");
+    assert_string_equal(get_str(o, "client_id"), DEF);
+    assert_string_equal(get_str(o, "resource"), res);
+    assert_string_equal(get_str(o, "token_type"), "Bearer");
+    assert_true(get_str_int(o, "expires_in") == EXP - (NBF + 1));
+    assert_true(get_str_int(o, "expires_on") == EXP);
+    assert_true(get_str_int(o, "ext_expires_in") == EXP + 100 - (NBF + 1));
+    assert_true(get_str_int(o, "not_before") == NBF);
+    /* T12: never refresh_in / refresh_on, even though the token has a refresh hint */
+    char *s;
+    assert_int_equal(json_get_string(o, "refresh_in", &s), -1);
+    assert_int_equal(json_get_string(o, "refresh_on", &s), -1);
+}
+
+struct countdown_row {
+    const char *name;
+    int64_t now;
+    int64_t expires_in;
+};
+
+static const struct countdown_row countdown_rows[] = {
+    {"at issue", NBF, 3600},         {"one second later", NBF + 1, 3599},
+    {"half-life", NBF + 1800, 1800}, {"last second", EXP - 1, 1},
+    {"at expiry", EXP, 0},           {"after expiry never negative", EXP + 500, 0},
+};
+
+static void t_countdown(void **state)
+{
+    const struct countdown_row *r = *state;
+    struct buf *b;
+    struct json_obj *o = render_and_parse(&b, "tok", EXP, "r", 1, r->now);
+    int64_t in = get_str_int(o, "expires_in");
+    int64_t on = get_str_int(o, "expires_on");
+    int64_t ext = get_str_int(o, "ext_expires_in");
+    assert_true(in == r->expires_in);
+    assert_true(on == EXP);
+    assert_true(in >= 0 && ext >= in);
+    if (r->now <= EXP)
+        assert_true(on - r->now == in); /* consistent (T1) */
+}
+
+struct resource_row {
+    const char *name;
+    const char *resource;
+    size_t len; /* 0 = strlen */
+};
+
+static const struct resource_row resource_rows[] = {
+    {"trailing slash kept", "https://management.azure.com/", 0},
+    {"bare GUID", "00000003-0000-0000-c000-000000000000", 0},
+    {"api:// id", "api://5e6f7a8b-1111-4111-8111-11111111111b", 0},
+    {"double quote", "a\"b", 0},
+    {"backslash", "a\\b", 0},
+    {"control characters", "a\x01\x1f\n\r\tb", 0},
+    {"DEL", "a\x7f", 0},
+    {"UTF-8", "https://\xC3\xA9.example/\xE2\x9C\x93\xF0\x9F\x98\x80", 0},
+    {"JSON-looking text", "\",\"resource\":\"evil", 0},
+    {"len honoured", "abcdef", 3},
+};
+
+static void t_render_resource(void **state)
+{
+    const struct resource_row *r = *state;
+    size_t len = r->len ? r->len : strlen(r->resource);
+    struct buf *b;
+    struct json_obj *o = render_and_parse(&b, "tok", EXP, r->resource, len, NBF);
+    for (size_t i = 0; i < b->len; i++)
+        assert_true((unsigned char)b->data[i] >= 0x20 && b->data[i] != 0x7f);
+    char *s = get_str(o, "resource");
+    assert_int_equal(strlen(s), len);
+    assert_memory_equal(s, r->resource, len);
+    /* an injected member must not shadow the real ones */
+    assert_string_equal(get_str(o, "token_type"), "Bearer");
+}
+
+/* ---- imds_render_error ----------------------------------------------------------------------- */
+
+struct err_render_row {
+    const char *name;
+    const char *error;
+    const char *desc;
+};
+
+static const struct err_render_row err_render_rows[] = {
+    {"plain", "invalid_request", MD_MISSING},
+    {"resource missing text", "invalid_request", RES_MISSING},
+    {"quotes and backslash", "invalid_request", "bad \"value\" in C:\\path"},
+    {"control characters", "server_error", "line1\r\nline2\t\x01"},
+    {"UTF-8", "invalid_resource", "AADSTS500011: resource '\xE2\x9C\x93' not found"},
+};
+
+static void t_render_error(void **state)
+{
+    const struct err_render_row *r = *state;
+    struct imds_error e = {400, r->error, r->desc, 0};
+    struct buf *b = tbuf(4096);
+    assert_int_equal(imds_render_error(b, &e), 0);
+    for (size_t i = 0; i < b->len; i++)
+        assert_true((unsigned char)b->data[i] >= 0x20);
+    int rc;
+    struct json_obj *o = tparse(b->data, b->len, &rc);
+    assert_int_equal(rc, 0);
+    assert_int_equal(o->ntok, 5); /* exactly two members */
+    assert_string_equal(get_str(o, "error"), r->error);
+    assert_string_equal(get_str(o, "error_description"), r->desc);
+}
+
+/* ---- imds_error_from_entra ---------------------------------------------------------------------
+ */
+
+struct map_row {
+    const char *name;
+    enum entra_kind kind;
+    const char *error, *desc;
+    int retry_after_in;
+    int status;
+    const char *want_error; /* NULL = do not check the code */
+    int retry_after;        /* -1 = any positive value */
+};
+
+static const struct map_row map_rows[] = {
+    {"permanent -> 400 with Entra's code and text", ENTRA_PERMANENT, "unauthorized_client",
+     "AADSTS700016: Application not found", 0, 400, "unauthorized_client", 0},
+    {"permanent with a Retry-After -> 400 without one", ENTRA_PERMANENT, "invalid_resource",
+     "AADSTS500011: not found", 30, 400, "invalid_resource", 0},
+    {"throttled -> 429 with its Retry-After", ENTRA_THROTTLED, "too_many_requests", "slow down",
+     120, 429, "too_many_requests", 120},
+    {"throttled without Retry-After -> 429 with one", ENTRA_THROTTLED, "too_many_requests",
+     "slow down", 0, 429, "too_many_requests", -1},
+    {"transient -> 503", ENTRA_TRANSIENT, "service_unavailable", "Entra answered HTTP 503", 0, 503,
+     NULL, 0},
+    {"transient AADSTS70021 -> 503, not 400", ENTRA_TRANSIENT, "invalid_request",
+     "AADSTS70021: No matching federated identity record found", 0, 503, NULL, 0},
+    {"transient without text -> 503 with text", ENTRA_TRANSIENT, "", "", 0, 503, NULL, 0},
+};
+
+static void t_map(void **state)
+{
+    const struct map_row *r = *state;
+    struct entra_result er;
+    memset(&er, 0, sizeof er);
+    er.kind = r->kind;
+    er.retry_after = r->retry_after_in;
+    snprintf(er.error, sizeof er.error, "%s", r->error);
+    snprintf(er.description, sizeof er.description, "%s", r->desc);
+    struct imds_error e = {0, NULL, NULL, -7};
+    imds_error_from_entra(&er, &e);
+    assert_int_equal(e.status, r->status);
+    assert_non_null(e.error);
+    assert_true(e.error[0] != 0);
+    assert_non_null(e.description);
+    assert_true(e.description[0] != 0);
+    if (r->want_error)
+        assert_string_equal(e.error, r->want_error);
+    if (r->kind == ENTRA_PERMANENT)
+        assert_string_equal(e.description, r->desc);
+    if (r->retry_after < 0)
+        assert_true(e.retry_after > 0);
+    else if (r->status != 503)
+        assert_int_equal(e.retry_after, r->retry_after);
+    else
+        assert_true(e.retry_after >= 0);
+}
+
+/* From Entra's HTTP answer to the IMDS answer, through both modules. */
+struct e2e_row {
+    const char *name;
+    int http;
+    const char *body;
+    const char *retry_after;
+    int status;
+    const char *error;
+    const char *desc;
+    int retry;
+};
+
+static const struct e2e_row e2e_rows[] = {
+    {"400 AADSTS700016 -> 400 passthrough", 400,
+     "{\"error\":\"unauthorized_client\",\"error_description\":\"AADSTS700016: Application with "
+     "identifier 'x' was not found in the directory 'y'.\\r\\nTrace ID: 1\\r\\nCorrelation ID: "
+     "2\",\"error_codes\":[700016]}",
+     NULL, 400, "unauthorized_client",
+     "AADSTS700016: Application with identifier 'x' was not found in the directory 'y'.", 0},
+    {"401 AADSTS700024 -> 503", 401,
+     "{\"error\":\"invalid_client\",\"error_description\":\"AADSTS700024: Client assertion is not "
+     "within its valid time range.\",\"error_codes\":[700024]}",
+     NULL, 503, NULL, NULL, 0},
+    {"429 without Retry-After -> 429 Retry-After 60", 429, "", NULL, 429, "too_many_requests", NULL,
+     60},
+    {"429 Retry-After 7200 -> 429 Retry-After 3600", 429, "{}", "7200", 429, "too_many_requests",
+     NULL, 3600},
+    {"500 -> 503", 500, "oops", NULL, 503, NULL, NULL, 0},
+};
+
+static void t_e2e(void **state)
+{
+    const struct e2e_row *r = *state;
+    struct entra_result *er = calloc(1, sizeof *er);
+    if (!er)
+        abort();
+    defer(entra_release, er);
+    size_t len = strlen(r->body);
+    entra_parse_response(er, r->http, tcopy(r->body, len), len, r->retry_after);
+    struct imds_error e;
+    imds_error_from_entra(er, &e);
+    assert_int_equal(e.status, r->status);
+    if (r->error)
+        assert_string_equal(e.error, r->error);
+    if (r->desc)
+        assert_string_equal(e.description, r->desc);
+    if (r->status != 503)
+        assert_int_equal(e.retry_after, r->retry);
+    struct buf *b = tbuf(4096);
+    assert_int_equal(imds_render_error(b, &e), 0);
+    int rc;
+    struct json_obj *o = tparse(b->data, b->len, &rc);
+    assert_int_equal(rc, 0);
+    assert_string_equal(get_str(o, "error"), e.error);
+    assert_null(strstr(get_str(o, "error_description"), "Trace ID"));
+}
+
+int main(void)
+{
+    ADD_ROWS("imds_route", route_rows, t_route);
+    ADD_ROWS("imds_check_token_request", check_rows, t_check);
+#ifdef IMDS_MAX_RESOURCE
+    add("imds_check_token_request", "resource of IMDS_MAX_RESOURCE bytes", t_resource_at_limit,
+        NULL);
+    add("imds_check_token_request", "resource over IMDS_MAX_RESOURCE -> 400",
+        t_resource_over_limit, NULL);
+#endif
+    ADD_ROWS("imds_api_version_ok", api_rows, t_api);
+    ADD_ROWS("imds_is_guid", guid_rows, t_guid);
+    add("imds_render_token", "every field a JSON string with the right value", t_render_fields,
+        NULL);
+    ADD_ROWS("imds_render_token countdown", countdown_rows, t_countdown);
+    ADD_ROWS("imds_render_token resource echoed", resource_rows, t_render_resource);
+    ADD_ROWS("imds_render_error", err_render_rows, t_render_error);
+    ADD_ROWS("imds_error_from_entra", map_rows, t_map);
+    ADD_ROWS("entra -> imds error", e2e_rows, t_e2e);
+    return _cmocka_run_group_tests("imds", tests, ntests, NULL, NULL);
+}
