@@ -32,6 +32,11 @@ static void send_error(struct http_conn *c, const struct imds_error *err)
 {
     struct buf *b = http_conn_scratch(c);
     char hdr[48] = "";
+    /* 4xx are the clients' business (SDK probes send no Metadata header on purpose) */
+    if (err->status >= 500)
+        log_info("request_failed", "status=%d error=%s", err->status, err->error);
+    else
+        log_debug("request_rejected", "status=%d error=%s", err->status, err->error);
     buf_reset(b);
     imds_render_error(b, err);
     if (err->retry_after > 0 && err->status != 400)
@@ -90,6 +95,15 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         token_cache_lookup(ep->cache, tr.client_id, tr.resource, tr.resource_len, now_epoch());
     if (tok) {
         send_token(c, tok, tr.client_id, tr.resource, tr.resource_len);
+        return;
+    }
+    int throttled = token_cache_throttled(ep->cache, tr.client_id, tr.resource, tr.resource_len,
+                                          now_epoch());
+    if (throttled > 0) {
+        struct imds_error e = {429, "too_many_requests",
+                               "Entra is throttling token requests for this identity and resource",
+                               throttled};
+        send_error(c, &e);
         return;
     }
     struct pending *p = xmalloc(sizeof *p + tr.resource_len + 1);

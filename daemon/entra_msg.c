@@ -147,6 +147,8 @@ void entra_parse_response(struct entra_result *r, int http_status, const char *b
         set_error(r, ENTRA_THROTTLED, "too_many_requests", "Entra is throttling token requests");
         if (!r->retry_after)
             r->retry_after = 60;
+        if (have_json)
+            json_get_first_int(&o, "error_codes", &r->aadsts);
     } else if (http_status >= 400 && http_status < 500 && have_json) {
         char *err = NULL, *desc = NULL;
         json_get_string(&o, "error", &err);

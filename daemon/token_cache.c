@@ -20,6 +20,7 @@ struct cache_entry {
     uint64_t hash;
     struct token tok; /* access_token NULL when nothing is cached */
     int64_t last_used;
+    int64_t throttled_until; /* epoch seconds; Entra's 429 Retry-After */
     /* the exchange in flight */
     int fetching;
     struct token_cache_waiter *waiters;
@@ -85,6 +86,14 @@ const struct token *token_cache_lookup(struct token_cache *c, const char *client
     return &e->tok;
 }
 
+int token_cache_throttled(struct token_cache *c, const char *client_id, const char *resource,
+                          size_t resource_len, int64_t now)
+{
+    struct cache_entry *e = find(c, hash_key(client_id, resource, resource_len), client_id,
+                                 resource, resource_len);
+    return e && now < e->throttled_until ? (int)(e->throttled_until - now) : 0;
+}
+
 static void clear_token(struct token *t)
 {
     secret_free_str(t->access_token);
@@ -141,6 +150,8 @@ static void complete(struct cache_entry *e, const struct token *tok, const struc
 static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch)
 {
     struct cache_entry *e = f->data;
+    if (r->kind == ENTRA_THROTTLED)
+        e->throttled_until = now_epoch() + r->retry_after;
     if (r->kind != ENTRA_OK) {
         complete(e, NULL, r);
         return;

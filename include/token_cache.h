@@ -37,6 +37,10 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
 /* A token that is fresh at now, or NULL. The pointer is valid until control returns to the loop. */
 const struct token *token_cache_lookup(struct token_cache *c, const char *client_id,
                                        const char *resource, size_t resource_len, int64_t now);
+/* Seconds left of a throttling period Entra imposed on this key with 429 + Retry-After (0 when
+ * none): identical requests are answered 429 without calling Entra until it ends. */
+int token_cache_throttled(struct token_cache *c, const char *client_id, const char *resource,
+                          size_t resource_len, int64_t now);
 /* Waits for a token for the key, joining the exchange in flight or starting one. Returns 0 and
  * later calls w->done exactly once (unless canceled), or <0 without calling it. */
 int token_cache_fetch(struct token_cache *c, struct token_cache_waiter *w, const char *client_id,

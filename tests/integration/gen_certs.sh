@@ -1,0 +1,70 @@
+#!/bin/sh
+# gen_certs.sh DIR - per-run test PKI for the integration tests (EC P-256; never committed).
+#   ca.pem/ca.key                 test CA
+#   leaf.pem/leaf.key             SAN DNS:localhost, IP:127.0.0.1, IP:::1        (signed by the CA)
+#   wronghost.pem/wronghost.key   SAN DNS:wrong-host.invalid only                (signed by the CA)
+#   rogue-ca.pem/rogue-ca.key     a second, unrelated CA
+#   rogue.pem/rogue.key           SAN DNS:localhost, IP:127.0.0.1, IP:::1        (signed by the rogue CA)
+# mbedTLS 2.28 ignores IP SANs, so the daemon always connects to the name "localhost".
+set -eu
+
+dir=${1:?usage: gen_certs.sh DIR}
+mkdir -p "$dir"
+cd "$dir"
+
+cat >openssl.cnf <<'EOF'
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[v3_ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[v3_leaf]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+subjectAltName = DNS:localhost,IP:127.0.0.1,IP:::1
+[v3_wronghost]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+subjectAltName = DNS:wrong-host.invalid
+EOF
+
+newkey() {
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null
+    chmod 600 "$1"
+}
+
+# newca NAME CN
+newca() {
+    newkey "$1.key"
+    openssl req -config openssl.cnf -x509 -new -key "$1.key" -sha256 -days 3 \
+        -subj "/CN=$2" -extensions v3_ca -out "$1.pem"
+}
+
+# newleaf NAME CN CA EXTSECTION
+newleaf() {
+    newkey "$1.key"
+    openssl req -config openssl.cnf -new -key "$1.key" -subj "/CN=$2" -out "$1.csr"
+    openssl x509 -req -in "$1.csr" -CA "$3.pem" -CAkey "$3.key" -set_serial "0x$(openssl rand -hex 8)" \
+        -days 2 -sha256 -extfile openssl.cnf -extensions "$4" -out "$1.pem" 2>/dev/null
+    rm -f "$1.csr"
+}
+
+newca ca "imdsd integration test CA"
+newleaf leaf localhost ca v3_leaf
+newleaf wronghost wrong-host.invalid ca v3_wronghost
+newca rogue-ca "imdsd rogue test CA"
+newleaf rogue localhost rogue-ca v3_leaf
+rm -f openssl.cnf
+
+openssl verify -CAfile ca.pem leaf.pem wronghost.pem >/dev/null
+openssl verify -CAfile rogue-ca.pem rogue.pem >/dev/null

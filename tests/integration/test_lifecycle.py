@@ -1,0 +1,58 @@
+"""SIGTERM: prompt, clean exit 0 with connections open and an Entra call in flight."""
+import http.client
+import socket
+import threading
+import time
+
+from harness import assert_token_ok, get_token, request, token_url
+
+
+def test_sigterm_with_idle_connections(ctx):
+    d = ctx.daemon()
+    assert_token_ok(get_token(d.port))             # leaves an idle keep-alive connection to Entra too
+    c = http.client.HTTPConnection("127.0.0.1", d.port, timeout=5)
+    assert request(d.port, "/healthz", conn=c).status == 200   # and one idle client connection
+    half = socket.create_connection(("127.0.0.1", d.port))
+    half.sendall(b"GET /healthz HTTP/1.1\r\n")      # and one half-sent request
+    try:
+        d.stop(timeout=2)
+        assert d.stop_seconds < 2 * ctx.scale
+    finally:
+        c.close()
+        half.close()
+
+
+def test_sigterm_with_fetch_in_flight(ctx):
+    tenant = ctx.tenant("slow-5")
+    d = ctx.daemon(tenant)
+    result = {}
+
+    def client():
+        try:
+            result["r"] = get_token(d.port, timeout=15)
+        except Exception as e:   # a closed connection is an acceptable answer to shutdown
+            result["e"] = e
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    time.sleep(0.5 * ctx.scale)
+    assert ctx.fake.calls(tenant) == 1, "the fetch was not in flight"
+    d.stop(timeout=2)
+    t.join(3 * ctx.scale)
+    assert not t.is_alive(), "the client is still waiting after the daemon exited"
+    r = result.get("r")
+    assert r is None or r.status >= 500, f"in-flight request answered {r!r} during shutdown"
+
+
+def test_survives_many_clients_then_stops_clean(ctx):
+    d = ctx.daemon()
+    socks = []
+    for i in range(50):
+        s = socket.create_connection(("127.0.0.1", d.port))
+        s.sendall(f"GET {token_url()} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode()[: 10 + i])
+        socks.append(s)
+    assert_token_ok(get_token(d.port))
+    try:
+        d.stop(timeout=3)
+    finally:
+        for s in socks:
+            s.close()
