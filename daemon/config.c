@@ -26,6 +26,12 @@ static const char USAGE[] =
     "  --ca-file PATH          trust anchors for Entra's TLS    [IMDSD_CA_FILE]\n"
     "                          (default " CONFIG_DEFAULT_CA_FILE ")\n"
     "  --allow-client-id GUID  another identity it may serve, repeatable\n"
+    "  --identity-alias ID=CLIENT_ID\n"
+    "                          serve CLIENT_ID for requests naming this object/principal id\n"
+    "                          or ARM resource id, repeatable\n"
+    "  --identity-header-file PATH\n"
+    "                          enable the App Service endpoint /msi/token, authenticated by\n"
+    "                          the secret in PATH sent as X-IDENTITY-HEADER\n"
     "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
     "  --max-connections N     concurrent client connections (default 1024)\n"
     "  --idle-timeout SEC      close connections without a complete request (default 60)\n"
@@ -34,7 +40,7 @@ static const char USAGE[] =
 
 enum {
     OPT_LISTEN = 256, OPT_CLIENT_ID, OPT_TENANT_ID, OPT_TOKEN_FILE, OPT_AUTHORITY, OPT_CA_FILE,
-    OPT_ALLOW, OPT_LOG_LEVEL, OPT_MAX_CONN, OPT_IDLE, OPT_ENTRA_TIMEOUT, OPT_HELP, OPT_VERSION,
+    OPT_ALLOW, OPT_ALIAS, OPT_IDENTITY_HEADER_FILE, OPT_LOG_LEVEL, OPT_MAX_CONN, OPT_IDLE, OPT_ENTRA_TIMEOUT, OPT_HELP, OPT_VERSION,
 };
 
 static const struct option options[] = {
@@ -45,6 +51,8 @@ static const struct option options[] = {
     {"authority-host", required_argument, NULL, OPT_AUTHORITY},
     {"ca-file", required_argument, NULL, OPT_CA_FILE},
     {"allow-client-id", required_argument, NULL, OPT_ALLOW},
+    {"identity-alias", required_argument, NULL, OPT_ALIAS},
+    {"identity-header-file", required_argument, NULL, OPT_IDENTITY_HEADER_FILE},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"max-connections", required_argument, NULL, OPT_MAX_CONN},
     {"idle-timeout", required_argument, NULL, OPT_IDLE},
@@ -204,6 +212,39 @@ static int valid_tenant(const char *t)
     return 1;
 }
 
+int config_load_identity_header(struct config *c, char *err, size_t errlen)
+{
+    char buf[CONFIG_MAX_SECRET + 2];
+    FILE *f = fopen(c->identity_header_file, "re");
+    if (!f) {
+        snprintf(err, errlen, "--identity-header-file: cannot read '%s': %s",
+                 c->identity_header_file, strerror(errno));
+        return -1;
+    }
+    size_t n = fread(buf, 1, sizeof buf, f);
+    int rerr = ferror(f);
+    fclose(f);
+    size_t start = 0;
+    while (n > 0 && isspace((unsigned char)buf[n - 1]))
+        n--;
+    while (start < n && isspace((unsigned char)buf[start]))
+        start++;
+    const char *why = rerr ? "cannot be read" : n == start ? "is empty"
+                      : n > CONFIG_MAX_SECRET ? "holds more than 255 bytes" : NULL;
+    for (size_t i = start; i < n && !why; i++)
+        if ((unsigned char)buf[i] < 0x20 || (unsigned char)buf[i] >= 0x7f)
+            why = "holds characters that cannot be sent in an HTTP header";
+    if (why) {
+        secret_zero(buf, sizeof buf);
+        snprintf(err, errlen, "--identity-header-file: '%s' %s", c->identity_header_file, why);
+        return -1;
+    }
+    c->identity_header = xstrndup(buf + start, n - start);
+    c->identity_header_len = n - start;
+    secret_zero(buf, sizeof buf);
+    return 0;
+}
+
 #define ERR(...)                                                                                 \
     do {                                                                                         \
         snprintf(err, errlen, __VA_ARGS__);                                                      \
@@ -261,6 +302,22 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
                 ERR("--allow-client-id: '%s' is not a GUID", optarg);
             c->allowed_client_ids[c->nallowed++] = xstrdup(optarg);
             break;
+        case OPT_ALIAS: {
+            const char *eq = strrchr(optarg, '=');
+            if (c->naliases >= CONFIG_MAX_ALIASES)
+                ERR("--identity-alias: at most %d aliases", CONFIG_MAX_ALIASES);
+            if (!eq || !imds_is_guid(eq + 1))
+                ERR("--identity-alias: '%s' is not ID=CLIENT_ID with a GUID client id", optarg);
+            struct imds_alias *a = &c->aliases[c->naliases];
+            a->key = xstrndup(optarg, (size_t)(eq - optarg));
+            a->client_id = xstrdup(eq + 1);
+            c->naliases++;
+            if (!imds_is_guid(a->key) && !imds_is_resource_id(a->key))
+                ERR("--identity-alias: '%s' is neither an object id (GUID) nor an ARM resource id "
+                    "(/subscriptions/...)", a->key);
+            break;
+        }
+        case OPT_IDENTITY_HEADER_FILE: set(&c->identity_header_file, optarg); break;
         case OPT_LOG_LEVEL:
             if (log_level_parse(optarg, &c->log_level) < 0)
                 ERR("--log-level: invalid value '%s' (debug, info, warn or error)", optarg);
@@ -309,6 +366,15 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         ERR("%s: '%s' %s", authority_src, authority, why);
     if (!c->ca_file)
         c->ca_file = xstrdup(CONFIG_DEFAULT_CA_FILE);
+    for (int i = 0; i < c->naliases; i++) {
+        const char *id = c->aliases[i].client_id;
+        int ok = strcasecmp(id, c->client_id) == 0;
+        for (int k = 0; k < c->nallowed && !ok; k++)
+            ok = strcasecmp(id, c->allowed_client_ids[k]) == 0;
+        if (!ok)
+            ERR("--identity-alias: client id '%s' is neither --client-id nor an --allow-client-id",
+                id);
+    }
     if (c->nlisten == 0)
         config_parse_listen(CONFIG_DEFAULT_LISTEN, &c->listen[c->nlisten++]);
     return CONFIG_OK;
@@ -325,5 +391,14 @@ void config_free(struct config *c)
     free(c->ca_file);
     for (int i = 0; i < c->nallowed; i++)
         free(c->allowed_client_ids[i]);
+    for (int i = 0; i < c->naliases; i++) {
+        free(c->aliases[i].key);
+        free(c->aliases[i].client_id);
+    }
+    free(c->identity_header_file);
+    if (c->identity_header) {
+        secret_zero(c->identity_header, c->identity_header_len);
+        free(c->identity_header);
+    }
     memset(c, 0, sizeof *c);
 }

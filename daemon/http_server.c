@@ -19,7 +19,7 @@ enum conn_state {
 
 static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
 
-enum header_kind { H_OTHER, H_METADATA, H_XFF };
+enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY };
 
 struct http_conn {
     uv_tcp_t tcp;
@@ -41,6 +41,8 @@ struct http_conn {
     enum header_kind hkind;
     char hval[32];
     size_t hval_len;
+    char idval[HTTP_SECRET_HEADER_MAX]; /* X-IDENTITY-HEADER; zeroed after each request */
+    size_t idval_len;
     size_t header_bytes;
     unsigned nheaders;
     size_t body_bytes;
@@ -202,6 +204,8 @@ static int on_message_begin(llhttp_t *p)
     c->nheaders = 0;
     c->hkind = H_OTHER;
     memset(&c->req, 0, sizeof c->req);
+    secret_zero(c->idval, sizeof c->idval);
+    c->idval_len = 0;
     return 0;
 }
 
@@ -248,6 +252,11 @@ static int on_header_field_complete(llhttp_t *p)
             c->hkind = H_METADATA;
         else if (strcasecmp(c->hname, "x-forwarded-for") == 0)
             c->hkind = H_XFF;
+        else if (strcasecmp(c->hname, "x-identity-header") == 0) {
+            c->hkind = H_IDENTITY; /* the last one counts */
+            secret_zero(c->idval, sizeof c->idval);
+            c->idval_len = 0;
+        }
     }
     c->hname_len = 0;
     c->hval_len = 0;
@@ -261,6 +270,12 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
         return -1;
     if (c->hkind == H_METADATA && c->hval_len + len < sizeof c->hval)
         memcpy(c->hval + c->hval_len, at, len);
+    if (c->hkind == H_IDENTITY && c->idval_len < sizeof c->idval) {
+        size_t n = sizeof c->idval - c->idval_len;
+        memcpy(c->idval + c->idval_len, at, len < n ? len : n);
+    }
+    if (c->hkind == H_IDENTITY)
+        c->idval_len += len;
     c->hval_len += len;
     return 0;
 }
@@ -270,6 +285,12 @@ static int on_header_value_complete(llhttp_t *p)
     struct http_conn *c = conn_of(p);
     if (c->hkind == H_XFF) {
         c->req.has_xff = 1;
+    } else if (c->hkind == H_IDENTITY) {
+        while (c->idval_len && c->idval_len <= sizeof c->idval &&
+               (c->idval[c->idval_len - 1] == ' ' || c->idval[c->idval_len - 1] == '\t'))
+            c->idval_len--;
+        c->req.identity_header = c->idval;
+        c->req.identity_header_len = c->idval_len;
     } else if (c->hkind == H_METADATA && c->hval_len < sizeof c->hval) {
         size_t n = c->hval_len;
         const char *v = c->hval;
@@ -415,6 +436,7 @@ static void on_handle_closed(uv_handle_t *h)
     if (--c->handles_open > 0)
         return;
     struct http_server *s = c->server;
+    secret_zero(c->idval, sizeof c->idval);
     buf_free(&c->url);
     buf_free(&c->pending);
     buf_free_secret(&c->out);

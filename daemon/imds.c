@@ -25,6 +25,8 @@ enum imds_route imds_route(const char *path, size_t len)
     norm[o] = 0;
     if (strcmp(norm, TOKEN_PATH) == 0)
         return ROUTE_TOKEN;
+    if (strcmp(norm, "/msi/token") == 0)
+        return ROUTE_APPSERVICE;
     if (strcmp(norm, "/healthz") == 0)
         return ROUTE_HEALTHZ;
     if (strcmp(norm, "/readyz") == 0)
@@ -74,38 +76,55 @@ int imds_api_version_ok(const char *v)
     return y * 10000 + m * 100 + d >= 20180201;
 }
 
-static int allowed(const struct imds_identities *ids, const char *client_id)
+/* The served client id equal (ignoring case) to id, or NULL. */
+static const char *served(const struct imds_identities *ids, const char *id)
 {
-    if (ids->default_client_id && strcasecmp(ids->default_client_id, client_id) == 0)
-        return 1;
-    for (int i = 0; i < ids->nallowed; i++)
-        if (strcasecmp(ids->allowed[i], client_id) == 0)
-            return 1;
-    return 0;
-}
-
-static const char *canonical(const struct imds_identities *ids, const char *client_id)
-{
-    if (ids->default_client_id && strcasecmp(ids->default_client_id, client_id) == 0)
+    if (ids->default_client_id && strcasecmp(ids->default_client_id, id) == 0)
         return ids->default_client_id;
     for (int i = 0; i < ids->nallowed; i++)
-        if (strcasecmp(ids->allowed[i], client_id) == 0)
+        if (strcasecmp(ids->allowed[i], id) == 0)
             return ids->allowed[i];
     return NULL;
 }
 
-int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
-                             struct query *q, struct imds_token_req *out, struct imds_error *err)
+static const char *alias(const struct imds_identities *ids, const char *key)
 {
-    static const char *const by_other_id[] = {"object_id", "principal_id", "msi_res_id",
-                                              "mi_res_id", "msi-res-id"};
-    if (!in->is_get)
-        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
-    if (in->has_xff)
-        return fail(err, 400, "invalid_request",
-                    "Requests with an X-Forwarded-For header are not allowed");
-    if (!in->has_metadata_true)
-        return fail(err, 400, "invalid_request", "Required metadata header not specified");
+    for (int i = 0; i < ids->naliases; i++)
+        if (strcasecmp(ids->aliases[i].key, key) == 0)
+            return served(ids, ids->aliases[i].client_id);
+    return NULL;
+}
+
+const char *imds_select_identity(const struct query *q, const struct imds_identities *ids,
+                                 int *several)
+{
+    static const char *const selectors[] = {"client_id", "object_id", "principal_id",
+                                            "msi_res_id", "mi_res_id", "msi-res-id"};
+    const struct query_param *sel = NULL;
+    *several = 0;
+    for (size_t i = 0; i < sizeof selectors / sizeof selectors[0]; i++) {
+        const struct query_param *p = query_get(q, selectors[i]);
+        if (!p || !p->val_len)
+            continue;
+        if (sel)
+            *several = 1;
+        sel = p;
+    }
+    if (*several)
+        return NULL;
+    if (!sel)
+        return ids->default_client_id;
+    if (strcmp(sel->key, "client_id") == 0)
+        return served(ids, sel->val);
+    return alias(ids, sel->val);
+}
+
+/* The checks both protocols share once the caller is authenticated: query, api-version,
+ * resource, identity. */
+static int check_query(const struct imds_input *in, const struct imds_identities *ids,
+                       const char *min_api, struct query *q, struct imds_token_req *out,
+                       struct imds_error *err)
+{
     switch (query_parse(q, in->query ? in->query : "", in->query ? in->query_len : 0)) {
     case QUERY_OK:
         break;
@@ -120,28 +139,75 @@ int imds_check_token_request(const struct imds_input *in, const struct imds_iden
     const struct query_param *api = query_get(q, "api-version");
     if (!api || !api->val_len)
         return fail(err, 400, "invalid_request", "Required query variable 'api-version' is missing");
-    if (!imds_api_version_ok(api->val))
+    if (!imds_api_version_ok(api->val) || strcmp(api->val, min_api) < 0)
         return fail(err, 400, "invalid_request", "Invalid or unsupported api-version");
     const struct query_param *res = query_get(q, "resource");
     if (!res || !res->val_len)
         return fail(err, 400, "invalid_request", "Required query variable 'resource' is missing");
     if (res->val_len > IMDS_MAX_RESOURCE)
         return fail(err, 400, "invalid_request", "Query variable 'resource' is too long");
-
-    for (size_t i = 0; i < sizeof by_other_id / sizeof by_other_id[0]; i++)
-        if (query_get(q, by_other_id[i]))
-            return fail(err, 400, "invalid_request", "Identity not found");
-    const struct query_param *cid = query_get(q, "client_id");
-    const char *selected = ids->default_client_id;
-    if (cid && cid->val_len) {
-        selected = allowed(ids, cid->val) ? canonical(ids, cid->val) : NULL;
-    }
+    int several;
+    const char *selected = imds_select_identity(q, ids, &several);
+    if (several)
+        return fail(err, 400, "invalid_request",
+                    "Identity not found: only one of client_id, object_id, principal_id or "
+                    "msi_res_id may be given");
     if (!selected)
         return fail(err, 400, "invalid_request", "Identity not found");
     out->resource = res->val;
     out->resource_len = res->val_len;
     out->client_id = selected;
     return 0;
+}
+
+int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
+                             struct query *q, struct imds_token_req *out, struct imds_error *err)
+{
+    if (!in->is_get)
+        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
+    if (in->has_xff)
+        return fail(err, 400, "invalid_request",
+                    "Requests with an X-Forwarded-For header are not allowed");
+    if (!in->has_metadata_true)
+        return fail(err, 400, "invalid_request", "Required metadata header not specified");
+    return check_query(in, ids, "2018-02-01", q, out, err);
+}
+
+int imds_secret_equal(const char *a, size_t alen, const char *b, size_t blen)
+{
+    /* runs over b (the configured secret) whatever a is, so time reveals only lengths */
+    unsigned char diff = (unsigned char)(alen != blen);
+    for (size_t i = 0; i < blen; i++)
+        diff |= (unsigned char)(b[i] ^ (i < alen ? a[i] : 0));
+    return diff == 0;
+}
+
+int imds_check_appservice_request(const struct imds_input *in, const struct imds_identities *ids,
+                                  const char *secret, size_t secret_len, struct query *q,
+                                  struct imds_token_req *out, struct imds_error *err)
+{
+    if (!in->is_get)
+        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
+    if (in->has_xff)
+        return fail(err, 400, "invalid_request",
+                    "Requests with an X-Forwarded-For header are not allowed");
+    if (!in->identity_header)
+        return fail(err, 401, "unauthorized_client", "Required header X-IDENTITY-HEADER is missing");
+    if (!secret || !imds_secret_equal(in->identity_header, in->identity_header_len, secret,
+                                      secret_len))
+        return fail(err, 401, "unauthorized_client", "X-IDENTITY-HEADER is not valid");
+    return check_query(in, ids, "2019-08-01", q, out, err);
+}
+
+int imds_is_resource_id(const char *s)
+{
+    static const char prefix[] = "/subscriptions/";
+    if (strncasecmp(s, prefix, sizeof prefix - 1) != 0 || strlen(s) > 1024)
+        return 0;
+    for (; *s; s++)
+        if ((unsigned char)*s <= ' ' || (unsigned char)*s >= 0x7f)
+            return 0;
+    return 1;
 }
 
 void imds_error_from_entra(const struct entra_result *r, struct imds_error *err)
@@ -198,12 +264,41 @@ int imds_render_token(struct buf *b, const struct token *tok, const char *client
     return rc ? -1 : 0;
 }
 
-int imds_render_error(struct buf *b, const struct imds_error *err)
+int imds_render_appservice_token(struct buf *b, const struct token *tok, const char *client_id,
+                                 const char *resource, size_t resource_len)
+{
+    int rc = buf_puts(b, "{\"access_token\":");
+    rc |= json_put_string(b, tok->access_token, tok->len);
+    rc |= buf_puts(b, ",\"client_id\":");
+    rc |= json_put_string(b, client_id, strlen(client_id));
+    rc |= put_num(b, "expires_on", tok->expires_on, 1);
+    rc |= put_num(b, "not_before", tok->not_before, 1);
+    rc |= buf_puts(b, ",\"resource\":");
+    rc |= json_put_string(b, resource, resource_len);
+    rc |= buf_puts(b, ",\"token_type\":\"Bearer\"}");
+    return rc ? -1 : 0;
+}
+
+static int render_error(struct buf *b, const struct imds_error *err, int appservice)
 {
     int rc = buf_puts(b, "{\"error\":");
     rc |= json_put_string(b, err->error, strlen(err->error));
     rc |= buf_puts(b, ",\"error_description\":");
     rc |= json_put_string(b, err->description, strlen(err->description));
+    if (appservice) {
+        rc |= buf_printf(b, ",\"statusCode\":%d,\"message\":", err->status);
+        rc |= json_put_string(b, err->description, strlen(err->description));
+    }
     rc |= buf_puts(b, "}");
     return rc ? -1 : 0;
+}
+
+int imds_render_error(struct buf *b, const struct imds_error *err)
+{
+    return render_error(b, err, 0);
+}
+
+int imds_render_appservice_error(struct buf *b, const struct imds_error *err)
+{
+    return render_error(b, err, 1);
 }

@@ -82,9 +82,9 @@ static int start(struct daemon *d)
     uv_signal_start(&d->sigterm, on_signal, SIGTERM);
     uv_signal_start(&d->sigint, on_signal, SIGINT);
     log_info("started", "version=%s client_id=%s tenant_id=%s authority=%s token_file=%s "
-             "ca_file=%s allowed_client_ids=%d",
+             "ca_file=%s allowed_client_ids=%d aliases=%d app_service=%s",
              IMDSD_VERSION, c->client_id, c->tenant_id, c->authority, c->token_file, c->ca_file,
-             c->nallowed);
+             c->nallowed, c->naliases, c->identity_header ? "on" : "off");
     return 0;
 }
 
@@ -98,6 +98,11 @@ int main(int argc, char **argv)
             fprintf(stderr, "imdsd: %s\n", err);
         config_free(&d.cfg);
         return rc == CONFIG_EXIT ? 0 : 2;
+    }
+    if (d.cfg.identity_header_file && config_load_identity_header(&d.cfg, err, sizeof err) < 0) {
+        fprintf(stderr, "imdsd: %s\n", err);
+        config_free(&d.cfg);
+        return 2;
     }
     log_min_level = d.cfg.log_level;
     signal(SIGPIPE, SIG_IGN);

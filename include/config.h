@@ -4,10 +4,13 @@
 
 #include <stddef.h>
 
+#include "imds.h"
 #include "log.h"
 
 #define CONFIG_MAX_LISTEN 8
 #define CONFIG_MAX_CLIENT_IDS 32
+#define CONFIG_MAX_ALIASES 64
+#define CONFIG_MAX_SECRET 255 /* bytes of the X-IDENTITY-HEADER secret */
 #define CONFIG_DEFAULT_LISTEN "127.0.0.1:8000"
 #define CONFIG_DEFAULT_AUTHORITY "https://login.microsoftonline.com/"
 #define CONFIG_DEFAULT_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
@@ -30,6 +33,11 @@ struct config {
     int nlisten;
     char *allowed_client_ids[CONFIG_MAX_CLIENT_IDS];
     int nallowed;
+    struct imds_alias aliases[CONFIG_MAX_ALIASES];
+    int naliases;
+    char *identity_header_file; /* enables the App Service endpoint */
+    char *identity_header;      /* its secret content (owned, zeroed on free) */
+    size_t identity_header_len;
     enum log_level log_level;
     unsigned max_connections;
     unsigned idle_timeout_s;
@@ -47,6 +55,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
                  size_t errlen);
 void config_free(struct config *c);
 
+ /* Reads the --identity-header-file secret into c; 0 or -1 with a one-line reason in err. */
+int config_load_identity_header(struct config *c, char *err, size_t errlen);
 /* Parses "ADDR:PORT" / "[v6]:PORT" into l; returns 0 or -1. */
 int config_parse_listen(const char *s, struct config_listen *l);
 /* Normalises an authority URL into c->authority* fields; returns 0 or -1 with a reason. */

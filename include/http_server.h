@@ -25,6 +25,8 @@ struct http_request {
     size_t query_len;
     int has_metadata_true;
     int has_xff;
+    const char *identity_header; /* X-IDENTITY-HEADER, NULL when absent; a secret */
+    size_t identity_header_len;  /* its full length (only HTTP_SECRET_HEADER_MAX bytes kept) */
 };
 
 /* Called once per complete request. The handler must eventually call http_conn_respond()

@@ -13,7 +13,7 @@
 
 #define IMDS_MAX_RESOURCE 2048 /* decoded bytes; longer is a client error */
 
-enum imds_route { ROUTE_NOT_FOUND, ROUTE_TOKEN, ROUTE_HEALTHZ, ROUTE_READYZ };
+enum imds_route { ROUTE_NOT_FOUND, ROUTE_TOKEN, ROUTE_APPSERVICE, ROUTE_HEALTHZ, ROUTE_READYZ };
 
 /* Routes a request path (without the query): repeated '/' collapse, one trailing '/' is dropped,
  * comparison ignores case. */
@@ -33,6 +33,14 @@ struct imds_input {
     int has_xff;           /* an X-Forwarded-For header */
     const char *query;     /* raw query string (after '?'), may be NULL */
     size_t query_len;
+    const char *identity_header; /* X-IDENTITY-HEADER value, or NULL when absent */
+    size_t identity_header_len;
+};
+
+/* An object/principal id (GUID) or ARM resource id that names one of the served client ids. */
+struct imds_alias {
+    char *key;
+    char *client_id;
 };
 
 /* The identities this daemon may serve. */
@@ -40,6 +48,8 @@ struct imds_identities {
     const char *default_client_id;
     char *const *allowed; /* extra client ids */
     int nallowed;
+    const struct imds_alias *aliases;
+    int naliases;
 };
 
 struct imds_token_req {
@@ -54,6 +64,18 @@ struct imds_token_req {
 int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
                              struct query *q, struct imds_token_req *out, struct imds_error *err);
 
+/* The same for the App Service protocol (api-version 2019-08-01) at /msi/token: the shared
+ * secret in X-IDENTITY-HEADER replaces the Metadata header and is compared in constant time. */
+int imds_check_appservice_request(const struct imds_input *in, const struct imds_identities *ids,
+                                  const char *secret, size_t secret_len, struct query *q,
+                                  struct imds_token_req *out, struct imds_error *err);
+
+/* Resolves the identity a request selects (client_id, object_id/principal_id, msi_res_id/
+ * mi_res_id/msi-res-id) to a served client id, or NULL ("Identity not found"). *several is set
+ * when more than one selector is present. */
+const char *imds_select_identity(const struct query *q, const struct imds_identities *ids,
+                                 int *several);
+
 /* Maps a failed Entra exchange to what IMDS clients understand (trap T4): permanent AADSTS
  * rejections -> 400 with Entra's code and text, throttling -> 429 + Retry-After, the rest -> 5xx. */
 void imds_error_from_entra(const struct entra_result *r, struct imds_error *err);
@@ -61,8 +83,17 @@ void imds_error_from_entra(const struct entra_result *r, struct imds_error *err)
 /* Appends the IMDS 200 body for tok; every field is a JSON string, expires_in counts down. */
 int imds_render_token(struct buf *b, const struct token *tok, const char *client_id,
                       const char *resource, size_t resource_len, int64_t now);
+/* The App Service 2019-08-01 body: like IMDS but without expires_in and ext_expires_in. */
+int imds_render_appservice_token(struct buf *b, const struct token *tok, const char *client_id,
+                                 const char *resource, size_t resource_len);
 /* Appends {"error":..,"error_description":..}. */
 int imds_render_error(struct buf *b, const struct imds_error *err);
+/* The same plus App Service's "statusCode" and "message" members. */
+int imds_render_appservice_error(struct buf *b, const struct imds_error *err);
+/* Compares a and b in time that depends only on their lengths. */
+int imds_secret_equal(const char *a, size_t alen, const char *b, size_t blen);
+/* True for an ARM resource id of the form "/subscriptions/...", no spaces or controls. */
+int imds_is_resource_id(const char *s);
 
 /* Supported api-version: YYYY-MM-DD, a real date, not before 2018-02-01. */
 int imds_api_version_ok(const char *v);

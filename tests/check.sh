@@ -12,8 +12,9 @@ step() {
     echo "== $name"
     out=$(mktemp)
     "$@" 2>&1 | tee "$out"
-    p=$(tail -n 1 "$out" | sed -n 's/.* \([0-9][0-9]*\) passed, \([0-9][0-9]*\) failed.*/\1/p')
-    f=$(tail -n 1 "$out" | sed -n 's/.* \([0-9][0-9]*\) passed, \([0-9][0-9]*\) failed.*/\2/p')
+    # the step's closing "N passed, N failed" line (an optional "word:" may precede it)
+    p=$(tail -n 1 "$out" | sed -n 's/^\([a-z]*: \)\{0,1\}\([0-9][0-9]*\) passed, \([0-9][0-9]*\) failed$/\2/p')
+    f=$(tail -n 1 "$out" | sed -n 's/^\([a-z]*: \)\{0,1\}\([0-9][0-9]*\) passed, \([0-9][0-9]*\) failed$/\3/p')
     if [ -z "$p" ]; then
         p=0
         f=1

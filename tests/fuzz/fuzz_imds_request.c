@@ -16,14 +16,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const char *s = (const char *)data + 1;
     size_t n = size - 1;
     imds_route(s, n);
-    struct imds_input in = {flags & 1, (flags >> 1) & 1, (flags >> 2) & 1, s, n};
-    struct imds_identities ids = {"11111111-2222-3333-4444-555555555555", allowed, 1};
+    static const struct imds_alias aliases[] = {
+        {"0b000000-0000-4000-8000-000000000001", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"}};
+    struct imds_input in = {.is_get = flags & 1,
+                            .has_metadata_true = (flags >> 1) & 1,
+                            .has_xff = (flags >> 2) & 1,
+                            .query = s,
+                            .query_len = n,
+                            .identity_header = (flags & 8) ? "secret" : NULL,
+                            .identity_header_len = (flags & 16) ? 6 : 5};
+    struct imds_identities ids = {.default_client_id = "11111111-2222-3333-4444-555555555555",
+                                  .allowed = allowed,
+                                  .nallowed = 1,
+                                  .aliases = aliases,
+                                  .naliases = 1};
     struct query q;
     struct imds_token_req tr;
     struct imds_error err;
     struct buf b;
     buf_init(&b, 1 << 20);
-    if (imds_check_token_request(&in, &ids, &q, &tr, &err) == 0) {
+    int rc = (flags & 32) ? imds_check_appservice_request(&in, &ids, "secret", 6, &q, &tr, &err)
+                          : imds_check_token_request(&in, &ids, &q, &tr, &err);
+    if (rc == 0) {
         if (strlen(tr.resource) != tr.resource_len || tr.resource_len == 0)
             __builtin_trap();
         struct token t = {"tok", 3, 2000000000, 2000000000, 1999996400, 0};

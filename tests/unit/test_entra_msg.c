@@ -441,7 +441,7 @@ static const struct resp_row resp_rows[] = {
      .kind = ENTRA_THROTTLED, .retry = 60},
     {.name = "429 with an AADSTS body", .http = 429,
      .body = ERR_BODY("temporarily_unavailable", "90055", "AADSTS90055: TenantThrottling"),
-     .retry_after = "10", .kind = ENTRA_THROTTLED, .retry = 10},
+     .retry_after = "10", .kind = ENTRA_THROTTLED, .retry = 10, .aadsts = 90055},
     /* 5xx and no answer */
     {.name = "500 -> transient", .http = 500, .body = "oops", .kind = ENTRA_TRANSIENT},
     {.name = "502 -> transient", .http = 502, .body = "", .kind = ENTRA_TRANSIENT},

@@ -189,8 +189,22 @@ static void t_route(void **state)
 
 static char extra_id[] = EXTRA;
 static char *const allowed_ids[] = {extra_id};
-static const struct imds_identities ids_default = {DEF, allowed_ids, 1};
-static const struct imds_identities ids_no_default = {NULL, allowed_ids, 1};
+static char alias_obj[] = "0b000000-0000-4000-8000-000000000001";
+static char alias_res[] =
+    "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u";
+static char alias_stale[] = "0b000000-0000-4000-8000-0000000000ff";
+static char stale_target[] = UNKNOWN; /* an alias to an id that is not served must not select it */
+static const struct imds_alias aliases[] = {
+    {alias_obj, extra_id}, {alias_res, extra_id}, {alias_stale, stale_target}};
+static const struct imds_identities ids_default = {
+    .default_client_id = DEF, .allowed = allowed_ids, .nallowed = 1};
+static const struct imds_identities ids_no_default = {
+    .default_client_id = NULL, .allowed = allowed_ids, .nallowed = 1};
+static const struct imds_identities ids_aliases = {.default_client_id = DEF,
+                                                   .allowed = allowed_ids,
+                                                   .nallowed = 1,
+                                                   .aliases = aliases,
+                                                   .naliases = 3};
 
 #define MD_MISSING "Required metadata header not specified"
 #define RES_MISSING "Required query variable 'resource' is missing"
@@ -315,12 +329,120 @@ static const struct check_row check_rows[] = {
      NULL, NULL, NULL},
     {"msi-res-id (.NET probe)", G(OK_Q "&msi-res-id=%2Fsubscriptions%2Fx"), 400, "invalid_request",
      NOT_FOUND, NULL, NULL, NULL},
+#define A(q) GET, q, &ids_aliases
+    {"alias: object_id maps to its client id", A(OK_Q "&object_id=0B000000-0000-4000-8000-000000000001"),
+     0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
+    {"alias: principal_id maps like object_id", A(OK_Q "&principal_id=0b000000-0000-4000-8000-000000000001"),
+     0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
+    {"alias: msi_res_id, any case", A(OK_Q "&msi_res_id=%2FSUBSCRIPTIONS%2Fs%2FresourceGroups%2Frg"
+                                          "%2Fproviders%2FMicrosoft.ManagedIdentity%2F"
+                                          "userAssignedIdentities%2Fu"),
+     0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
+    {"alias: mi_res_id", A(OK_Q "&mi_res_id=%2Fsubscriptions%2Fs%2FresourceGroups%2Frg%2Fproviders"
+                              "%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fu"),
+     0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
+    {"alias: msi-res-id (.NET probe spelling)",
+     A(OK_Q "&msi-res-id=%2Fsubscriptions%2Fs%2FresourceGroups%2Frg%2Fproviders"
+            "%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fu"),
+     0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
+    {"alias: unknown object id", A(OK_Q "&object_id=0b000000-0000-4000-8000-000000000002"), 400,
+     "invalid_request", NOT_FOUND, NULL, NULL, NULL},
+    {"alias: a client id is not an object id", A(OK_Q "&object_id=" EXTRA), 400, "invalid_request",
+     NOT_FOUND, NULL, NULL, NULL},
+    {"alias: to an id that is not served", A(OK_Q "&object_id=0b000000-0000-4000-8000-0000000000ff"),
+     400, "invalid_request", NOT_FOUND, NULL, NULL, NULL},
+    {"alias: two selectors", A(OK_Q "&client_id=" EXTRA "&object_id=0b000000-0000-4000-8000-000000000001"),
+     400, "invalid_request", NULL, "only one of", NULL, NULL},
 };
+
+/* The App Service protocol: secret first, then the same query rules from 2019-08-01 on. */
+#define SECRET "s3cret-value"
+struct appsvc_row {
+    const char *name;
+    int is_get, xff;
+    const char *header; /* NULL = absent */
+    const char *query;
+    int status;
+    const char *error;
+    const char *client_id;
+};
+
+static const struct appsvc_row appsvc_rows[] = {
+    {"good", 1, 0, SECRET, "api-version=2019-08-01&resource=https%3A%2F%2Fvault.azure.net", 0, NULL,
+     DEF},
+    {"good, user-assigned by principal_id", 1, 0, SECRET,
+     "api-version=2019-08-01&resource=r&principal_id=0b000000-0000-4000-8000-000000000001", 0, NULL,
+     EXTRA},
+    {"missing header", 1, 0, NULL, "api-version=2019-08-01&resource=r", 401, "unauthorized_client",
+     NULL},
+    {"wrong header", 1, 0, "s3cret-valuf", "api-version=2019-08-01&resource=r", 401,
+     "unauthorized_client", NULL},
+    {"header is a prefix of the secret", 1, 0, "s3cret", "api-version=2019-08-01&resource=r", 401,
+     "unauthorized_client", NULL},
+    {"secret is a prefix of the header", 1, 0, SECRET "x", "api-version=2019-08-01&resource=r", 401,
+     "unauthorized_client", NULL},
+    {"empty header", 1, 0, "", "api-version=2019-08-01&resource=r", 401, "unauthorized_client", NULL},
+    {"header checked before the query", 1, 0, "nope", "%zz", 401, "unauthorized_client", NULL},
+    {"old api-version", 1, 0, SECRET, "api-version=2018-02-01&resource=r", 400, "invalid_request",
+     NULL},
+    {"no resource", 1, 0, SECRET, "api-version=2019-08-01", 400, "invalid_request", NULL},
+    {"unknown client", 1, 0, SECRET, "api-version=2019-08-01&resource=r&client_id=" UNKNOWN, 400,
+     "invalid_request", NULL},
+    {"POST", 0, 0, SECRET, "api-version=2019-08-01&resource=r", 405, "method_not_allowed", NULL},
+    {"X-Forwarded-For", 1, 1, SECRET, "api-version=2019-08-01&resource=r", 400, "invalid_request",
+     NULL},
+};
+
+static void t_appsvc(void **state)
+{
+    const struct appsvc_row *r = *state;
+    struct imds_input in = {.is_get = r->is_get, .has_xff = r->xff};
+    in.query_len = strlen(r->query);
+    in.query = tcopy(r->query, in.query_len);
+    if (r->header) {
+        in.identity_header_len = strlen(r->header);
+        in.identity_header = tcopy(r->header, in.identity_header_len);
+    }
+    struct query *q = tmalloc(sizeof *q);
+    struct imds_token_req out = {0};
+    struct imds_error err = {0, NULL, NULL, -1};
+    char *secret = tcopy(SECRET, strlen(SECRET));
+    int rc = imds_check_appservice_request(&in, &ids_aliases, secret, strlen(SECRET), q, &out, &err);
+    if (r->status == 0) {
+        assert_int_equal(rc, 0);
+        assert_string_equal(out.client_id, r->client_id);
+    } else {
+        assert_int_equal(rc, -1);
+        assert_int_equal(err.status, r->status);
+        assert_string_equal(err.error, r->error);
+        assert_int_equal(err.retry_after, 0);
+    }
+}
+
+static void t_appsvc_render(void **state)
+{
+    (void)state;
+    struct token tok = {.access_token = "at", .len = 2, .expires_on = 2000003600,
+                        .ext_expires_on = 2000003600, .not_before = 2000000000};
+    struct buf b;
+    buf_init(&b, 1 << 16);
+    assert_int_equal(imds_render_appservice_token(&b, &tok, DEF, "https://vault.azure.net", 23), 0);
+    assert_string_equal(b.data, "{\"access_token\":\"at\",\"client_id\":\"" DEF "\","
+                                "\"expires_on\":\"2000003600\",\"not_before\":\"2000000000\","
+                                "\"resource\":\"https://vault.azure.net\",\"token_type\":\"Bearer\"}");
+    buf_reset(&b);
+    struct imds_error e = {401, "unauthorized_client", "X-IDENTITY-HEADER is not valid", 0};
+    assert_int_equal(imds_render_appservice_error(&b, &e), 0);
+    assert_string_equal(b.data, "{\"error\":\"unauthorized_client\",\"error_description\":"
+                                "\"X-IDENTITY-HEADER is not valid\",\"statusCode\":401,"
+                                "\"message\":\"X-IDENTITY-HEADER is not valid\"}");
+    buf_free(&b);
+}
 
 static void t_check(void **state)
 {
     const struct check_row *r = *state;
-    struct imds_input in = {r->is_get, r->md, r->xff, NULL, 0};
+    struct imds_input in = {.is_get = r->is_get, .has_metadata_true = r->md, .has_xff = r->xff};
     if (r->query) {
         in.query_len = strlen(r->query);
         in.query = tcopy(r->query, in.query_len); /* not NUL-terminated on purpose */
@@ -362,7 +484,8 @@ static void check_resource_len(size_t n, int want_status)
     char *query = tmalloc(prefix + n);
     memcpy(query, API "&resource=", prefix);
     memset(query + prefix, 'a', n);
-    struct imds_input in = {1, 1, 0, query, prefix + n};
+    struct imds_input in = {
+        .is_get = 1, .has_metadata_true = 1, .query = query, .query_len = prefix + n};
     struct query *q = tmalloc(sizeof *q);
     struct imds_token_req out = {0};
     struct imds_error err = {0, NULL, NULL, -1};
@@ -732,6 +855,8 @@ int main(void)
     add("imds_check_token_request", "resource over IMDS_MAX_RESOURCE -> 400",
         t_resource_over_limit, NULL);
 #endif
+    ADD_ROWS("imds_check_appservice_request", appsvc_rows, t_appsvc);
+    add("imds_render_appservice", "token and error shapes", t_appsvc_render, NULL);
     ADD_ROWS("imds_api_version_ok", api_rows, t_api);
     ADD_ROWS("imds_is_guid", guid_rows, t_guid);
     add("imds_render_token", "every field a JSON string with the right value", t_render_fields,
