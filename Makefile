@@ -69,7 +69,7 @@ $(eval $(call variant,DBG,build/debug,$(DBG_CFLAGS),))
 
 # libFuzzer targets link only the pure modules (no loop, no sockets).
 FUZZ_CFLAGS = -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_LIBSRC = daemon/buf.c daemon/json.c daemon/form.c daemon/imds.c daemon/entra_msg.c daemon/util.c
+FUZZ_LIBSRC = daemon/buf.c daemon/json.c daemon/form.c daemon/imds.c daemon/entra_msg.c daemon/jwt.c daemon/util.c
 FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,build/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_SECONDS ?= 10
 

@@ -5,7 +5,7 @@
 #include <string.h>
 
 #include "log.h"
-#include "token_file.h"
+#include "json.h"
 #include "util.h"
 
 /* A token request waiting for an exchange (the cold path; the cached path allocates nothing). */
@@ -19,8 +19,9 @@ struct pending {
 };
 
 void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,
-                    struct token_cache *cache)
+                    struct token_cache *cache, struct token_file *tf)
 {
+    ep->tf = tf;
     ep->loop = loop;
     ep->cfg = cfg;
     ep->cache = cache;
@@ -145,48 +146,40 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     http_conn_on_abort(c, on_token_abort, p);
 }
 
-static void on_ready_read(struct token_file_read *r, int err, const char *tok, size_t len)
-{
-    (void)tok;
-    (void)len;
-    struct http_conn *c = r->data;
-    struct buf *b = http_conn_scratch(c);
-    buf_reset(b);
-    if (err == 0) {
-        buf_printf(b, "{\"status\":\"ready\",\"token_file\":{\"present\":\"true\",\"bytes\":\"%zu\"}}",
-                   len);
-        http_conn_respond(c, 200, NULL, b->data, b->len);
-        return;
-    }
-    char desc[160];
-    snprintf(desc, sizeof desc, "Service account token file is not usable: %s",
-             token_file_strerror(err));
-    struct imds_error e = {503, "service_unavailable", desc, 0};
-    buf_puts(b, "{\"status\":\"not_ready\",");
-    struct buf tail;
-    buf_init(&tail, 4096);
-    imds_render_error(&tail, &e);
-    buf_append(b, tail.data + 1, tail.len - 1); /* merge the error object's members */
-    buf_free(&tail);
-    http_conn_respond(c, 503, NULL, b->data, b->len);
-}
-
-static void on_ready_abort(struct http_conn *c, void *arg)
-{
-    (void)c;
-    token_file_cancel(arg);
-}
-
+/* /readyz answers from the watcher's state: it follows a rotation or a late file within the
+ * watcher's reaction time, without reading anything itself. */
 static void handle_ready(struct endpoints *ep, struct http_conn *c)
 {
-    struct token_file_read *r = token_file_read_new(on_ready_read, c);
-    if (token_file_read(ep->loop, r, ep->cfg->token_file) < 0) {
-        free(r);
-        struct imds_error e = {503, "service_unavailable", "Cannot check the token file", 0};
-        send_error(c, &e, 0);
-        return;
+    struct token_file_status st;
+    int64_t now = now_epoch();
+    token_file_status(ep->tf, now, &st);
+    int ok = st.state == TOKEN_OK;
+    struct buf *b = http_conn_scratch(c);
+    buf_reset(b);
+    if (ok) {
+        buf_puts(b, "{\"status\":\"ready\",");
+    } else {
+        buf_puts(b, "{\"status\":\"not_ready\",\"error\":\"service_unavailable\","
+                    "\"error_description\":");
+        json_put_string(b, st.reason, strlen(st.reason));
+        buf_puts(b, ",");
     }
-    http_conn_on_abort(c, on_ready_abort, r);
+    buf_puts(b, "\"token_file\":{\"path\":");
+    json_put_string(b, ep->cfg->token_file, strlen(ep->cfg->token_file));
+    buf_printf(b, ",\"state\":\"%s\"", token_state_name(st.state));
+    if (st.claims.exp) {
+        buf_puts(b, ",\"subject\":");
+        json_put_string(b, st.claims.sub, strlen(st.claims.sub));
+        buf_puts(b, ",\"issuer\":");
+        json_put_string(b, st.claims.iss, strlen(st.claims.iss));
+        buf_puts(b, ",\"audience\":");
+        json_put_string(b, st.claims.aud, strlen(st.claims.aud));
+        int64_t left = st.claims.exp - now;
+        buf_printf(b, ",\"expires_on\":\"%lld\",\"expires_in\":\"%lld\"",
+                   (long long)st.claims.exp, (long long)(left > 0 ? left : 0));
+    }
+    buf_puts(b, "}}");
+    http_conn_respond(c, ok ? 200 : 503, NULL, b->data, b->len);
 }
 
 void endpoints_handle(struct http_conn *c, const struct http_request *req, void *arg)

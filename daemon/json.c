@@ -349,6 +349,18 @@ int json_get_first_int(const struct json_obj *o, const char *key, int64_t *out)
     return parse_int(o->src + t->start, (size_t)(t->end - t->start), out) < 0 ? -2 : 0;
 }
 
+int json_get_first_string(const struct json_obj *o, const char *key, char **out)
+{
+    int i = find(o, key);
+    if (i < 0)
+        return -1;
+    const jsmntok_t *t = (const jsmntok_t *)o->tok + i;
+    if (t->type != JSMN_ARRAY || t->size < 1 || i + 1 >= o->ntok || t[1].type != JSMN_STRING)
+        return -2;
+    t++;
+    return unescape(o->src + t->start, (size_t)(t->end - t->start), out) < 0 ? -2 : 0;
+}
+
 int json_put_string(struct buf *b, const char *s, size_t len)
 {
     static const char hex[] = "0123456789abcdef";

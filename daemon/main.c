@@ -13,16 +13,18 @@
 #include "http_server.h"
 #include "log.h"
 #include "token_cache.h"
+#include "token_file.h"
 #include "util.h"
 
 struct daemon {
     uv_loop_t loop;
     struct config cfg;
     struct entra *entra;
+    struct token_file *tf;
     struct token_cache *cache;
     struct http_server *server;
     struct endpoints ep;
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sighup;
     int stopping;
 };
 
@@ -41,15 +43,22 @@ static void stop(struct daemon *d, const char *why)
     d->server = NULL;
     token_cache_free(d->cache);
     d->cache = NULL;
+    token_file_free(d->tf);
+    d->tf = NULL;
     entra_free(d->entra);
     d->entra = NULL;
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
+    uv_close((uv_handle_t *)&d->sighup, NULL);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
 {
-    stop(s->data, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    struct daemon *d = s->data;
+    if (signum == SIGHUP)
+        token_file_reload(d->tf);
+    else
+        stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
 static int start(struct daemon *d)
@@ -60,8 +69,9 @@ static int start(struct daemon *d)
         fprintf(stderr, "imdsd: %s\n", err);
         return 2;
     }
-    d->cache = token_cache_new(&d->loop, c, d->entra);
-    endpoints_init(&d->ep, &d->loop, c, d->cache);
+    d->tf = token_file_new(&d->loop, c->token_file);
+    d->cache = token_cache_new(&d->loop, c, d->entra, d->tf);
+    endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
     struct http_server_opts so = {c->max_connections, c->idle_timeout_s * 1000u};
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
     for (int i = 0; i < c->nlisten; i++) {
@@ -78,9 +88,11 @@ static int start(struct daemon *d)
     }
     uv_signal_init(&d->loop, &d->sigterm);
     uv_signal_init(&d->loop, &d->sigint);
-    d->sigterm.data = d->sigint.data = d;
+    uv_signal_init(&d->loop, &d->sighup);
+    d->sigterm.data = d->sigint.data = d->sighup.data = d;
     uv_signal_start(&d->sigterm, on_signal, SIGTERM);
     uv_signal_start(&d->sigint, on_signal, SIGINT);
+    uv_signal_start(&d->sighup, on_signal, SIGHUP);
     log_info("started", "version=%s client_id=%s tenant_id=%s authority=%s token_file=%s "
              "ca_file=%s allowed_client_ids=%d aliases=%d app_service=%s",
              IMDSD_VERSION, c->client_id, c->tenant_id, c->authority, c->token_file, c->ca_file,
@@ -113,6 +125,7 @@ int main(int argc, char **argv)
         d.stopping = 1;
         http_server_free(d.server);
         token_cache_free(d.cache);
+        token_file_free(d.tf);
         entra_free(d.entra);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);

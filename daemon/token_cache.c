@@ -24,14 +24,16 @@ struct cache_entry {
     /* the exchange in flight */
     int fetching;
     struct token_cache_waiter *waiters;
-    struct token_file_read *read; /* self-freeing */
+    struct token_file_waiter read;
     struct entra_fetch fetch;
+    int retried; /* this exchange already re-read the token file after AADSTS700024 */
 };
 
 struct token_cache {
     uv_loop_t *loop;
     const struct config *cfg;
     struct entra *entra;
+    struct token_file *tf;
     struct cache_entry *buckets[NBUCKETS];
     unsigned nentries;
 };
@@ -66,9 +68,11 @@ int token_cache_is_fresh(const struct token *t, int64_t now)
     return now < t->expires_on - margin;
 }
 
-struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra)
+struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
+                                    struct token_file *tf)
 {
     struct token_cache *c = xcalloc(1, sizeof *c);
+    c->tf = tf;
     c->loop = loop;
     c->cfg = cfg;
     c->entra = entra;
@@ -147,11 +151,21 @@ static void complete(struct cache_entry *e, const struct token *tok, const struc
     }
 }
 
+static void on_token_file(void *arg, const struct token_file_status *st, const char *tok,
+                          size_t len);
+
 static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch)
 {
     struct cache_entry *e = f->data;
     if (r->kind == ENTRA_THROTTLED)
         e->throttled_until = now_epoch() + r->retry_after;
+    if (r->aadsts == 700024 && !e->retried) {
+        /* the assertion is outside its validity window: the kubelet may have rotated it since */
+        e->retried = 1;
+        log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file", e->client_id);
+        token_file_get(e->cache->tf, &e->read);
+        return;
+    }
     if (r->kind != ENTRA_OK) {
         complete(e, NULL, r);
         return;
@@ -178,16 +192,14 @@ static void fail_local(struct cache_entry *e, const char *error, const char *des
     complete(e, NULL, &r);
 }
 
-static void on_token_file(struct token_file_read *rd, int err, const char *tok, size_t len)
+static void on_token_file(void *arg, const struct token_file_status *st, const char *tok,
+                          size_t len)
 {
-    struct cache_entry *e = rd->data;
-    e->read = NULL;
-    if (err < 0) {
-        log_warn("token_file_unreadable", "path=%s error=\"%s\"", e->cache->cfg->token_file,
-                 token_file_strerror(err));
-        char desc[200];
-        snprintf(desc, sizeof desc, "Service account token file is not usable: %s",
-                 token_file_strerror(err));
+    struct cache_entry *e = arg;
+    if (!tok) {
+        char desc[240];
+        snprintf(desc, sizeof desc, "Service account token is not usable (%s): %s",
+                 token_state_name(st->state), st->reason);
         fail_local(e, "service_unavailable", desc, 5);
         return;
     }
@@ -227,15 +239,10 @@ int token_cache_fetch(struct token_cache *c, struct token_cache_waiter *w, const
     if (e->fetching)
         return 0;
     e->fetching = 1;
-    e->read = token_file_read_new(on_token_file, e);
-    if (token_file_read(c->loop, e->read, c->cfg->token_file) < 0) {
-        free(e->read);
-        e->read = NULL;
-        e->fetching = 0;
-        e->waiters = NULL;
-        w->entry = NULL;
-        return -1;
-    }
+    e->retried = 0;
+    e->read.cb = on_token_file;
+    e->read.arg = e;
+    token_file_get(c->tf, &e->read);
     return 0;
 }
 
@@ -262,8 +269,7 @@ void token_cache_free(struct token_cache *c)
         while (c->buckets[b]) {
             struct cache_entry *e = c->buckets[b];
             c->buckets[b] = e->next;
-            if (e->read)
-                token_file_cancel(e->read);
+            token_file_cancel(&e->read);
             if (e->fetching)
                 entra_cancel(&e->fetch);
             if (e->waiters)

@@ -2,25 +2,165 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "log.h"
 #include "util.h"
 
-/* Runs on a thread-pool thread: blocking I/O is fine here. */
-static void work(uv_work_t *w)
+#define WATCH_MAX_LEVELS 8 /* how far up to look for "..data" */
+
+/* One read on the thread pool; owned by the token_file, or by itself once orphaned. */
+struct read_job {
+    uv_work_t work;
+    struct token_file *tf; /* NULL once the token_file is freed */
+    char *path;
+    /* results */
+    int err;
+    char *content;
+    size_t len;
+    char watch_dir[PATH_MAX];
+};
+
+struct token_file {
+    uv_loop_t *loop;
+    const char *path;
+    uv_fs_event_t event;
+    uv_timer_t debounce, periodic;
+    int handles_open;
+    int watching;
+    char watch_dir[PATH_MAX];
+    struct read_job *job;              /* in flight, or NULL */
+    struct token_file_waiter *current; /* served by the read in flight */
+    struct token_file_waiter *next;    /* arrived during it: served by the next read */
+    int reread;                        /* another read is wanted after the one in flight */
+    struct token_file_status st;
+    int freeing;
+};
+
+static const char *const state_names[] = {"ok",        "missing", "unreadable",
+                                          "empty",     "too_large", "malformed",
+                                          "expired",   "not_yet_valid", "unknown"};
+
+const char *token_state_name(enum token_state s)
 {
-    struct token_file_read *r = w->data;
-    int fd = open(r->path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    return state_names[s];
+}
+
+void token_file_classify(int err, const char *tok, size_t len, int64_t now,
+                         struct token_file_status *st)
+{
+    memset(st, 0, sizeof *st);
+    st->len = len;
+    if (err == -ENOENT || err == -ENOTDIR) {
+        st->state = TOKEN_MISSING;
+        snprintf(st->reason, sizeof st->reason, "token file does not exist");
+        return;
+    }
+    if (err == -EFBIG) {
+        st->state = TOKEN_TOO_LARGE;
+        snprintf(st->reason, sizeof st->reason, "token file is larger than %d bytes",
+                 TOKEN_FILE_MAX_BYTES);
+        return;
+    }
+    if (err == -ENODATA) {
+        st->state = TOKEN_EMPTY;
+        snprintf(st->reason, sizeof st->reason, "token file is empty");
+        return;
+    }
+    if (err < 0) {
+        st->state = TOKEN_UNREADABLE;
+        snprintf(st->reason, sizeof st->reason, "token file cannot be read: %s",
+                 err == -EISDIR ? "it is not a regular file" : strerror(-err));
+        return;
+    }
+    fingerprint(tok, len, st->fp);
+    int jerr = jwt_decode(tok, len, &st->claims);
+    if (jerr != JWT_OK) {
+        st->state = TOKEN_MALFORMED;
+        snprintf(st->reason, sizeof st->reason, "token is not a usable JWT: %s",
+                 jwt_strerror(jerr));
+        return;
+    }
+    if (now >= st->claims.exp) {
+        st->state = TOKEN_EXPIRED;
+        snprintf(st->reason, sizeof st->reason, "token expired %lld s ago (exp=%lld)",
+                 (long long)(now - st->claims.exp), (long long)st->claims.exp);
+        return;
+    }
+    if (st->claims.nbf && st->claims.nbf > now + TOKEN_FILE_NBF_LEEWAY_S) {
+        st->state = TOKEN_NOT_YET_VALID;
+        snprintf(st->reason, sizeof st->reason, "token is not valid before nbf=%lld (in %lld s)",
+                 (long long)st->claims.nbf, (long long)(st->claims.nbf - now));
+        return;
+    }
+    st->state = TOKEN_OK;
+    snprintf(st->reason, sizeof st->reason, "token expires in %lld s",
+             (long long)(st->claims.exp - now));
+}
+
+/* ---- on the thread pool -------------------------------------------------------------------- */
+
+/* The directory to watch: the first ancestor holding "..data" (the kubelet's volume root), else
+ * the file's directory, else the nearest ancestor that exists. */
+static void find_watch_dir(const char *path, char *out)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash) {
+        strcpy(out, ".");
+        return;
+    }
+    *slash = 0;
+    if (!dir[0])
+        strcpy(dir, "/");
+    char first[PATH_MAX], probe[PATH_MAX + 8];
+    snprintf(first, sizeof first, "%s", dir);
+    for (int level = 0; level < WATCH_MAX_LEVELS; level++) {
+        struct stat sb;
+        snprintf(probe, sizeof probe, "%s/..data", dir);
+        if (lstat(probe, &sb) == 0 && S_ISLNK(sb.st_mode)) {
+            snprintf(out, PATH_MAX, "%s", dir);
+            return;
+        }
+        char *s = strrchr(dir, '/');
+        if (!s || s == dir)
+            break;
+        *s = 0;
+    }
+    snprintf(dir, sizeof dir, "%s", first);
+    for (;;) {
+        struct stat sb;
+        if (stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+            snprintf(out, PATH_MAX, "%s", dir);
+            return;
+        }
+        char *s = strrchr(dir, '/');
+        if (!s || s == dir) {
+            strcpy(out, "/");
+            return;
+        }
+        *s = 0;
+    }
+}
+
+static void read_work(uv_work_t *w)
+{
+    struct read_job *j = w->data;
+    find_watch_dir(j->path, j->watch_dir);
+    int fd = open(j->path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) {
-        r->err = -errno;
+        j->err = -errno;
         return;
     }
     struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        r->err = fstat(fd, &st) < 0 ? -errno : -EISDIR;
+        j->err = -EISDIR;
         close(fd);
         return;
     }
@@ -30,16 +170,14 @@ static void work(uv_work_t *w)
         ssize_t n = read(fd, buf + len, TOKEN_FILE_MAX_BYTES + 1 - len);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0) {
-            r->err = -errno;
-            goto fail;
-        }
-        if (n == 0)
+        if (n <= 0) {
+            j->err = n < 0 ? -errno : 0;
             break;
+        }
         len += (size_t)n;
         if (len > TOKEN_FILE_MAX_BYTES) {
-            r->err = -EFBIG;
-            goto fail;
+            j->err = -EFBIG;
+            break;
         }
     }
     close(fd);
@@ -48,69 +186,241 @@ static void work(uv_work_t *w)
         start++;
     while (len > start && strchr(" \t\r\n", buf[len - 1]))
         len--;
-    if (len == start) {
-        r->err = -ENODATA;
+    if (!j->err && len == start)
+        j->err = -ENODATA;
+    if (j->err) {
         secret_zero(buf, TOKEN_FILE_MAX_BYTES + 1);
         free(buf);
         return;
     }
     memmove(buf, buf + start, len - start);
-    r->len = len - start;
-    buf[r->len] = 0;
-    r->content = buf;
-    r->err = 0;
-    return;
-fail:
-    close(fd);
-    secret_zero(buf, TOKEN_FILE_MAX_BYTES + 1);
-    free(buf);
+    j->len = len - start;
+    buf[j->len] = 0;
+    j->content = buf;
 }
 
-static void after(uv_work_t *w, int status)
+static void job_free(struct read_job *j)
 {
-    struct token_file_read *r = w->data;
-    if (!r->canceled)
-        r->done(r, status < 0 ? status : r->err, r->err ? NULL : r->content, r->len);
-    if (r->content) {
-        secret_zero(r->content, r->len);
-        free(r->content);
-        r->content = NULL;
+    if (j->content) {
+        secret_zero(j->content, j->len);
+        free(j->content);
     }
-    if (r->self_free)
-        free(r);
+    free(j->path);
+    free(j);
 }
 
-int token_file_read(uv_loop_t *loop, struct token_file_read *r, const char *path)
-{
-    r->work.data = r;
-    r->path = path;
-    r->canceled = 0;
-    r->err = 0;
-    r->content = NULL;
-    r->len = 0;
-    return uv_queue_work(loop, &r->work, work, after);
-}
+/* ---- on the loop ----------------------------------------------------------------------------- */
 
-struct token_file_read *token_file_read_new(token_file_done_cb *done, void *data)
-{
-    struct token_file_read *r = xcalloc(1, sizeof *r);
-    r->self_free = 1;
-    r->done = done;
-    r->data = data;
-    return r;
-}
+static void start_read(struct token_file *tf);
+static void on_fs_event(uv_fs_event_t *h, const char *name, int events, int status);
 
-void token_file_cancel(struct token_file_read *r)
+static void set_watch(struct token_file *tf, const char *dir)
 {
-    r->canceled = 1;
-}
-
-const char *token_file_strerror(int err)
-{
-    switch (err) {
-    case -EFBIG: return "token file is larger than 64 KiB";
-    case -ENODATA: return "token file is empty";
-    case -EISDIR: return "token path is not a regular file";
-    default: return strerror(-err);
+    if (tf->watching && strcmp(dir, tf->watch_dir) == 0)
+        return;
+    if (tf->watching)
+        uv_fs_event_stop(&tf->event);
+    tf->watching = 0;
+    snprintf(tf->watch_dir, sizeof tf->watch_dir, "%s", dir);
+    int rc = uv_fs_event_start(&tf->event, on_fs_event, tf->watch_dir, 0);
+    if (rc < 0) {
+        log_warn("token_file_watch_failed", "dir=%s error=\"%s\" fallback_reread_s=%d",
+                 tf->watch_dir, uv_strerror(rc), TOKEN_FILE_REREAD_MS / 1000);
+        return;
     }
+    tf->watching = 1;
+    log_info("token_file_watch", "dir=%s path=%s", tf->watch_dir, tf->path);
+}
+
+static void log_status(struct token_file *tf, const struct token_file_status *old)
+{
+    const struct token_file_status *st = &tf->st;
+    if (st->state != old->state) {
+        char reason[260];
+        log_quote(reason, sizeof reason, st->reason, strlen(st->reason));
+        if (st->state == TOKEN_OK)
+            log_info("token_file_state", "state=ok path=%s reason=%s", tf->path, reason);
+        else
+            log_warn("token_file_state", "state=%s path=%s reason=%s", token_state_name(st->state),
+                     tf->path, reason);
+    }
+    if (st->state == TOKEN_OK && strcmp(st->fp, old->fp) != 0) {
+        char sub[JWT_CLAIM_MAX + 8], iss[JWT_CLAIM_MAX + 8];
+        log_info("token_file_loaded", "path=%s bytes=%zu fp=%s sub=%s iss=%s exp=%lld", tf->path,
+                 st->len, st->fp, log_quote(sub, sizeof sub, st->claims.sub, strlen(st->claims.sub)),
+                 log_quote(iss, sizeof iss, st->claims.iss, strlen(st->claims.iss)),
+                 (long long)st->claims.exp);
+    }
+}
+
+static void serve(struct token_file_waiter *list, const struct token_file_status *st,
+                  const char *tok, size_t len)
+{
+    while (list) {
+        struct token_file_waiter *w = list;
+        list = w->next;
+        w->linked = 0;
+        w->prev = w->next = NULL;
+        w->cb(w->arg, st, st->state == TOKEN_OK ? tok : NULL, st->state == TOKEN_OK ? len : 0);
+    }
+}
+
+static void read_done(uv_work_t *w, int status)
+{
+    struct read_job *j = w->data;
+    struct token_file *tf = j->tf;
+    if (!tf) { /* the token_file was freed meanwhile */
+        job_free(j);
+        return;
+    }
+    tf->job = NULL;
+    struct token_file_status old = tf->st;
+    token_file_classify(status < 0 ? status : j->err, j->content, j->len, now_epoch(), &tf->st);
+    log_status(tf, &old);
+    set_watch(tf, j->watch_dir);
+    struct token_file_waiter *batch = tf->current;
+    tf->current = NULL;
+    if (tf->next || tf->reread) {
+        tf->reread = 0;
+        start_read(tf); /* moves tf->next to tf->current */
+    }
+    /* callbacks may add waiters or free nothing of ours: the batch is detached */
+    struct token_file_status st = tf->st;
+    serve(batch, &st, j->content, j->len);
+    job_free(j);
+}
+
+static void start_read(struct token_file *tf)
+{
+    if (tf->job) {
+        tf->reread = 1;
+        return;
+    }
+    struct read_job *j = xcalloc(1, sizeof *j);
+    j->tf = tf;
+    j->path = xstrdup(tf->path);
+    j->work.data = j;
+    tf->current = tf->next;
+    tf->next = NULL;
+    for (struct token_file_waiter *w = tf->current; w; w = w->next)
+        w->linked = 1;
+    if (uv_queue_work(tf->loop, &j->work, read_work, read_done) < 0) {
+        job_free(j);
+        struct token_file_status st;
+        token_file_classify(-EIO, NULL, 0, 0, &st);
+        struct token_file_waiter *batch = tf->current;
+        tf->current = NULL;
+        serve(batch, &st, NULL, 0);
+        return;
+    }
+    tf->job = j;
+}
+
+static void on_debounce(uv_timer_t *t)
+{
+    start_read(t->data);
+}
+
+static void on_fs_event(uv_fs_event_t *h, const char *name, int events, int status)
+{
+    (void)events;
+    struct token_file *tf = h->data;
+    if (status < 0)
+        log_warn("token_file_watch_error", "dir=%s error=\"%s\"", tf->watch_dir,
+                 uv_strerror(status));
+    log_debug("token_file_event", "dir=%s name=%s", tf->watch_dir, name ? name : "-");
+    uv_timer_start(&tf->debounce, on_debounce, TOKEN_FILE_DEBOUNCE_MS, 0);
+}
+
+static void on_periodic(uv_timer_t *t)
+{
+    start_read(t->data);
+}
+
+struct token_file *token_file_new(uv_loop_t *loop, const char *path)
+{
+    struct token_file *tf = xcalloc(1, sizeof *tf);
+    tf->loop = loop;
+    tf->path = path;
+    tf->st.state = TOKEN_UNKNOWN;
+    snprintf(tf->st.reason, sizeof tf->st.reason, "token file not read yet");
+    uv_fs_event_init(loop, &tf->event);
+    uv_timer_init(loop, &tf->debounce);
+    uv_timer_init(loop, &tf->periodic);
+    tf->event.data = tf->debounce.data = tf->periodic.data = tf;
+    tf->handles_open = 3;
+    uv_timer_start(&tf->periodic, on_periodic, TOKEN_FILE_REREAD_MS, TOKEN_FILE_REREAD_MS);
+    start_read(tf);
+    return tf;
+}
+
+void token_file_status(struct token_file *tf, int64_t now, struct token_file_status *out)
+{
+    *out = tf->st;
+    if (out->state == TOKEN_OK && now >= out->claims.exp) {
+        out->state = TOKEN_EXPIRED;
+        snprintf(out->reason, sizeof out->reason, "token expired %lld s ago (exp=%lld)",
+                 (long long)(now - out->claims.exp), (long long)out->claims.exp);
+    }
+}
+
+void token_file_get(struct token_file *tf, struct token_file_waiter *w)
+{
+    w->tf = tf;
+    w->prev = NULL;
+    w->next = tf->next;
+    if (tf->next)
+        tf->next->prev = w;
+    tf->next = w;
+    w->linked = 1;
+    start_read(tf);
+}
+
+void token_file_cancel(struct token_file_waiter *w)
+{
+    if (!w->linked)
+        return;
+    struct token_file *tf = w->tf;
+    if (w->prev)
+        w->prev->next = w->next;
+    else if (tf->current == w)
+        tf->current = w->next;
+    else
+        tf->next = w->next;
+    if (w->next)
+        w->next->prev = w->prev;
+    w->linked = 0;
+    w->prev = w->next = NULL;
+}
+
+void token_file_reload(struct token_file *tf)
+{
+    log_info("token_file_reload", "path=%s", tf->path);
+    start_read(tf);
+}
+
+static void on_closed(uv_handle_t *h)
+{
+    struct token_file *tf = h->data;
+    if (--tf->handles_open == 0)
+        free(tf);
+}
+
+void token_file_free(struct token_file *tf)
+{
+    if (!tf)
+        return;
+    if (tf->job)
+        tf->job->tf = NULL; /* it frees itself when the thread pool is done with it */
+    struct token_file_status st;
+    memset(&st, 0, sizeof st);
+    st.state = TOKEN_UNREADABLE;
+    snprintf(st.reason, sizeof st.reason, "imdsd is shutting down");
+    struct token_file_waiter *a = tf->current, *b = tf->next;
+    tf->current = tf->next = NULL;
+    serve(a, &st, NULL, 0);
+    serve(b, &st, NULL, 0);
+    uv_close((uv_handle_t *)&tf->event, on_closed);
+    uv_close((uv_handle_t *)&tf->debounce, on_closed);
+    uv_close((uv_handle_t *)&tf->periodic, on_closed);
 }

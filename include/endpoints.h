@@ -8,16 +8,18 @@
 #include "http_server.h"
 #include "imds.h"
 #include "token_cache.h"
+#include "token_file.h"
 
 struct endpoints {
     uv_loop_t *loop;
     const struct config *cfg;
     struct token_cache *cache;
+    struct token_file *tf;
     struct imds_identities ids;
 };
 
 void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,
-                    struct token_cache *cache);
+                    struct token_cache *cache, struct token_file *tf);
 /* An http_handler_cb; arg is a struct endpoints. */
 void endpoints_handle(struct http_conn *c, const struct http_request *req, void *arg);
 

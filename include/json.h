@@ -28,6 +28,9 @@ int json_get_int(const struct json_obj *o, const char *key, int64_t *out);
 /* First element of an array of integers, e.g. "error_codes":[700016]. */
 int json_get_first_int(const struct json_obj *o, const char *key, int64_t *out);
 
+/* First element of an array of strings, e.g. "aud":["api://AzureADTokenExchange"]. */
+int json_get_first_string(const struct json_obj *o, const char *key, char **out);
+
 /* Appends s as a quoted JSON string with escapes. Returns 0 or -1 if b is full. */
 int json_put_string(struct buf *b, const char *s, size_t len);
 

@@ -13,6 +13,7 @@
 #include "entra_msg.h"
 #include "imds.h"
 #include "token.h"
+#include "token_file.h"
 
 #define CACHE_MAX_ENTRIES 1024
 #define CACHE_EARLY_REFRESH_S 300 /* SDKs treat less than this as expired */
@@ -32,8 +33,9 @@ struct token_cache_waiter {
     struct token_cache_waiter *prev, *next;
 };
 
-/* Borrows loop, cfg and entra for the cache's lifetime. */
-struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra);
+/* Borrows loop, cfg, entra and the token file for the cache's lifetime. */
+struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
+                                    struct token_file *tf);
 /* A token that is fresh at now, or NULL. The pointer is valid until control returns to the loop. */
 const struct token *token_cache_lookup(struct token_cache *c, const char *client_id,
                                        const char *resource, size_t resource_len, int64_t now);
