@@ -113,21 +113,29 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         send_error(c, &err, appservice);
         return;
     }
-    int64_t now = now_epoch();
-    const struct token *tok =
-        token_cache_lookup(ep->cache, tr.client_id, tr.resource, tr.resource_len, now);
-    if (tok) {
+    const struct token *tok;
+    struct entra_result fail;
+    int64_t now = now_wall_ms();
+    /* first without a waiter: a hit or an immediate failure never touches the heap */
+    enum cache_result cr = token_cache_get(ep->cache, NULL, tr.client_id, tr.resource,
+                                           tr.resource_len, now, &tok, &fail);
+    switch (cr) {
+    case CACHE_HIT:
         send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, appservice);
         return;
-    }
-    int throttled = token_cache_throttled(ep->cache, tr.client_id, tr.resource, tr.resource_len,
-                                          now);
-    if (throttled > 0) {
-        struct imds_error e = {429, "too_many_requests",
-                               "Entra is throttling token requests for this identity and resource",
-                               throttled};
+    case CACHE_FAIL: {
+        struct imds_error e;
+        imds_error_from_entra(&fail, &e);
         send_error(c, &e, appservice);
         return;
+    }
+    case CACHE_FULL: {
+        struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};
+        send_error(c, &e, appservice);
+        return;
+    }
+    case CACHE_WAIT:
+        break;
     }
     struct pending *p = xmalloc(sizeof *p + tr.resource_len + 1);
     p->w.done = on_token;
@@ -137,7 +145,9 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     p->client_id = (char *)tr.client_id; /* owned by the config, which outlives requests */
     p->resource_len = tr.resource_len;
     memcpy(p->resource, tr.resource, tr.resource_len + 1);
-    if (token_cache_fetch(ep->cache, &p->w, p->client_id, p->resource, p->resource_len) < 0) {
+    cr = token_cache_get(ep->cache, &p->w, p->client_id, p->resource, p->resource_len, now, &tok,
+                         &fail);
+    if (cr != CACHE_WAIT) { /* cannot change between the two calls: nothing ran in between */
         free(p);
         struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};
         send_error(c, &e, appservice);
@@ -146,8 +156,6 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     http_conn_on_abort(c, on_token_abort, p);
 }
 
-/* /readyz answers from the watcher's state: it follows a rotation or a late file within the
- * watcher's reaction time, without reading anything itself. */
 static void handle_ready(struct endpoints *ep, struct http_conn *c)
 {
     struct token_file_status st;

@@ -116,7 +116,8 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id,
     f->client_id = client_id;
     f->resource = resource;
     f->started_ms = now_ms();
-    f->sent_epoch = now_epoch();
+    f->sent_ms = now_wall_ms();
+    f->sent_epoch = f->sent_ms / 1000;
     memset(&f->req, 0, sizeof f->req);
     f->req.method = "POST";
     f->req.path = e->path;

@@ -11,6 +11,7 @@
 
 #include "buf.h"
 #include "log.h"
+#include "proxy.h"
 #include "tls.h"
 #include "util.h"
 
@@ -27,10 +28,15 @@
 #define HTTPS_LOG_REASON_MAX 320
 #define HTTPS_ADDR_MAX 64
 #define HTTPS_PORT_MAX 65535
+#define HTTPS_PROXY_REASON_MAX 64       /* the proxy's reason phrase is truncated to this */
+#define HTTPS_VIA_MAX 600               /* " proxy=<description>" for log lines */
+/* target, target, then "Proxy-Authorization: ", its value, "\r\n" (or three empty strings) */
+#define HTTPS_CONNECT_FMT "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s%s%s\r\n"
 
 enum https_conn_state {
     CONN_RESOLVING,
     CONN_CONNECTING,
+    CONN_TUNNEL, /* waiting for the proxy's answer to CONNECT */
     CONN_HANDSHAKE,
     CONN_ACTIVE, /* serving conn->req */
     CONN_IDLE,   /* in the keep-alive pool */
@@ -41,6 +47,12 @@ struct https_client {
     char *host;
     char *port;
     char *host_header; /* "host" or "host:port", IPv6 literals bracketed */
+    /* Through a proxy: where to connect, and what to ask for. NULL proxy_host = direct. */
+    char *proxy_host;
+    char *proxy_port;
+    char *proxy_auth;     /* Proxy-Authorization value or NULL: a secret */
+    char *connect_target; /* "host:port", IPv6 literals bracketed */
+    char via[HTTPS_VIA_MAX]; /* " proxy=<description>" (password masked), or "" */
     struct tls_ctx *tls;
     uint64_t connect_timeout_ms;
     uint64_t request_timeout_ms;
@@ -93,12 +105,21 @@ struct https_conn {
     int have_retry_after;
     char retry_after[HTTPS_RETRY_AFTER_MAX + 1];
     size_t retry_after_len;
+
+    /* The proxy's answer to CONNECT. */
+    llhttp_t tparser;
+    size_t tunnel_bytes;
+    int proxy_status;
+    char proxy_reason[HTTPS_PROXY_REASON_MAX + 1];
+    size_t proxy_reason_len;
 };
 
 struct https_write {
     uv_write_t req;
     struct https_conn *conn;
     char *data;
+    size_t len;
+    int secret; /* zero data before freeing it */
 };
 
 static void conn_close(struct https_conn *conn, const char *why);
@@ -132,6 +153,8 @@ const char *https_strerror(int err)
         return "response too large";
     case HTTPS_E_CANCELED:
         return "canceled";
+    case HTTPS_E_PROXY:
+        return "the proxy did not open a tunnel";
     default:
         return "unknown error";
     }
@@ -170,6 +193,10 @@ static void client_destroy(struct https_client *c)
     free(c->host);
     free(c->port);
     free(c->host_header);
+    free(c->proxy_host);
+    free(c->proxy_port);
+    secret_free_str(c->proxy_auth);
+    free(c->connect_target);
     free(c);
 }
 
@@ -391,6 +418,7 @@ static void conn_timer_cb(uv_timer_t *t)
     static const char *const phase[] = {
         [CONN_RESOLVING] = "connect deadline passed while resolving",
         [CONN_CONNECTING] = "connect deadline passed while connecting",
+        [CONN_TUNNEL] = "connect deadline passed while waiting for the proxy to open a tunnel",
         [CONN_HANDSHAKE] = "connect deadline passed during the TLS handshake",
     };
     struct https_conn *conn = t->data;
@@ -434,14 +462,19 @@ static void conn_fail(struct https_conn *conn, int err, const char *event, const
         int r = conn_start(c, req, &reqbuf, deadline, head_only);
         if (r == 0)
             return;
-        log_warn("https_resolve_failed", "host=%s port=%s reason=%s", c->host, c->port,
+        log_warn("https_resolve_failed", "host=%s port=%s%s reason=%s", c->host, c->port, c->via,
                  quote(q, sizeof q, uv_strerror(r)));
         req_complete(req, HTTPS_E_RESOLVE, NULL);
         return;
     }
-    if (req)
-        log_warn(event, "host=%s port=%s conn=%" PRIu64 " error=%s reason=%s", c->host, c->port,
-                 conn->id, quote(q, sizeof q, https_strerror(err)), quote(q2, sizeof q2, reason));
+    if (req && conn->proxy_status)
+        log_warn(event, "host=%s port=%s conn=%" PRIu64 "%s proxy_status=%d error=%s reason=%s",
+                 c->host, c->port, conn->id, c->via, conn->proxy_status,
+                 quote(q, sizeof q, https_strerror(err)), quote(q2, sizeof q2, reason));
+    else if (req)
+        log_warn(event, "host=%s port=%s conn=%" PRIu64 "%s error=%s reason=%s", c->host, c->port,
+                 conn->id, c->via, quote(q, sizeof q, https_strerror(err)),
+                 quote(q2, sizeof q2, reason));
     conn_close(conn, reason);
     if (req)
         req_complete(req, err, NULL);
@@ -453,6 +486,8 @@ static void conn_write_cb(uv_write_t *wr, int status)
 {
     struct https_write *w = wr->data;
     struct https_conn *conn = w->conn;
+    if (w->secret)
+        secret_zero(w->data, w->len);
     free(w->data);
     free(w);
     if (status >= 0 || status == UV_ECANCELED || conn->closing)
@@ -463,6 +498,27 @@ static void conn_write_cb(uv_write_t *wr, int status)
         conn_fail(conn, HTTPS_E_IO, "https_io_error", uv_strerror(status));
 }
 
+/* Writes the malloc'd p (taking it over; zeroed before it is freed when secret). Returns 0 or a
+ * libuv error. */
+static int conn_send(struct https_conn *conn, char *p, size_t len, int secret)
+{
+    struct https_write *w = xmalloc(sizeof *w);
+    w->conn = conn;
+    w->data = p;
+    w->len = len;
+    w->secret = secret;
+    w->req.data = w;
+    uv_buf_t b = uv_buf_init(p, (unsigned)len);
+    int r = uv_write(&w->req, (uv_stream_t *)&conn->tcp, &b, 1, conn_write_cb);
+    if (r < 0) {
+        if (secret)
+            secret_zero(p, len);
+        free(p);
+        free(w);
+    }
+    return r;
+}
+
 /* Sends whatever TLS queued. Returns 0 or a libuv error. */
 static int conn_flush(struct https_conn *conn)
 {
@@ -470,17 +526,7 @@ static int conn_flush(struct https_conn *conn)
     char *p = tls_conn_take_output(conn->tls, &len);
     if (!p)
         return 0;
-    struct https_write *w = xmalloc(sizeof *w);
-    w->conn = conn;
-    w->data = p;
-    w->req.data = w;
-    uv_buf_t b = uv_buf_init(p, (unsigned)len);
-    int r = uv_write(&w->req, (uv_stream_t *)&conn->tcp, &b, 1, conn_write_cb);
-    if (r < 0) {
-        free(p);
-        free(w);
-    }
-    return r;
+    return conn_send(conn, p, len, 0);
 }
 
 /* Encrypts and sends the serialized request. Returns 0, HTTPS_E_TLS or HTTPS_E_IO; never calls
@@ -678,6 +724,128 @@ static void conn_handshake(struct https_conn *conn)
     conn_pump(conn); /* anything that arrived with the last handshake flight */
 }
 
+/* ---- the tunnel through the proxy --------------------------------------------------------- */
+
+static int on_tunnel_status(llhttp_t *p, const char *at, size_t len)
+{
+    struct https_conn *conn = p->data;
+    size_t room = HTTPS_PROXY_REASON_MAX - conn->proxy_reason_len;
+    if (len > room)
+        len = room;
+    memcpy(conn->proxy_reason + conn->proxy_reason_len, at, len);
+    conn->proxy_reason_len += len;
+    conn->proxy_reason[conn->proxy_reason_len] = 0;
+    return 0;
+}
+
+static int on_tunnel_headers_complete(llhttp_t *p)
+{
+    struct https_conn *conn = p->data;
+    if (p->status_code < 200) { /* interim 1xx: the real answer follows */
+        conn->proxy_reason_len = 0;
+        conn->proxy_reason[0] = 0;
+        return 1;
+    }
+    return 2; /* no body: stop here with HPE_PAUSED_UPGRADE, the tunnel (if any) begins */
+}
+
+static const llhttp_settings_t https_tunnel_settings = {
+    .on_status = on_tunnel_status,
+    .on_headers_complete = on_tunnel_headers_complete,
+};
+
+/* Starts the TLS handshake with the origin (over the tunnel, if any). early: bytes of the TLS
+ * stream that arrived with the proxy's answer. */
+static void conn_start_tls(struct https_conn *conn, const char *early, size_t n)
+{
+    struct https_client *c = conn->c;
+    char err[HTTPS_ERR_MAX];
+    conn->state = CONN_HANDSHAKE;
+    conn->tls = tls_conn_new(c->tls, c->host, err, sizeof err);
+    if (!conn->tls) {
+        conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", err);
+        return;
+    }
+    if (n && tls_conn_feed(conn->tls, early, n) < 0) {
+        conn_fail(conn, HTTPS_E_TLS, "tls_failed", "too much unread input");
+        return;
+    }
+    conn_handshake(conn);
+}
+
+/* Asks the proxy for a tunnel to the origin. */
+static void conn_tunnel_start(struct https_conn *conn)
+{
+    struct https_client *c = conn->c;
+    const char *auth = c->proxy_auth ? c->proxy_auth : "";
+    const char *auth_name = c->proxy_auth ? "Proxy-Authorization: " : "";
+    const char *auth_end = c->proxy_auth ? "\r\n" : "";
+    conn->state = CONN_TUNNEL;
+    conn->tunnel_bytes = 0;
+    conn->proxy_status = 0;
+    conn->proxy_reason_len = 0;
+    conn->proxy_reason[0] = 0;
+    llhttp_init(&conn->tparser, HTTP_RESPONSE, &https_tunnel_settings);
+    conn->tparser.data = conn;
+    /* Sized up front and written once, so that no copy of the credentials is left behind by a
+     * reallocation; conn_send zeroes the buffer once it is written. */
+    int n = snprintf(NULL, 0, HTTPS_CONNECT_FMT, c->connect_target, c->connect_target, auth_name,
+                     auth, auth_end);
+    if (n < 0) {
+        conn_fail(conn, HTTPS_E_PROXY, "https_proxy_failed", "cannot build the CONNECT request");
+        return;
+    }
+    char *msg = xmalloc((size_t)n + 1);
+    snprintf(msg, (size_t)n + 1, HTTPS_CONNECT_FMT, c->connect_target, c->connect_target,
+             auth_name, auth, auth_end);
+    log_debug("https_proxy_connect", "host=%s port=%s conn=%" PRIu64 "%s auth=%d", c->host,
+              c->port, conn->id, c->via, c->proxy_auth != NULL);
+    int r = conn_send(conn, msg, (size_t)n, 1); /* takes msg over */
+    if (r < 0)
+        conn_fail(conn, HTTPS_E_IO, "https_io_error", uv_strerror(r));
+}
+
+/* Bytes from the proxy while waiting for its answer to CONNECT. */
+static void conn_tunnel_input(struct https_conn *conn, const char *data, size_t n)
+{
+    struct https_client *c = conn->c;
+    char why[HTTPS_ERR_MAX];
+    char q[HTTPS_LOG_REASON_MAX];
+    size_t allowed = HTTPS_PROXY_RESPONSE_MAX - conn->tunnel_bytes;
+    size_t feed = n < allowed ? n : allowed;
+
+    conn->tunnel_bytes += feed;
+    llhttp_errno_t e = feed ? llhttp_execute(&conn->tparser, data, feed) : HPE_OK;
+    if (e == HPE_PAUSED_UPGRADE) {
+        int status = conn->tparser.status_code;
+        size_t used = (size_t)(llhttp_get_error_pos(&conn->tparser) - data);
+        if (status < 200 || status > 299) {
+            conn->proxy_status = status;
+            snprintf(why, sizeof why, "proxy answered CONNECT with %d %s", status,
+                     conn->proxy_reason);
+            conn_fail(conn, HTTPS_E_PROXY, "https_proxy_refused", why);
+            return;
+        }
+        log_debug("https_tunnel_open", "host=%s port=%s conn=%" PRIu64 "%s status=%d reason=%s",
+                  c->host, c->port, conn->id, c->via, status,
+                  quote(q, sizeof q, conn->proxy_reason));
+        /* Whatever followed the answer already belongs to the origin's TLS stream. */
+        conn_start_tls(conn, data + used, n - used);
+        return;
+    }
+    if (e != HPE_OK) {
+        const char *r = llhttp_get_error_reason(&conn->tparser);
+        snprintf(why, sizeof why, "invalid answer to CONNECT: %s: %s", llhttp_errno_name(e),
+                 r ? r : "");
+        conn_fail(conn, HTTPS_E_PROXY, "https_proxy_bad_response", why);
+        return;
+    }
+    if (feed < n) {
+        snprintf(why, sizeof why, "answer to CONNECT over %d bytes", HTTPS_PROXY_RESPONSE_MAX);
+        conn_fail(conn, HTTPS_E_PROXY, "https_proxy_bad_response", why);
+    }
+}
+
 static void conn_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b)
 {
     struct https_conn *conn = h->data;
@@ -694,10 +862,18 @@ static void conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         const char *why = nread == UV_EOF ? "connection closed by peer" : uv_strerror((int)nread);
         if (conn->state == CONN_IDLE)
             conn_close(conn, why);
+        else if (conn->state == CONN_TUNNEL)
+            conn_fail(conn, HTTPS_E_IO, "https_proxy_failed",
+                      nread == UV_EOF ? "proxy closed the connection before answering CONNECT"
+                                      : uv_strerror((int)nread));
         else if (conn->state == CONN_HANDSHAKE)
             conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", why);
         else
             conn_peer_closed(conn, why);
+        return;
+    }
+    if (conn->state == CONN_TUNNEL) {
+        conn_tunnel_input(conn, b->base, (size_t)nread);
         return;
     }
     if (tls_conn_feed(conn->tls, b->base, (size_t)nread) < 0) {
@@ -717,7 +893,6 @@ static void conn_connect_cb(uv_connect_t *cr, int status)
 {
     struct https_conn *conn = cr->data;
     struct https_client *c = conn->c;
-    char err[HTTPS_ERR_MAX];
     char q[HTTPS_LOG_REASON_MAX];
 
     if (conn->closing || status == UV_ECANCELED)
@@ -725,26 +900,23 @@ static void conn_connect_cb(uv_connect_t *cr, int status)
     if (status < 0) {
         conn->last_err = status;
         log_debug("https_connect_attempt_failed",
-                  "host=%s port=%s conn=%" PRIu64 " addr=%s reason=%s", c->host, c->port,
-                  conn->id, conn->addr, quote(q, sizeof q, uv_strerror(status)));
+                  "host=%s port=%s conn=%" PRIu64 "%s addr=%s reason=%s", c->host, c->port,
+                  conn->id, c->via, conn->addr, quote(q, sizeof q, uv_strerror(status)));
         uv_close((uv_handle_t *)&conn->tcp, conn_tcp_close_cb); /* goes on with the next address */
         return;
     }
-    log_debug("https_connected", "host=%s port=%s conn=%" PRIu64 " addr=%s", c->host, c->port,
-              conn->id, conn->addr);
+    log_debug("https_connected", "host=%s port=%s conn=%" PRIu64 "%s addr=%s", c->host, c->port,
+              conn->id, c->via, conn->addr);
     (void)uv_tcp_nodelay(&conn->tcp, 1);
-    conn->state = CONN_HANDSHAKE;
-    conn->tls = tls_conn_new(c->tls, c->host, err, sizeof err);
-    if (!conn->tls) {
-        conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", err);
-        return;
-    }
     int r = uv_read_start((uv_stream_t *)&conn->tcp, conn_alloc_cb, conn_read_cb);
     if (r < 0) {
         conn_fail(conn, HTTPS_E_IO, "https_io_error", uv_strerror(r));
         return;
     }
-    conn_handshake(conn);
+    if (c->proxy_host)
+        conn_tunnel_start(conn);
+    else
+        conn_start_tls(conn, NULL, 0);
 }
 
 static void conn_try_connect(struct https_conn *conn)
@@ -771,19 +943,24 @@ static void conn_try_connect(struct https_conn *conn)
         conn->refs++;
         r = uv_tcp_connect(&conn->connect_req, &conn->tcp, ai->ai_addr, conn_connect_cb);
         if (r == 0) {
-            log_debug("https_connecting", "host=%s port=%s conn=%" PRIu64 " addr=%s", c->host,
-                      c->port, conn->id, conn->addr);
+            log_debug("https_connecting", "host=%s port=%s conn=%" PRIu64 "%s addr=%s",
+                      c->host, c->port, conn->id, c->via, conn->addr);
             return;
         }
         conn->last_err = r;
         log_debug("https_connect_attempt_failed",
-                  "host=%s port=%s conn=%" PRIu64 " addr=%s reason=%s", c->host, c->port,
-                  conn->id, conn->addr, quote(q, sizeof q, uv_strerror(r)));
+                  "host=%s port=%s conn=%" PRIu64 "%s addr=%s reason=%s", c->host, c->port,
+                  conn->id, c->via, conn->addr, quote(q, sizeof q, uv_strerror(r)));
         uv_close((uv_handle_t *)&conn->tcp, conn_tcp_close_cb); /* goes on with the next address */
         return;
     }
-    conn_fail(conn, HTTPS_E_CONNECT, "https_connect_failed",
-              conn->last_err ? uv_strerror(conn->last_err) : "no usable address");
+    const char *why = conn->last_err ? uv_strerror(conn->last_err) : "no usable address";
+    char pwhy[HTTPS_ERR_MAX];
+    if (c->proxy_host) {
+        snprintf(pwhy, sizeof pwhy, "cannot connect to the proxy: %s", why);
+        why = pwhy;
+    }
+    conn_fail(conn, HTTPS_E_CONNECT, "https_connect_failed", why);
 }
 
 static void conn_gai_cb(uv_getaddrinfo_t *g, int status, struct addrinfo *res)
@@ -798,14 +975,17 @@ static void conn_gai_cb(uv_getaddrinfo_t *g, int status, struct addrinfo *res)
     }
     conn_unref(conn); /* the timer still holds a reference */
     if (status < 0) {
-        conn_fail(conn, HTTPS_E_RESOLVE, "https_resolve_failed", uv_strerror(status));
+        char why[HTTPS_ERR_MAX];
+        snprintf(why, sizeof why, "%s%s", c->proxy_host ? "cannot resolve the proxy: " : "",
+                 uv_strerror(status));
+        conn_fail(conn, HTTPS_E_RESOLVE, "https_resolve_failed", why);
         return;
     }
     unsigned n = 0;
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next)
         n++;
-    log_debug("https_resolved", "host=%s port=%s conn=%" PRIu64 " addresses=%u", c->host, c->port,
-              conn->id, n);
+    log_debug("https_resolved", "host=%s port=%s conn=%" PRIu64 "%s addresses=%u", c->host,
+              c->port, conn->id, c->via, n);
     conn->addrs = res;
     conn->next_addr = res;
     conn->state = CONN_CONNECTING;
@@ -828,7 +1008,9 @@ static int conn_start(struct https_client *c, struct https_request *req, struct 
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_protocol = IPPROTO_TCP;
     hints.ai_flags = AI_NUMERICSERV;
-    int r = uv_getaddrinfo(c->loop, &conn->gai, conn_gai_cb, c->host, c->port, &hints);
+    const char *dial_host = c->proxy_host ? c->proxy_host : c->host;
+    const char *dial_port = c->proxy_host ? c->proxy_port : c->port;
+    int r = uv_getaddrinfo(c->loop, &conn->gai, conn_gai_cb, dial_host, dial_port, &hints);
     if (r < 0) {
         conn->req = NULL;
         req->conn = NULL;
@@ -838,8 +1020,8 @@ static int conn_start(struct https_client *c, struct https_request *req, struct 
     conn->gai_active = 1;
     conn->refs++;
     conn_arm_timer(conn);
-    log_debug("https_resolving", "host=%s port=%s conn=%" PRIu64 " retry=%d", c->host, c->port,
-              conn->id, req->retried);
+    log_debug("https_resolving", "host=%s port=%s conn=%" PRIu64 "%s retry=%d", c->host, c->port,
+              conn->id, c->via, req->retried);
     return 0;
 }
 
@@ -890,6 +1072,11 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
         snprintf(err, errlen, "port=%s: not a TCP port number", o->port ? o->port : "");
         return -1;
     }
+    if (o->proxy && (!o->proxy->host || !host_is_valid(o->proxy->host) ||
+                     port_parse(o->proxy->port) < 0)) {
+        snprintf(err, errlen, "proxy=%s: not a usable proxy", proxy_describe(o->proxy));
+        return -1;
+    }
     if (tls_ctx_new(&tls, o->ca_file, err, errlen) < 0)
         return -1;
 
@@ -914,6 +1101,23 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
         return -1;
     }
     c->host_header = hh.data;
+    if (o->proxy) {
+        char q[HTTPS_VIA_MAX - sizeof " proxy="];
+        const char *desc = proxy_describe(o->proxy);
+        c->proxy_host = xstrdup(o->proxy->host);
+        c->proxy_port = xstrdup(o->proxy->port);
+        c->proxy_auth = o->proxy->authorization ? xstrdup(o->proxy->authorization) : NULL;
+        buf_init(&hh, HTTPS_ERR_MAX);
+        if (buf_printf(&hh, "%s%s%s:%d", bracket ? "[" : "", o->host, bracket ? "]" : "",
+                       port) < 0) {
+            snprintf(err, errlen, "host=%s: too long", o->host);
+            buf_free(&hh);
+            client_destroy(c);
+            return -1;
+        }
+        c->connect_target = hh.data;
+        snprintf(c->via, sizeof c->via, " proxy=%s", quote(q, sizeof q, desc));
+    }
     *out = c;
     return 0;
 }
@@ -1002,7 +1206,7 @@ int https_client_send(struct https_client *c, struct https_request *req)
     buf_free_secret(&rb);
     if (r < 0) {
         char q[HTTPS_LOG_REASON_MAX];
-        log_warn("https_resolve_failed", "host=%s port=%s reason=%s", c->host, c->port,
+        log_warn("https_resolve_failed", "host=%s port=%s%s reason=%s", c->host, c->port, c->via,
                  quote(q, sizeof q, uv_strerror(r)));
         pending_remove(c, req);
         req->client = NULL;

@@ -6,27 +6,43 @@
 #include <strings.h>
 
 #include "log.h"
-#include "token_file.h"
+#include "refresh.h"
 #include "util.h"
 
 #define NBUCKETS 256
 
+enum entry_state {
+    E_IDLE,         /* nothing in flight */
+    E_SLOT,         /* waiting for one of the CACHE_MAX_EXCHANGES slots */
+    E_READING,      /* reading the token file */
+    E_EXCHANGING,   /* talking to Entra */
+    E_BACKOFF,      /* waiting to retry */
+};
+
 struct cache_entry {
     struct token_cache *cache;
-    struct cache_entry *next; /* hash chain */
+    struct cache_entry *next;      /* hash chain */
+    struct cache_entry *slot_next; /* queue of entries waiting for an exchange slot */
     char *client_id;
     char *resource;
     size_t resource_len;
     uint64_t hash;
     struct token tok; /* access_token NULL when nothing is cached */
-    int64_t last_used;
-    int64_t throttled_until; /* epoch seconds; Entra's 429 Retry-After */
-    /* the exchange in flight */
-    int fetching;
+    int64_t obtained_ms, expires_ms, serve_until_ms, refresh_ms;
+    int64_t last_used_ms;
+    enum entry_state state;
+    unsigned attempt;         /* failed attempts in the current series */
+    int64_t backoff_until_ms; /* E_BACKOFF */
+    int64_t throttled_until_ms;
+    int64_t held_until_ms;    /* a permanent error is repeated until then */
+    struct entra_result held; /* that error (no token) */
+    struct entra_result last; /* the last failure, for waiters that time out */
+    int have_last;
+    int retried_700024;
     struct token_cache_waiter *waiters;
+    struct token_cache_waiter *completing; /* being answered */
     struct token_file_waiter read;
     struct entra_fetch fetch;
-    int retried; /* this exchange already re-read the token file after AADSTS700024 */
 };
 
 struct token_cache {
@@ -36,7 +52,27 @@ struct token_cache {
     struct token_file *tf;
     struct cache_entry *buckets[NBUCKETS];
     unsigned nentries;
+    size_t token_bytes;
+    unsigned exchanges; /* in E_READING or E_EXCHANGING */
+    struct cache_entry *slot_head, *slot_tail;
+    uv_timer_t tick;
+    int64_t tick_due_ms;
+    uint64_t rng;
 };
+
+static void start_attempt(struct cache_entry *e);
+static void arm_tick(struct token_cache *c);
+
+/* ---- small helpers ------------------------------------------------------------------------- */
+
+static double rnd(struct token_cache *c)
+{
+    /* xorshift64*: jitter only, not secrets */
+    c->rng ^= c->rng >> 12;
+    c->rng ^= c->rng << 25;
+    c->rng ^= c->rng >> 27;
+    return (double)((c->rng * 2685821657736338717ull) >> 11) / 9007199254740992.0;
+}
 
 static uint64_t hash_key(const char *client_id, const char *resource, size_t rlen)
 {
@@ -59,54 +95,262 @@ static struct cache_entry *find(struct token_cache *c, uint64_t h, const char *c
     return NULL;
 }
 
-int token_cache_is_fresh(const struct token *t, int64_t now)
+static void clear_token(struct cache_entry *e)
 {
-    if (!t->access_token)
-        return 0;
-    int64_t lifetime = t->expires_on - t->not_before;
-    int64_t margin = lifetime / 2 < CACHE_EARLY_REFRESH_S ? lifetime / 2 : CACHE_EARLY_REFRESH_S;
-    return now < t->expires_on - margin;
+    if (e->tok.access_token)
+        e->cache->token_bytes -= e->tok.len;
+    secret_free_str(e->tok.access_token);
+    memset(&e->tok, 0, sizeof e->tok);
+    e->obtained_ms = e->expires_ms = e->serve_until_ms = e->refresh_ms = 0;
 }
 
-struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
-                                    struct token_file *tf)
+static int busy(const struct cache_entry *e)
 {
-    struct token_cache *c = xcalloc(1, sizeof *c);
-    c->tf = tf;
-    c->loop = loop;
-    c->cfg = cfg;
-    c->entra = entra;
-    return c;
+    return e->state != E_IDLE && e->state != E_BACKOFF;
 }
 
-const struct token *token_cache_lookup(struct token_cache *c, const char *client_id,
-                                       const char *resource, size_t resource_len, int64_t now)
+static void log_key(const struct cache_entry *e, char *res, size_t n)
 {
-    struct cache_entry *e = find(c, hash_key(client_id, resource, resource_len), client_id,
-                                 resource, resource_len);
-    if (!e || !token_cache_is_fresh(&e->tok, now))
-        return NULL;
-    e->last_used = now;
-    return &e->tok;
+    log_quote(res, n, e->resource, e->resource_len);
 }
 
-int token_cache_throttled(struct token_cache *c, const char *client_id, const char *resource,
-                          size_t resource_len, int64_t now)
+/* ---- completing waiters -------------------------------------------------------------------- */
+
+/* A waiter is on e->waiters, or on e->completing while its callback is due. */
+static void unlink_waiter(struct cache_entry *e, struct token_cache_waiter *w)
 {
-    struct cache_entry *e = find(c, hash_key(client_id, resource, resource_len), client_id,
-                                 resource, resource_len);
-    return e && now < e->throttled_until ? (int)(e->throttled_until - now) : 0;
+    if (w->prev)
+        w->prev->next = w->next;
+    else if (e->completing == w)
+        e->completing = w->next;
+    else
+        e->waiters = w->next;
+    if (w->next)
+        w->next->prev = w->prev;
+    w->entry = NULL;
+    w->prev = w->next = NULL;
 }
 
-static void clear_token(struct token *t)
+/* Answers every waiter, or only those whose deadline is at or before due_ms when due_ms is not
+ * 0. They move to a separate list first, so a callback that starts a new request on this key
+ * waits for the next attempt instead of receiving this answer, and a callback that cancels
+ * another waiter is safe. */
+static void complete(struct cache_entry *e, const struct token *tok, const struct entra_result *r,
+                     int64_t due_ms)
 {
-    secret_free_str(t->access_token);
-    memset(t, 0, sizeof *t);
+    struct token_cache_waiter *w = e->waiters, *tail = e->completing;
+    while (tail && tail->next)
+        tail = tail->next;
+    while (w) {
+        struct token_cache_waiter *next = w->next;
+        if (!due_ms || w->deadline_ms <= due_ms) {
+            unlink_waiter(e, w);
+            w->entry = e;
+            w->prev = tail;
+            if (tail)
+                tail->next = w;
+            else
+                e->completing = w;
+            tail = w;
+        }
+        w = next;
+    }
+    while ((w = e->completing)) {
+        unlink_waiter(e, w);
+        w->done(w, tok, r);
+    }
 }
+
+static void set_local_error(struct entra_result *r, enum entra_kind kind, const char *error,
+                            const char *desc, int retry_after)
+{
+    memset(r, 0, sizeof *r);
+    r->kind = kind;
+    r->retry_after = retry_after;
+    snprintf(r->error, sizeof r->error, "%s", error);
+    snprintf(r->description, sizeof r->description, "%s", desc);
+}
+
+static void remember(struct entra_result *dst, const struct entra_result *src)
+{
+    *dst = *src;
+    dst->access_token = NULL;
+    dst->token_len = 0;
+}
+
+/* ---- exchange slots ------------------------------------------------------------------------ */
+
+static void release_slot(struct token_cache *c)
+{
+    c->exchanges--;
+    while (c->slot_head && c->exchanges < CACHE_MAX_EXCHANGES) {
+        struct cache_entry *e = c->slot_head;
+        c->slot_head = e->slot_next;
+        if (!c->slot_head)
+            c->slot_tail = NULL;
+        e->slot_next = NULL;
+        if (e->state == E_SLOT) {
+            e->state = E_IDLE;
+            start_attempt(e);
+        }
+    }
+}
+
+/* ---- one attempt --------------------------------------------------------------------------- */
+
+static void finish_attempt(struct cache_entry *e)
+{
+    e->state = E_IDLE;
+    release_slot(e->cache);
+}
+
+/* After a failed attempt: retry later, or give up on the waiters. A stale assertion that a
+ * re-read did not fix (AADSTS700024 twice) is answered at once: retrying cannot help until the
+ * kubelet writes a new token, which the watcher sees. */
+static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
+{
+    int stale_assertion = r->aadsts == 700024;
+    struct token_cache *c = e->cache;
+    int64_t now = now_wall_ms();
+    char res[160];
+    remember(&e->last, r);
+    e->have_last = 1;
+    if (r->kind == ENTRA_PERMANENT) {
+        /* a permanent rejection: tell the clients, keep the answer for a while, evict the token
+         * (Entra no longer issues it), and do not retry */
+        remember(&e->held, r);
+        e->held_until_ms = now + PERMANENT_ERROR_HOLD_MS;
+        clear_token(e);
+        e->attempt = 0;
+        complete(e, NULL, r, 0);
+        return;
+    }
+    if (r->kind == ENTRA_THROTTLED)
+        e->throttled_until_ms = now + (int64_t)r->retry_after * 1000;
+    int has_token = e->tok.access_token && now < e->serve_until_ms;
+    uint64_t cap = e->waiters ? BACKOFF_FOREGROUND_CAP_MS : BACKOFF_BACKGROUND_CAP_MS;
+    uint64_t wait = retry_wait_ms(e->attempt, cap, r->retry_after, rnd(c));
+    e->attempt++;
+    /* waiters whose deadline comes before the next attempt are answered now */
+    struct entra_result now_r = *r;
+    now_r.access_token = NULL;
+    if (!now_r.retry_after)
+        now_r.retry_after = (int)((wait + 999) / 1000);
+    complete(e, NULL, &now_r, stale_assertion ? 0 : now + (int64_t)wait);
+    if (!e->waiters && !has_token) {
+        e->attempt = 0; /* nobody waits and nothing to keep fresh: stop here */
+        return;
+    }
+    e->state = E_BACKOFF;
+    e->backoff_until_ms = now + (int64_t)wait;
+    log_key(e, res, sizeof res);
+    log_info("entra_retry_scheduled", "client_id=%s resource=%s attempt=%u in_ms=%llu "
+             "waiting_clients=%s serving_cached=%s", e->client_id, res, e->attempt,
+             (unsigned long long)wait, e->waiters ? "yes" : "no", has_token ? "yes" : "no");
+}
+
+static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch)
+{
+    struct cache_entry *e = f->data;
+    struct token_cache *c = e->cache;
+    (void)sent_epoch;
+    if (r->aadsts == 700024 && !e->retried_700024) {
+        /* the assertion is outside its validity window: the kubelet may have rotated it */
+        e->retried_700024 = 1;
+        log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file", e->client_id);
+        e->state = E_READING;
+        token_file_get(c->tf, &e->read);
+        return;
+    }
+    finish_attempt(e);
+    if (r->kind != ENTRA_OK) {
+        attempt_failed(e, r);
+        arm_tick(c);
+        return;
+    }
+    clear_token(e);
+    int64_t sent_ms = f->sent_ms;
+    e->tok.access_token = r->access_token;
+    e->tok.len = r->token_len;
+    r->access_token = NULL;
+    c->token_bytes += e->tok.len;
+    e->tok.not_before = sent_ms / 1000;
+    e->tok.expires_on = sent_ms / 1000 + r->expires_in;
+    e->tok.ext_expires_on = sent_ms / 1000 + r->ext_expires_in;
+    e->tok.refresh_in = r->refresh_in;
+    e->obtained_ms = sent_ms;
+    e->expires_ms = sent_ms + r->expires_in * 1000;
+    e->serve_until_ms = refresh_serve_until_ms(e->obtained_ms, e->expires_ms);
+    e->refresh_ms = refresh_at_ms(e->obtained_ms, e->expires_ms, r->refresh_in, rnd(c));
+    e->attempt = 0;
+    e->have_last = 0;
+    e->held_until_ms = 0;
+    log_debug("token_refresh_scheduled", "client_id=%s in_ms=%lld expires_in_ms=%lld",
+              e->client_id, (long long)(e->refresh_ms - now_wall_ms()),
+              (long long)(e->expires_ms - now_wall_ms()));
+    complete(e, &e->tok, NULL, 0);
+    arm_tick(c);
+}
+
+static void on_token_file(void *arg, const struct token_file_status *st, const char *tok,
+                          size_t len)
+{
+    struct cache_entry *e = arg;
+    struct token_cache *c = e->cache;
+    if (!tok) {
+        /* no usable assertion: answer now (the watcher notices when it comes back) */
+        char desc[240];
+        struct entra_result r;
+        snprintf(desc, sizeof desc, "Service account token is not usable (%s): %s",
+                 token_state_name(st->state), st->reason);
+        set_local_error(&r, ENTRA_TRANSIENT, "service_unavailable", desc, 5);
+        finish_attempt(e);
+        remember(&e->last, &r);
+        e->have_last = 1;
+        complete(e, NULL, &r, 0);
+        arm_tick(c);
+        return;
+    }
+    e->state = E_EXCHANGING;
+    e->fetch.done = on_entra;
+    e->fetch.data = e;
+    if (entra_fetch(c->entra, &e->fetch, e->client_id, e->resource, tok, len) < 0) {
+        struct entra_result r;
+        set_local_error(&r, ENTRA_TRANSIENT, "server_error", "Could not start the token exchange",
+                        0);
+        finish_attempt(e);
+        attempt_failed(e, &r);
+        arm_tick(c);
+    }
+}
+
+static void start_attempt(struct cache_entry *e)
+{
+    struct token_cache *c = e->cache;
+    if (busy(e))
+        return;
+    if (c->exchanges >= CACHE_MAX_EXCHANGES) {
+        e->state = E_SLOT;
+        if (c->slot_tail)
+            c->slot_tail->slot_next = e;
+        else
+            c->slot_head = e;
+        c->slot_tail = e;
+        return;
+    }
+    c->exchanges++;
+    e->state = E_READING;
+    e->retried_700024 = 0;
+    e->read.cb = on_token_file;
+    e->read.arg = e;
+    token_file_get(c->tf, &e->read);
+}
+
+/* ---- entries ------------------------------------------------------------------------------- */
 
 static void entry_free(struct cache_entry *e)
 {
-    clear_token(&e->tok);
+    clear_token(e);
     free(e->client_id);
     free(e->resource);
     free(e);
@@ -121,13 +365,14 @@ static void unlink_entry(struct token_cache *c, struct cache_entry *e)
     c->nentries--;
 }
 
-/* Makes room by dropping the least recently used entry that has no exchange in flight. */
+/* Drops the least recently used entry with nothing in flight and nobody waiting. */
 static int evict_one(struct token_cache *c)
 {
     struct cache_entry *victim = NULL;
     for (int b = 0; b < NBUCKETS; b++)
         for (struct cache_entry *e = c->buckets[b]; e; e = e->next)
-            if (!e->fetching && (!victim || e->last_used < victim->last_used))
+            if (e->state == E_IDLE && !e->waiters && !e->completing &&
+                (!victim || e->last_used_ms < victim->last_used_ms))
                 victim = e;
     if (!victim)
         return -1;
@@ -136,129 +381,182 @@ static int evict_one(struct token_cache *c)
     return 0;
 }
 
-/* Calls every waiter once; the list is detached first so callbacks may cancel or re-fetch. */
-static void complete(struct cache_entry *e, const struct token *tok, const struct entra_result *r)
+/* ---- the tick: refreshes, retries, deadlines, expiry --------------------------------------- */
+
+static void on_tick(uv_timer_t *t)
 {
-    struct token_cache_waiter *w = e->waiters;
-    e->waiters = NULL;
-    e->fetching = 0;
-    while (w) {
-        struct token_cache_waiter *next = w->next;
-        w->entry = NULL;
-        w->prev = w->next = NULL;
-        w->done(w, tok, r);
-        w = next;
+    struct token_cache *c = t->data;
+    int64_t now = now_wall_ms();
+    char res[160];
+    c->tick_due_ms = 0;
+    for (int b = 0; b < NBUCKETS; b++) {
+        struct cache_entry *e = c->buckets[b], *next;
+        for (; e; e = next) {
+            next = e->next;
+            if (e->waiters) {
+                /* clients whose deadline passed get the last error, or a timeout */
+                struct entra_result r;
+                if (e->have_last)
+                    r = e->last;
+                else
+                    set_local_error(&r, ENTRA_TRANSIENT, "service_unavailable",
+                                    "Timed out waiting for Entra", 5);
+                complete(e, NULL, &r, now);
+            }
+            if (e->state == E_BACKOFF && now >= e->backoff_until_ms) {
+                e->state = E_IDLE;
+                start_attempt(e);
+            }
+            if (e->tok.access_token && now >= e->serve_until_ms && !busy(e)) {
+                log_key(e, res, sizeof res);
+                log_info("token_expired", "client_id=%s resource=%s", e->client_id, res);
+                clear_token(e);
+                if (e->state == E_BACKOFF && !e->waiters)
+                    e->state = E_IDLE;
+            }
+            if (e->tok.access_token && e->state == E_IDLE && now >= e->refresh_ms) {
+                int64_t life = e->expires_ms - e->obtained_ms;
+                if (now - e->last_used_ms > life && !e->waiters && !e->completing) {
+                    /* nobody asked during the whole life of this token: stop refreshing it */
+                    log_key(e, res, sizeof res);
+                    log_info("token_dropped", "client_id=%s resource=%s reason=unused",
+                             e->client_id, res);
+                    unlink_entry(c, e);
+                    entry_free(e);
+                    continue;
+                }
+                log_key(e, res, sizeof res);
+                log_info("token_refresh", "client_id=%s resource=%s expires_in_s=%lld",
+                         e->client_id, res, (long long)((e->expires_ms - now) / 1000));
+                start_attempt(e);
+            }
+            if (e->held_until_ms && now >= e->held_until_ms)
+                e->held_until_ms = 0;
+        }
     }
+    arm_tick(c);
 }
 
-static void on_token_file(void *arg, const struct token_file_status *st, const char *tok,
-                          size_t len);
-
-static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch)
+/* Arms the tick for the earliest thing due. */
+static void arm_tick(struct token_cache *c)
 {
-    struct cache_entry *e = f->data;
-    if (r->kind == ENTRA_THROTTLED)
-        e->throttled_until = now_epoch() + r->retry_after;
-    if (r->aadsts == 700024 && !e->retried) {
-        /* the assertion is outside its validity window: the kubelet may have rotated it since */
-        e->retried = 1;
-        log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file", e->client_id);
-        token_file_get(e->cache->tf, &e->read);
+    int64_t due = 0;
+#define CONSIDER(t)                                                                               \
+    do {                                                                                          \
+        if ((t) > 0 && (!due || (t) < due))                                                       \
+            due = (t);                                                                            \
+    } while (0)
+    for (int b = 0; b < NBUCKETS; b++)
+        for (struct cache_entry *e = c->buckets[b]; e; e = e->next) {
+            for (struct token_cache_waiter *w = e->waiters; w; w = w->next)
+                CONSIDER(w->deadline_ms);
+            if (e->state == E_BACKOFF)
+                CONSIDER(e->backoff_until_ms);
+            if (e->tok.access_token && !busy(e)) {
+                CONSIDER(e->refresh_ms);
+                CONSIDER(e->serve_until_ms);
+            }
+            CONSIDER(e->held_until_ms);
+        }
+#undef CONSIDER
+    if (!due) {
+        uv_timer_stop(&c->tick);
+        c->tick_due_ms = 0;
         return;
     }
-    if (r->kind != ENTRA_OK) {
-        complete(e, NULL, r);
+    if (c->tick_due_ms == due && uv_is_active((uv_handle_t *)&c->tick))
         return;
-    }
-    clear_token(&e->tok);
-    e->tok.access_token = r->access_token;
-    e->tok.len = r->token_len;
-    r->access_token = NULL;
-    e->tok.not_before = sent_epoch;
-    e->tok.expires_on = sent_epoch + r->expires_in;
-    e->tok.ext_expires_on = sent_epoch + r->ext_expires_in;
-    e->tok.refresh_in = r->refresh_in;
-    complete(e, &e->tok, NULL);
+    int64_t delay = due - now_wall_ms();
+    c->tick_due_ms = due;
+    uv_timer_start(&c->tick, on_tick, delay > 0 ? (uint64_t)delay : 0, 0);
 }
 
-static void fail_local(struct cache_entry *e, const char *error, const char *desc, int retry_after)
+/* ---- public -------------------------------------------------------------------------------- */
+
+struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
+                                    struct token_file *tf)
 {
-    struct entra_result r;
-    memset(&r, 0, sizeof r);
-    r.kind = ENTRA_TRANSIENT;
-    r.retry_after = retry_after;
-    snprintf(r.error, sizeof r.error, "%s", error);
-    snprintf(r.description, sizeof r.description, "%s", desc);
-    complete(e, NULL, &r);
+    struct token_cache *c = xcalloc(1, sizeof *c);
+    c->loop = loop;
+    c->cfg = cfg;
+    c->entra = entra;
+    c->tf = tf;
+    uv_timer_init(loop, &c->tick);
+    c->tick.data = c;
+    if (uv_random(NULL, NULL, &c->rng, sizeof c->rng, 0, NULL) < 0 || !c->rng)
+        c->rng = (uint64_t)now_wall_ms() | 1;
+    return c;
 }
 
-static void on_token_file(void *arg, const struct token_file_status *st, const char *tok,
-                          size_t len)
+enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
+                                  const char *client_id, const char *resource, size_t resource_len,
+                                  int64_t now_ms, const struct token **tok,
+                                  struct entra_result *err)
 {
-    struct cache_entry *e = arg;
-    if (!tok) {
-        char desc[240];
-        snprintf(desc, sizeof desc, "Service account token is not usable (%s): %s",
-                 token_state_name(st->state), st->reason);
-        fail_local(e, "service_unavailable", desc, 5);
-        return;
-    }
-    e->fetch.done = on_entra;
-    e->fetch.data = e;
-    if (entra_fetch(e->cache->entra, &e->fetch, e->client_id, e->resource, tok, len) < 0)
-        fail_local(e, "server_error", "Could not start the token exchange", 0);
-}
-
-int token_cache_fetch(struct token_cache *c, struct token_cache_waiter *w, const char *client_id,
-                      const char *resource, size_t resource_len)
-{
-    if (resource_len > IMDS_MAX_RESOURCE)
-        return -1;
     uint64_t h = hash_key(client_id, resource, resource_len);
     struct cache_entry *e = find(c, h, client_id, resource, resource_len);
+    if (e) {
+        e->last_used_ms = now_ms;
+        if (e->tok.access_token && now_ms < e->serve_until_ms) {
+            if (now_ms >= e->refresh_ms && e->state == E_IDLE)
+                start_attempt(e); /* e.g. after a failed refresh gave up: try in the background */
+            *tok = &e->tok;
+            return CACHE_HIT;
+        }
+        if (now_ms < e->held_until_ms) {
+            *err = e->held;
+            return CACHE_FAIL;
+        }
+        if (now_ms < e->throttled_until_ms) {
+            set_local_error(err, ENTRA_THROTTLED, "too_many_requests",
+                            "Entra is throttling token requests for this identity and resource",
+                            (int)((e->throttled_until_ms - now_ms + 999) / 1000));
+            return CACHE_FAIL;
+        }
+    }
+    if (!w)
+        return CACHE_WAIT; /* the caller asks again with a waiter */
     if (!e) {
-        if (c->nentries >= CACHE_MAX_ENTRIES && evict_one(c) < 0)
-            return -1;
+        if ((c->nentries >= CACHE_MAX_ENTRIES || c->token_bytes >= CACHE_MAX_TOKEN_BYTES) &&
+            evict_one(c) < 0)
+            return CACHE_FULL;
         e = xcalloc(1, sizeof *e);
         e->cache = c;
         e->client_id = xstrdup(client_id);
         e->resource = xstrndup(resource, resource_len);
         e->resource_len = resource_len;
         e->hash = h;
+        e->last_used_ms = now_ms;
         e->next = c->buckets[h % NBUCKETS];
         c->buckets[h % NBUCKETS] = e;
         c->nentries++;
     }
-    e->last_used = now_epoch();
     w->entry = e;
     w->prev = NULL;
     w->next = e->waiters;
+    w->deadline_ms = now_ms + (int64_t)c->cfg->entra_timeout_s * 1000;
     if (e->waiters)
         e->waiters->prev = w;
     e->waiters = w;
-    if (e->fetching)
-        return 0;
-    e->fetching = 1;
-    e->retried = 0;
-    e->read.cb = on_token_file;
-    e->read.arg = e;
-    token_file_get(c->tf, &e->read);
-    return 0;
+    if (e->state == E_BACKOFF && e->backoff_until_ms - now_ms > BACKOFF_FOREGROUND_CAP_MS) {
+        /* a long background backoff: a waiting client should not sit through it */
+        e->state = E_IDLE;
+    }
+    if (e->state == E_IDLE)
+        start_attempt(e);
+    arm_tick(c);
+    return CACHE_WAIT;
 }
 
 void token_cache_cancel(struct token_cache_waiter *w)
 {
-    struct cache_entry *e = w->entry;
-    if (!e)
-        return;
-    if (w->prev)
-        w->prev->next = w->next;
-    else
-        e->waiters = w->next;
-    if (w->next)
-        w->next->prev = w->prev;
-    w->entry = NULL;
-    w->prev = w->next = NULL;
+    if (w->entry)
+        unlink_waiter(w->entry, w);
+}
+
+static void on_tick_closed(uv_handle_t *h)
+{
+    free(h->data);
 }
 
 void token_cache_free(struct token_cache *c)
@@ -270,12 +568,17 @@ void token_cache_free(struct token_cache *c)
             struct cache_entry *e = c->buckets[b];
             c->buckets[b] = e->next;
             token_file_cancel(&e->read);
-            if (e->fetching)
-                entra_cancel(&e->fetch);
-            if (e->waiters)
-                fail_local(e, "service_unavailable", "imdsd is shutting down", 0);
+            entra_cancel(&e->fetch);
+            if (e->waiters) {
+                struct entra_result r;
+                set_local_error(&r, ENTRA_TRANSIENT, "service_unavailable",
+                                "imdsd is shutting down", 0);
+                complete(e, NULL, &r, 0);
+            }
             entry_free(e);
         }
     }
-    free(c);
+    c->slot_head = c->slot_tail = NULL;
+    uv_timer_stop(&c->tick);
+    uv_close((uv_handle_t *)&c->tick, on_tick_closed);
 }

@@ -24,6 +24,7 @@ struct read_job {
     char *content;
     size_t len;
     char watch_dir[PATH_MAX];
+    char watch_child[NAME_MAX + 1];
 };
 
 struct token_file {
@@ -34,6 +35,7 @@ struct token_file {
     int handles_open;
     int watching;
     char watch_dir[PATH_MAX];
+    char watch_child[NAME_MAX + 1]; /* the entry of watch_dir on the way to the token */
     struct read_job *job;              /* in flight, or NULL */
     struct token_file_waiter *current; /* served by the read in flight */
     struct token_file_waiter *next;    /* arrived during it: served by the next read */
@@ -149,10 +151,28 @@ static void find_watch_dir(const char *path, char *out)
     }
 }
 
+/* The entry of dir that leads to path: only events on it (or on "..data") matter. Other
+ * entries of an ancestor directory, such as log files, are none of our business. */
+static void first_component(const char *path, const char *dir, char *out)
+{
+    size_t n = strlen(dir);
+    const char *rel = strcmp(dir, "/") == 0 ? path + 1 : path + n + 1;
+    if (strncmp(path, dir, n) != 0 || strlen(path) <= n) {
+        out[0] = 0;
+        return;
+    }
+    size_t k = strcspn(rel, "/");
+    if (k > NAME_MAX)
+        k = NAME_MAX;
+    memcpy(out, rel, k);
+    out[k] = 0;
+}
+
 static void read_work(uv_work_t *w)
 {
     struct read_job *j = w->data;
     find_watch_dir(j->path, j->watch_dir);
+    first_component(j->path, j->watch_dir, j->watch_child);
     int fd = open(j->path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) {
         j->err = -errno;
@@ -214,8 +234,9 @@ static void job_free(struct read_job *j)
 static void start_read(struct token_file *tf);
 static void on_fs_event(uv_fs_event_t *h, const char *name, int events, int status);
 
-static void set_watch(struct token_file *tf, const char *dir)
+static void set_watch(struct token_file *tf, const char *dir, const char *child)
 {
+    snprintf(tf->watch_child, sizeof tf->watch_child, "%s", child);
     if (tf->watching && strcmp(dir, tf->watch_dir) == 0)
         return;
     if (tf->watching)
@@ -277,7 +298,7 @@ static void read_done(uv_work_t *w, int status)
     struct token_file_status old = tf->st;
     token_file_classify(status < 0 ? status : j->err, j->content, j->len, now_epoch(), &tf->st);
     log_status(tf, &old);
-    set_watch(tf, j->watch_dir);
+    set_watch(tf, j->watch_dir, j->watch_child);
     struct token_file_waiter *batch = tf->current;
     tf->current = NULL;
     if (tf->next || tf->reread) {
@@ -328,8 +349,14 @@ static void on_fs_event(uv_fs_event_t *h, const char *name, int events, int stat
     if (status < 0)
         log_warn("token_file_watch_error", "dir=%s error=\"%s\"", tf->watch_dir,
                  uv_strerror(status));
+    else if (name && tf->watch_child[0] && strcmp(name, tf->watch_child) != 0 &&
+             strcmp(name, "..data") != 0)
+        return;
     log_debug("token_file_event", "dir=%s name=%s", tf->watch_dir, name ? name : "-");
-    uv_timer_start(&tf->debounce, on_debounce, TOKEN_FILE_DEBOUNCE_MS, 0);
+    /* a pending re-read already covers this event; restarting would let a busy directory
+     * postpone it forever */
+    if (!uv_is_active((uv_handle_t *)&tf->debounce))
+        uv_timer_start(&tf->debounce, on_debounce, TOKEN_FILE_DEBOUNCE_MS, 0);
 }
 
 static void on_periodic(uv_timer_t *t)

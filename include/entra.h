@@ -25,6 +25,7 @@ struct entra_fetch {
     struct https_request req;
     char headers[256];
     int64_t sent_epoch;
+    int64_t sent_ms; /* wall clock, milliseconds */
     uint64_t started_ms;
     const char *client_id; /* borrowed until done */
     const char *resource;

@@ -4,7 +4,12 @@
  * full chain + hostname verification (there is no way to turn it off), sends one request and
  * parses one response (Content-Length or chunked) with a size cap. Idle keep-alive connections
  * are kept and reused; a request that fails on a reused connection before any response byte
- * arrived is retried once on a fresh one. */
+ * arrived is retried once on a fresh one.
+ *
+ * Optionally every connection goes through an HTTP CONNECT proxy (struct proxy, proxy.h): the
+ * client resolves and connects to the proxy, asks it for a tunnel to host:port, and runs the TLS
+ * handshake with the origin through it (SNI and verification against the origin's name, exactly
+ * as without a proxy). Tunnelled connections are pooled and reused the same way. */
 #ifndef IMDSD_HTTPS_CLIENT_H
 #define IMDSD_HTTPS_CLIENT_H
 
@@ -17,6 +22,9 @@
 #define HTTPS_DEFAULT_MAX_RESPONSE (64 * 1024)
 #define HTTPS_MAX_IDLE_CONNS 4
 #define HTTPS_IDLE_TIMEOUT_MS 60000
+#define HTTPS_PROXY_RESPONSE_MAX 8192 /* cap on the proxy's answer to CONNECT (status + headers) */
+
+struct proxy;
 
 enum https_err {
     HTTPS_OK = 0,
@@ -29,6 +37,8 @@ enum https_err {
     HTTPS_E_PROTO = -7,     /* response is not valid HTTP/1.x */
     HTTPS_E_TOO_LARGE = -8, /* response body or headers over the cap */
     HTTPS_E_CANCELED = -9,  /* client freed while the request was pending */
+    HTTPS_E_PROXY = -10,    /* the proxy did not open a tunnel: non-2xx answer to CONNECT (e.g.
+                             * 403, 407, 502), or an invalid or over-long answer */
 };
 
 /* A short, log-safe English description of an https_err. */
@@ -38,9 +48,12 @@ struct https_client_opts {
     const char *host;            /* DNS name or IP literal (no brackets); also SNI + verified name */
     const char *port;            /* decimal, e.g. "443" */
     const char *ca_file;         /* PEM bundle of trust anchors; NULL = system bundle */
-    uint64_t connect_timeout_ms; /* 0 = default; covers resolve + TCP connect + TLS handshake */
+    uint64_t connect_timeout_ms; /* 0 = default; covers resolve + TCP connect (+ CONNECT through
+                                  * the proxy) + TLS handshake */
     uint64_t request_timeout_ms; /* 0 = default; whole request from send() to done */
     size_t max_response;         /* 0 = default; cap on response head + body bytes */
+    const struct proxy *proxy;   /* HTTP CONNECT proxy, or NULL to connect directly; copied by
+                                  * https_client_new (the caller may free it afterwards) */
 };
 
 struct https_response {

@@ -1,6 +1,12 @@
-/* token_cache.h - access tokens keyed by (client_id, resource), with single-flight exchanges:
- * concurrent requests for a key that is not cached share one read of the token file and one
- * exchange with Entra. */
+/* token_cache.h - access tokens keyed by (client_id, resource).
+ *
+ * Concurrent requests for a key that is not cached share one exchange (single flight). A
+ * cached token is refreshed in the background before clients would consider it expired
+ * (refresh.h), and keeps being served while Entra fails until shortly before it expires.
+ * Transient failures are retried with full-jitter backoff, honouring Retry-After, within the
+ * deadline of the clients waiting; permanent ones are not retried and are repeated from memory
+ * for a while; 429 holds identical requests until its Retry-After. At most
+ * CACHE_MAX_EXCHANGES exchanges run at once. */
 #ifndef IMDSD_TOKEN_CACHE_H
 #define IMDSD_TOKEN_CACHE_H
 
@@ -16,7 +22,8 @@
 #include "token_file.h"
 
 #define CACHE_MAX_ENTRIES 1024
-#define CACHE_EARLY_REFRESH_S 300 /* SDKs treat less than this as expired */
+#define CACHE_MAX_TOKEN_BYTES (8u << 20) /* all cached access tokens together */
+#define CACHE_MAX_EXCHANGES 8            /* concurrent exchanges with Entra */
 
 struct token_cache;
 struct token_cache_waiter;
@@ -31,28 +38,31 @@ struct token_cache_waiter {
     /* private */
     struct cache_entry *entry;
     struct token_cache_waiter *prev, *next;
+    int64_t deadline_ms;
 };
+
+enum cache_result { CACHE_HIT, CACHE_FAIL, CACHE_WAIT, CACHE_FULL = -1 };
 
 /* Borrows loop, cfg, entra and the token file for the cache's lifetime. */
 struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
                                     struct token_file *tf);
-/* A token that is fresh at now, or NULL. The pointer is valid until control returns to the loop. */
-const struct token *token_cache_lookup(struct token_cache *c, const char *client_id,
-                                       const char *resource, size_t resource_len, int64_t now);
-/* Seconds left of a throttling period Entra imposed on this key with 429 + Retry-After (0 when
- * none): identical requests are answered 429 without calling Entra until it ends. */
-int token_cache_throttled(struct token_cache *c, const char *client_id, const char *resource,
-                          size_t resource_len, int64_t now);
-/* Waits for a token for the key, joining the exchange in flight or starting one. Returns 0 and
- * later calls w->done exactly once (unless canceled), or <0 without calling it. */
-int token_cache_fetch(struct token_cache *c, struct token_cache_waiter *w, const char *client_id,
-                      const char *resource, size_t resource_len);
+
+/* Looks up (client_id, resource) at now_ms (wall clock):
+ * CACHE_HIT: *tok is a servable token (valid until control returns to the loop);
+ * CACHE_FAIL: *err says why the request is answered at once (held permanent error, 429);
+ * CACHE_WAIT: w->done will be called exactly once, within cfg->entra_timeout_s, unless
+ *             token_cache_cancel(w) is called first;
+ * CACHE_FULL: no room for a new key. The cached path allocates nothing.
+ * With w NULL nothing is registered or started: CACHE_WAIT then means "call again with a
+ * waiter" (so that callers allocate a waiter only on a miss). */
+enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
+                                  const char *client_id, const char *resource, size_t resource_len,
+                                  int64_t now_ms, const struct token **tok,
+                                  struct entra_result *err);
 /* Detaches w: done is never called. A no-op when it already ran. */
 void token_cache_cancel(struct token_cache_waiter *w);
-/* Fails waiting requests with a "shutting down" error and frees everything. */
+/* Fails waiting requests with a "shutting down" error, stops timers and frees everything once
+ * the timer handle has closed (the loop must run). */
 void token_cache_free(struct token_cache *c);
-
-/* True when a token obtained with this expiry is still worth serving at now (pure policy). */
-int token_cache_is_fresh(const struct token *t, int64_t now);
 
 #endif

@@ -19,8 +19,9 @@ void secret_free_str(char *s);
 /* Writes the first 6 bytes of SHA-256(p) as 12 hex digits + NUL: a log-safe fingerprint. */
 void fingerprint(const void *p, size_t n, char out[13]);
 
-/* Wall clock in seconds since the epoch, and a monotonic clock in milliseconds. */
+/* Wall clock in seconds and in milliseconds since the epoch; a monotonic clock in ms. */
 int64_t now_epoch(void);
+int64_t now_wall_ms(void);
 uint64_t now_ms(void);
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))

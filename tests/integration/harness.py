@@ -2,8 +2,8 @@
 
 Configured once per run by run.py (BINARY, LABEL, VALGRIND, SCALE); tests receive a Ctx.
 """
-import base64, hashlib, http.client, json, os, re, signal, socket, ssl, subprocess, sys, threading, time
-import urllib.parse, uuid
+import atexit, base64, ctypes, hashlib, http.client, json, os, re, shutil, signal, socket, ssl, subprocess, sys
+import threading, time, urllib.parse, uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BINARY = None        # path of the imdsd binary under test
@@ -53,8 +53,12 @@ class Resp:
         return f"<{self.status} {self.body[:300]!r}>"
 
 
-def request(port, path, headers=None, method="GET", body=None, host="127.0.0.1", timeout=10, conn=None):
-    """One request with http.client (on conn if given, so keep-alive can be tested). Returns Resp."""
+def request(port, path, headers=None, method="GET", body=None, host="127.0.0.1", timeout=10, conn=None,
+            netns=None):
+    """One request with http.client (on conn if given, so keep-alive can be tested). Returns Resp.
+    With netns (a NetNS or its name), the request is made from inside that network namespace."""
+    if netns is not None:
+        return in_netns(netns, request, port, path, headers, method, body, host, timeout, conn)
     c = conn or http.client.HTTPConnection(host, port, timeout=timeout * SCALE)
     try:
         c.request(method, path, body=body, headers=headers or {})
@@ -221,17 +225,143 @@ class ProjectedToken:
         return hashlib.sha256(self.content.encode()).hexdigest()
 
 
+# ---- token-file life cycle: the kubelet's atomic writer, JWT variants, daemon log events ---------
+
+def make_jwt_with(lifetime=3600, drop=(), payload=None, **claims):
+    """A projected-token-shaped JWS with claims overridden (claims=...), removed (drop=...), or with
+    payload (bytes) as the raw decoded payload segment. Returns (jwt, claims dict or None)."""
+    now = int(time.time())
+    c = {"aud": ["api://AzureADTokenExchange"], "exp": now + lifetime, "iat": now, "nbf": now,
+         "iss": "https://oidc.prod-aks.azure.com/00000000-1111-2222-3333-444444444444/",
+         "sub": "system:serviceaccount:default:workload", "jti": str(uuid.uuid4()),
+         "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": "workload", "uid": str(uuid.uuid4())},
+                           "pod": {"name": "workload-7d9c", "uid": str(uuid.uuid4())}}}
+    c.update(claims)
+    for k in drop:
+        c.pop(k, None)
+    head = b64url(json.dumps({"alg": "RS256", "kid": b64url(os.urandom(12))}, separators=(",", ":")).encode())
+    body = payload if payload is not None else json.dumps(c, separators=(",", ":")).encode()
+    return f"{head}.{b64url(body)}.{b64url(os.urandom(256))}", (None if payload is not None else c)
+
+
+def fingerprint(content):
+    """The daemon's 12-hex fingerprint of a (whitespace-trimmed) token: the first 6 bytes of SHA-256."""
+    if isinstance(content, str):
+        content = content.encode()
+    return hashlib.sha256(content.strip(b" \t\r\n")).hexdigest()[:12]
+
+
+class KubeletToken:
+    """A projected service-account token volume written exactly as the kubelet's AtomicWriter.Write
+    (kubernetes pkg/volume/util/atomic_writer.go) does it, so inotify sees the real event sequence:
+      ROOT/..2026_11_28_12_00_00.<rand>/   MkdirTemp, then chmod 0755, then the payload inside
+      ROOT/..data_tmp -> ..2026_...<rand>  symlink, then rename("..data_tmp", "..data")
+      user-visible symlinks (created once, never changed), then RemoveAll of the old timestamped dir.
+    Layouts (imds-protocol.md section 4):
+      nested=False (AZWI <= v1.5): ROOT/azure-identity-token -> ..data/azure-identity-token
+      nested=True  (AZWI v1.6):    ROOT/token -> ..data/token; the file is ROOT/token/azure-identity-token
+    .path is what AZURE_FEDERATED_TOKEN_FILE names. With create=False nothing (not even ROOT) exists
+    until the first rotate(). rotate() accepts the same arguments as ProjectedToken.rotate, bytes, or
+    KubeletToken.DIRECTORY (the payload path becomes a directory). Every rotation is recorded in
+    .rotations as dict(gen, sha256, fp, t_before, t_renamed, t_done): time.time() stamps just before
+    and just after the rename (comparable with fake_entra's "time") and after the old dir is gone."""
+    NAME = "azure-identity-token"
+    DIRECTORY = object()
+
+    def __init__(self, root, content=None, newline=False, nested=False, create=True, mode=0o644):
+        self.root, self.nested, self.mode = root, nested, mode
+        self.rel = os.path.join("token", self.NAME) if nested else self.NAME
+        self.path = os.path.join(root, self.rel)
+        self.content, self.gen, self.rotations = None, 0, []
+        if create:
+            self.rotate(content, newline=newline)
+
+    def rotate(self, content=None, newline=False):
+        content = make_jwt() if content is None else content
+        os.makedirs(self.root, exist_ok=True)   # the volume's mount point
+        data = os.path.join(self.root, "..data")
+        old = os.readlink(data) if os.path.islink(data) else None
+        import shutil, tempfile   # local: keeps this block independent of the header's imports
+        ts_dir = tempfile.mkdtemp(prefix=time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime()), dir=self.root)
+        os.chmod(ts_dir, 0o755)
+        target = os.path.join(ts_dir, self.rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if content is self.DIRECTORY:
+            os.mkdir(target)
+            raw = None
+        else:
+            raw = content.encode() if isinstance(content, str) else bytes(content)
+            raw += b"\n" if newline else b""
+            with open(target, "wb") as f:
+                f.write(raw)
+            os.chmod(target, self.mode)
+        tmp = os.path.join(self.root, "..data_tmp")
+        os.symlink(os.path.basename(ts_dir), tmp)
+        t_before = time.time()
+        os.rename(tmp, data)
+        t_renamed = time.time()
+        top = self.rel.split(os.sep)[0]
+        if not os.path.islink(os.path.join(self.root, top)):
+            os.symlink(os.path.join("..data", top), os.path.join(self.root, top))
+        if old:
+            shutil.rmtree(os.path.join(self.root, old))
+        self.gen += 1
+        self.content = None if raw is None else raw.decode(errors="replace")
+        rec = {"gen": self.gen, "sha256": None if raw is None else hashlib.sha256(raw.strip(b" \t\r\n")).hexdigest(),
+               "fp": None if raw is None else fingerprint(raw), "t_before": t_before, "t_renamed": t_renamed,
+               "t_done": time.time()}
+        self.rotations.append(rec)
+        return content
+
+    def remove_data(self):
+        """Takes ..data away (the visible symlink then dangles): the token file is missing."""
+        import shutil
+        data = os.path.join(self.root, "..data")
+        old = os.readlink(data)
+        os.unlink(data)
+        shutil.rmtree(os.path.join(self.root, old))
+
+    @property
+    def sha256(self):
+        return hashlib.sha256(self.content.strip().encode()).hexdigest()
+
+
+def log_events(text, event=None):
+    """The daemon's key=value log lines as dicts (quoted values unquoted), optionally one event only."""
+    out = []
+    for line in text.splitlines():
+        rec = {m.group(1): (m.group(2)[1:-1].replace('\\"', '"') if m.group(2).startswith('"') else m.group(2))
+               for m in re.finditer(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|\S*)', line)}
+        if rec and (event is None or rec.get("event") == event):
+            rec["_line"] = line
+            out.append(rec)
+    return out
+
+
+def log_ts(rec):
+    """A log record's ts= (2026-11-28T12:00:00.123Z) as epoch seconds, or None."""
+    m = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?Z", rec.get("ts", ""))
+    if not m:
+        return None
+    import calendar
+    secs = calendar.timegm(tuple(int(x) for x in m.groups()[:6]) + (0, 0, 0))
+    return secs + (float("0." + m.group(7)) if m.group(7) else 0.0)
+
+
 # ---- fake Entra -----------------------------------------------------------------------------------
 
 class Fake:
     """A running fake_entra.py serving cert/key; the harness talks to its control endpoints."""
 
-    def __init__(self, rundir, name, cert, key):
+    def __init__(self, rundir, name, cert, key, netns=None, token_file=None):
+        """netns: run inside that network namespace (a NetNS); token_file: the fake's default --token-file."""
         self.name, self.log = name, os.path.join(rundir, f"fake-{name}.jsonl")
+        self.netns = netns
         ready = os.path.join(rundir, f"fake-{name}.port")
         self.stderr = open(os.path.join(rundir, f"fake-{name}.stderr"), "w")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_entra.py"), "--cert", cert,
-                                      "--key", key, "--port", "0", "--log", self.log, "--ready-file", ready],
+        cmd = [sys.executable, os.path.join(HERE, "fake_entra.py"), "--cert", cert, "--key", key, "--port", "0",
+               "--log", self.log, "--ready-file", ready] + (["--token-file", token_file] if token_file else [])
+        self.proc = subprocess.Popen((netns.prefix() if netns else []) + cmd,
                                      stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
         wait_for(lambda: os.path.exists(ready) or self.proc.poll() is not None, 10, f"fake {name}")
         assert self.proc.poll() is None, f"fake {name} exited: see {self.stderr.name}"
@@ -240,6 +370,11 @@ class Fake:
         self.tls.check_hostname, self.tls.verify_mode = False, ssl.CERT_NONE
 
     def _call(self, method, path, body=None):
+        if self.netns is not None:
+            return in_netns(self.netns, self._call_here, method, path, body)
+        return self._call_here(method, path, body)
+
+    def _call_here(self, method, path, body=None):
         c = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10, context=self.tls)
         try:
             c.request(method, path, body=json.dumps(body) if body is not None else None)
@@ -276,7 +411,8 @@ class Fake:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.stderr.close()
+        if not self.stderr.closed:
+            self.stderr.close()
 
 
 # ---- the daemon -----------------------------------------------------------------------------------
@@ -330,9 +466,10 @@ def run_once(args, env=None, timeout=10, vgdir="/tmp"):
 class Daemon:
     """imdsd running in the background with stderr in a file; start() waits for /healthz."""
 
-    def __init__(self, args, env=None, workdir="/tmp", name="imdsd", port=None):
+    def __init__(self, args, env=None, workdir="/tmp", name="imdsd", port=None, netns=None, host="127.0.0.1"):
+        """netns: run inside that network namespace (a NetNS); host: where /healthz is polled."""
         self.args, self.env, self.workdir, self.name = list(args), env, workdir, name
-        self.port = port
+        self.port, self.netns, self.host = port, netns, host
         self.log_path = os.path.join(workdir, f"{name}.stderr")
         self.vgdir = os.path.join(workdir, f"{name}.vg")
         self.proc, self.stopped = None, False
@@ -340,18 +477,19 @@ class Daemon:
     def start(self, wait=True, timeout=5):
         os.makedirs(self.vgdir, exist_ok=True)
         self.logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(command(self.args, self.vgdir), env=base_env(self.env),
+        prefix = self.netns.prefix() if self.netns is not None else []
+        self.proc = subprocess.Popen(prefix + command(self.args, self.vgdir), env=base_env(self.env),
                                      stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
         LIVE.append(self)
         if wait:
-            self.wait_healthy(timeout)
+            self.wait_healthy(timeout, host=self.host)
         return self
 
     def wait_healthy(self, timeout=5, host="127.0.0.1"):
         def up():
             assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode} during startup"
             try:
-                return request(self.port, "/healthz", host=host, timeout=1).status == 200
+                return request(self.port, "/healthz", host=host, timeout=1, netns=self.netns).status == 200
             except OSError:
                 return False
         wait_for(up, timeout, f"{self.name} /healthz on port {self.port}")
@@ -421,6 +559,7 @@ class Ctx:
         self.fake, self.fake_wronghost, self.fake_rogue = fakes["good"], fakes["wronghost"], fakes["rogue"]
         self.daemons, self.n = [], 0
         self.scale = SCALE
+        self.cleanups = []   # callables run by finish() after the daemons stopped, last added first
 
     def tenant(self, behaviour="ok"):
         """A tenant unique to this test whose default behaviour at the fake is behaviour."""
@@ -447,15 +586,16 @@ class Ctx:
         return args + list(extra)
 
     def daemon(self, tenant=None, token=None, extra=(), env=None, fake=None, client_id=CLIENT_ID,
-               args=None, start=True, port=None, log_level="debug", wait=True):
-        """Starts imdsd against the fake; returns the Daemon (d.port, d.tenant, d.token)."""
+               args=None, start=True, port=None, log_level="debug", wait=True, netns=None, host="127.0.0.1"):
+        """Starts imdsd against the fake; returns the Daemon (d.port, d.tenant, d.token).
+        netns/host: run it inside that network namespace and poll /healthz there on host:port."""
         tenant = tenant or self.tenant("ok")
         token = token or self.token()
         port = port or free_port()
         if args is None:
             args = self.daemon_args(tenant, token, port, fake, client_id, extra, log_level)
         self.n += 1
-        d = Daemon(args, env, self.tmp, f"imdsd-{self.n}", port)
+        d = Daemon(args, env, self.tmp, f"imdsd-{self.n}", port, netns=netns, host=host)
         d.tenant, d.token = tenant, token
         (fake or self.fake).control(tenant, token_file=token.path)
         self.daemons.append(d)
@@ -466,8 +606,15 @@ class Ctx:
     def run(self, args, env=None, timeout=10):
         return run_once(args, env, timeout, self.tmp)
 
+    def netns(self):
+        """A fresh network namespace (lo up) for this test, deleted by finish()."""
+        ns = NetNS.create()
+        self.cleanups.append(ns.delete)
+        return ns
+
     def finish(self):
-        """Stops every daemon this test started; returns the reasons any did not stop cleanly."""
+        """Stops every daemon this test started, then runs the cleanups; returns the reasons any daemon
+        did not stop cleanly (or a cleanup failed)."""
         errors = []
         for d in self.daemons:
             try:
@@ -476,6 +623,12 @@ class Ctx:
                 errors.append(str(e))
             finally:
                 d.kill()
+        while self.cleanups:
+            fn = self.cleanups.pop()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - reported like a daemon that did not stop
+                errors.append(f"cleanup {getattr(fn, '__qualname__', fn)} failed: {e}")
         return errors
 
     def log_tail(self, n=15):
@@ -508,3 +661,107 @@ def concurrently(n, fn, timeout=30):
     for t in threads:
         t.join(timeout * SCALE)
     return results
+
+
+# ---- network namespaces (root) ----------------------------------------------------------------------
+
+IP = shutil.which("ip") or "/usr/sbin/ip"
+NETNS_PREFIX = "imdsd-t"          # names are imdsd-t<pid of run.py>-<n>: unique per run, reapable
+LIVE_NETNS = []
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def in_netns(ns, fn, *args, **kw):
+    """Calls fn(*args, **kw) on a thread that first joined network namespace ns (setns is per thread),
+    so the sockets fn creates live there. Returns fn's value or raises its exception."""
+    name = ns.name if isinstance(ns, NetNS) else ns
+    box = {}
+
+    def run():
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn(*args, **kw)
+        except BaseException as e:  # noqa: B902 - handed to the caller
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class NetNS:
+    """A named network namespace with lo up (ip netns add). Requires root: no skip, a test that needs
+    one fails without it. delete() (also at exit) kills what is still running inside, then removes it."""
+    _n = 0
+
+    def __init__(self, name):
+        self.name = name
+
+    @classmethod
+    def create(cls):
+        if os.geteuid() != 0:
+            raise AssertionError("network namespace tests need root (ip netns add)")
+        cls.reap_stale()
+        cls._n += 1
+        ns = cls(f"{NETNS_PREFIX}{os.getpid()}-{cls._n}")
+        p = subprocess.run([IP, "netns", "add", ns.name], capture_output=True, text=True)
+        assert p.returncode == 0, f"ip netns add {ns.name}: {p.stderr.strip()}"
+        LIVE_NETNS.append(ns)
+        ns.ip("link", "set", "lo", "up")
+        return ns
+
+    @staticmethod
+    def reap_stale():
+        """Removes namespaces named by this harness for runs whose process is gone (a killed run)."""
+        p = subprocess.run([IP, "netns", "list"], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            m = re.fullmatch(re.escape(NETNS_PREFIX) + r"(\d+)-\d+", name)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                subprocess.run([IP, "netns", "delete", name], capture_output=True)
+
+    def prefix(self):
+        """argv prefix that runs a command inside the namespace."""
+        return [IP, "netns", "exec", self.name]
+
+    def ip(self, *args):
+        p = subprocess.run(self.prefix() + [IP] + list(args), capture_output=True, text=True)
+        assert p.returncode == 0, f"ip {' '.join(args)} in {self.name}: {p.stderr.strip()}"
+        return p.stdout
+
+    def pids(self):
+        p = subprocess.run([IP, "netns", "pids", self.name], capture_output=True, text=True)
+        return [int(x) for x in p.stdout.split() if x.isdigit()]
+
+    def delete(self):
+        if self not in LIVE_NETNS:
+            return
+        LIVE_NETNS.remove(self)
+        for pid in self.pids():          # only ever processes this run started inside its own namespace
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p = subprocess.run([IP, "netns", "delete", self.name], capture_output=True, text=True)
+        assert p.returncode == 0, f"ip netns delete {self.name}: {p.stderr.strip()}"
+
+    def __repr__(self):
+        return f"NetNS({self.name})"
+
+
+@atexit.register
+def _delete_live_netns():
+    for ns in list(LIVE_NETNS):
+        try:
+            ns.delete()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass

@@ -1,4 +1,5 @@
-/* test_https_client.c - https_client against an in-process mbedTLS server on a thread.
+/* test_https_client.c - https_client against an in-process mbedTLS server on a thread, directly
+ * and through an in-process HTTP CONNECT proxy on another thread.
  *
  * A throwaway PKI is made with the openssl CLI at start: CA + leaf for DNS:localhost, a leaf for
  * the wrong name from the same CA, and a localhost leaf from an unrelated second CA. Every test
@@ -12,6 +13,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <mbedtls/ctr_drbg.h>
 #include <mbedtls/entropy.h>
 #include <mbedtls/error.h>
@@ -34,6 +36,7 @@
 
 #include "https_client.h"
 #include "log.h"
+#include "proxy.h"
 #include "util.h"
 
 #if defined(__has_include)
@@ -55,6 +58,10 @@
 #define SHORT_TIMEOUT_MS 300
 #define REQUEST_TIMEOUT_MS 500
 #define RESULT_BODY_MAX 1024
+#define PRX_HEAD_MAX 8192    /* the test proxy reads CONNECT heads up to this */
+#define PRX_RELAY_CHUNK 16384
+#define PRX_HUGE_HEAD (HTTPS_PROXY_RESPONSE_MAX + 1024)
+#define LOG_CAPTURE_MAX 65536
 
 /* ---- PKI ---------------------------------------------------------------------------------- */
 
@@ -410,6 +417,223 @@ static int srv_get(struct srv *s, const int *field)
     return v;
 }
 
+/* ---- the test CONNECT proxy --------------------------------------------------------------- */
+
+enum prx_mode {
+    PRX_TUNNEL,    /* 200, then relays to 127.0.0.1:target_port */
+    PRX_INTERIM,   /* 100 Continue, then 200 with headers, then relays */
+    PRX_REFUSE,    /* answers refuse_status with a small body, then closes */
+    PRX_CLOSE_MID, /* half a status line, then close() */
+    PRX_CLOSE,     /* close() without a word */
+    PRX_GARBAGE,   /* something that is not HTTP */
+    PRX_HUGE,      /* an endless header block */
+    PRX_HANG,      /* reads CONNECT, never answers */
+};
+
+struct prx {
+    int lfd;
+    int port;
+    int stop[2];
+    pthread_t th;
+    enum prx_mode mode;
+    int refuse_status;
+    int target_port;
+    pthread_mutex_t mu;
+    int accepts, connects;
+    char head[PRX_HEAD_MAX + 1]; /* last CONNECT head */
+};
+
+static int prx_get(struct prx *p, const int *field)
+{
+    pthread_mutex_lock(&p->mu);
+    int v = *field;
+    pthread_mutex_unlock(&p->mu);
+    return v;
+}
+
+static void prx_set(struct prx *p, int *field, int v)
+{
+    pthread_mutex_lock(&p->mu);
+    *field = v;
+    pthread_mutex_unlock(&p->mu);
+}
+
+static int prx_wait(struct prx *p, int fd, short events)
+{
+    struct pollfd pf[2] = {{.fd = fd, .events = events}, {.fd = p->stop[0], .events = POLLIN}};
+    int r;
+    do {
+        r = poll(pf, 2, SRV_POLL_MS);
+    } while (r < 0 && errno == EINTR);
+    if (r <= 0 || pf[1].revents)
+        return -1;
+    return 0;
+}
+
+static int prx_send(int fd, const char *b, size_t n)
+{
+    while (n > 0) {
+        ssize_t r = send(fd, b, n, MSG_NOSIGNAL);
+        if (r <= 0)
+            return -1;
+        b += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static void prx_drain(struct prx *p, int fd)
+{
+    char junk[4096];
+    while (prx_wait(p, fd, POLLIN) == 0 && recv(fd, junk, sizeof junk, 0) > 0)
+        ;
+}
+
+/* Copies bytes both ways until either side closes (or stop). */
+static void prx_relay(struct prx *p, int a, int b)
+{
+    char buf[PRX_RELAY_CHUNK];
+    for (;;) {
+        struct pollfd pf[3] = {
+            {.fd = a, .events = POLLIN}, {.fd = b, .events = POLLIN},
+            {.fd = p->stop[0], .events = POLLIN}};
+        int r = poll(pf, 3, SRV_POLL_MS);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0 || pf[2].revents)
+            return;
+        for (int i = 0; i < 2; i++) {
+            if (!pf[i].revents)
+                continue;
+            ssize_t n = recv(pf[i].fd, buf, sizeof buf, 0);
+            if (n <= 0 || prx_send(i == 0 ? b : a, buf, (size_t)n) < 0)
+                return;
+        }
+    }
+}
+
+static void prx_handle(struct prx *p, int fd)
+{
+    char in[PRX_HEAD_MAX + 1];
+    size_t len = 0;
+    char *end = NULL;
+    while (!end) {
+        if (len >= PRX_HEAD_MAX || prx_wait(p, fd, POLLIN) < 0)
+            goto out;
+        ssize_t r = recv(fd, in + len, PRX_HEAD_MAX - len, 0);
+        if (r <= 0)
+            goto out;
+        len += (size_t)r;
+        in[len] = 0;
+        end = strstr(in, "\r\n\r\n");
+    }
+    pthread_mutex_lock(&p->mu);
+    p->connects++;
+    memcpy(p->head, in, (size_t)(end + 4 - in));
+    p->head[end + 4 - in] = 0;
+    pthread_mutex_unlock(&p->mu);
+
+    char msg[256];
+    switch (p->mode) {
+    case PRX_REFUSE:
+        snprintf(msg, sizeof msg,
+                 "HTTP/1.1 %d Go Away\r\nProxy-Authenticate: Basic realm=\"test\"\r\n"
+                 "Content-Length: 4\r\n\r\nnope",
+                 prx_get(p, &p->refuse_status));
+        prx_send(fd, msg, strlen(msg));
+        goto out;
+    case PRX_CLOSE_MID:
+        prx_send(fd, "HTTP/1.1 200 Conn", 17);
+        goto out;
+    case PRX_CLOSE:
+        goto out;
+    case PRX_GARBAGE:
+        prx_send(fd, "SSH-2.0-OpenSSH_9.2\r\n\r\n", 23);
+        prx_drain(p, fd);
+        goto out;
+    case PRX_HUGE: {
+        static char big[PRX_HUGE_HEAD];
+        memset(big, 'x', sizeof big);
+        memcpy(big, "HTTP/1.1 200 OK\r\nX-Pad: ", 24);
+        prx_send(fd, big, sizeof big);
+        prx_drain(p, fd);
+        goto out;
+    }
+    case PRX_HANG:
+        prx_drain(p, fd);
+        goto out;
+    case PRX_TUNNEL:
+    case PRX_INTERIM:
+        break;
+    }
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+                             .sin_port = htons((uint16_t)p->target_port)};
+    int up = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (up < 0)
+        goto out;
+    if (connect(up, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        snprintf(msg, sizeof msg, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
+        prx_send(fd, msg, strlen(msg));
+        close(up);
+        goto out;
+    }
+    if (p->mode == PRX_INTERIM)
+        prx_send(fd, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    snprintf(msg, sizeof msg, "HTTP/1.1 200 Connection established\r\n%s\r\n",
+             p->mode == PRX_INTERIM ? "Via: 1.1 test\r\nContent-Length: 0\r\n" : "");
+    if (prx_send(fd, msg, strlen(msg)) == 0)
+        prx_relay(p, fd, up);
+    close(up);
+out:
+    close(fd);
+}
+
+static void *prx_main(void *arg)
+{
+    struct prx *p = arg;
+    struct pollfd stop = {.fd = p->stop[0], .events = POLLIN};
+    while (poll(&stop, 1, 0) <= 0) {
+        if (prx_wait(p, p->lfd, POLLIN) < 0)
+            continue;
+        int fd = accept(p->lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        pthread_mutex_lock(&p->mu);
+        p->accepts++;
+        pthread_mutex_unlock(&p->mu);
+        prx_handle(p, fd);
+    }
+    return NULL;
+}
+
+static void prx_start(struct prx *p, enum prx_mode mode, int target_port)
+{
+    memset(p, 0, sizeof *p);
+    p->mode = mode;
+    p->target_port = target_port;
+    pthread_mutex_init(&p->mu, NULL);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof sa;
+    p->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(p->lfd >= 0);
+    assert_int_equal(bind(p->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(p->lfd, 16), 0);
+    assert_int_equal(getsockname(p->lfd, (struct sockaddr *)&sa, &sl), 0);
+    p->port = ntohs(sa.sin_port);
+    assert_int_equal(pipe(p->stop), 0);
+    assert_int_equal(pthread_create(&p->th, NULL, prx_main, p), 0);
+}
+
+static void prx_stop(struct prx *p)
+{
+    assert_int_equal(write(p->stop[1], "x", 1), 1);
+    pthread_join(p->th, NULL);
+    close(p->lfd);
+    close(p->stop[0]);
+    close(p->stop[1]);
+    pthread_mutex_destroy(&p->mu);
+}
+
 /* ---- fixture ------------------------------------------------------------------------------ */
 
 struct result {
@@ -436,6 +660,10 @@ struct fixture {
     int srv_running;
     struct https_client *client;
     char port[8];
+    struct prx prx;
+    int prx_running;
+    struct proxy proxy; /* used by make_client when proxy.host is set */
+    char *log;          /* captured stderr, see capture_start() */
 };
 
 static void watchdog_cb(uv_timer_t *t)
@@ -485,8 +713,12 @@ static int fx_teardown(void **state)
         fprintf(stderr, "loop not empty: %d handles\n", left);
         rc = -1;
     }
+    if (f->prx_running)
+        prx_stop(&f->prx);
     if (f->srv_running)
         srv_stop(&f->srv);
+    proxy_free(&f->proxy);
+    free(f->log);
     free(f);
     return rc;
 }
@@ -539,6 +771,7 @@ static void make_client_opts(struct fixture *f, const char *ca, uint64_t connect
         .ca_file = pki(ca),
         .connect_timeout_ms = connect_ms,
         .request_timeout_ms = request_ms,
+        .proxy = f->proxy.host ? &f->proxy : NULL,
     };
     int r = https_client_new(&f->client, &f->loop, &o, err, sizeof err);
     if (r != 0)
@@ -611,6 +844,74 @@ static void expect_error(struct fixture *f, int want)
                  https_strerror(want));
     run_for(f, 20);
     assert_int_equal(res.calls, 1);
+}
+
+/* Starts the test proxy in front of the test server (start_server first) and makes the next
+ * client use it. userinfo: "user:password@" or "". */
+static void start_proxy(struct fixture *f, enum prx_mode mode, const char *userinfo)
+{
+    char url[256];
+    const char *why = NULL;
+    prx_start(&f->prx, mode, f->srv_running ? f->srv.port : 1);
+    f->prx_running = 1;
+    snprintf(url, sizeof url, "http://%s127.0.0.1:%d/", userinfo, f->prx.port);
+    if (proxy_parse(&f->proxy, url, &why) != 0)
+        fail_msg("proxy_parse(%s): %s", url, why);
+}
+
+/* A port nobody listens on: bind one, note it, close it. */
+static int unused_port(void)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof sa;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &sl), 0);
+    close(fd);
+    return ntohs(sa.sin_port);
+}
+
+/* Redirects stderr (the log) into a file until capture_stop(), which leaves it in f->log. */
+static int capture_saved_fd = -1;
+static enum log_level capture_saved_level;
+
+static void capture_start(void)
+{
+    fflush(stderr);
+    int fd = open(pki("stderr.log"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    assert_true(fd >= 0);
+    capture_saved_fd = dup(2);
+    assert_true(capture_saved_fd >= 0);
+    assert_true(dup2(fd, 2) == 2);
+    close(fd);
+    capture_saved_level = log_min_level;
+    log_min_level = LOG_DEBUG;
+}
+
+static void capture_stop(struct fixture *f)
+{
+    fflush(stderr);
+    dup2(capture_saved_fd, 2);
+    close(capture_saved_fd);
+    capture_saved_fd = -1;
+    log_min_level = capture_saved_level;
+    free(f->log);
+    f->log = calloc(1, LOG_CAPTURE_MAX + 1);
+    assert_non_null(f->log);
+    int fd = open(pki("stderr.log"), O_RDONLY | O_CLOEXEC);
+    assert_true(fd >= 0);
+    ssize_t n = read(fd, f->log, LOG_CAPTURE_MAX);
+    close(fd);
+    assert_true(n >= 0);
+}
+
+/* The captured log line of event ev (e.g. "event=https_proxy_refused "), or fails. */
+static const char *log_line(struct fixture *f, const char *ev)
+{
+    const char *l = strstr(f->log, ev);
+    if (!l)
+        fail_msg("no %s in the log:\n%s", ev, f->log);
+    return l;
 }
 
 /* ---- tests -------------------------------------------------------------------------------- */
@@ -925,6 +1226,370 @@ static void test_free_with_pending(void **state)
     assert_int_equal(res2.calls, 1);
 }
 
+/* ---- through a CONNECT proxy -------------------------------------------------------------- */
+
+static void test_proxy_tunnel(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    char want[256];
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_TUNNEL, "");
+    make_client(f);
+    roundtrip_ok(f, &req, &res);
+    assert_int_equal(res.status, 200);
+    assert_string_equal(res.body, "hello world");
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
+    /* Exactly the CONNECT request, without credentials. */
+    snprintf(want, sizeof want, "CONNECT localhost:%d HTTP/1.1\r\nHost: localhost:%d\r\n\r\n",
+             f->srv.port, f->srv.port);
+    pthread_mutex_lock(&f->prx.mu);
+    assert_string_equal(f->prx.head, want);
+    pthread_mutex_unlock(&f->prx.mu);
+    /* The origin sees the usual request, with its own Host. */
+    pthread_mutex_lock(&f->srv.mu);
+    assert_true(strncmp(f->srv.head, "POST /token HTTP/1.1\r\n", 22) == 0);
+    snprintf(want, sizeof want, "\r\nHost: localhost:%d\r\n", f->srv.port);
+    assert_non_null(strstr(f->srv.head, want));
+    assert_null(strcasestr(f->srv.head, "Proxy-Authorization"));
+    pthread_mutex_unlock(&f->srv.mu);
+}
+
+static void test_proxy_authorization(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    char want[256];
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_TUNNEL, "user:p%40ss@"); /* base64("user:p@ss") = dXNlcjpwQHNz */
+    make_client(f);
+    capture_start();
+    init_req(&req, &res);
+    int rc = https_client_send(f->client, &req);
+    if (rc == 0)
+        run_until(f, &res.calls);
+    capture_stop(f);
+    assert_int_equal(rc, 0);
+    assert_int_equal(res.err, HTTPS_OK);
+    snprintf(want, sizeof want,
+             "CONNECT localhost:%d HTTP/1.1\r\nHost: localhost:%d\r\n"
+             "Proxy-Authorization: Basic dXNlcjpwQHNz\r\n\r\n",
+             f->srv.port, f->srv.port);
+    pthread_mutex_lock(&f->prx.mu);
+    assert_string_equal(f->prx.head, want);
+    pthread_mutex_unlock(&f->prx.mu);
+    /* The header goes to the proxy only, and no log line (debug included) shows it. */
+    pthread_mutex_lock(&f->srv.mu);
+    assert_null(strcasestr(f->srv.head, "Proxy-Authorization"));
+    pthread_mutex_unlock(&f->srv.mu);
+    assert_non_null(log_line(f, "event=https_proxy_connect "));
+    snprintf(want, sizeof want, "proxy=http://user:***@127.0.0.1:%d", f->prx.port);
+    assert_non_null(strstr(f->log, want));
+    assert_null(strstr(f->log, "dXNlcjpwQHNz"));
+    assert_null(strstr(f->log, "p@ss"));
+    assert_null(strstr(f->log, "p%40ss"));
+}
+
+static void test_proxy_interim_response(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    start_server(f, SRV_CHUNKED, "leaf");
+    start_proxy(f, PRX_INTERIM, "");
+    make_client(f);
+    roundtrip_ok(f, &req, &res);
+    assert_int_equal(res.status, 201);
+    assert_string_equal(res.body, "hello world");
+}
+
+/* The origin's certificate is verified through the tunnel, against the origin's name. */
+static void test_proxy_wrong_hostname(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "wrong");
+    start_proxy(f, PRX_TUNNEL, "");
+    make_client(f);
+    expect_error(f, HTTPS_E_VERIFY);
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
+    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
+}
+
+static void test_proxy_unknown_ca(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "other");
+    start_proxy(f, PRX_TUNNEL, "");
+    make_client(f);
+    expect_error(f, HTTPS_E_VERIFY);
+    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
+}
+
+static void test_proxy_refuses_407(void **state)
+{
+    struct fixture *f = *state;
+    char want[128];
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_REFUSE, "user:secret@");
+    prx_set(&f->prx, &f->prx.refuse_status, 407);
+    make_client(f);
+    capture_start();
+    struct https_request req;
+    struct result res;
+    init_req(&req, &res);
+    int rc = https_client_send(f->client, &req);
+    if (rc == 0)
+        run_until(f, &res.calls);
+    capture_stop(f);
+    assert_int_equal(rc, 0);
+    assert_int_equal(res.err, HTTPS_E_PROXY);
+    assert_string_equal(https_strerror(HTTPS_E_PROXY), "the proxy did not open a tunnel");
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 0);
+    /* One warn line naming the proxy (password masked) and its status. */
+    const char *l = log_line(f, "event=https_proxy_refused ");
+    const char *eol = strchr(l, '\n');
+    assert_non_null(eol);
+    assert_non_null(strstr(f->log, "level=warn event=https_proxy_refused "));
+    snprintf(want, sizeof want, " proxy=http://user:***@127.0.0.1:%d ", f->prx.port);
+    const char *at = strstr(l, want);
+    assert_true(at && at < eol);
+    at = strstr(l, " proxy_status=407 ");
+    assert_true(at && at < eol);
+    at = strstr(l, "407 Go Away");
+    assert_true(at && at < eol);
+    assert_null(strstr(f->log, "secret"));
+    assert_null(strstr(f->log, "Basic "));
+}
+
+static void test_proxy_refuses_403_and_502(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_REFUSE, "");
+    prx_set(&f->prx, &f->prx.refuse_status, 403);
+    make_client(f);
+    expect_error(f, HTTPS_E_PROXY);
+    prx_set(&f->prx, &f->prx.refuse_status, 502); /* read on the next connection */
+    expect_error(f, HTTPS_E_PROXY);
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 2);
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 0);
+}
+
+static void test_proxy_closes_mid_connect(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_CLOSE_MID, "");
+    make_client(f);
+    expect_error(f, HTTPS_E_IO);
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 0);
+}
+
+static void test_proxy_closes_silently(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_CLOSE, "");
+    make_client(f);
+    expect_error(f, HTTPS_E_IO);
+}
+
+static void test_proxy_garbage(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_GARBAGE, "");
+    make_client(f);
+    expect_error(f, HTTPS_E_PROXY);
+}
+
+static void test_proxy_huge_answer(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_HUGE, "");
+    make_client(f);
+    expect_error(f, HTTPS_E_PROXY);
+}
+
+static void test_proxy_hangs(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_HANG, "");
+    make_client_opts(f, "ca.crt", SHORT_TIMEOUT_MS, 0);
+    uint64_t t0 = now_ms();
+    expect_error(f, HTTPS_E_TIMEOUT);
+    uint64_t took = now_ms() - t0;
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
+    assert_true(took >= SHORT_TIMEOUT_MS - 50);
+    assert_true(took < SHORT_TIMEOUT_MS + 1500);
+}
+
+/* The request deadline covers the tunnel too: a hanging origin behind the proxy. */
+static void test_proxy_request_timeout(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_HANG, "leaf");
+    start_proxy(f, PRX_TUNNEL, "");
+    make_client_opts(f, "ca.crt", 0, REQUEST_TIMEOUT_MS);
+    uint64_t t0 = now_ms();
+    expect_error(f, HTTPS_E_TIMEOUT);
+    uint64_t took = now_ms() - t0;
+    assert_true(took >= REQUEST_TIMEOUT_MS - 50);
+    assert_true(took < REQUEST_TIMEOUT_MS + 1500);
+}
+
+static void test_proxy_unreachable(void **state)
+{
+    struct fixture *f = *state;
+    const char *why = NULL;
+    char url[64], want[64];
+    start_server(f, SRV_OK, "leaf");
+    int port = unused_port();
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
+    assert_int_equal(proxy_parse(&f->proxy, url, &why), 0);
+    make_client(f);
+    capture_start();
+    struct https_request req;
+    struct result res;
+    init_req(&req, &res);
+    int rc = https_client_send(f->client, &req);
+    if (rc == 0)
+        run_until(f, &res.calls);
+    capture_stop(f);
+    assert_int_equal(rc, 0);
+    assert_int_equal(res.err, HTTPS_E_CONNECT);
+    const char *l = log_line(f, "level=warn event=https_connect_failed ");
+    snprintf(want, sizeof want, " proxy=http://127.0.0.1:%d ", port);
+    assert_non_null(strstr(l, want));
+    assert_non_null(strstr(l, "cannot connect to the proxy"));
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 0);
+}
+
+static void test_proxy_connection_reuse(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2, req3;
+    struct result res1, res2, res3;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_TUNNEL, "u:p@");
+    make_client(f);
+    roundtrip_ok(f, &req1, &res1);
+    run_for(f, 20);
+    roundtrip_ok(f, &req2, &res2);
+    init_req(&req1, &res1);
+    init_req(&req3, &res3);
+    res1.then_client = f->client;
+    res1.then_req = &req3;
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    run_until(f, &res3.calls);
+    assert_int_equal(res1.err, HTTPS_OK);
+    assert_int_equal(res3.err, HTTPS_OK);
+    assert_string_equal(res3.body, "hello world");
+    assert_int_equal(prx_get(&f->prx, &f->prx.accepts), 1);
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 1);
+    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 4);
+}
+
+/* A pooled tunnel the origin closed: the request is retried on a fresh tunnel. */
+static void test_proxy_retry_on_stale_tunnel(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_DROP_AFTER, "leaf");
+    start_proxy(f, PRX_TUNNEL, "");
+    make_client(f);
+    init_req(&req1, &res1);
+    init_req(&req2, &res2);
+    res1.then_client = f->client;
+    res1.then_req = &req2;
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    run_until(f, &res2.calls);
+    assert_int_equal(res1.err, HTTPS_OK);
+    assert_int_equal(res2.err, HTTPS_OK);
+    assert_string_equal(res2.body, "ok");
+    assert_int_equal(req2.retried, 1);
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 2);
+    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 2);
+}
+
+/* An IPv6 origin is bracketed in CONNECT (the test proxy tunnels to the IPv4 server anyway, whose
+ * certificate is for localhost, so verification then fails as it must). */
+static void test_proxy_ipv6_target(void **state)
+{
+    struct fixture *f = *state;
+    char err[256] = "", want[128];
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_TUNNEL, "");
+    struct https_client_opts o = {
+        .host = "::1", .port = f->port, .ca_file = pki("ca.crt"), .proxy = &f->proxy};
+    assert_int_equal(https_client_new(&f->client, &f->loop, &o, err, sizeof err), 0);
+    expect_error(f, HTTPS_E_VERIFY);
+    snprintf(want, sizeof want, "CONNECT [::1]:%d HTTP/1.1\r\nHost: [::1]:%d\r\n\r\n",
+             f->srv.port, f->srv.port);
+    pthread_mutex_lock(&f->prx.mu);
+    assert_string_equal(f->prx.head, want);
+    pthread_mutex_unlock(&f->prx.mu);
+}
+
+/* The client copies the proxy: the caller's struct may go away after https_client_new. */
+static void test_proxy_copied(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_TUNNEL, "a:b@");
+    make_client(f);
+    proxy_free(&f->proxy);
+    roundtrip_ok(f, &req, &res);
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
+    pthread_mutex_lock(&f->prx.mu);
+    assert_non_null(strstr(f->prx.head, "\r\nProxy-Authorization: Basic YTpi\r\n"));
+    pthread_mutex_unlock(&f->prx.mu);
+}
+
+static void test_proxy_cancel_and_free(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_server(f, SRV_OK, "leaf");
+    start_proxy(f, PRX_HANG, "");
+    make_client(f);
+    init_req(&req1, &res1);
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    for (int i = 0; i < 100 && prx_get(&f->prx, &f->prx.connects) == 0; i++)
+        run_for(f, 10);
+    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
+    https_client_cancel(&req1); /* while waiting for the proxy's answer */
+    run_for(f, 20);
+    init_req(&req2, &res2);
+    assert_int_equal(https_client_send(f->client, &req2), 0);
+    https_client_free(f->client);
+    f->client = NULL;
+    assert_int_equal(res1.calls, 0);
+    assert_int_equal(res2.calls, 1);
+    assert_int_equal(res2.err, HTTPS_E_CANCELED);
+}
+
+static void test_proxy_invalid(void **state)
+{
+    struct fixture *f = *state;
+    char err[256] = "";
+    struct proxy p = {0};
+    struct https_client_opts o = {
+        .host = "localhost", .port = "443", .ca_file = pki("ca.crt"), .proxy = &p};
+    assert_true(https_client_new(&f->client, &f->loop, &o, err, sizeof err) < 0);
+    assert_null(f->client);
+    assert_non_null(strstr(err, "proxy"));
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -951,6 +1616,26 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_connection_refused, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_cancel, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_free_with_pending, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_tunnel, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_authorization, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_interim_response, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_wrong_hostname, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_unknown_ca, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_refuses_407, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_refuses_403_and_502, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_closes_mid_connect, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_closes_silently, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_garbage, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_huge_answer, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_hangs, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_request_timeout, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_unreachable, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_connection_reuse, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_retry_on_stale_tunnel, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_ipv6_target, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_copied, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_cancel_and_free, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_proxy_invalid, fx_setup, fx_teardown),
     };
     return cmocka_run_group_tests(tests, pki_setup, pki_teardown);
 }
