@@ -35,12 +35,18 @@ static const char USAGE[] =
     "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
     "  --max-connections N     concurrent client connections (default 1024)\n"
     "  --idle-timeout SEC      close connections without a complete request (default 60)\n"
-    "  --entra-timeout SEC     deadline for one exchange with Entra (default 15)\n"
-    "  --help, --version\n";
+    "  --entra-timeout SEC     longest wait for a token that is not cached, retries included\n"
+    "                          (default 15)\n"
+    "  --shutdown-grace SEC    on SIGTERM, time given to requests in flight (default 5)\n"
+    "  --help, --version\n"
+    "\n"
+    "Entra is reached through the HTTP CONNECT proxy in HTTPS_PROXY (or https_proxy), unless\n"
+    "NO_PROXY (or no_proxy) names the authority host.\n";
 
 enum {
     OPT_LISTEN = 256, OPT_CLIENT_ID, OPT_TENANT_ID, OPT_TOKEN_FILE, OPT_AUTHORITY, OPT_CA_FILE,
-    OPT_ALLOW, OPT_ALIAS, OPT_IDENTITY_HEADER_FILE, OPT_LOG_LEVEL, OPT_MAX_CONN, OPT_IDLE, OPT_ENTRA_TIMEOUT, OPT_HELP, OPT_VERSION,
+    OPT_ALLOW, OPT_ALIAS, OPT_IDENTITY_HEADER_FILE, OPT_LOG_LEVEL, OPT_MAX_CONN, OPT_IDLE,
+    OPT_ENTRA_TIMEOUT, OPT_GRACE, OPT_HELP, OPT_VERSION,
 };
 
 static const struct option options[] = {
@@ -57,6 +63,7 @@ static const struct option options[] = {
     {"max-connections", required_argument, NULL, OPT_MAX_CONN},
     {"idle-timeout", required_argument, NULL, OPT_IDLE},
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
+    {"shutdown-grace", required_argument, NULL, OPT_GRACE},
     {"help", no_argument, NULL, OPT_HELP},
     {"version", no_argument, NULL, OPT_VERSION},
     {NULL, 0, NULL, 0},
@@ -259,6 +266,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     c->max_connections = 1024;
     c->idle_timeout_s = 60;
     c->entra_timeout_s = 15;
+    c->shutdown_grace_s = 5;
     const char *v, *why = NULL;
     const char *authority = CONFIG_DEFAULT_AUTHORITY, *authority_src = "AZURE_AUTHORITY_HOST";
 
@@ -335,6 +343,10 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             if (parse_uint(optarg, 1, 300, &c->entra_timeout_s) < 0)
                 ERR("--entra-timeout: invalid value '%s' (1 to 300 seconds)", optarg);
             break;
+        case OPT_GRACE:
+            if (parse_uint(optarg, 0, 60, &c->shutdown_grace_s) < 0)
+                ERR("--shutdown-grace: invalid value '%s' (0 to 60 seconds)", optarg);
+            break;
         case OPT_HELP:
             fputs(USAGE, stdout);
             return CONFIG_EXIT;
@@ -366,6 +378,24 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         ERR("%s: '%s' %s", authority_src, authority, why);
     if (!c->ca_file)
         c->ca_file = xstrdup(CONFIG_DEFAULT_CA_FILE);
+    /* Go's order: the upper-case variable first, the first one set and not empty wins */
+    const char *proxy_src = "HTTPS_PROXY", *no_proxy = getenv_fn("NO_PROXY");
+    if (!(v = getenv_fn("HTTPS_PROXY")) || !*v) {
+        v = getenv_fn("https_proxy");
+        proxy_src = "https_proxy";
+    }
+    if (!no_proxy || !*no_proxy)
+        no_proxy = getenv_fn("no_proxy");
+    if (v && *v) {
+        char redacted[512];
+        if (proxy_parse(&c->proxy, v, &why) < 0)
+            ERR("%s: '%s' %s", proxy_src, proxy_redact(v, redacted, sizeof redacted), why);
+        if (no_proxy && *no_proxy &&
+            proxy_bypass(no_proxy, c->authority_host, c->authority_port))
+            proxy_free(&c->proxy);
+        else
+            c->use_proxy = 1;
+    }
     for (int i = 0; i < c->naliases; i++) {
         const char *id = c->aliases[i].client_id;
         int ok = strcasecmp(id, c->client_id) == 0;
@@ -395,6 +425,7 @@ void config_free(struct config *c)
         free(c->aliases[i].key);
         free(c->aliases[i].client_id);
     }
+    proxy_free(&c->proxy);
     free(c->identity_header_file);
     if (c->identity_header) {
         secret_zero(c->identity_header, c->identity_header_len);

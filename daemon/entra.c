@@ -23,6 +23,7 @@ int entra_new(struct entra **out, uv_loop_t *loop, const struct config *cfg, cha
         .connect_timeout_ms = 5000,
         .request_timeout_ms = (uint64_t)cfg->entra_timeout_s * 1000,
         .max_response = HTTPS_DEFAULT_MAX_RESPONSE,
+        .proxy = cfg->use_proxy ? &cfg->proxy : NULL,
     };
     if (o.connect_timeout_ms > o.request_timeout_ms)
         o.connect_timeout_ms = o.request_timeout_ms;
@@ -48,8 +49,9 @@ static void transport_error(struct entra_result *r, const struct entra *e, int e
         snprintf(r->description, sizeof r->description,
                  "TLS certificate verification failed for %s", e->cfg->authority_host);
     else
-        snprintf(r->description, sizeof r->description, "Cannot reach Entra at %s: %s",
-                 e->cfg->authority_host, https_strerror(err));
+        snprintf(r->description, sizeof r->description, "Cannot reach Entra at %s%s%s: %s",
+                 e->cfg->authority_host, e->cfg->use_proxy ? " through the proxy " : "",
+                 e->cfg->use_proxy ? proxy_describe(&e->cfg->proxy) : "", https_strerror(err));
 }
 
 static void log_result(const struct entra_fetch *f, const struct entra_result *r)

@@ -74,12 +74,18 @@ struct http_server {
     int freeing;
     llhttp_settings_t settings;
     uint64_t rejected;
+    /* graceful shutdown */
+    int draining;
+    uv_timer_t grace;
+    void (*drained)(void *arg);
+    void *drained_arg;
 };
 
 static char read_buf[65536]; /* one loop, one reader at a time */
 
 static void conn_close(struct http_conn *c);
 static void drive(struct http_conn *c);
+static void on_drained(uv_timer_t *t);
 static void maybe_free_server(struct http_server *s);
 
 /* ---- response writing -------------------------------------------------------------------- */
@@ -141,6 +147,8 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
     /* a client that never reads its response is dropped like an idle one */
     uv_timer_start(&c->timer, on_timeout, c->server->opts.idle_timeout_ms,
                    c->server->opts.idle_timeout_ms);
+    if (c->server->draining)
+        c->close_after_write = 1;
     int close = c->close_after_write || !c->keep_alive;
     buf_reset(&c->out);
     int rc = buf_printf(&c->out,
@@ -467,6 +475,8 @@ static void conn_close(struct http_conn *c)
     s->nconns--;
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    if (s->draining && s->nconns == 0 && s->drained)
+        uv_timer_start(&s->grace, on_drained, 0, 0); /* from the loop, not from this stack */
 }
 
 static void on_reject_closed(uv_handle_t *h)
@@ -532,6 +542,9 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     struct http_server *s = xcalloc(1, sizeof *s);
     s->loop = loop;
     s->opts = *o;
+    uv_timer_init(loop, &s->grace);
+    s->grace.data = s;
+    s->open_handles = 1; /* the grace timer */
     s->handler = handler;
     s->arg = arg;
     llhttp_settings_init(&s->settings);
@@ -583,11 +596,73 @@ static void maybe_free_server(struct http_server *s)
         free(s);
 }
 
+static void on_drained(uv_timer_t *t)
+{
+    struct http_server *s = t->data;
+    void (*cb)(void *) = s->drained;
+    s->drained = NULL;
+    if (cb)
+        cb(s->drained_arg);
+}
+
+static void on_grace(uv_timer_t *t)
+{
+    struct http_server *s = t->data;
+    static const struct imds_error e = {503, "service_unavailable", "imdsd is shutting down", 0};
+    for (struct http_conn *c = s->conns, *n; c; c = n) {
+        n = c->next;
+        if (c->state != CONN_HANDLING)
+            continue;
+        if (c->abort_cb) {
+            http_abort_cb *cb = c->abort_cb;
+            c->abort_cb = NULL;
+            cb(c, c->abort_arg);
+        }
+        log_info("http_shutdown_abort", "reason=grace_period_over");
+        buf_reset(&c->scratch);
+        imds_render_error(&c->scratch, &e);
+        http_conn_respond(c, e.status, NULL, c->scratch.data, c->scratch.len);
+    }
+    if (s->nconns == 0)
+        on_drained(t);
+}
+
+void http_server_shutdown(struct http_server *s, unsigned grace_ms, void (*drained)(void *arg),
+                          void *arg)
+{
+    s->draining = 1;
+    s->drained = drained;
+    s->drained_arg = arg;
+    for (struct http_listener *l = s->listeners, *n; l; l = n) {
+        n = l->next;
+        uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
+    }
+    s->listeners = NULL;
+    unsigned busy = 0;
+    for (struct http_conn *c = s->conns, *n; c; c = n) {
+        n = c->next;
+        if (c->state == CONN_READING)
+            conn_close(c); /* idle, or a request not complete yet */
+        else
+            busy++;
+    }
+    log_info("http_draining", "in_flight=%u grace_ms=%u", busy, grace_ms);
+    uv_timer_start(&s->grace, s->nconns ? on_grace : on_drained, s->nconns ? grace_ms : 0, 0);
+}
+
+static void on_grace_closed(uv_handle_t *h)
+{
+    struct http_server *s = h->data;
+    s->open_handles--;
+    maybe_free_server(s);
+}
+
 void http_server_free(struct http_server *s)
 {
     if (!s)
         return;
     s->freeing = 1;
+    s->drained = NULL;
     s->open_handles++; /* hold the server while closing */
     for (struct http_listener *l = s->listeners, *n; l; l = n) {
         n = l->next;
@@ -596,6 +671,7 @@ void http_server_free(struct http_server *s)
     s->listeners = NULL;
     while (s->conns)
         conn_close(s->conns);
+    uv_close((uv_handle_t *)&s->grace, on_grace_closed);
     s->open_handles--;
     maybe_free_server(s);
 }

@@ -33,12 +33,11 @@ static const char *env(const char *name)
     return getenv(name);
 }
 
-static void stop(struct daemon *d, const char *why)
+/* Frees everything but the loop; called when the server has drained (or at once on a second
+ * signal). */
+static void teardown(void *arg)
 {
-    if (d->stopping)
-        return;
-    d->stopping = 1;
-    log_info("stopping", "signal=%s", why);
+    struct daemon *d = arg;
     http_server_free(d->server);
     d->server = NULL;
     token_cache_free(d->cache);
@@ -50,6 +49,19 @@ static void stop(struct daemon *d, const char *why)
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
     uv_close((uv_handle_t *)&d->sighup, NULL);
+}
+
+static void stop(struct daemon *d, const char *why)
+{
+    if (d->stopping) {
+        log_info("stopping_now", "signal=%s", why);
+        if (d->server)
+            teardown(d);
+        return;
+    }
+    d->stopping = 1;
+    log_info("stopping", "signal=%s grace_s=%u", why, d->cfg.shutdown_grace_s);
+    http_server_shutdown(d->server, d->cfg.shutdown_grace_s * 1000u, teardown, d);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -94,9 +106,10 @@ static int start(struct daemon *d)
     uv_signal_start(&d->sigint, on_signal, SIGINT);
     uv_signal_start(&d->sighup, on_signal, SIGHUP);
     log_info("started", "version=%s client_id=%s tenant_id=%s authority=%s token_file=%s "
-             "ca_file=%s allowed_client_ids=%d aliases=%d app_service=%s",
+             "ca_file=%s allowed_client_ids=%d aliases=%d app_service=%s proxy=%s",
              IMDSD_VERSION, c->client_id, c->tenant_id, c->authority, c->token_file, c->ca_file,
-             c->nallowed, c->naliases, c->identity_header ? "on" : "off");
+             c->nallowed, c->naliases, c->identity_header ? "on" : "off",
+             c->use_proxy ? proxy_describe(&c->proxy) : "none");
     return 0;
 }
 

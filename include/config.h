@@ -6,6 +6,7 @@
 
 #include "imds.h"
 #include "log.h"
+#include "proxy.h"
 
 #define CONFIG_MAX_LISTEN 8
 #define CONFIG_MAX_CLIENT_IDS 32
@@ -38,10 +39,13 @@ struct config {
     char *identity_header_file; /* enables the App Service endpoint */
     char *identity_header;      /* its secret content (owned, zeroed on free) */
     size_t identity_header_len;
+    struct proxy proxy; /* HTTPS_PROXY, when set and NO_PROXY does not exempt the authority */
+    int use_proxy;
     enum log_level log_level;
     unsigned max_connections;
     unsigned idle_timeout_s;
     unsigned entra_timeout_s;
+    unsigned shutdown_grace_s;
 };
 
 enum config_result { CONFIG_OK = 0, CONFIG_EXIT = 1, CONFIG_ERROR = -1 };

@@ -46,6 +46,11 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
                     http_handler_cb *handler, void *arg);
 /* Binds and listens on host:port (numeric). Returns 0 or a negative libuv error. */
 int http_server_listen(struct http_server *s, const char *host, int port);
+/* Graceful stop: closes the listeners and idle connections at once, lets requests being handled
+ * finish (their connections close after the response), and after grace_ms answers those still
+ * pending with 503 JSON. Calls drained(arg) once, from the loop, when no connection is left. */
+void http_server_shutdown(struct http_server *s, unsigned grace_ms, void (*drained)(void *arg),
+                          void *arg);
 /* Stops listening, closes every connection (pending handlers get their abort callback) and
  * frees the server once all handles have closed. */
 void http_server_free(struct http_server *s);
