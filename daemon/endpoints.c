@@ -66,6 +66,24 @@ static void send_token(struct http_conn *c, const struct token *tok, const char 
     http_conn_respond(c, 200, NULL, b->data, b->len);
 }
 
+/* The cached IMDS path: the body only changes when expires_in does, once a second. */
+static void send_cached(struct http_conn *c, struct token *tok, const char *client_id,
+                        const char *resource, size_t rlen, int64_t now_s)
+{
+    if (tok->body_sec != now_s || !tok->body.len) {
+        if (!tok->body.max)
+            buf_init(&tok->body, 1 << 20);
+        buf_reset(&tok->body);
+        if (imds_render_token(&tok->body, tok, client_id, resource, rlen, now_s) < 0) {
+            buf_reset(&tok->body);
+            send_token(c, tok, client_id, resource, rlen, 0);
+            return;
+        }
+        tok->body_sec = now_s;
+    }
+    http_conn_respond(c, 200, NULL, tok->body.data, tok->body.len);
+}
+
 static void on_token(struct token_cache_waiter *w, const struct token *tok,
                      const struct entra_result *r)
 {
@@ -113,7 +131,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         send_error(c, &err, appservice);
         return;
     }
-    const struct token *tok;
+    struct token *tok;
     struct entra_result fail;
     int64_t now = now_wall_ms();
     /* first without a waiter: a hit or an immediate failure never touches the heap */
@@ -121,7 +139,10 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
                                            tr.resource_len, now, &tok, &fail);
     switch (cr) {
     case CACHE_HIT:
-        send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, appservice);
+        if (appservice)
+            send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, 1);
+        else
+            send_cached(c, tok, tr.client_id, tr.resource, tr.resource_len, now / 1000);
         return;
     case CACHE_FAIL: {
         struct imds_error e;

@@ -63,12 +63,13 @@ int imds_is_guid(const char *s)
 int imds_api_version_ok(const char *v)
 {
     static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    int y, m, d, n = 0;
-    if (strlen(v) != 10 || sscanf(v, "%4d-%2d-%2d%n", &y, &m, &d, &n) != 3 || n != 10)
-        return 0;
     for (int i = 0; i < 10; i++)
-        if (i == 4 || i == 7 ? v[i] != '-' : !isdigit((unsigned char)v[i]))
+        if (!v[i] || (i == 4 || i == 7 ? v[i] != '-' : !isdigit((unsigned char)v[i])))
             return 0;
+    if (v[10])
+        return 0;
+    int y = (v[0] - '0') * 1000 + (v[1] - '0') * 100 + (v[2] - '0') * 10 + (v[3] - '0');
+    int m = (v[5] - '0') * 10 + (v[6] - '0'), d = (v[8] - '0') * 10 + (v[9] - '0');
     if (m < 1 || m > 12 || d < 1 || d > mdays[m - 1])
         return 0;
     if (m == 2 && d == 29 && !(y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)))

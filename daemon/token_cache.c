@@ -100,6 +100,7 @@ static void clear_token(struct cache_entry *e)
     if (e->tok.access_token)
         e->cache->token_bytes -= e->tok.len;
     secret_free_str(e->tok.access_token);
+    buf_free_secret(&e->tok.body);
     memset(&e->tok, 0, sizeof e->tok);
     e->obtained_ms = e->expires_ms = e->serve_until_ms = e->refresh_ms = 0;
 }
@@ -490,8 +491,7 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
 
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
-                                  int64_t now_ms, const struct token **tok,
-                                  struct entra_result *err)
+                                  int64_t now_ms, struct token **tok, struct entra_result *err)
 {
     uint64_t h = hash_key(client_id, resource, resource_len);
     struct cache_entry *e = find(c, h, client_id, resource, resource_len);

@@ -5,6 +5,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "buf.h"
+
 struct token {
     char *access_token; /* owned secret */
     size_t len;
@@ -12,6 +14,10 @@ struct token {
     int64_t ext_expires_on; /* epoch seconds */
     int64_t not_before;     /* epoch seconds: time the request was sent */
     int64_t refresh_in;     /* Entra's hint in seconds, 0 when absent */
+    /* The IMDS body rendered during second body_sec, kept by the endpoint so that the cached
+     * path renders once a second instead of once a request. A secret; freed with the token. */
+    struct buf body;
+    int64_t body_sec;
 };
 
 #endif

@@ -48,7 +48,8 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
                                     struct token_file *tf);
 
 /* Looks up (client_id, resource) at now_ms (wall clock):
- * CACHE_HIT: *tok is a servable token (valid until control returns to the loop);
+ * CACHE_HIT: *tok is a servable token (valid until control returns to the loop; the caller
+ *            may fill its body render slot);
  * CACHE_FAIL: *err says why the request is answered at once (held permanent error, 429);
  * CACHE_WAIT: w->done will be called exactly once, within cfg->entra_timeout_s, unless
  *             token_cache_cancel(w) is called first;
@@ -57,8 +58,7 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
  * waiter" (so that callers allocate a waiter only on a miss). */
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
-                                  int64_t now_ms, const struct token **tok,
-                                  struct entra_result *err);
+                                  int64_t now_ms, struct token **tok, struct entra_result *err);
 /* Detaches w: done is never called. A no-op when it already ran. */
 void token_cache_cancel(struct token_cache_waiter *w);
 /* Fails waiting requests with a "shutting down" error, stops timers and frees everything once

@@ -40,7 +40,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rc == 0) {
         if (strlen(tr.resource) != tr.resource_len || tr.resource_len == 0)
             __builtin_trap();
-        struct token t = {"tok", 3, 2000000000, 2000000000, 1999996400, 0};
+        struct token t = {.access_token = "tok",
+                          .len = 3,
+                          .expires_on = 2000000000,
+                          .ext_expires_on = 2000000000,
+                          .not_before = 1999996400};
         if (imds_render_token(&b, &t, tr.client_id, tr.resource, tr.resource_len, 1999996500) < 0)
             __builtin_trap();
     } else {

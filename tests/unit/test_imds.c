@@ -586,7 +586,12 @@ static struct json_obj *render_and_parse(struct buf **bp, const char *access_tok
                                          size_t resource_len, int64_t now)
 {
     size_t alen = strlen(access_token);
-    struct token tok = {tcopy(access_token, alen), alen, EXP, ext_expires_on, NBF, 43199};
+    struct token tok = {.access_token = tcopy(access_token, alen),
+                        .len = alen,
+                        .expires_on = EXP,
+                        .ext_expires_on = ext_expires_on,
+                        .not_before = NBF,
+                        .refresh_in = 43199};
     struct buf *b = *bp = tbuf(1 << 16);
     assert_int_equal(
         imds_render_token(b, &tok, DEF, tcopy(resource, resource_len), resource_len, now), 0);
