@@ -110,6 +110,17 @@ check: deps
 demo: deps build/imdsd
 	$(Q)$(PY) tests/demo.py --binary build/imdsd
 
+# imdsd against nginx on loopback, plus start-up, memory and cold-exchange costs (tests/bench/bench.py):
+# a table on stdout, JSON in build/bench.json. BENCH_ROUNDS=5 BENCH_SECONDS=5 ... (see the script).
+bench: deps build/imdsd
+	$(Q)$(PY) tests/bench/bench.py --binary build/imdsd
+
+# A tiny run of the same (about 10 s); ends with "bench-smoke: N passed, N failed".
+bench-smoke: build/imdsd
+	$(Q)$(PY) tests/bench/bench.py --binary build/imdsd --smoke
+
+.PHONY: bench bench-smoke
+
 deps:
 	$(Q)tests/deps.sh
 

@@ -16,7 +16,8 @@ static const char USAGE[] =
     "Serves Entra ID access tokens for a Kubernetes workload identity on a local\n"
     "IMDS-compatible endpoint (GET /metadata/identity/oauth2/token).\n"
     "\n"
-    "  --listen ADDR:PORT      address to serve on, repeatable (default " CONFIG_DEFAULT_LISTEN ";\n"
+    "  --listen ADDR:PORT      address to serve on, repeatable (default " CONFIG_DEFAULT_LISTEN
+    ";\n"
     "                          IPv6 as [::1]:8000)\n"
     "  --client-id GUID        default identity                [AZURE_CLIENT_ID]\n"
     "  --tenant-id TENANT      tenant GUID or domain            [AZURE_TENANT_ID]\n"
@@ -44,9 +45,22 @@ static const char USAGE[] =
     "NO_PROXY (or no_proxy) names the authority host.\n";
 
 enum {
-    OPT_LISTEN = 256, OPT_CLIENT_ID, OPT_TENANT_ID, OPT_TOKEN_FILE, OPT_AUTHORITY, OPT_CA_FILE,
-    OPT_ALLOW, OPT_ALIAS, OPT_IDENTITY_HEADER_FILE, OPT_LOG_LEVEL, OPT_MAX_CONN, OPT_IDLE,
-    OPT_ENTRA_TIMEOUT, OPT_GRACE, OPT_HELP, OPT_VERSION,
+    OPT_LISTEN = 256,
+    OPT_CLIENT_ID,
+    OPT_TENANT_ID,
+    OPT_TOKEN_FILE,
+    OPT_AUTHORITY,
+    OPT_CA_FILE,
+    OPT_ALLOW,
+    OPT_ALIAS,
+    OPT_IDENTITY_HEADER_FILE,
+    OPT_LOG_LEVEL,
+    OPT_MAX_CONN,
+    OPT_IDLE,
+    OPT_ENTRA_TIMEOUT,
+    OPT_GRACE,
+    OPT_HELP,
+    OPT_VERSION,
 };
 
 static const struct option options[] = {
@@ -236,8 +250,10 @@ int config_load_identity_header(struct config *c, char *err, size_t errlen)
         n--;
     while (start < n && isspace((unsigned char)buf[start]))
         start++;
-    const char *why = rerr ? "cannot be read" : n == start ? "is empty"
-                      : n > CONFIG_MAX_SECRET ? "holds more than 255 bytes" : NULL;
+    const char *why = rerr                    ? "cannot be read"
+                      : n == start            ? "is empty"
+                      : n > CONFIG_MAX_SECRET ? "holds more than 255 bytes"
+                                              : NULL;
     for (size_t i = start; i < n && !why; i++)
         if ((unsigned char)buf[i] < 0x20 || (unsigned char)buf[i] >= 0x7f)
             why = "holds characters that cannot be sent in an HTTP header";
@@ -252,10 +268,10 @@ int config_load_identity_header(struct config *c, char *err, size_t errlen)
     return 0;
 }
 
-#define ERR(...)                                                                                 \
-    do {                                                                                         \
-        snprintf(err, errlen, __VA_ARGS__);                                                      \
-        return CONFIG_ERROR;                                                                     \
+#define ERR(...)                                                                                   \
+    do {                                                                                           \
+        snprintf(err, errlen, __VA_ARGS__);                                                        \
+        return CONFIG_ERROR;                                                                       \
     } while (0)
 
 int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *getenv_fn, char *err,
@@ -295,14 +311,22 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
                 ERR("--listen: invalid address '%s' (want IP:PORT or [IPv6]:PORT)", optarg);
             c->nlisten++;
             break;
-        case OPT_CLIENT_ID: set(&c->client_id, optarg); break;
-        case OPT_TENANT_ID: set(&c->tenant_id, optarg); break;
-        case OPT_TOKEN_FILE: set(&c->token_file, optarg); break;
+        case OPT_CLIENT_ID:
+            set(&c->client_id, optarg);
+            break;
+        case OPT_TENANT_ID:
+            set(&c->tenant_id, optarg);
+            break;
+        case OPT_TOKEN_FILE:
+            set(&c->token_file, optarg);
+            break;
         case OPT_AUTHORITY:
             authority = optarg;
             authority_src = "--authority-host";
             break;
-        case OPT_CA_FILE: set(&c->ca_file, optarg); break;
+        case OPT_CA_FILE:
+            set(&c->ca_file, optarg);
+            break;
         case OPT_ALLOW:
             if (c->nallowed >= CONFIG_MAX_CLIENT_IDS)
                 ERR("--allow-client-id: at most %d identities", CONFIG_MAX_CLIENT_IDS);
@@ -322,10 +346,13 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             c->naliases++;
             if (!imds_is_guid(a->key) && !imds_is_resource_id(a->key))
                 ERR("--identity-alias: '%s' is neither an object id (GUID) nor an ARM resource id "
-                    "(/subscriptions/...)", a->key);
+                    "(/subscriptions/...)",
+                    a->key);
             break;
         }
-        case OPT_IDENTITY_HEADER_FILE: set(&c->identity_header_file, optarg); break;
+        case OPT_IDENTITY_HEADER_FILE:
+            set(&c->identity_header_file, optarg);
+            break;
         case OPT_LOG_LEVEL:
             if (log_level_parse(optarg, &c->log_level) < 0)
                 ERR("--log-level: invalid value '%s' (debug, info, warn or error)", optarg);
@@ -390,8 +417,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         char redacted[512];
         if (proxy_parse(&c->proxy, v, &why) < 0)
             ERR("%s: '%s' %s", proxy_src, proxy_redact(v, redacted, sizeof redacted), why);
-        if (no_proxy && *no_proxy &&
-            proxy_bypass(no_proxy, c->authority_host, c->authority_port))
+        if (no_proxy && *no_proxy && proxy_bypass(no_proxy, c->authority_host, c->authority_port))
             proxy_free(&c->proxy);
         else
             c->use_proxy = 1;

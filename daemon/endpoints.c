@@ -124,8 +124,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     struct imds_token_req tr;
     struct imds_error err;
     int rc = appservice ? imds_check_appservice_request(&in, &ep->ids, ep->cfg->identity_header,
-                                                        ep->cfg->identity_header_len, &q, &tr,
-                                                        &err)
+                                                        ep->cfg->identity_header_len, &q, &tr, &err)
                         : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
     if (rc < 0) {
         send_error(c, &err, appservice);
@@ -204,8 +203,8 @@ static void handle_ready(struct endpoints *ep, struct http_conn *c)
         buf_puts(b, ",\"audience\":");
         json_put_string(b, st.claims.aud, strlen(st.claims.aud));
         int64_t left = st.claims.exp - now;
-        buf_printf(b, ",\"expires_on\":\"%lld\",\"expires_in\":\"%lld\"",
-                   (long long)st.claims.exp, (long long)(left > 0 ? left : 0));
+        buf_printf(b, ",\"expires_on\":\"%lld\",\"expires_in\":\"%lld\"", (long long)st.claims.exp,
+                   (long long)(left > 0 ? left : 0));
     }
     buf_puts(b, "}}");
     http_conn_respond(c, ok ? 200 : 503, NULL, b->data, b->len);

@@ -62,19 +62,22 @@ static void log_result(const struct entra_fetch *f, const struct entra_result *r
     if (r->kind == ENTRA_OK) {
         char fp[13];
         fingerprint(r->access_token, r->token_len, fp);
-        log_info("entra_token", "client_id=%s resource=%s duration_ms=%llu token_len=%zu "
+        log_info("entra_token",
+                 "client_id=%s resource=%s duration_ms=%llu token_len=%zu "
                  "token_fp=%s expires_in=%lld",
                  f->client_id, res, (unsigned long long)ms, r->token_len, fp,
                  (long long)r->expires_in);
     } else {
         char desc[ENTRA_DESCRIPTION_MAX + 16];
         log_quote(desc, sizeof desc, r->description, strlen(r->description));
-        log_warn("entra_error", "client_id=%s resource=%s duration_ms=%llu http_status=%d "
+        log_warn("entra_error",
+                 "client_id=%s resource=%s duration_ms=%llu http_status=%d "
                  "error=%s aadsts=%lld kind=%s description=%s",
                  f->client_id, res, (unsigned long long)ms, r->http_status, r->error,
                  (long long)r->aadsts,
-                 r->kind == ENTRA_PERMANENT ? "permanent"
-                 : r->kind == ENTRA_THROTTLED ? "throttled" : "transient",
+                 r->kind == ENTRA_PERMANENT   ? "permanent"
+                 : r->kind == ENTRA_THROTTLED ? "throttled"
+                                              : "transient",
                  desc);
     }
 }
@@ -93,8 +96,8 @@ static void on_done(struct https_request *req, int err, const struct https_respo
     entra_result_free(&r);
 }
 
-int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id,
-                const char *resource, const char *assertion, size_t assertion_len)
+int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, const char *resource,
+                const char *assertion, size_t assertion_len)
 {
     struct buf body;
     unsigned char rnd[16];

@@ -94,7 +94,8 @@ static void parse_ok(struct entra_result *r, const struct json_obj *o)
     }
     int has_type = json_get_string(o, "token_type", &type);
     if (has_type == -2 || (has_type == 0 && strcasecmp(type, "Bearer") != 0)) {
-        set_error(r, ENTRA_TRANSIENT, "server_error", "Entra's token response is not a Bearer token");
+        set_error(r, ENTRA_TRANSIENT, "server_error",
+                  "Entra's token response is not a Bearer token");
         goto out;
     }
     if (json_get_int(o, "expires_in", &exp) < 0 || exp <= 0 || exp > ENTRA_MAX_LIFETIME_S) {
@@ -161,8 +162,7 @@ void entra_parse_response(struct entra_result *r, int http_status, const char *b
             if (desc)
                 first_line(r->description, sizeof r->description, desc);
             if (!strstr(r->description, "AADSTS"))
-                snprintf(r->description, sizeof r->description, "AADSTS%lld",
-                         (long long)r->aadsts);
+                snprintf(r->description, sizeof r->description, "AADSTS%lld", (long long)r->aadsts);
         } else {
             set_error(r, ENTRA_TRANSIENT, "server_error",
                       "Entra answered an unexpected error without an AADSTS code");

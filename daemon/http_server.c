@@ -23,7 +23,7 @@ enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY };
 
 struct http_conn {
     uv_tcp_t tcp;
-    uv_timer_t timer;  /* idle check; runs all the time, see on_timeout */
+    uv_timer_t timer;     /* idle check; runs all the time, see on_timeout */
     uint64_t last_active; /* loop time of the last response, or of the accept */
     uv_write_t wreq;
     struct http_server *server;
@@ -94,20 +94,34 @@ static void maybe_free_server(struct http_server *s);
 static const char *status_text(int status)
 {
     switch (status) {
-    case 200: return "OK";
-    case 400: return "Bad Request";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 413: return "Payload Too Large";
-    case 414: return "URI Too Long";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "Unknown";
+    case 200:
+        return "OK";
+    case 400:
+        return "Bad Request";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 408:
+        return "Request Timeout";
+    case 413:
+        return "Payload Too Large";
+    case 414:
+        return "URI Too Long";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    default:
+        return "Unknown";
     }
 }
 
@@ -159,8 +173,8 @@ static char *put_str(char *p, const char *s, size_t n)
 
 #define PUT_LIT(p, lit) put_str(p, lit, sizeof lit - 1)
 
-void http_conn_respond(struct http_conn *c, int status, const char *extra_headers,
-                       const char *body, size_t len)
+void http_conn_respond(struct http_conn *c, int status, const char *extra_headers, const char *body,
+                       size_t len)
 {
     if (c->state != CONN_HANDLING)
         return;
@@ -192,7 +206,8 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
     p = PUT_LIT(p, "\r\n");
     size_t hlen = (size_t)(p - head);
     /* try to send header and body straight away; copy only what the socket did not take */
-    uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)hlen), uv_buf_init((char *)body, (unsigned)len)};
+    uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)hlen),
+                        uv_buf_init((char *)body, (unsigned)len)};
     int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, 2);
     size_t sent = n > 0 ? (size_t)n : 0;
     if (sent == hlen + len) {
@@ -399,9 +414,15 @@ static void dispatch(struct http_conn *c)
 static void parse_failed(struct http_conn *c, llhttp_errno_t err)
 {
     switch (c->reject_status) {
-    case 413: reject(c, 413, "Request body too large"); break;
-    case 414: reject(c, 414, "Request URL too long"); break;
-    case 431: reject(c, 431, "Request headers too large or too many"); break;
+    case 413:
+        reject(c, 413, "Request body too large");
+        break;
+    case 414:
+        reject(c, 414, "Request URL too long");
+        break;
+    case 431:
+        reject(c, 431, "Request headers too large or too many");
+        break;
     default:
         if (err == HPE_PAUSED_UPGRADE)
             reject(c, 400, "Protocol upgrades are not supported");
@@ -475,7 +496,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 static void on_timeout(uv_timer_t *t)
 {
     struct http_conn *c = t->data;
-    uint64_t idle = c->server->opts.idle_timeout_ms, quiet = uv_now(c->server->loop) - c->last_active;
+    uint64_t idle = c->server->opts.idle_timeout_ms,
+             quiet = uv_now(c->server->loop) - c->last_active;
     if (c->state == CONN_HANDLING)
         return;
     if (quiet < idle) {

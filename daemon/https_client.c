@@ -19,17 +19,17 @@
 #define IMDSD_VERSION "0.0.0"
 #endif
 
-#define HTTPS_READ_BUF_SIZE 16384       /* one uv_read's worth of ciphertext */
-#define HTTPS_PLAIN_CHUNK 4096          /* plaintext decrypted per tls_conn_read() */
-#define HTTPS_MAX_REQUEST (512 * 1024)  /* serialized request: head + body */
-#define HTTPS_HEADER_NAME_MAX 32        /* longer response header names are never ours */
-#define HTTPS_RETRY_AFTER_MAX 64        /* Retry-After values are truncated to this */
-#define HTTPS_ERR_MAX 256
-#define HTTPS_LOG_REASON_MAX 320
-#define HTTPS_ADDR_MAX 64
-#define HTTPS_PORT_MAX 65535
-#define HTTPS_PROXY_REASON_MAX 64       /* the proxy's reason phrase is truncated to this */
-#define HTTPS_VIA_MAX 600               /* " proxy=<description>" for log lines */
+#define HTTPS_READ_BUF_SIZE    16384        /* one uv_read's worth of ciphertext */
+#define HTTPS_PLAIN_CHUNK      4096         /* plaintext decrypted per tls_conn_read() */
+#define HTTPS_MAX_REQUEST      (512 * 1024) /* serialized request: head + body */
+#define HTTPS_HEADER_NAME_MAX  32           /* longer response header names are never ours */
+#define HTTPS_RETRY_AFTER_MAX  64           /* Retry-After values are truncated to this */
+#define HTTPS_ERR_MAX          256
+#define HTTPS_LOG_REASON_MAX   320
+#define HTTPS_ADDR_MAX         64
+#define HTTPS_PORT_MAX         65535
+#define HTTPS_PROXY_REASON_MAX 64  /* the proxy's reason phrase is truncated to this */
+#define HTTPS_VIA_MAX          600 /* " proxy=<description>" for log lines */
 /* target, target, then "Proxy-Authorization: ", its value, "\r\n" (or three empty strings) */
 #define HTTPS_CONNECT_FMT "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s%s%s\r\n"
 
@@ -50,8 +50,8 @@ struct https_client {
     /* Through a proxy: where to connect, and what to ask for. NULL proxy_host = direct. */
     char *proxy_host;
     char *proxy_port;
-    char *proxy_auth;     /* Proxy-Authorization value or NULL: a secret */
-    char *connect_target; /* "host:port", IPv6 literals bracketed */
+    char *proxy_auth;        /* Proxy-Authorization value or NULL: a secret */
+    char *connect_target;    /* "host:port", IPv6 literals bracketed */
     char via[HTTPS_VIA_MAX]; /* " proxy=<description>" (password masked), or "" */
     struct tls_ctx *tls;
     uint64_t connect_timeout_ms;
@@ -711,8 +711,8 @@ static void conn_handshake(struct https_conn *conn)
         return;
     }
     log_debug("tls_handshake_done",
-              "host=%s port=%s conn=%" PRIu64 " version=%s cipher=%s resumed=%d", c->host,
-              c->port, conn->id, tls_conn_version(conn->tls), tls_conn_cipher(conn->tls),
+              "host=%s port=%s conn=%" PRIu64 " version=%s cipher=%s resumed=%d", c->host, c->port,
+              conn->id, tls_conn_version(conn->tls), tls_conn_cipher(conn->tls),
               tls_conn_resumed(conn->tls));
     conn->state = CONN_ACTIVE;
     conn_arm_timer(conn);
@@ -796,10 +796,10 @@ static void conn_tunnel_start(struct https_conn *conn)
         return;
     }
     char *msg = xmalloc((size_t)n + 1);
-    snprintf(msg, (size_t)n + 1, HTTPS_CONNECT_FMT, c->connect_target, c->connect_target,
-             auth_name, auth, auth_end);
-    log_debug("https_proxy_connect", "host=%s port=%s conn=%" PRIu64 "%s auth=%d", c->host,
-              c->port, conn->id, c->via, c->proxy_auth != NULL);
+    snprintf(msg, (size_t)n + 1, HTTPS_CONNECT_FMT, c->connect_target, c->connect_target, auth_name,
+             auth, auth_end);
+    log_debug("https_proxy_connect", "host=%s port=%s conn=%" PRIu64 "%s auth=%d", c->host, c->port,
+              conn->id, c->via, c->proxy_auth != NULL);
     int r = conn_send(conn, msg, (size_t)n, 1); /* takes msg over */
     if (r < 0)
         conn_fail(conn, HTTPS_E_IO, "https_io_error", uv_strerror(r));
@@ -943,8 +943,8 @@ static void conn_try_connect(struct https_conn *conn)
         conn->refs++;
         r = uv_tcp_connect(&conn->connect_req, &conn->tcp, ai->ai_addr, conn_connect_cb);
         if (r == 0) {
-            log_debug("https_connecting", "host=%s port=%s conn=%" PRIu64 "%s addr=%s",
-                      c->host, c->port, conn->id, c->via, conn->addr);
+            log_debug("https_connecting", "host=%s port=%s conn=%" PRIu64 "%s addr=%s", c->host,
+                      c->port, conn->id, c->via, conn->addr);
             return;
         }
         conn->last_err = r;
@@ -984,8 +984,8 @@ static void conn_gai_cb(uv_getaddrinfo_t *g, int status, struct addrinfo *res)
     unsigned n = 0;
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next)
         n++;
-    log_debug("https_resolved", "host=%s port=%s conn=%" PRIu64 "%s addresses=%u", c->host,
-              c->port, conn->id, c->via, n);
+    log_debug("https_resolved", "host=%s port=%s conn=%" PRIu64 "%s addresses=%u", c->host, c->port,
+              conn->id, c->via, n);
     conn->addrs = res;
     conn->next_addr = res;
     conn->state = CONN_CONNECTING;
@@ -1072,8 +1072,8 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
         snprintf(err, errlen, "port=%s: not a TCP port number", o->port ? o->port : "");
         return -1;
     }
-    if (o->proxy && (!o->proxy->host || !host_is_valid(o->proxy->host) ||
-                     port_parse(o->proxy->port) < 0)) {
+    if (o->proxy &&
+        (!o->proxy->host || !host_is_valid(o->proxy->host) || port_parse(o->proxy->port) < 0)) {
         snprintf(err, errlen, "proxy=%s: not a usable proxy", proxy_describe(o->proxy));
         return -1;
     }
@@ -1108,8 +1108,8 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
         c->proxy_port = xstrdup(o->proxy->port);
         c->proxy_auth = o->proxy->authorization ? xstrdup(o->proxy->authorization) : NULL;
         buf_init(&hh, HTTPS_ERR_MAX);
-        if (buf_printf(&hh, "%s%s%s:%d", bracket ? "[" : "", o->host, bracket ? "]" : "",
-                       port) < 0) {
+        if (buf_printf(&hh, "%s%s%s:%d", bracket ? "[" : "", o->host, bracket ? "]" : "", port) <
+            0) {
             snprintf(err, errlen, "host=%s: too long", o->host);
             buf_free(&hh);
             client_destroy(c);

@@ -99,7 +99,7 @@ static const char *alias(const struct imds_identities *ids, const char *key)
 const char *imds_select_identity(const struct query *q, const struct imds_identities *ids,
                                  int *several)
 {
-    static const char *const selectors[] = {"client_id", "object_id", "principal_id",
+    static const char *const selectors[] = {"client_id",  "object_id", "principal_id",
                                             "msi_res_id", "mi_res_id", "msi-res-id"};
     const struct query_param *sel = NULL;
     *several = 0;
@@ -139,7 +139,8 @@ static int check_query(const struct imds_input *in, const struct imds_identities
     }
     const struct query_param *api = query_get(q, "api-version");
     if (!api || !api->val_len)
-        return fail(err, 400, "invalid_request", "Required query variable 'api-version' is missing");
+        return fail(err, 400, "invalid_request",
+                    "Required query variable 'api-version' is missing");
     if (!imds_api_version_ok(api->val) || strcmp(api->val, min_api) < 0)
         return fail(err, 400, "invalid_request", "Invalid or unsupported api-version");
     const struct query_param *res = query_get(q, "resource");
@@ -193,9 +194,10 @@ int imds_check_appservice_request(const struct imds_input *in, const struct imds
         return fail(err, 400, "invalid_request",
                     "Requests with an X-Forwarded-For header are not allowed");
     if (!in->identity_header)
-        return fail(err, 401, "unauthorized_client", "Required header X-IDENTITY-HEADER is missing");
-    if (!secret || !imds_secret_equal(in->identity_header, in->identity_header_len, secret,
-                                      secret_len))
+        return fail(err, 401, "unauthorized_client",
+                    "Required header X-IDENTITY-HEADER is missing");
+    if (!secret ||
+        !imds_secret_equal(in->identity_header, in->identity_header_len, secret, secret_len))
         return fail(err, 401, "unauthorized_client", "X-IDENTITY-HEADER is not valid");
     return check_query(in, ids, "2019-08-01", q, out, err);
 }

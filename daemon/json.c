@@ -22,8 +22,8 @@ struct scan {
 
 static void ws(struct scan *c)
 {
-    while (c->i < c->n && (c->s[c->i] == ' ' || c->s[c->i] == '\t' || c->s[c->i] == '\n' ||
-                           c->s[c->i] == '\r'))
+    while (c->i < c->n &&
+           (c->s[c->i] == ' ' || c->s[c->i] == '\t' || c->s[c->i] == '\n' || c->s[c->i] == '\r'))
         c->i++;
 }
 
@@ -128,13 +128,20 @@ static int value(struct scan *c, int depth)
     if (c->i >= c->n || depth > JSON_MAX_DEPTH)
         return -1;
     switch (c->s[c->i]) {
-    case '{': return members(c, depth, '}', 1);
-    case '[': return members(c, depth, ']', 0);
-    case '"': return string(c);
-    case 't': return lit(c, "true");
-    case 'f': return lit(c, "false");
-    case 'n': return lit(c, "null");
-    default: return number(c);
+    case '{':
+        return members(c, depth, '}', 1);
+    case '[':
+        return members(c, depth, ']', 0);
+    case '"':
+        return string(c);
+    case 't':
+        return lit(c, "true");
+    case 'f':
+        return lit(c, "false");
+    case 'n':
+        return lit(c, "null");
+    default:
+        return number(c);
     }
 }
 
@@ -258,14 +265,30 @@ static int unescape(const char *s, size_t n, char **out)
         if (++i >= n)
             goto fail;
         switch (s[i]) {
-        case '"': r[o++] = '"'; break;
-        case '\\': r[o++] = '\\'; break;
-        case '/': r[o++] = '/'; break;
-        case 'b': r[o++] = '\b'; break;
-        case 'f': r[o++] = '\f'; break;
-        case 'n': r[o++] = '\n'; break;
-        case 'r': r[o++] = '\r'; break;
-        case 't': r[o++] = '\t'; break;
+        case '"':
+            r[o++] = '"';
+            break;
+        case '\\':
+            r[o++] = '\\';
+            break;
+        case '/':
+            r[o++] = '/';
+            break;
+        case 'b':
+            r[o++] = '\b';
+            break;
+        case 'f':
+            r[o++] = '\f';
+            break;
+        case 'n':
+            r[o++] = '\n';
+            break;
+        case 'r':
+            r[o++] = '\r';
+            break;
+        case 't':
+            r[o++] = '\t';
+            break;
         case 'u': {
             unsigned cp, lo;
             if (n - i < 5 || read_u4(s + i + 1, &cp) < 0)
@@ -376,11 +399,21 @@ int json_put_string(struct buf *b, const char *s, size_t len)
         char esc[7] = {'\\', 0};
         size_t n = 2;
         switch (c) {
-        case '"': esc[1] = '"'; break;
-        case '\\': esc[1] = '\\'; break;
-        case '\n': esc[1] = 'n'; break;
-        case '\r': esc[1] = 'r'; break;
-        case '\t': esc[1] = 't'; break;
+        case '"':
+            esc[1] = '"';
+            break;
+        case '\\':
+            esc[1] = '\\';
+            break;
+        case '\n':
+            esc[1] = 'n';
+            break;
+        case '\r':
+            esc[1] = 'r';
+            break;
+        case '\t':
+            esc[1] = 't';
+            break;
         default:
             esc[1] = 'u';
             esc[2] = '0';

@@ -72,7 +72,8 @@ int jwt_decode(const char *tok, size_t len, struct jwt_claims *c)
     const char *d2 = memchr(d1 + 1, '.', len - (size_t)(d1 + 1 - tok));
     if (!d2 || memchr(d2 + 1, '.', len - (size_t)(d2 + 1 - tok)))
         return JWT_E_FORMAT;
-    size_t hlen = (size_t)(d1 - tok), plen = (size_t)(d2 - d1 - 1), slen = len - (size_t)(d2 + 1 - tok);
+    size_t hlen = (size_t)(d1 - tok), plen = (size_t)(d2 - d1 - 1),
+           slen = len - (size_t)(d2 + 1 - tok);
     if (!hlen || !plen || !slen)
         return JWT_E_FORMAT;
     unsigned char *buf = xmalloc(len + 4);
@@ -117,10 +118,15 @@ out:
 const char *jwt_strerror(int err)
 {
     switch (err) {
-    case JWT_OK: return "ok";
-    case JWT_E_FORMAT: return "not a compact JWS (three base64url parts separated by '.')";
-    case JWT_E_BASE64: return "a part is not valid base64url";
-    case JWT_E_JSON: return "the payload is not a JSON object";
-    default: return "the exp, nbf or iat claim is missing or not an integer";
+    case JWT_OK:
+        return "ok";
+    case JWT_E_FORMAT:
+        return "not a compact JWS (three base64url parts separated by '.')";
+    case JWT_E_BASE64:
+        return "a part is not valid base64url";
+    case JWT_E_JSON:
+        return "the payload is not a JSON object";
+    default:
+        return "the exp, nbf or iat claim is missing or not an integer";
     }
 }

@@ -58,7 +58,8 @@ const char *log_quote(char *out, size_t n, const char *s, size_t len)
     size_t o = 0;
     int quote = len == 0;
     for (size_t i = 0; i < len && !quote; i++)
-        quote = s[i] <= ' ' || s[i] == '"' || s[i] == '=' || s[i] == '\\' || (unsigned char)s[i] >= 0x7f;
+        quote = s[i] <= ' ' || s[i] == '"' || s[i] == '=' || s[i] == '\\' ||
+                (unsigned char)s[i] >= 0x7f;
     if (n < 8) {
         if (n)
             out[0] = 0;

@@ -105,7 +105,8 @@ static int start(struct daemon *d)
     uv_signal_start(&d->sigterm, on_signal, SIGTERM);
     uv_signal_start(&d->sigint, on_signal, SIGINT);
     uv_signal_start(&d->sighup, on_signal, SIGHUP);
-    log_info("started", "version=%s client_id=%s tenant_id=%s authority=%s token_file=%s "
+    log_info("started",
+             "version=%s client_id=%s tenant_id=%s authority=%s token_file=%s "
              "ca_file=%s allowed_client_ids=%d aliases=%d app_service=%s proxy=%s",
              IMDSD_VERSION, c->client_id, c->tenant_id, c->authority, c->token_file, c->ca_file,
              c->nallowed, c->naliases, c->identity_header ? "on" : "off",

@@ -12,12 +12,12 @@
 #include "util.h"
 
 #define PROXY_PORT_DIGITS 5
-#define PROXY_PORT_MAX 65535
-#define PROXY_SCHEME_MAX 16
-#define PROXY_ENTRY_MAX 300 /* a NO_PROXY entry longer than this cannot match anything */
-#define PROXY_ADDR_MAX 16   /* bytes of an IPv6 address */
-#define PROXY_BASIC "Basic "
-#define PROXY_MASK "***"
+#define PROXY_PORT_MAX    65535
+#define PROXY_SCHEME_MAX  16
+#define PROXY_ENTRY_MAX   300 /* a NO_PROXY entry longer than this cannot match anything */
+#define PROXY_ADDR_MAX    16  /* bytes of an IPv6 address */
+#define PROXY_BASIC       "Basic "
+#define PROXY_MASK        "***"
 
 static int is_space(char ch)
 {
@@ -205,8 +205,7 @@ int proxy_parse(struct proxy *p, const char *url, const char **why)
         const char *colon = memchr(s, ':', (size_t)(uend - s));
         const char *ue = colon ? colon : uend;
         ulen = pct_decode(s, (size_t)(ue - s), user, PROXY_CRED_MAX);
-        plen = colon ? pct_decode(colon + 1, (size_t)(uend - colon - 1), pass, PROXY_CRED_MAX)
-                     : 0;
+        plen = colon ? pct_decode(colon + 1, (size_t)(uend - colon - 1), pass, PROXY_CRED_MAX) : 0;
         if (!colon)
             pass[0] = 0;
         if (ulen < 0 || plen < 0) {

@@ -17,7 +17,7 @@
 
 /* Ciphertext buffered in either direction; the network layer drains both after every call, so
  * these only bound a misbehaving peer or caller. */
-#define TLS_MAX_INPUT (256 * 1024)
+#define TLS_MAX_INPUT  (256 * 1024)
 #define TLS_MAX_OUTPUT (1024 * 1024)
 #define TLS_MASTER_LEN 48
 
@@ -47,7 +47,7 @@ struct tls_conn {
 };
 
 __attribute__((format(printf, 3, 4))) static void tls_set_err(char *err, size_t errlen,
-                                                             const char *fmt, ...)
+                                                              const char *fmt, ...)
 {
     if (!err || !errlen)
         return;
@@ -99,8 +99,8 @@ int tls_ctx_new(struct tls_ctx **out, const char *ca_file, char *err, size_t err
         goto fail;
     }
 
-    r = mbedtls_ssl_config_defaults(&ctx->conf, MBEDTLS_SSL_IS_CLIENT,
-                                    MBEDTLS_SSL_TRANSPORT_STREAM, MBEDTLS_SSL_PRESET_DEFAULT);
+    r = mbedtls_ssl_config_defaults(&ctx->conf, MBEDTLS_SSL_IS_CLIENT, MBEDTLS_SSL_TRANSPORT_STREAM,
+                                    MBEDTLS_SSL_PRESET_DEFAULT);
     if (r != 0) {
         mbedtls_strerror(r, why, sizeof why);
         tls_set_err(err, errlen, "tls: cannot configure: %s", why);

@@ -12,11 +12,11 @@
 #define NBUCKETS 256
 
 enum entry_state {
-    E_IDLE,         /* nothing in flight */
-    E_SLOT,         /* waiting for one of the CACHE_MAX_EXCHANGES slots */
-    E_READING,      /* reading the token file */
-    E_EXCHANGING,   /* talking to Entra */
-    E_BACKOFF,      /* waiting to retry */
+    E_IDLE,       /* nothing in flight */
+    E_SLOT,       /* waiting for one of the CACHE_MAX_EXCHANGES slots */
+    E_READING,    /* reading the token file */
+    E_EXCHANGING, /* talking to Entra */
+    E_BACKOFF,    /* waiting to retry */
 };
 
 struct cache_entry {
@@ -245,9 +245,11 @@ static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
     e->state = E_BACKOFF;
     e->backoff_until_ms = now + (int64_t)wait;
     log_key(e, res, sizeof res);
-    log_info("entra_retry_scheduled", "client_id=%s resource=%s attempt=%u in_ms=%llu "
-             "waiting_clients=%s serving_cached=%s", e->client_id, res, e->attempt,
-             (unsigned long long)wait, e->waiters ? "yes" : "no", has_token ? "yes" : "no");
+    log_info("entra_retry_scheduled",
+             "client_id=%s resource=%s attempt=%u in_ms=%llu "
+             "waiting_clients=%s serving_cached=%s",
+             e->client_id, res, e->attempt, (unsigned long long)wait, e->waiters ? "yes" : "no",
+             has_token ? "yes" : "no");
 }
 
 static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch)
@@ -258,7 +260,8 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent
     if (r->aadsts == 700024 && !e->retried_700024) {
         /* the assertion is outside its validity window: the kubelet may have rotated it */
         e->retried_700024 = 1;
-        log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file", e->client_id);
+        log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file",
+                 e->client_id);
         e->state = E_READING;
         token_file_get(c->tf, &e->read);
         return;
@@ -286,8 +289,8 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent
     e->attempt = 0;
     e->have_last = 0;
     e->held_until_ms = 0;
-    log_debug("token_refresh_scheduled", "client_id=%s in_ms=%lld expires_in_ms=%lld",
-              e->client_id, (long long)(e->refresh_ms - now_wall_ms()),
+    log_debug("token_refresh_scheduled", "client_id=%s in_ms=%lld expires_in_ms=%lld", e->client_id,
+              (long long)(e->refresh_ms - now_wall_ms()),
               (long long)(e->expires_ms - now_wall_ms()));
     complete(e, &e->tok, NULL, 0);
     arm_tick(c);
@@ -442,10 +445,10 @@ static void on_tick(uv_timer_t *t)
 static void arm_tick(struct token_cache *c)
 {
     int64_t due = 0;
-#define CONSIDER(t)                                                                               \
-    do {                                                                                          \
-        if ((t) > 0 && (!due || (t) < due))                                                       \
-            due = (t);                                                                            \
+#define CONSIDER(t)                                                                                \
+    do {                                                                                           \
+        if ((t) > 0 && (!due || (t) < due))                                                        \
+            due = (t);                                                                             \
     } while (0)
     for (int b = 0; b < NBUCKETS; b++)
         for (struct cache_entry *e = c->buckets[b]; e; e = e->next) {

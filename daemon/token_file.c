@@ -35,7 +35,7 @@ struct token_file {
     int handles_open;
     int watching;
     char watch_dir[PATH_MAX];
-    char watch_child[NAME_MAX + 1]; /* the entry of watch_dir on the way to the token */
+    char watch_child[NAME_MAX + 1];    /* the entry of watch_dir on the way to the token */
     struct read_job *job;              /* in flight, or NULL */
     struct token_file_waiter *current; /* served by the read in flight */
     struct token_file_waiter *next;    /* arrived during it: served by the next read */
@@ -44,9 +44,9 @@ struct token_file {
     int freeing;
 };
 
-static const char *const state_names[] = {"ok",        "missing", "unreadable",
-                                          "empty",     "too_large", "malformed",
-                                          "expired",   "not_yet_valid", "unknown"};
+static const char *const state_names[] = {"ok",      "missing",       "unreadable",
+                                          "empty",   "too_large",     "malformed",
+                                          "expired", "not_yet_valid", "unknown"};
 
 const char *token_state_name(enum token_state s)
 {
@@ -268,7 +268,8 @@ static void log_status(struct token_file *tf, const struct token_file_status *ol
     if (st->state == TOKEN_OK && strcmp(st->fp, old->fp) != 0) {
         char sub[JWT_CLAIM_MAX + 8], iss[JWT_CLAIM_MAX + 8];
         log_info("token_file_loaded", "path=%s bytes=%zu fp=%s sub=%s iss=%s exp=%lld", tf->path,
-                 st->len, st->fp, log_quote(sub, sizeof sub, st->claims.sub, strlen(st->claims.sub)),
+                 st->len, st->fp,
+                 log_quote(sub, sizeof sub, st->claims.sub, strlen(st->claims.sub)),
                  log_quote(iss, sizeof iss, st->claims.iss, strlen(st->claims.iss)),
                  (long long)st->claims.exp);
     }

@@ -8,13 +8,13 @@
 #include "log.h"
 #include "proxy.h"
 
-#define CONFIG_MAX_LISTEN 8
-#define CONFIG_MAX_CLIENT_IDS 32
-#define CONFIG_MAX_ALIASES 64
-#define CONFIG_MAX_SECRET 255 /* bytes of the X-IDENTITY-HEADER secret */
-#define CONFIG_DEFAULT_LISTEN "127.0.0.1:8000"
+#define CONFIG_MAX_LISTEN        8
+#define CONFIG_MAX_CLIENT_IDS    32
+#define CONFIG_MAX_ALIASES       64
+#define CONFIG_MAX_SECRET        255 /* bytes of the X-IDENTITY-HEADER secret */
+#define CONFIG_DEFAULT_LISTEN    "127.0.0.1:8000"
 #define CONFIG_DEFAULT_AUTHORITY "https://login.microsoftonline.com/"
-#define CONFIG_DEFAULT_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
+#define CONFIG_DEFAULT_CA_FILE   "/etc/ssl/certs/ca-certificates.crt"
 
 struct config_listen {
     char host[64]; /* numeric IPv4 or IPv6 address, no brackets */
@@ -59,7 +59,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
                  size_t errlen);
 void config_free(struct config *c);
 
- /* Reads the --identity-header-file secret into c; 0 or -1 with a one-line reason in err. */
+/* Reads the --identity-header-file secret into c; 0 or -1 with a one-line reason in err. */
 int config_load_identity_header(struct config *c, char *err, size_t errlen);
 /* Parses "ADDR:PORT" / "[v6]:PORT" into l; returns 0 or -1. */
 int config_parse_listen(const char *s, struct config_listen *l);

@@ -14,7 +14,8 @@ struct entra;
 struct entra_fetch;
 
 /* r is valid only during the callback (the caller may take r->access_token and NULL it).
- * sent_epoch is the wall-clock second the request was sent: expires_on = sent_epoch + expires_in. */
+ * sent_epoch is the wall-clock second the request was sent: expires_on = sent_epoch + expires_in.
+ */
 typedef void entra_done_cb(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch);
 
 struct entra_fetch {
@@ -37,8 +38,8 @@ int entra_new(struct entra **out, uv_loop_t *loop, const struct config *cfg, cha
               size_t errlen);
 /* Starts an exchange; client_id and resource are borrowed until done, the assertion is copied.
  * Returns 0 and calls done exactly once, or <0 without calling it. */
-int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id,
-                const char *resource, const char *assertion, size_t assertion_len);
+int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, const char *resource,
+                const char *assertion, size_t assertion_len);
 /* done will not be called. */
 void entra_cancel(struct entra_fetch *f);
 void entra_free(struct entra *e);

@@ -9,7 +9,7 @@
 #include "buf.h"
 
 #define ENTRA_MAX_TOKEN_BYTES (32 * 1024)
-#define ENTRA_MAX_LIFETIME_S (7 * 24 * 3600)
+#define ENTRA_MAX_LIFETIME_S  (7 * 24 * 3600)
 #define ENTRA_DESCRIPTION_MAX 512
 
 enum entra_kind {
@@ -21,15 +21,15 @@ enum entra_kind {
 
 struct entra_result {
     enum entra_kind kind;
-    int http_status;          /* Entra's status, 0 if no HTTP answer */
-    char *access_token;       /* owned secret (ENTRA_OK) */
+    int http_status;    /* Entra's status, 0 if no HTTP answer */
+    char *access_token; /* owned secret (ENTRA_OK) */
     size_t token_len;
-    int64_t expires_in;       /* seconds, from Entra */
-    int64_t ext_expires_in;   /* seconds; = expires_in when absent */
-    int64_t refresh_in;       /* seconds, 0 when absent */
-    int64_t aadsts;           /* first error code, 0 when none */
-    int retry_after;          /* seconds, 0 when absent */
-    char error[64];           /* OAuth error code, e.g. "invalid_request" */
+    int64_t expires_in;                      /* seconds, from Entra */
+    int64_t ext_expires_in;                  /* seconds; = expires_in when absent */
+    int64_t refresh_in;                      /* seconds, 0 when absent */
+    int64_t aadsts;                          /* first error code, 0 when none */
+    int retry_after;                         /* seconds, 0 when absent */
+    char error[64];                          /* OAuth error code, e.g. "invalid_request" */
     char description[ENTRA_DESCRIPTION_MAX]; /* first line of error_description, log-safe */
 };
 

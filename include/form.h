@@ -7,7 +7,7 @@
 
 #include "buf.h"
 
-#define QUERY_MAX_BYTES 4096 /* decoded bytes of all keys and values */
+#define QUERY_MAX_BYTES  4096 /* decoded bytes of all keys and values */
 #define QUERY_MAX_PARAMS 32
 
 enum query_err {

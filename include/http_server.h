@@ -7,12 +7,12 @@
 #include <stddef.h>
 #include <uv.h>
 
-#define HTTP_MAX_URL 4096          /* longer request target -> 414 */
-#define HTTP_MAX_HEADER_BYTES 8192 /* request line + headers -> 431 */
-#define HTTP_MAX_HEADERS 64        /* more header fields -> 431 */
-#define HTTP_MAX_BODY 4096         /* request body -> 413 */
-#define HTTP_MAX_PENDING 65536     /* pipelined bytes buffered while a request is handled */
-#define HTTP_SECRET_HEADER_MAX 256 /* X-IDENTITY-HEADER value kept for the handler */
+#define HTTP_MAX_URL           4096  /* longer request target -> 414 */
+#define HTTP_MAX_HEADER_BYTES  8192  /* request line + headers -> 431 */
+#define HTTP_MAX_HEADERS       64    /* more header fields -> 431 */
+#define HTTP_MAX_BODY          4096  /* request body -> 413 */
+#define HTTP_MAX_PENDING       65536 /* pipelined bytes buffered while a request is handled */
+#define HTTP_SECRET_HEADER_MAX 256   /* X-IDENTITY-HEADER value kept for the handler */
 
 struct http_conn;
 
@@ -57,8 +57,8 @@ void http_server_free(struct http_server *s);
 
 /* Sends a complete response. extra_headers is NULL or header lines each ending "\r\n".
  * body is copied. The connection stays open when the client asked for keep-alive. */
-void http_conn_respond(struct http_conn *c, int status, const char *extra_headers,
-                       const char *body, size_t len);
+void http_conn_respond(struct http_conn *c, int status, const char *extra_headers, const char *body,
+                       size_t len);
 /* Registers the abort callback for the request being handled. */
 void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg);
 /* A scratch buffer owned by the connection for rendering a body (reset per request). */

@@ -19,10 +19,12 @@
 
 #define HTTPS_DEFAULT_CONNECT_TIMEOUT_MS 5000
 #define HTTPS_DEFAULT_REQUEST_TIMEOUT_MS 15000
-#define HTTPS_DEFAULT_MAX_RESPONSE (64 * 1024)
-#define HTTPS_MAX_IDLE_CONNS 4
-#define HTTPS_IDLE_TIMEOUT_MS 60000
-#define HTTPS_PROXY_RESPONSE_MAX 8192 /* cap on the proxy's answer to CONNECT (status + headers) */
+#define HTTPS_DEFAULT_MAX_RESPONSE       (64 * 1024)
+#define HTTPS_MAX_IDLE_CONNS             4
+#define HTTPS_IDLE_TIMEOUT_MS            60000
+#define HTTPS_PROXY_RESPONSE_MAX                                                                   \
+    8192 /* cap on the proxy's answer to CONNECT (status + headers)                                \
+          */
 
 struct proxy;
 
@@ -45,9 +47,9 @@ enum https_err {
 const char *https_strerror(int err);
 
 struct https_client_opts {
-    const char *host;            /* DNS name or IP literal (no brackets); also SNI + verified name */
-    const char *port;            /* decimal, e.g. "443" */
-    const char *ca_file;         /* PEM bundle of trust anchors; NULL = system bundle */
+    const char *host;    /* DNS name or IP literal (no brackets); also SNI + verified name */
+    const char *port;    /* decimal, e.g. "443" */
+    const char *ca_file; /* PEM bundle of trust anchors; NULL = system bundle */
     uint64_t connect_timeout_ms; /* 0 = default; covers resolve + TCP connect (+ CONNECT through
                                   * the proxy) + TLS handshake */
     uint64_t request_timeout_ms; /* 0 = default; whole request from send() to done */
@@ -57,8 +59,8 @@ struct https_client_opts {
 };
 
 struct https_response {
-    int status;             /* HTTP status code */
-    const char *body;       /* valid only during the done callback; NUL-terminated */
+    int status;       /* HTTP status code */
+    const char *body; /* valid only during the done callback; NUL-terminated */
     size_t body_len;
     const char *retry_after; /* value of Retry-After, or NULL; valid only during the callback */
 };

@@ -77,7 +77,8 @@ const char *imds_select_identity(const struct query *q, const struct imds_identi
                                  int *several);
 
 /* Maps a failed Entra exchange to what IMDS clients understand (trap T4): permanent AADSTS
- * rejections -> 400 with Entra's code and text, throttling -> 429 + Retry-After, the rest -> 5xx. */
+ * rejections -> 400 with Entra's code and text, throttling -> 429 + Retry-After, the rest -> 5xx.
+ */
 void imds_error_from_entra(const struct entra_result *r, struct imds_error *err);
 
 /* Appends the IMDS 200 body for tok; every field is a JSON string, expires_in counts down. */

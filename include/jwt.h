@@ -20,10 +20,10 @@ struct jwt_claims {
 
 enum jwt_err {
     JWT_OK = 0,
-    JWT_E_FORMAT = -1,  /* not three base64url segments */
-    JWT_E_BASE64 = -2,  /* a segment is not valid base64url */
-    JWT_E_JSON = -3,    /* the payload is not a JSON object */
-    JWT_E_CLAIMS = -4,  /* exp missing or not an integer, or a claim of the wrong type */
+    JWT_E_FORMAT = -1, /* not three base64url segments */
+    JWT_E_BASE64 = -2, /* a segment is not valid base64url */
+    JWT_E_JSON = -3,   /* the payload is not a JSON object */
+    JWT_E_CLAIMS = -4, /* exp missing or not an integer, or a claim of the wrong type */
 };
 
 /* Decodes tok[0..len) into c. */

@@ -12,13 +12,13 @@ extern enum log_level log_min_level;
 void log_msg(enum log_level level, const char *event, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-#define log_debug(ev, ...)                                                                        \
-    do {                                                                                          \
-        if (log_min_level <= LOG_DEBUG)                                                           \
-            log_msg(LOG_DEBUG, ev, __VA_ARGS__);                                                  \
+#define log_debug(ev, ...)                                                                         \
+    do {                                                                                           \
+        if (log_min_level <= LOG_DEBUG)                                                            \
+            log_msg(LOG_DEBUG, ev, __VA_ARGS__);                                                   \
     } while (0)
-#define log_info(ev, ...) log_msg(LOG_INFO, ev, __VA_ARGS__)
-#define log_warn(ev, ...) log_msg(LOG_WARN, ev, __VA_ARGS__)
+#define log_info(ev, ...)  log_msg(LOG_INFO, ev, __VA_ARGS__)
+#define log_warn(ev, ...)  log_msg(LOG_WARN, ev, __VA_ARGS__)
 #define log_error(ev, ...) log_msg(LOG_ERROR, ev, __VA_ARGS__)
 
 /* Parses "debug|info|warn|error|off"; returns 0 or -1. */

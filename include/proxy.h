@@ -17,17 +17,17 @@
 #include <stddef.h>
 
 #define PROXY_DEFAULT_PORT "80"
-#define PROXY_URL_MAX 2048  /* longer HTTPS_PROXY values are refused */
-#define PROXY_HOST_MAX 253  /* bytes of a host name or IP literal (without brackets) */
-#define PROXY_CRED_MAX 256  /* decoded bytes of the user name, and of the password */
-#define PROXY_PORT_LEN 6    /* "65535" + NUL */
+#define PROXY_URL_MAX      2048 /* longer HTTPS_PROXY values are refused */
+#define PROXY_HOST_MAX     253  /* bytes of a host name or IP literal (without brackets) */
+#define PROXY_CRED_MAX     256  /* decoded bytes of the user name, and of the password */
+#define PROXY_PORT_LEN     6    /* "65535" + NUL */
 
 struct proxy {
-    char *host;                 /* DNS name or IP literal without brackets */
-    char port[PROXY_PORT_LEN];  /* decimal */
-    char *authorization;        /* "Basic <base64(user:password)>", or NULL without credentials;
-                                 * a secret: never log it (proxy_free zeroes it) */
-    char *description;          /* the URL for logs, password replaced by "***" */
+    char *host;                /* DNS name or IP literal without brackets */
+    char port[PROXY_PORT_LEN]; /* decimal */
+    char *authorization;       /* "Basic <base64(user:password)>", or NULL without credentials;
+                                * a secret: never log it (proxy_free zeroes it) */
+    char *description;         /* the URL for logs, password replaced by "***" */
 };
 
 /* Parses url into *p (which it overwrites without freeing). Returns 0, or -1 with *why set to a

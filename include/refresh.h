@@ -7,12 +7,12 @@
 #include <stdint.h>
 
 #define REFRESH_LATEST_BEFORE_EXPIRY_MS (10 * 60 * 1000) /* when the lifetime allows it */
-#define REFRESH_JITTER_FRACTION 0.10 /* refresh up to 10% earlier, so pods spread out */
-#define REFRESH_SERVE_MARGIN_MS (15 * 1000) /* stop serving a token this close to expiry */
-#define BACKOFF_BASE_MS 1000
-#define BACKOFF_BACKGROUND_CAP_MS (5 * 60 * 1000) /* Vault Agent's ceiling */
-#define BACKOFF_FOREGROUND_CAP_MS (8 * 1000)      /* a client is waiting */
-#define PERMANENT_ERROR_HOLD_MS (30 * 1000)       /* repeat a permanent answer without asking */
+#define REFRESH_JITTER_FRACTION         0.10 /* refresh up to 10% earlier, so pods spread out */
+#define REFRESH_SERVE_MARGIN_MS         (15 * 1000) /* stop serving a token this close to expiry */
+#define BACKOFF_BASE_MS                 1000
+#define BACKOFF_BACKGROUND_CAP_MS       (5 * 60 * 1000) /* Vault Agent's ceiling */
+#define BACKOFF_FOREGROUND_CAP_MS       (8 * 1000)      /* a client is waiting */
+#define PERMANENT_ERROR_HOLD_MS         (30 * 1000) /* repeat a permanent answer without asking */
 
 /* When to refresh a token obtained at obtained_ms that expires at expires_ms: at Entra's
  * refresh_in when given, else at half-life; up to REFRESH_JITTER_FRACTION earlier (u); never

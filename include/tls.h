@@ -14,7 +14,7 @@
 #include <stddef.h>
 
 #define TLS_DEFAULT_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
-#define TLS_REASON_MAX 256 /* size of the failure-reason buffer, NUL included */
+#define TLS_REASON_MAX      256 /* size of the failure-reason buffer, NUL included */
 
 enum tls_status {
     TLS_OK = 0,             /* the operation completed */

@@ -21,9 +21,9 @@
 #include "token.h"
 #include "token_file.h"
 
-#define CACHE_MAX_ENTRIES 1024
+#define CACHE_MAX_ENTRIES     1024
 #define CACHE_MAX_TOKEN_BYTES (8u << 20) /* all cached access tokens together */
-#define CACHE_MAX_EXCHANGES 8            /* concurrent exchanges with Entra */
+#define CACHE_MAX_EXCHANGES   8          /* concurrent exchanges with Entra */
 
 struct token_cache;
 struct token_cache_waiter;

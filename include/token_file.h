@@ -14,10 +14,10 @@
 
 #include "jwt.h"
 
-#define TOKEN_FILE_MAX_BYTES (64 * 1024)
-#define TOKEN_FILE_REREAD_MS (60 * 1000) /* safety net for missed events */
-#define TOKEN_FILE_DEBOUNCE_MS 10         /* coalesce the burst of events one rotation makes */
-#define TOKEN_FILE_NBF_LEEWAY_S 60        /* clock skew tolerated on nbf */
+#define TOKEN_FILE_MAX_BYTES    (64 * 1024)
+#define TOKEN_FILE_REREAD_MS    (60 * 1000) /* safety net for missed events */
+#define TOKEN_FILE_DEBOUNCE_MS  10          /* coalesce the burst of events one rotation makes */
+#define TOKEN_FILE_NBF_LEEWAY_S 60          /* clock skew tolerated on nbf */
 
 enum token_state {
     TOKEN_OK,

@@ -48,20 +48,20 @@
 #define RUNNING_ON_VALGRIND 0
 #endif
 
-#define WATCHDOG_MS 5000     /* per test; times VALGRIND_SLOWDOWN under valgrind */
-#define VALGRIND_SLOWDOWN 4
-#define PROCESS_ALARM_S 60   /* last resort if something wedges outside the loop */
-#define SRV_POLL_MS 10000    /* server-side waits give up after this */
-#define SRV_HEAD_MAX 8192
-#define SRV_BODY_MAX 4096
-#define LARGE_BODY 200000
-#define SHORT_TIMEOUT_MS 300
+#define WATCHDOG_MS        5000 /* per test; times VALGRIND_SLOWDOWN under valgrind */
+#define VALGRIND_SLOWDOWN  4
+#define PROCESS_ALARM_S    60    /* last resort if something wedges outside the loop */
+#define SRV_POLL_MS        10000 /* server-side waits give up after this */
+#define SRV_HEAD_MAX       8192
+#define SRV_BODY_MAX       4096
+#define LARGE_BODY         200000
+#define SHORT_TIMEOUT_MS   300
 #define REQUEST_TIMEOUT_MS 500
-#define RESULT_BODY_MAX 1024
-#define PRX_HEAD_MAX 8192    /* the test proxy reads CONNECT heads up to this */
-#define PRX_RELAY_CHUNK 16384
-#define PRX_HUGE_HEAD (HTTPS_PROXY_RESPONSE_MAX + 1024)
-#define LOG_CAPTURE_MAX 65536
+#define RESULT_BODY_MAX    1024
+#define PRX_HEAD_MAX       8192 /* the test proxy reads CONNECT heads up to this */
+#define PRX_RELAY_CHUNK    16384
+#define PRX_HUGE_HEAD      (HTTPS_PROXY_RESPONSE_MAX + 1024)
+#define LOG_CAPTURE_MAX    65536
 
 /* ---- PKI ---------------------------------------------------------------------------------- */
 
@@ -494,9 +494,9 @@ static void prx_relay(struct prx *p, int a, int b)
 {
     char buf[PRX_RELAY_CHUNK];
     for (;;) {
-        struct pollfd pf[3] = {
-            {.fd = a, .events = POLLIN}, {.fd = b, .events = POLLIN},
-            {.fd = p->stop[0], .events = POLLIN}};
+        struct pollfd pf[3] = {{.fd = a, .events = POLLIN},
+                               {.fd = b, .events = POLLIN},
+                               {.fd = p->stop[0], .events = POLLIN}};
         int r = poll(pf, 3, SRV_POLL_MS);
         if (r < 0 && errno == EINTR)
             continue;
@@ -566,7 +566,8 @@ static void prx_handle(struct prx *p, int fd)
     case PRX_INTERIM:
         break;
     }
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
                              .sin_port = htons((uint16_t)p->target_port)};
     int up = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (up < 0)
@@ -1530,8 +1531,8 @@ static void test_proxy_ipv6_target(void **state)
         .host = "::1", .port = f->port, .ca_file = pki("ca.crt"), .proxy = &f->proxy};
     assert_int_equal(https_client_new(&f->client, &f->loop, &o, err, sizeof err), 0);
     expect_error(f, HTTPS_E_VERIFY);
-    snprintf(want, sizeof want, "CONNECT [::1]:%d HTTP/1.1\r\nHost: [::1]:%d\r\n\r\n",
-             f->srv.port, f->srv.port);
+    snprintf(want, sizeof want, "CONNECT [::1]:%d HTTP/1.1\r\nHost: [::1]:%d\r\n\r\n", f->srv.port,
+             f->srv.port);
     pthread_mutex_lock(&f->prx.mu);
     assert_string_equal(f->prx.head, want);
     pthread_mutex_unlock(&f->prx.mu);

@@ -178,20 +178,20 @@ static void t_route(void **state)
 
 /* ---- imds_check_token_request ---------------------------------------------------------------- */
 
-#define DEF "0a1b2c3d-0000-4000-8000-00000000000a"
-#define DEF_UPPER "0A1B2C3D-0000-4000-8000-00000000000A"
-#define EXTRA "5e6f7a8b-1111-4111-8111-11111111111b"
+#define DEF         "0a1b2c3d-0000-4000-8000-00000000000a"
+#define DEF_UPPER   "0A1B2C3D-0000-4000-8000-00000000000A"
+#define EXTRA       "5e6f7a8b-1111-4111-8111-11111111111b"
 #define EXTRA_UPPER "5E6F7A8B-1111-4111-8111-11111111111B"
-#define UNKNOWN "99999999-9999-4999-8999-999999999999"
-#define API "api-version=2018-02-01"
-#define RES "resource=https%3A%2F%2Fmanagement.azure.com%2F"
-#define OK_Q API "&" RES
+#define UNKNOWN     "99999999-9999-4999-8999-999999999999"
+#define API         "api-version=2018-02-01"
+#define RES         "resource=https%3A%2F%2Fmanagement.azure.com%2F"
+#define OK_Q        API "&" RES
 
 static char extra_id[] = EXTRA;
 static char *const allowed_ids[] = {extra_id};
 static char alias_obj[] = "0b000000-0000-4000-8000-000000000001";
-static char alias_res[] =
-    "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u";
+static char alias_res[] = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/"
+                          "userAssignedIdentities/u";
 static char alias_stale[] = "0b000000-0000-4000-8000-0000000000ff";
 static char stale_target[] = UNKNOWN; /* an alias to an id that is not served must not select it */
 static const struct imds_alias aliases[] = {
@@ -206,9 +206,9 @@ static const struct imds_identities ids_aliases = {.default_client_id = DEF,
                                                    .aliases = aliases,
                                                    .naliases = 3};
 
-#define MD_MISSING "Required metadata header not specified"
+#define MD_MISSING  "Required metadata header not specified"
 #define RES_MISSING "Required query variable 'resource' is missing"
-#define NOT_FOUND "Identity not found"
+#define NOT_FOUND   "Identity not found"
 
 struct check_row {
     const char *name;
@@ -223,7 +223,7 @@ struct check_row {
     const char *client_id; /* expected selected client id (success) */
 };
 
-#define GET 1, 1, 0
+#define GET  1, 1, 0
 #define G(q) GET, q, &ids_default
 
 static const struct check_row check_rows[] = {
@@ -330,16 +330,20 @@ static const struct check_row check_rows[] = {
     {"msi-res-id (.NET probe)", G(OK_Q "&msi-res-id=%2Fsubscriptions%2Fx"), 400, "invalid_request",
      NOT_FOUND, NULL, NULL, NULL},
 #define A(q) GET, q, &ids_aliases
-    {"alias: object_id maps to its client id", A(OK_Q "&object_id=0B000000-0000-4000-8000-000000000001"),
+    {"alias: object_id maps to its client id",
+     A(OK_Q "&object_id=0B000000-0000-4000-8000-000000000001"), 0, NULL, NULL, NULL,
+     "https://management.azure.com/", EXTRA},
+    {"alias: principal_id maps like object_id",
+     A(OK_Q "&principal_id=0b000000-0000-4000-8000-000000000001"), 0, NULL, NULL, NULL,
+     "https://management.azure.com/", EXTRA},
+    {"alias: msi_res_id, any case",
+     A(OK_Q "&msi_res_id=%2FSUBSCRIPTIONS%2Fs%2FresourceGroups%2Frg"
+            "%2Fproviders%2FMicrosoft.ManagedIdentity%2F"
+            "userAssignedIdentities%2Fu"),
      0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
-    {"alias: principal_id maps like object_id", A(OK_Q "&principal_id=0b000000-0000-4000-8000-000000000001"),
-     0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
-    {"alias: msi_res_id, any case", A(OK_Q "&msi_res_id=%2FSUBSCRIPTIONS%2Fs%2FresourceGroups%2Frg"
-                                          "%2Fproviders%2FMicrosoft.ManagedIdentity%2F"
-                                          "userAssignedIdentities%2Fu"),
-     0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
-    {"alias: mi_res_id", A(OK_Q "&mi_res_id=%2Fsubscriptions%2Fs%2FresourceGroups%2Frg%2Fproviders"
-                              "%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fu"),
+    {"alias: mi_res_id",
+     A(OK_Q "&mi_res_id=%2Fsubscriptions%2Fs%2FresourceGroups%2Frg%2Fproviders"
+            "%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fu"),
      0, NULL, NULL, NULL, "https://management.azure.com/", EXTRA},
     {"alias: msi-res-id (.NET probe spelling)",
      A(OK_Q "&msi-res-id=%2Fsubscriptions%2Fs%2FresourceGroups%2Frg%2Fproviders"
@@ -349,10 +353,12 @@ static const struct check_row check_rows[] = {
      "invalid_request", NOT_FOUND, NULL, NULL, NULL},
     {"alias: a client id is not an object id", A(OK_Q "&object_id=" EXTRA), 400, "invalid_request",
      NOT_FOUND, NULL, NULL, NULL},
-    {"alias: to an id that is not served", A(OK_Q "&object_id=0b000000-0000-4000-8000-0000000000ff"),
-     400, "invalid_request", NOT_FOUND, NULL, NULL, NULL},
-    {"alias: two selectors", A(OK_Q "&client_id=" EXTRA "&object_id=0b000000-0000-4000-8000-000000000001"),
-     400, "invalid_request", NULL, "only one of", NULL, NULL},
+    {"alias: to an id that is not served",
+     A(OK_Q "&object_id=0b000000-0000-4000-8000-0000000000ff"), 400, "invalid_request", NOT_FOUND,
+     NULL, NULL, NULL},
+    {"alias: two selectors",
+     A(OK_Q "&client_id=" EXTRA "&object_id=0b000000-0000-4000-8000-000000000001"), 400,
+     "invalid_request", NULL, "only one of", NULL, NULL},
 };
 
 /* The App Service protocol: secret first, then the same query rules from 2019-08-01 on. */
@@ -381,7 +387,8 @@ static const struct appsvc_row appsvc_rows[] = {
      "unauthorized_client", NULL},
     {"secret is a prefix of the header", 1, 0, SECRET "x", "api-version=2019-08-01&resource=r", 401,
      "unauthorized_client", NULL},
-    {"empty header", 1, 0, "", "api-version=2019-08-01&resource=r", 401, "unauthorized_client", NULL},
+    {"empty header", 1, 0, "", "api-version=2019-08-01&resource=r", 401, "unauthorized_client",
+     NULL},
     {"header checked before the query", 1, 0, "nope", "%zz", 401, "unauthorized_client", NULL},
     {"old api-version", 1, 0, SECRET, "api-version=2018-02-01&resource=r", 400, "invalid_request",
      NULL},
@@ -407,7 +414,8 @@ static void t_appsvc(void **state)
     struct imds_token_req out = {0};
     struct imds_error err = {0, NULL, NULL, -1};
     char *secret = tcopy(SECRET, strlen(SECRET));
-    int rc = imds_check_appservice_request(&in, &ids_aliases, secret, strlen(SECRET), q, &out, &err);
+    int rc =
+        imds_check_appservice_request(&in, &ids_aliases, secret, strlen(SECRET), q, &out, &err);
     if (r->status == 0) {
         assert_int_equal(rc, 0);
         assert_string_equal(out.client_id, r->client_id);
@@ -422,14 +430,18 @@ static void t_appsvc(void **state)
 static void t_appsvc_render(void **state)
 {
     (void)state;
-    struct token tok = {.access_token = "at", .len = 2, .expires_on = 2000003600,
-                        .ext_expires_on = 2000003600, .not_before = 2000000000};
+    struct token tok = {.access_token = "at",
+                        .len = 2,
+                        .expires_on = 2000003600,
+                        .ext_expires_on = 2000003600,
+                        .not_before = 2000000000};
     struct buf b;
     buf_init(&b, 1 << 16);
     assert_int_equal(imds_render_appservice_token(&b, &tok, DEF, "https://vault.azure.net", 23), 0);
-    assert_string_equal(b.data, "{\"access_token\":\"at\",\"client_id\":\"" DEF "\","
-                                "\"expires_on\":\"2000003600\",\"not_before\":\"2000000000\","
-                                "\"resource\":\"https://vault.azure.net\",\"token_type\":\"Bearer\"}");
+    assert_string_equal(b.data,
+                        "{\"access_token\":\"at\",\"client_id\":\"" DEF "\","
+                        "\"expires_on\":\"2000003600\",\"not_before\":\"2000000000\","
+                        "\"resource\":\"https://vault.azure.net\",\"token_type\":\"Bearer\"}");
     buf_reset(&b);
     struct imds_error e = {401, "unauthorized_client", "X-IDENTITY-HEADER is not valid", 0};
     assert_int_equal(imds_render_appservice_error(&b, &e), 0);
@@ -857,8 +869,8 @@ int main(void)
 #ifdef IMDS_MAX_RESOURCE
     add("imds_check_token_request", "resource of IMDS_MAX_RESOURCE bytes", t_resource_at_limit,
         NULL);
-    add("imds_check_token_request", "resource over IMDS_MAX_RESOURCE -> 400",
-        t_resource_over_limit, NULL);
+    add("imds_check_token_request", "resource over IMDS_MAX_RESOURCE -> 400", t_resource_over_limit,
+        NULL);
 #endif
     ADD_ROWS("imds_check_appservice_request", appsvc_rows, t_appsvc);
     add("imds_render_appservice", "token and error shapes", t_appsvc_render, NULL);

@@ -110,7 +110,8 @@ static const struct bad_row bad_rows[] = {
     {"exp negative", NULL, "{\"exp\":-5}", JWT_E_CLAIMS},
     {"nbf an object", NULL, "{\"exp\":2000000000,\"nbf\":{}}", JWT_E_CLAIMS},
     {"deeply nested", NULL,
-     "{\"exp\":2000000000,\"a\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}",
+     "{\"exp\":2000000000,\"a\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]"
+     "]]]]]]]]}",
      JWT_E_JSON},
 };
 
@@ -150,7 +151,8 @@ static void t_huge_claims_truncated(void **state)
     char sub[3000];
     memset(sub, 'x', sizeof sub - 1);
     sub[sizeof sub - 1] = 0;
-    snprintf(payload, sizeof payload, "{\"exp\":2000000000,\"sub\":\"%s\",\"iss\":\"\\u0001ctl\"}", sub);
+    snprintf(payload, sizeof payload, "{\"exp\":2000000000,\"sub\":\"%s\",\"iss\":\"\\u0001ctl\"}",
+             sub);
     char *t = jws(payload);
     struct jwt_claims c;
     assert_int_equal(jwt_decode(t, strlen(t), &c), JWT_OK);
@@ -219,11 +221,11 @@ static void t_state(void **state)
     free(tok);
 }
 
-#define ROWS(arr, fn, prefix)                                                                    \
-    for (size_t i = 0; i < sizeof arr / sizeof arr[0]; i++) {                                    \
-        snprintf(names[n], sizeof names[n], "%s: %s", prefix, arr[i].name);                      \
-        tests[n] = (struct CMUnitTest){names[n], fn, NULL, NULL, (void *)&arr[i]};               \
-        n++;                                                                                     \
+#define ROWS(arr, fn, prefix)                                                                      \
+    for (size_t i = 0; i < sizeof arr / sizeof arr[0]; i++) {                                      \
+        snprintf(names[n], sizeof names[n], "%s: %s", prefix, arr[i].name);                        \
+        tests[n] = (struct CMUnitTest){names[n], fn, NULL, NULL, (void *)&arr[i]};                 \
+        n++;                                                                                       \
     }
 
 int main(void)

@@ -14,10 +14,10 @@
 #include "proxy.h"
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
-#define MAX_TESTS 256
+#define MAX_TESTS    256
 #define NAME_MAX_LEN 200
-#define DECODED_MAX 1024
-#define REDACT_MAX 256
+#define DECODED_MAX  1024
+#define REDACT_MAX   256
 
 /* ---- registration of one cmocka test per table row ---------------------------------------- */
 
@@ -81,14 +81,14 @@ static const struct good_row good_rows[] = {
      "us@er:p@ss:w0rd", "http://us%40er:***@proxy:8080"},
     {"lower-case escapes", "http://a%2fb:c%2fd@proxy", "proxy", "80", "a/b:c/d",
      "http://a%2Fb:***@proxy:80"},
-    {"raw '@' in the password: last '@' ends the credentials", "http://user:p@ss@proxy:1",
-     "proxy", "1", "user:p@ss", "http://user:***@proxy:1"},
+    {"raw '@' in the password: last '@' ends the credentials", "http://user:p@ss@proxy:1", "proxy",
+     "1", "user:p@ss", "http://user:***@proxy:1"},
     {"':' in the password", "http://user:pa:ss@proxy", "proxy", "80", "user:pa:ss",
      "http://user:***@proxy:80"},
-    {"user without password", "http://user@proxy:3128", "proxy", "3128", "user:",
-     "http://user:***@proxy:3128"},
-    {"empty password", "http://user:@proxy:3128", "proxy", "3128", "user:",
-     "http://user:***@proxy:3128"},
+    {"user without password", "http://user@proxy:3128", "proxy", "3128",
+     "user:", "http://user:***@proxy:3128"},
+    {"empty password", "http://user:@proxy:3128", "proxy", "3128",
+     "user:", "http://user:***@proxy:3128"},
     {"password without user", "http://:secret@proxy", "proxy", "80", ":secret",
      "http://:***@proxy:80"},
     {"empty userinfo is no credentials", "http://@proxy:3128", "proxy", "3128", NULL,
@@ -120,9 +120,9 @@ static void t_good(void **state)
         assert_non_null(p.authorization);
         assert_true(strncmp(p.authorization, "Basic ", 6) == 0);
         const char *b64 = p.authorization + 6;
-        assert_int_equal(mbedtls_base64_decode(dec, sizeof dec - 1, &n,
-                                               (const unsigned char *)b64, strlen(b64)),
-                         0);
+        assert_int_equal(
+            mbedtls_base64_decode(dec, sizeof dec - 1, &n, (const unsigned char *)b64, strlen(b64)),
+            0);
         dec[n] = 0;
         assert_int_equal(n, strlen(r->creds));
         assert_string_equal((char *)dec, r->creds);

@@ -10,10 +10,10 @@
 
 #include "refresh.h"
 
-#define S 1000LL
+#define S   1000LL
 #define MIN (60 * S)
-#define H (60 * MIN)
-#define T0 2000000000000LL /* obtained, ms */
+#define H   (60 * MIN)
+#define T0  2000000000000LL /* obtained, ms */
 
 struct at_row {
     const char *name;
@@ -48,7 +48,8 @@ static void t_at(void **state)
     const struct at_row *r = *state;
     int64_t got = refresh_at_ms(T0, T0 + r->life_ms, r->refresh_in_s, r->u) - T0;
     if (got < r->want_offset_ms - 1 || got > r->want_offset_ms + 1)
-        fail_msg("refresh at +%lld ms, want +%lld ms", (long long)got, (long long)r->want_offset_ms);
+        fail_msg("refresh at +%lld ms, want +%lld ms", (long long)got,
+                 (long long)r->want_offset_ms);
 }
 
 /* For every lifetime and every u, the refresh comes after obtaining, at least 10 min before
@@ -56,7 +57,8 @@ static void t_at(void **state)
 static void t_at_invariants(void **state)
 {
     (void)state;
-    static const int64_t lives[] = {4 * S, 30 * S, 10 * MIN, 21 * MIN, 1 * H, 6 * H, 24 * H, 7 * 24 * H};
+    static const int64_t lives[] = {4 * S, 30 * S, 10 * MIN, 21 * MIN,
+                                    1 * H, 6 * H,  24 * H,   7 * 24 * H};
     static const int64_t hints[] = {0, 1, 60, 1800, 43199, 100000};
     for (size_t i = 0; i < sizeof lives / sizeof lives[0]; i++)
         for (size_t k = 0; k < sizeof hints / sizeof hints[0]; k++)
@@ -121,8 +123,10 @@ static void t_backoff_bounds(void **state)
 static void t_retry_after_wins(void **state)
 {
     (void)state;
-    assert_int_equal(retry_wait_ms(0, 8000, 7, 0.5), 7000);   /* Retry-After: 7 over a 500 ms backoff */
-    assert_int_equal(retry_wait_ms(5, 8000, 1, 0.999999), 7999); /* backoff over a short Retry-After */
+    assert_int_equal(retry_wait_ms(0, 8000, 7, 0.5),
+                     7000); /* Retry-After: 7 over a 500 ms backoff */
+    assert_int_equal(retry_wait_ms(5, 8000, 1, 0.999999),
+                     7999); /* backoff over a short Retry-After */
     assert_int_equal(retry_wait_ms(0, 8000, 0, 0.5), 500);
 }
 
