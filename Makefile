@@ -54,7 +54,7 @@ $(2)/imdsd: $(2)/obj/main.o $(2)/libimdsd.a
 	$$(if $$(Q),@echo "  LD      $$@")
 	$(Q)$$(CC) $(3) $(4) -o $$@ $$^ $$(LIBS)
 
-$(2)/unit/%: tests/unit/%.c $(2)/libimdsd.a
+$(2)/unit/%: tests/unit/%.c $(2)/libimdsd.a $(wildcard tests/unit/*.h include/*.h)
 	@mkdir -p $$(@D)
 	$$(if $$(Q),@echo "  CC      $$@")
 	$(Q)$$(CC) $$(CPPFLAGS) $(3) $$(WARN) -Wno-missing-prototypes -o $$@ $$< $(2)/libimdsd.a $$(LIBS) -lcmocka
@@ -125,7 +125,7 @@ deps:
 	$(Q)tests/deps.sh
 
 lint:
-	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c
+	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c
 
 clean:
 	rm -rf build
