@@ -383,16 +383,25 @@ class Fake:
         finally:
             c.close()
 
-    def control(self, tenant, script=None, token_file=None):
+    def control(self, tenant, script=None, token_file=None, default=None):
+        """script: the next answers; default: the tenant's behaviour from now on (instead of the
+        one its name says)."""
         body = {"tenant": tenant}
         if script is not None:
             body["script"] = script
         if token_file is not None:
             body["token_file"] = token_file
-        self._call("POST", "/_control", body)
+        if default is not None:
+            body["default"] = default
+        r = self._call("POST", "/_control", body)
+        assert r.get("ok"), f"fake {self.name} refused /_control {body}: {r}"
 
     def stats(self):
         return self._call("GET", "/_stats")
+
+    def max_inflight(self, tenant):
+        """The most token requests of tenant the fake was answering at the same time."""
+        return self.stats()["max_inflight"].get(tenant, 0)
 
     def calls(self, tenant):
         return self.stats()["calls"].get(tenant, 0)
