@@ -340,14 +340,22 @@ const char *proxy_redact(const char *url, char *out, size_t outlen)
         out[0] = 0;
         return out;
     }
+    /* a scheme only counts before the authority could have ended: "user:pw@host/?u=http://x"
+     * has none, and its password must still be masked */
     const char *start = strstr(url, "://");
-    start = start ? start + 3 : url;
+    if (!start || start > url + strcspn(url, "@/?#"))
+        start = url;
+    else
+        start += 3;
     const char *at = strrchr(start, '@');
     const char *colon = at ? memchr(start, ':', (size_t)(at - start)) : NULL;
     if (!colon)
         snprintf(out, outlen, "%s", url);
     else
         snprintf(out, outlen, "%.*s" PROXY_MASK "%s", (int)(colon + 1 - url), url, at);
+    for (char *p = out; *p; p++) /* keep error messages on one line */
+        if ((unsigned char)*p < 0x20 || (unsigned char)*p == 0x7f)
+            *p = '?';
     return out;
 }
 

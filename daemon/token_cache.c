@@ -456,10 +456,11 @@ static void arm_tick(struct token_cache *c)
                 CONSIDER(w->deadline_ms);
             if (e->state == E_BACKOFF)
                 CONSIDER(e->backoff_until_ms);
-            if (e->tok.access_token && !busy(e)) {
+            /* only what on_tick acts on: a due time it ignores would make the tick spin */
+            if (e->tok.access_token && e->state == E_IDLE)
                 CONSIDER(e->refresh_ms);
+            if (e->tok.access_token && !busy(e))
                 CONSIDER(e->serve_until_ms);
-            }
             CONSIDER(e->held_until_ms);
         }
 #undef CONSIDER
@@ -472,7 +473,8 @@ static void arm_tick(struct token_cache *c)
         return;
     int64_t delay = due - now_wall_ms();
     c->tick_due_ms = due;
-    uv_timer_start(&c->tick, on_tick, delay > 0 ? (uint64_t)delay : 0, 0);
+    /* at least 1 ms: a timer re-armed at 0 runs again before the loop polls for I/O */
+    uv_timer_start(&c->tick, on_tick, delay > 1 ? (uint64_t)delay : 1, 0);
 }
 
 /* ---- public -------------------------------------------------------------------------------- */

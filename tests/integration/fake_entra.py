@@ -2,11 +2,16 @@
 """fake_entra.py - a stand-in for Entra ID's v2 token endpoint, over real TLS (stdlib only).
 
 POST /<tenant>/oauth2/v2.0/token   checks the client-credentials + jwt-bearer form like Entra
-POST /_control  {"tenant": T, "script": [behaviour, ...], "token_file": PATH}   (all but tenant optional)
-GET  /_stats    {"calls": {tenant: n}, "accepted": n, "tls_failures": n}
+POST /_control  {"tenant": T, "script": [behaviour, ...], "token_file": PATH, "default": behaviour}
+                (all but tenant optional; "default": null goes back to the name's behaviour)
+GET  /_stats    {"calls": {tenant: n}, "accepted": n, "tls_failures": n, "issued": n,
+                 "inflight": {tenant: n}, "max_inflight": {tenant: n}}
 
 The behaviour of a token request is the next scripted one for its tenant, else the tenant's
-default: the part of the tenant name before the first "." if it names a behaviour, else "ok".
+default: the one set with "default" if any, else the part of the tenant name before the first "."
+if it names a behaviour, else "ok". inflight counts token requests of a tenant being answered
+(from the parsed request to the end of the answer, a slow-N sleep included); max_inflight is the
+most there ever were at once.
 Behaviours: ok[-expN][-refN], aadsts-<code>, http500, http503, http429, garbage, big, reset,
 truncated, slow-<seconds>, nojson-token. Every token request appends one JSON line to --log.
 """
@@ -41,8 +46,8 @@ AADSTS = {
     90055: (429, "temporarily_unavailable", "TenantThrottlingError - There are too many incoming requests."),
 }
 LOCK = threading.Lock()
-STATE = {"calls": {}, "accepted": 0, "tls_failures": 0, "issued": 0}
-SCRIPTS, TOKEN_FILES = {}, {}
+STATE = {"calls": {}, "accepted": 0, "tls_failures": 0, "issued": 0, "inflight": {}, "max_inflight": {}}
+SCRIPTS, TOKEN_FILES, DEFAULTS = {}, {}, {}
 
 
 class Blanks(dict):
@@ -165,11 +170,19 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body()
         if self.path == "/_control":
             req = json.loads(body)
+            bad = [b for b in list(req.get("script") or []) + [req.get("default") or "ok"]
+                   if not BEHAVIOUR_RE.match(b)]
+            if bad:
+                return self.send(400, {"error": "unknown behaviour", "behaviours": bad})
             with LOCK:
                 if "script" in req:
                     SCRIPTS[req["tenant"]] = list(req["script"])
                 if "token_file" in req:
                     TOKEN_FILES[req["tenant"]] = req["token_file"]
+                if req.get("default") is not None:
+                    DEFAULTS[req["tenant"]] = req["default"]
+                elif "default" in req:
+                    DEFAULTS.pop(req["tenant"], None)
             return self.send(200, {"ok": True})
         m = re.match(r"^/([^/?]+)/oauth2/v2\.0/token$", self.path)
         if not m:
@@ -177,9 +190,20 @@ class Handler(BaseHTTPRequestHandler):
         tenant = urllib.parse.unquote(m.group(1))
         with LOCK:
             STATE["calls"][tenant] = STATE["calls"].get(tenant, 0) + 1
+            n = STATE["inflight"][tenant] = STATE["inflight"].get(tenant, 0) + 1
+            STATE["max_inflight"][tenant] = max(n, STATE["max_inflight"].get(tenant, 0))
+        try:
+            self.token_request(tenant, body)
+        finally:
+            with LOCK:
+                STATE["inflight"][tenant] -= 1
+
+    def token_request(self, tenant, body):
+        with LOCK:
             queue = SCRIPTS.get(tenant)
             default = tenant.split(".", 1)[0]
-            behaviour = queue.pop(0) if queue else (default if BEHAVIOUR_RE.match(default) else "ok")
+            default = DEFAULTS.get(tenant) or (default if BEHAVIOUR_RE.match(default) else "ok")
+            behaviour = queue.pop(0) if queue else default
             token_file = TOKEN_FILES.get(tenant, self.server.token_file)
         fields, problems, code, extra = check_form(self.headers, body, tenant, token_file)
         rec = {"time": time.time(), "tenant": tenant, "client_id": fields.get("client_id"),
@@ -252,6 +276,8 @@ class Server(ThreadingHTTPServer):
             STATE["accepted"] += 1
             conn_id = STATE["accepted"]
         request.settimeout(30)
+        # head and body go out in separate sends: without this the body waits for a delayed ACK
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             tls = self.ssl_ctx.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:

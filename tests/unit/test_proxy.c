@@ -271,6 +271,9 @@ static const struct redact_row redact_rows[] = {
     {"user only", "http://user@proxy:3128", "http://user@proxy:3128"},
     {"IPv6 without credentials", "http://[::1]:3128", "http://[::1]:3128"},
     {"empty", "", ""},
+    {"no scheme, '://' later in the value", "svc:Hunter2pw@proxy.example:3128/?next=http://x",
+     "svc:***@proxy.example:3128/?next=http://x"},
+    {"control characters kept off the line", "http://u:p@proxy\n:3128", "http://u:***@proxy?:3128"},
 };
 
 static void t_redact(void **state)
