@@ -645,6 +645,7 @@ class Bench:
         self.startups()
         self.cold_exchange()
         self.burst()
+        self.allocations()
         self.out["rss_after_run_kib"] = {f"{n}/{m}": t["rss_kib"] for (n, m), t in self.table.items()}
         print_report(self.st, self.out, self.table, self.pin_note)
         self.main.stop()
@@ -731,6 +732,39 @@ class Bench:
         self.out["response"] = {"body_bytes": len(body), "content_type": ctype,
                                 "imdsd_head": heads[0], "nginx_head": heads[1]}
         self.wrk = Wrk(st, self.tmp, self.procs)
+
+    def allocations(self):
+        """Heap allocations per cached request: two runs of imdsd under valgrind (memcheck counts
+        every malloc), one answering n cached requests and one 3n; the difference over 2n."""
+        if not shutil.which("valgrind"):
+            raise BenchError("valgrind not found: run make deps")
+        n = 200 if self.args.smoke else 1000
+        totals = {}
+        for count in (n, 3 * n):
+            vg_log = os.path.join(self.tmp, f"vg-allocs-{count}.log")
+            d = Imdsd(self.procs, self.binary, self.tmp, f"imdsd-allocs-{count}", self.fake.port,
+                      self.token, self.ca_pem, ("valgrind", "--tool=memcheck", f"--log-file={vg_log}"))
+            wait_listening(d.port, d.proc, timeout=60, what="imdsd under valgrind")
+            conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+            ok = 0
+            for _ in range(count + 1):               # the first one is the (cold) exchange
+                conn.request("GET", self.path, headers=self.META)
+                r = conn.getresponse()
+                r.read()
+                ok += r.status == 200
+            conn.close()
+            self.procs.stop(d.proc, timeout=60)
+            with open(vg_log) as f:
+                m = re.search(r"total heap usage: ([\d,]+) allocs", f.read())
+            if not m or ok != count + 1:
+                raise BenchError(f"allocation count run failed ({ok}/{count + 1} answered 200)")
+            totals[count] = int(m.group(1).replace(",", ""))
+        per = (totals[3 * n] - totals[n]) / (2 * n)
+        self.out["allocations"] = {"requests": [n, 3 * n], "total_allocs": [totals[n], totals[3 * n]],
+                                   "per_cached_request": per}
+        print(f"bench: allocations: {totals[n]:,} allocs for {n} cached requests, {totals[3 * n]:,} for "
+              f"{3 * n}: {per:.3f} per request", flush=True)
+        self.checks.add("no heap allocation per cached request", per < 0.05, f"{per:.3f} per request")
 
     def imdsd(self, name, ca_file, cpu_prefix=()):
         return Imdsd(self.procs, self.binary, self.tmp, name, self.fake.port, self.token, ca_file, cpu_prefix)
@@ -987,6 +1021,10 @@ def print_report(st, out, table, pin_note):
     print(f"{b['requests']} concurrent cold requests  {b['status_200']} x 200, {b['distinct_tokens']} distinct token(s), "
           f"Entra calls {b['entra_calls']} (stand-in delayed {b['entra_delay_s']:g} s; requests sent within "
           f"{ms(b['send_spread_s'], 1)} ms; all answered in {ms(b['total_s'], 0)} ms)")
+    a = out["allocations"]
+    print(f"heap allocations              {a['per_cached_request']:.3f} per cached request (valgrind: "
+          f"{a['total_allocs'][0]:,} allocs for {a['requests'][0]} requests, {a['total_allocs'][1]:,} for "
+          f"{a['requests'][1]})")
     print("=" * w)
 
 
