@@ -92,7 +92,7 @@ static void on_done(struct https_request *req, int err, const struct https_respo
     else
         entra_parse_response(&r, resp->status, resp->body, resp->body_len, resp->retry_after);
     log_result(f, &r);
-    f->done(f, &r, f->sent_epoch);
+    f->done(f, &r);
     entra_result_free(&r);
 }
 
@@ -122,7 +122,6 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, c
     f->resource = resource;
     f->started_ms = now_ms();
     f->sent_ms = now_wall_ms();
-    f->sent_epoch = f->sent_ms / 1000;
     memset(&f->req, 0, sizeof f->req);
     f->req.method = "POST";
     f->req.path = e->path;

@@ -252,11 +252,10 @@ static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
              has_token ? "yes" : "no");
 }
 
-static void on_entra(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch)
+static void on_entra(struct entra_fetch *f, struct entra_result *r)
 {
     struct cache_entry *e = f->data;
     struct token_cache *c = e->cache;
-    (void)sent_epoch;
     if (r->aadsts == 700024 && !e->retried_700024) {
         /* the assertion is outside its validity window: the kubelet may have rotated it */
         e->retried_700024 = 1;

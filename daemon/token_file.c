@@ -53,6 +53,14 @@ const char *token_state_name(enum token_state s)
     return state_names[s];
 }
 
+/* Shared by the classification at read time and the re-evaluation at status time. */
+static void set_expired(struct token_file_status *st, int64_t now)
+{
+    st->state = TOKEN_EXPIRED;
+    snprintf(st->reason, sizeof st->reason, "token expired %lld s ago (exp=%lld)",
+             (long long)(now - st->claims.exp), (long long)st->claims.exp);
+}
+
 void token_file_classify(int err, const char *tok, size_t len, int64_t now,
                          struct token_file_status *st)
 {
@@ -89,9 +97,7 @@ void token_file_classify(int err, const char *tok, size_t len, int64_t now,
         return;
     }
     if (now >= st->claims.exp) {
-        st->state = TOKEN_EXPIRED;
-        snprintf(st->reason, sizeof st->reason, "token expired %lld s ago (exp=%lld)",
-                 (long long)(now - st->claims.exp), (long long)st->claims.exp);
+        set_expired(st, now);
         return;
     }
     if (st->claims.nbf && st->claims.nbf > now + TOKEN_FILE_NBF_LEEWAY_S) {
@@ -385,11 +391,8 @@ struct token_file *token_file_new(uv_loop_t *loop, const char *path)
 void token_file_status(struct token_file *tf, int64_t now, struct token_file_status *out)
 {
     *out = tf->st;
-    if (out->state == TOKEN_OK && now >= out->claims.exp) {
-        out->state = TOKEN_EXPIRED;
-        snprintf(out->reason, sizeof out->reason, "token expired %lld s ago (exp=%lld)",
-                 (long long)(now - out->claims.exp), (long long)out->claims.exp);
-    }
+    if (out->state == TOKEN_OK && now >= out->claims.exp)
+        set_expired(out, now);
 }
 
 void token_file_get(struct token_file *tf, struct token_file_waiter *w)

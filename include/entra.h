@@ -14,9 +14,8 @@ struct entra;
 struct entra_fetch;
 
 /* r is valid only during the callback (the caller may take r->access_token and NULL it).
- * sent_epoch is the wall-clock second the request was sent: expires_on = sent_epoch + expires_in.
- */
-typedef void entra_done_cb(struct entra_fetch *f, struct entra_result *r, int64_t sent_epoch);
+ * f->sent_ms is when the request was sent: the token expires expires_in after it. */
+typedef void entra_done_cb(struct entra_fetch *f, struct entra_result *r);
 
 struct entra_fetch {
     entra_done_cb *done;
@@ -25,7 +24,6 @@ struct entra_fetch {
     struct entra *e;
     struct https_request req;
     char headers[256];
-    int64_t sent_epoch;
     int64_t sent_ms; /* wall clock, milliseconds */
     uint64_t started_ms;
     const char *client_id; /* borrowed until done */

@@ -20,23 +20,6 @@
 #define MAX_TESTS 320
 #include "unit.h"
 
-static void json_release(void *p)
-{
-    json_obj_free(p);
-    free(p);
-}
-
-/* Parses an exact-size copy of src; the object is freed by the teardown. */
-static struct json_obj *tparse(const char *src, size_t len, int *rc)
-{
-    struct json_obj *o = calloc(1, sizeof *o);
-    if (!o)
-        abort();
-    defer(json_release, o);
-    *rc = json_parse_object(o, tcopy(src, len), len);
-    return o;
-}
-
 static void entra_release(void *p)
 {
     entra_result_free(p);

@@ -14,23 +14,6 @@
 
 #include "unit.h"
 
-static void json_release(void *p)
-{
-    json_obj_free(p);
-    free(p);
-}
-
-/* Parses an exact-size copy of src; the object is freed by the teardown. */
-static struct json_obj *tparse(const char *src, size_t len, int *rc)
-{
-    struct json_obj *o = calloc(1, sizeof *o);
-    if (!o)
-        abort();
-    defer(json_release, o);
-    *rc = json_parse_object(o, tcopy(src, len), len);
-    return o;
-}
-
 /* json_get_string whose result is freed by the teardown. */
 static int get_string(const struct json_obj *o, const char *key, char **out)
 {

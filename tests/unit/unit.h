@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "buf.h"
+#include "json.h"
 
 #ifndef MAX_TESTS
 #define MAX_TESTS 256
@@ -101,6 +102,23 @@ static inline struct buf *tbuf(size_t max)
         abort();
     buf_init(b, max);
     return defer(buf_release, b);
+}
+
+static inline void json_release(void *p)
+{
+    json_obj_free(p);
+    free(p);
+}
+
+/* Parses an exact-size copy of src; the object is freed by the teardown. */
+static inline struct json_obj *tparse(const char *src, size_t len, int *rc)
+{
+    struct json_obj *o = calloc(1, sizeof *o);
+    if (!o)
+        abort();
+    defer(json_release, o);
+    *rc = json_parse_object(o, tcopy(src, len), len);
+    return o;
 }
 
 #endif
