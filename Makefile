@@ -112,12 +112,17 @@ demo: deps build/imdsd
 
 # imdsd against nginx on loopback, plus start-up, memory and cold-exchange costs (tests/bench/bench.py):
 # a table on stdout, JSON in build/bench.json. BENCH_ROUNDS=5 BENCH_SECONDS=5 ... (see the script).
-bench: deps build/imdsd
+bench: deps build/imdsd build/loadgen
 	$(Q)$(PY) tests/bench/bench.py --binary build/imdsd
 
 # A tiny run of the same (about 10 s); ends with "bench-smoke: N passed, N failed".
-bench-smoke: build/imdsd
+bench-smoke: build/imdsd build/loadgen
 	$(Q)$(PY) tests/bench/bench.py --binary build/imdsd --smoke
+
+# the bench's fixed-rate (open-loop) load generator: wrk2 is not packaged in Debian
+build/loadgen: tests/bench/loadgen.c
+	@mkdir -p $(@D)
+	$(Q)$(CC) $(BASE) -O2 $(WARN) -o $@ $<
 
 .PHONY: bench bench-smoke
 
@@ -125,7 +130,7 @@ deps:
 	$(Q)tests/deps.sh
 
 lint:
-	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c
+	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c tests/bench/*.c
 
 clean:
 	rm -rf build

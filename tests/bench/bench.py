@@ -132,13 +132,24 @@ class Settings:
         self.burst_delay = env_num("BENCH_BURST_ENTRA_DELAY", 0.25, float)
         self.leak_requests = env_num("BENCH_LEAK_REQUESTS", 20000 if smoke else 1000000)
         self.rss_slack_kib = env_num("BENCH_RSS_SLACK_KIB", 128)
+        # fixed-rate (open-loop) latency: fractions of the lower of the two servers' median keep-alive
+        # rate measured by wrk above, and half of the Connection: close one
+        self.rate_rounds = env_num("BENCH_RATE_ROUNDS", 1 if smoke else 6)
+        self.rate_seconds = env_num("BENCH_RATE_SECONDS", 1 if smoke else 2)
+        self.rate_connections = env_num("BENCH_RATE_CONNECTIONS", 256)
+        fr = os.environ.get("BENCH_RATE_FRACTIONS") or "0.25,0.5,0.75"
+        try:
+            self.rate_fractions = [float(x) for x in fr.split(",")]
+        except ValueError:
+            raise BenchError(f"BENCH_RATE_FRACTIONS={fr!r} is not a list of numbers")
         self.json_path = os.environ.get("BENCH_JSON") or os.path.join(
             ROOT, "build", "bench-smoke.json" if smoke else "bench.json")
         cpus = os.sched_getaffinity(0)
         self.pinned = (self.server_cpu != self.client_cpu and self.server_cpu in cpus
                        and self.client_cpu in cpus)
-        if self.rounds < 1 or self.seconds < 1 or self.burst < 1 or self.starts < 1:
-            raise BenchError("BENCH_ROUNDS, BENCH_SECONDS, BENCH_BURST and BENCH_STARTS must be >= 1")
+        if (self.rounds < 1 or self.seconds < 1 or self.burst < 1 or self.starts < 1 or self.rate_rounds < 1
+                or self.rate_seconds < 1 or self.rate_connections < 1):
+            raise BenchError("BENCH_ROUNDS, BENCH_SECONDS, BENCH_BURST, BENCH_STARTS and BENCH_RATE_* must be >= 1")
 
     def pin(self, cpu):
         """argv prefix that pins a command (and the processes it forks) to cpu."""
@@ -235,6 +246,18 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK        # utime + stime
 
 
+def oncpu_ns(pid):
+    """Nanoseconds all of pid's threads have spent on a CPU (user and kernel), from schedstat."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def cpu_times():
     """{cpu index: (user+nice+system, irq+softirq, steal, total) in ticks} from /proc/stat."""
     out = {}
@@ -319,6 +342,7 @@ class Wrk:
             "-H", "Metadata: true"] + (["-H", "Connection: close"] if close else []) + [
             f"http://127.0.0.1:{port}{path}"]
         srv_cpu0 = sum(cpu_seconds(p) for p in server_pids)
+        srv_ns0 = sum(oncpu_ns(p) for p in server_pids)
         sys0, ru0 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
         p = self.procs.spawn(cmd, "wrk", None)
         try:
@@ -329,6 +353,7 @@ class Wrk:
             self.procs.stop(p)
         sys1, ru1 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
         srv_cpu = sum(cpu_seconds(p_) for p_ in server_pids) - srv_cpu0
+        srv_ns = sum(oncpu_ns(p_) for p_ in server_pids) - srv_ns0
         m = re.search(r"^BENCHJSON (\{.*\})$", stdout, re.M)
         if p.returncode != 0 or not m:
             raise BenchError(f"wrk failed (status {p.returncode}): {stderr.strip() or stdout[-500:]}")
@@ -339,6 +364,9 @@ class Wrk:
         r["non2xx"] = r["status"]              # wrk's "Non-2xx or 3xx responses"
         r["bytes_per_response"] = r["bytes"] / r["requests"] if r["requests"] else 0
         r["server_cpu_util"] = srv_cpu / secs if secs else 0.0
+        # the server's own CPU time (user + kernel, its threads' schedstat) per answered request:
+        # what a request costs, whoever is the bottleneck
+        r["server_us_per_req"] = srv_ns / 1000 / r["requests"] if r["requests"] else 0.0
         r["wrk_cpu_util"] = ((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)) / secs if secs else 0.0
         # what else ran on the two CPUs meanwhile (other jobs on the machine) and the hypervisor's steal
         r["cpus"] = {}
@@ -355,6 +383,32 @@ class Wrk:
             r["other_load_on_client_cpu"] = max(0.0, cli["tasks"] - r["wrk_cpu_util"])
         r["wrk_text"] = stdout
         return r
+
+
+class Loadgen:
+    """build/loadgen (tests/bench/loadgen.c): requests on a fixed schedule, latency from the scheduled
+    time, so that a stall is charged to every request it delayed (wrk2's method; wrk2 is not in Debian)."""
+
+    def __init__(self, st, procs):
+        self.st, self.procs = st, procs
+        self.binary = os.path.join(ROOT, "build", "loadgen")
+
+    def run(self, port, path, rate, seconds, close):
+        st = self.st
+        cmd = st.pin(st.client_cpu) + [
+            self.binary, "--port", str(port), "--path", path, "--rate", str(rate), "--seconds", str(seconds),
+            "--connections", str(st.rate_connections), "--header", "Metadata: true"] + (["--close"] if close else [])
+        p = self.procs.spawn(cmd, "loadgen", None)
+        try:
+            stdout, stderr = p.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"loadgen did not finish within {seconds + 30} s")
+        finally:
+            self.procs.stop(p)
+        m = re.search(r"^LOADGEN (\{.*\})$", stdout, re.M)
+        if not m:
+            raise BenchError(f"loadgen failed (status {p.returncode}): {stderr.strip() or stdout[-500:]}")
+        return json.loads(m.group(1))
 
 
 # ---- the stand-in Entra -------------------------------------------------------------------------------
@@ -641,6 +695,7 @@ class Bench:
         self.describe()
         self.setup()
         self.throughput()
+        self.fixed_rate()
         self.rss_growth()
         self.startups()
         self.cold_exchange()
@@ -660,6 +715,8 @@ class Bench:
         for tool in ("wrk", "nginx") + (("taskset",) if st.pinned else ()):
             if not shutil.which(tool):
                 raise BenchError(f"{tool} not found: run make deps (tests/deps.sh installs wrk, nginx, util-linux)")
+        if not os.access(os.path.join(ROOT, "build", "loadgen"), os.X_OK):
+            raise BenchError("build/loadgen not found: make build/loadgen (make bench builds it)")
         # a private copy, so that a rebuild of build/imdsd during the run cannot change what is measured
         self.binary = os.path.join(self.tmp, "imdsd")
         shutil.copy2(src, self.binary)
@@ -800,8 +857,13 @@ class Bench:
                     print_run(r)
         self.out["runs"] = [{k: v for k, v in r.items() if k != "wrk_text"} for r in runs]
 
-        def rps(name, mode, rnd):
-            return next(r["rps"] for r in runs if (r["server"], r["mode"], r["round"]) == (name, mode, rnd))
+        def run_of(name, mode, rnd):
+            return next(r for r in runs if (r["server"], r["mode"], r["round"]) == (name, mode, rnd))
+
+        def paired(mode, key):
+            """imdsd/nginx of each round's two back-to-back runs: slow drifts of the machine's load cancel"""
+            return [run_of("imdsd", mode, k)[key] / max(1e-9, run_of("nginx", mode, k)[key])
+                    for k in range(1, st.rounds + 1)]
         self.table = table = {}
         for mode in self.MODES:
             for name in servers:
@@ -815,12 +877,65 @@ class Bench:
                     "rss_kib": rss_after[(name, mode)][0], "hwm_kib": rss_after[(name, mode)][1],
                     "bytes_per_response": best["bytes_per_response"], "server_cpu_util": best["server_cpu_util"],
                     "wrk_cpu_util": best["wrk_cpu_util"],
+                    "median_p50_ms": median([r["p50_us"] for r in rs]) / 1000,
+                    "median_p99_ms": median([r["p99_us"] for r in rs]) / 1000,
+                    "median_us_per_req": median([r["server_us_per_req"] for r in rs]),
                     "others_on_server_cpu": best.get("other_load_on_server_cpu"),
                     "others_on_client_cpu": best.get("other_load_on_client_cpu")}
-            # imdsd/nginx of each round's two back-to-back runs: slow drifts of the machine's load cancel
-            table[("imdsd", mode)]["paired_ratios"] = [
-                rps("imdsd", mode, k) / max(1e-9, rps("nginx", mode, k)) for k in range(1, st.rounds + 1)]
+            t = table[("imdsd", mode)]
+            t["paired_ratios"] = paired(mode, "rps")
+            t["paired_p99_ratios"] = paired(mode, "p99_us")
+            t["paired_us_per_req_ratios"] = paired(mode, "server_us_per_req")
         self.out["throughput"] = {f"{n}/{m}": t for (n, m), t in table.items()}
+
+    def fixed_rate(self):
+        """Latency at fixed request rates below both servers' capacity, the servers alternating."""
+        st, checks = self.st, self.checks
+        servers = {"imdsd": self.main.port, "nginx": self.nginx.port}
+        lg = Loadgen(st, self.procs)
+        t = self.table
+        if st.smoke:
+            plans = [("keep-alive", 0.0, 1000), ("close", 0.0, 500)]
+        else:
+            ka = min(t[(n, "keep-alive")]["median_rps"] for n in servers)
+            cl = min(t[(n, "close")]["median_rps"] for n in servers)
+            plans = [("keep-alive", f, int(ka * f)) for f in st.rate_fractions] + [("close", 0.5, int(cl * 0.5))]
+        print(f"bench: fixed-rate latency: {len(plans)} rate(s) x {st.rate_rounds} round(s) x {st.rate_seconds} s "
+              f"per server, {st.rate_connections} connections at most ...", flush=True)
+        self.rates = rates = []
+        for mode, frac, rate in plans:
+            if rate < 1:
+                continue
+            runs = {"imdsd": [], "nginx": []}
+            for rnd in range(1, st.rate_rounds + 1):
+                for name in (list(servers) if rnd % 2 else list(servers)[::-1]):
+                    r = lg.run(servers[name], self.path, rate, st.rate_seconds, mode == "close")
+                    runs[name].append(r)
+                    lat = r["latency_us"]
+                    print(f"  round {rnd} {mode:<10} {rate:>7,}/s {name:<5} p50 {lat['p50'] / 1000:.3f} ms  p99 "
+                          f"{lat['p99'] / 1000:.3f} ms  p99.9 {lat['p999'] / 1000:.3f} ms  late {r['late']}"
+                          + (f"  non-200 {r['non200']} errors {r['errors']} timeouts {r['timeouts']}"
+                             if r["non200"] or r["errors"] or r["timeouts"] else ""), flush=True)
+                    if name == "imdsd":
+                        checks.add(f"imdsd at {rate}/s {mode} round {rnd}: every request 200",
+                                   r["completed"] == r["scheduled"] and r["status_200"] == r["completed"]
+                                   and not r["errors"] and not r["timeouts"],
+                                   f"{r['status_200']}/{r['scheduled']} 200, errors {r['errors']}, "
+                                   f"timeouts {r['timeouts']}")
+                    elif st.smoke:
+                        checks.add(f"nginx at {rate}/s {mode} round {rnd} ran", r["completed"] > 0,
+                                   f"{r['completed']} answers")
+            summary = {"mode": mode, "fraction": frac, "rate": rate}
+            for name, rs in runs.items():
+                summary[name] = {q: median([r["latency_us"][q] for r in rs]) / 1000 for q in ("p50", "p99", "p999")}
+                summary[name]["late"] = median([r["late"] for r in rs])
+            p99 = [a["latency_us"]["p99"] / max(1e-9, b["latency_us"]["p99"]) for a, b in zip(runs["imdsd"], runs["nginx"])]
+            summary["paired_p99_ratio"] = median(p99)
+            summary["imdsd_p99_lower_in"] = sum(1 for x in p99 if x < 1)
+            summary["rounds"] = len(p99)
+            summary["runs"] = runs
+            rates.append(summary)
+        self.out["fixed_rate"] = rates
 
     def rss_growth(self):
         """imdsd's VmRSS before and after ~BENCH_LEAK_REQUESTS more keep-alive requests."""
@@ -942,7 +1057,7 @@ class Bench:
 def print_run(r):
     line = (f"  round {r['round']} {r['mode']:<10} {r['server']:<5} {r['rps']:>10,.0f} req/s  "
             f"p50 {r['p50_us'] / 1000:.2f} ms  p99 {r['p99_us'] / 1000:.2f} ms  "
-            f"server CPU {r['server_cpu_util']:.0%}  wrk CPU {r['wrk_cpu_util']:.0%}")
+            f"server CPU {r['server_cpu_util']:.0%} ({r['server_us_per_req']:.2f} us/req)  wrk CPU {r['wrk_cpu_util']:.0%}")
     if "other_load_on_server_cpu" in r:
         line += (f"  on server CPU: others {r['other_load_on_server_cpu']:.0%} softirq {r['irq_on_server_cpu']:.0%}"
                  f" steal {r['steal_on_server_cpu']:.0%}; others on wrk CPU {r['other_load_on_client_cpu']:.0%}")
@@ -972,6 +1087,14 @@ def print_report(st, out, table, pin_note):
                 ("median req/s", fmt_int(i["median_rps"]), fmt_int(n["median_rps"]),
                  ratio(i["median_rps"], n["median_rps"])),
                 ("paired req/s ratio", "", "", f"{median(i['paired_ratios']):.2f}"),
+                ("p50 ms, median", f"{i['median_p50_ms']:.3f}", f"{n['median_p50_ms']:.3f}",
+                 ratio(i["median_p50_ms"], n["median_p50_ms"])),
+                ("p99 ms, median", f"{i['median_p99_ms']:.3f}", f"{n['median_p99_ms']:.3f}",
+                 ratio(i["median_p99_ms"], n["median_p99_ms"])),
+                ("paired p99 ratio", "", "", f"{median(i['paired_p99_ratios']):.2f}"),
+                ("server CPU us/req", f"{i['median_us_per_req']:.2f}", f"{n['median_us_per_req']:.2f}",
+                 ratio(i["median_us_per_req"], n["median_us_per_req"])),
+                ("paired us/req ratio", "", "", f"{median(i['paired_us_per_req_ratios']):.2f}"),
                 ("req/s spread", f"{i['spread']:.0%}", f"{n['spread']:.0%}", ""),
                 ("bytes/response", f"{i['bytes_per_response']:.0f}", f"{n['bytes_per_response']:.0f}", ""),
                 ("server CPU (best)", f"{i['server_cpu_util']:.0%}", f"{n['server_cpu_util']:.0%}", ""),
@@ -981,9 +1104,10 @@ def print_report(st, out, table, pin_note):
             rows.append(("others on wrk CPU", f"{i['others_on_client_cpu']:.0%}", f"{n['others_on_client_cpu']:.0%}", ""))
         for k, (name, a, b, r) in enumerate(rows):
             print(f"{label if k == 0 else '':<22}{name:<18}{a:>10}{b:>12}{r:>10}")
-    print("  requests/s, p50 and p99 are the best run's; RSS is nginx's worker's; paired ratio = median over the\n"
-          "  rounds of imdsd/nginx of the two back-to-back runs; spread = (max - min) / max req/s; latency excludes\n"
-          "  connect; 'others on ... CPU' = CPU time other processes took on that CPU during the best run")
+    print("  requests/s, p50 and p99 are the best run's, 'median' rows the median over all rounds; RSS is nginx's\n"
+          "  worker's; paired ratio = median over the rounds of imdsd/nginx of the two back-to-back runs; spread =\n"
+          "  (max - min) / max req/s; latency excludes connect; server CPU us/req = the server's on-CPU time (user +\n"
+          "  kernel) per answered request; 'others on ... CPU' = CPU time other processes took there in the best run")
     for mode in ("keep-alive", "close"):
         for name in ("imdsd", "nginx"):
             t = table[(name, mode)]
@@ -991,6 +1115,20 @@ def print_report(st, out, table, pin_note):
                 print(f"  note: wrk used {t['wrk_cpu_util']:.0%} of its CPU in {name}'s best {mode} run: the client was "
                       f"the limit there, not {name}")
     print("-" * w)
+    if out.get("fixed_rate"):
+        print(f"fixed request rate (build/loadgen, open loop: request k is sent at k/rate whatever came before and its\n"
+              f"latency counts from then; at most {st.rate_connections} connections); median of {st.rate_rounds} x "
+              f"{st.rate_seconds} s, servers alternating")
+        print(f"{'':<10}{'rate/s':>9}{'':<8}{'imdsd p50/p99/p99.9 ms':>24}{'nginx p50/p99/p99.9 ms':>25}"
+              f"{'p99 ratio':>11}{'lower':>7}")
+        for x in out["fixed_rate"]:
+            i, n = x["imdsd"], x["nginx"]
+            print(f"{x['mode']:<10}{x['rate']:>9,}{'(' + format(x['fraction'], '.0%') + ')':<8}"
+                  f"{i['p50']:>8.3f}{i['p99']:>8.3f}{i['p999']:>8.3f}{n['p50']:>9.3f}{n['p99']:>8.3f}{n['p999']:>8.3f}"
+                  f"{x['paired_p99_ratio']:>11.2f}{str(x['imdsd_p99_lower_in']) + '/' + str(x['rounds']):>7}")
+        print("  rate in % of the lower of the two servers' median wrk rate for that mode; p99 ratio = median over\n"
+              "  rounds of imdsd/nginx p99 of back-to-back runs; lower = rounds in which imdsd's p99 was the lower")
+        print("-" * w)
     su = out["startup"]
     ca, bu = su["test CA"], su["system bundle"]
     print(f"RSS right after start-up      test CA {fmt_int(ca['rss_kib_median'])} KiB, system bundle "

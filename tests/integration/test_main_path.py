@@ -3,8 +3,10 @@ import http.client
 import os
 import time
 
+import socket
+
 from harness import (CLIENT_ID, JSON_CT, RESOURCE, TOKEN_PATH, assert_token_ok, concurrently, get_token,
-                     request, token_url, wait_for)
+                     parse_raw, request, token_url, wait_for)
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 OTHER_ID = "99999999-8888-7777-6666-555555555555"
@@ -112,6 +114,69 @@ def test_keepalive(ctx):
             assert r.headers.get("connection", "").lower() != "close"
     finally:
         conn.close()
+
+
+def split_responses(data):
+    """All complete HTTP responses in data, in order."""
+    out = []
+    while data:
+        r = parse_raw(data)
+        if r is None:
+            break
+        head = data.index(b"\r\n\r\n") + 4
+        n = int(r.headers.get("content-length", "0"))
+        if len(data) < head + n:
+            break
+        out.append(r)
+        data = data[head + n:]
+    return out, data
+
+
+def read_responses(sock, count, timeout):
+    data, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rs, _ = split_responses(data)
+        if len(rs) >= count:
+            return rs, data
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            b = sock.recv(65536)
+        except socket.timeout:
+            break
+        if not b:
+            break
+        data += b
+    return split_responses(data)[0], data
+
+
+def raw_get(path, extra=""):
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n{extra}\r\n".encode()
+
+
+def test_pipelined_and_split_requests(ctx):
+    """Requests that arrive several in one segment, or one across many, are answered in order on one
+    connection: a cold one (answered later, after the exchange) holding back the ones behind it."""
+    d = ctx.daemon()
+    cold = token_url("https://pipelined.example")
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10 * ctx.scale)
+    try:
+        s.sendall(raw_get(cold) + raw_get("/healthz") + raw_get(token_url()) + raw_get("/nope"))
+        rs, _ = read_responses(s, 4, 20 * ctx.scale)
+        assert [r.status for r in rs] == [200, 200, 200, 404], [(r.status, r.body[:80]) for r in rs]
+        assert b"pipelined.example" in rs[0].body and b"vault.azure.net" not in rs[0].body
+        assert b"access_token" in rs[2].body and b"pipelined.example" not in rs[2].body
+        # one request byte by byte, then two with the boundary inside the second one's request line
+        for b in raw_get(token_url()):
+            s.sendall(bytes([b]))
+        two = raw_get(token_url()) + raw_get("/healthz")
+        s.sendall(two[:len(two) - 40])
+        time.sleep(0.05)
+        s.sendall(two[len(two) - 40:])
+        rs, rest = read_responses(s, 3, 10 * ctx.scale)
+        assert [r.status for r in rs] == [200, 200, 200] and rest.endswith(rs[-1].body), rs
+        assert b"access_token" in rs[0].body and b"access_token" in rs[1].body
+    finally:
+        s.close()
 
 
 def test_single_flight_200_cold_requests(ctx):
