@@ -335,6 +335,21 @@ def token_path(resource):
 
 # ---- wrk ------------------------------------------------------------------------------------------
 
+def run_client(procs, cmd, name, tag, timeout, need_status_0=False):
+    """Runs a load client to the end; returns (the JSON of its "TAG {...}" line, its stdout)."""
+    p = procs.spawn(cmd, name, None)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{name} did not finish within {timeout} s")
+    finally:
+        procs.stop(p)
+    m = re.search(rf"^{tag} (\{{.*\}})$", stdout, re.M)
+    if not m or (need_status_0 and p.returncode != 0):
+        raise BenchError(f"{name} failed (status {p.returncode}): {stderr.strip() or stdout[-500:]}")
+    return json.loads(m.group(1)), stdout
+
+
 class Wrk:
     def __init__(self, st, tmp, procs):
         self.st, self.procs = st, procs
@@ -352,20 +367,10 @@ class Wrk:
         srv_cpu0 = sum(cpu_seconds(p) for p in server_pids)
         srv_ns0 = sum(oncpu_ns(p) for p in server_pids)
         sys0, ru0 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        p = self.procs.spawn(cmd, "wrk", None)
-        try:
-            stdout, stderr = p.communicate(timeout=seconds + 60)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"wrk did not finish within {seconds + 60} s")
-        finally:
-            self.procs.stop(p)
+        r, stdout = run_client(self.procs, cmd, "wrk", "BENCHJSON", seconds + 60, need_status_0=True)
         sys1, ru1 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
         srv_cpu = sum(cpu_seconds(p_) for p_ in server_pids) - srv_cpu0
         srv_ns = sum(oncpu_ns(p_) for p_ in server_pids) - srv_ns0
-        m = re.search(r"^BENCHJSON (\{.*\})$", stdout, re.M)
-        if p.returncode != 0 or not m:
-            raise BenchError(f"wrk failed (status {p.returncode}): {stderr.strip() or stdout[-500:]}")
-        r = json.loads(m.group(1))
         secs = r["duration_us"] / 1e6
         r["rps"] = r["requests"] / secs if secs else 0.0
         r["socket_errors"] = r["connect"] + r["read"] + r["write"] + r["timeout"]
@@ -406,17 +411,8 @@ class Loadgen:
         cmd = st.pin(st.client_cpu) + [
             self.binary, "--port", str(port), "--path", path, "--rate", str(rate), "--seconds", str(seconds),
             "--connections", str(st.rate_connections), "--header", "Metadata: true"] + (["--close"] if close else [])
-        p = self.procs.spawn(cmd, "loadgen", None)
-        try:
-            stdout, stderr = p.communicate(timeout=seconds + 30)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"loadgen did not finish within {seconds + 30} s")
-        finally:
-            self.procs.stop(p)
-        m = re.search(r"^LOADGEN (\{.*\})$", stdout, re.M)
-        if not m:
-            raise BenchError(f"loadgen failed (status {p.returncode}): {stderr.strip() or stdout[-500:]}")
-        return json.loads(m.group(1))
+        # its exit status is 1 when an answer was missing: the caller's checks say which
+        return run_client(self.procs, cmd, "loadgen", "LOADGEN", seconds + 30)[0]
 
 
 # ---- the stand-in Entra -------------------------------------------------------------------------------
@@ -829,7 +825,10 @@ class Bench:
                                    "per_cached_request": per}
         print(f"bench: allocations: {totals[n]:,} allocs for {n} cached requests, {totals[3 * n]:,} for "
               f"{3 * n}: {per:.3f} per request", flush=True)
-        self.checks.add("no heap allocation per cached request", per < 0.05, f"{per:.3f} per request")
+        if self.args.smoke:   # 200 vs 600 requests: the loop's few allocations per second show as +-0.05
+            print(f"bench-smoke: info: {per:.3f} heap allocations per cached request")
+        else:
+            self.checks.add("no heap allocation per cached request", per < 0.05, f"{per:.3f} per request")
 
     def imdsd(self, name, ca_file, cpu_prefix=()):
         return Imdsd(self.procs, self.binary, self.tmp, name, self.fake.port, self.token, ca_file, cpu_prefix)
@@ -964,8 +963,11 @@ class Bench:
         self.out["rss_growth"] = {"requests": total, "seconds": secs, "before_kib": before[0],
                                   "after_kib": after[0], "growth_kib": growth, "hwm_kib": after[1],
                                   "failed_requests": failed}
-        self.checks.add(f"RSS growth over {total:,} requests <= {st.rss_slack_kib} KiB",
-                        growth <= st.rss_slack_kib, f"{before[0]} -> {after[0]} KiB")
+        if st.smoke:       # a figure, not something the smoke may assert
+            print(f"bench-smoke: info: RSS growth over {total:,} requests {growth:+d} KiB")
+        else:
+            self.checks.add(f"RSS growth over {total:,} requests <= {st.rss_slack_kib} KiB",
+                            growth <= st.rss_slack_kib, f"{before[0]} -> {after[0]} KiB")
         self.checks.add("growth run: every request 200, no socket errors", failed == 0, f"{failed} failed")
 
     def startups(self):

@@ -428,7 +428,8 @@ def test_plain_directory_created_later(ctx):
     """Neither the file nor its directory (nor the directory's parent) exists at start-up."""
     pt = PlainToken(os.path.join(ctx.tmp, "late", "secrets", "token"))
     d = start_under_busy_ancestor(ctx, pt)
-    r = readyz(d)
+    # /healthz can answer before the first read of the token file is done ("unknown", under valgrind)
+    r, _ = wait_readyz(d, lambda r: token_file_of(r).get("state") != "unknown", "the first read", time.time())
     assert_not_ready(r, pt.path, "missing", r"no such file|not exist|missing|not found")
     assert_unavailable(get_token(d.port))
     os.makedirs(os.path.dirname(pt.path))
