@@ -35,7 +35,7 @@ struct http_conn {
     int close_after_write;
     int in_drive; /* drive() is on the stack: do not re-enter */
     int reading;  /* uv_read_start is active */
-    int nodelay;  /* TCP_NODELAY set: from the second request on, see on_write */
+    int nodelay;  /* TCP_NODELAY is set, see set_nodelay */
     /* the request being parsed or handled */
     struct buf url;
     char hname[24];
@@ -130,6 +130,17 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b);
 static void on_timeout(uv_timer_t *t);
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 
+/* A response is one writev, so Nagle cannot hold it back while nothing else is in flight. Once a
+ * connection carries a second request (pipelining) or a response needs a second write, it could:
+ * switch it off then. Like nginx's tcp_nodelay, this spares one-request connections a syscall. */
+static void set_nodelay(struct http_conn *c)
+{
+    if (!c->nodelay) {
+        uv_tcp_nodelay(&c->tcp, 1);
+        c->nodelay = 1;
+    }
+}
+
 static void on_write(uv_write_t *w, int status)
 {
     struct http_conn *c = w->data;
@@ -143,13 +154,7 @@ static void on_write(uv_write_t *w, int status)
     c->state = CONN_READING;
     c->last_active = uv_now(c->server->loop);
     llhttp_resume(&c->parser);
-    /* A response is one writev, so Nagle cannot hold it back while nothing else is in flight;
-     * from the second request on (pipelining, a partial write) it could, so switch it off now.
-     * Like nginx's tcp_nodelay, this spares one-request connections the setsockopt. */
-    if (!c->nodelay) {
-        uv_tcp_nodelay(&c->tcp, 1);
-        c->nodelay = 1;
-    }
+    set_nodelay(c);
     if (!c->reading) {
         if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
             conn_close(c);
@@ -229,10 +234,7 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
         conn_close(c);
         return;
     }
-    if (!c->nodelay) {
-        uv_tcp_nodelay(&c->tcp, 1);
-        c->nodelay = 1;
-    }
+    set_nodelay(c);
     uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
     if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0)
         conn_close(c);
@@ -443,6 +445,23 @@ static void parse_failed(struct http_conn *c, llhttp_errno_t err)
     }
 }
 
+/* Runs the parser over data. Returns the bytes it used: all of them, or those up to the end of a
+ * complete request, in which case *complete is set and the caller dispatches the request once it
+ * has kept what follows. */
+static size_t feed(struct http_conn *c, const char *data, size_t len, int *complete)
+{
+    llhttp_errno_t err = llhttp_execute(&c->parser, data, len);
+    *complete = err == HPE_PAUSED;
+    if (err == HPE_OK)
+        return len;
+    if (err != HPE_PAUSED) {
+        parse_failed(c, err);
+        return len;
+    }
+    const char *pos = llhttp_get_error_pos(&c->parser);
+    return pos ? (size_t)(pos - data) : len;
+}
+
 /* Parses buffered bytes while the connection is ready for a request. A response completed
  * synchronously by the handler makes the loop continue with the next pipelined request,
  * instead of recursing. */
@@ -452,40 +471,26 @@ static void drive(struct http_conn *c)
         return;
     c->in_drive = 1;
     while (c->state == CONN_READING && c->pending.len) {
-        const char *data = c->pending.data;
-        llhttp_errno_t err = llhttp_execute(&c->parser, data, c->pending.len);
-        if (err == HPE_OK) {
-            buf_reset(&c->pending);
-        } else if (err == HPE_PAUSED) {
-            const char *pos = llhttp_get_error_pos(&c->parser);
-            buf_consume(&c->pending, pos ? (size_t)(pos - data) : c->pending.len);
+        int complete;
+        buf_consume(&c->pending, feed(c, c->pending.data, c->pending.len, &complete));
+        if (complete)
             dispatch(c);
-        } else {
-            buf_reset(&c->pending);
-            parse_failed(c, err);
-        }
     }
     c->in_drive = 0;
 }
 
-/* The common case: nothing buffered, so parse straight from the read buffer and keep only what
+/* The common case, nothing buffered: parse straight from the read buffer and keep only what
  * follows a complete request (pipelining) for drive(). */
 static void parse_direct(struct http_conn *c, const char *data, size_t len)
 {
-    llhttp_errno_t err = llhttp_execute(&c->parser, data, len);
-    if (err == HPE_OK)
-        return;
-    if (err != HPE_PAUSED) {
-        parse_failed(c, err);
-        return;
-    }
-    const char *pos = llhttp_get_error_pos(&c->parser);
-    size_t used = pos ? (size_t)(pos - data) : len;
+    int complete;
+    size_t used = feed(c, data, len, &complete);
     if (used < len && buf_append(&c->pending, data + used, len - used) < 0) {
         conn_close(c);
         return;
     }
-    dispatch(c); /* a synchronous response goes on to the buffered rest through drive() */
+    if (complete)
+        dispatch(c); /* a synchronous response goes on to the kept rest through drive() */
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
