@@ -116,6 +116,11 @@ def raw_exchange(port, data, timeout=5, host="127.0.0.1", one_response=False):
     return got, closed
 
 
+def raw_get(path=None):
+    """A complete GET request for path (default: the token for RESOURCE) with Metadata: true, as bytes."""
+    return f"GET {path or token_url()} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode()
+
+
 def complete_response(data):
     r = parse_raw(data)
     return r is not None and len(r.body) >= int(r.headers.get("content-length", "0") or 0)

@@ -4,7 +4,7 @@ import socket
 import threading
 import time
 
-from harness import assert_json_error, assert_token_ok, get_token, request, token_url
+from harness import assert_json_error, assert_token_ok, get_token, raw_get, request, token_url
 
 
 def test_sigterm_with_idle_connections(ctx):
@@ -49,7 +49,7 @@ def test_survives_many_clients_then_stops_clean(ctx):
     socks = []
     for i in range(50):
         s = socket.create_connection(("127.0.0.1", d.port))
-        s.sendall(f"GET {token_url()} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode()[: 10 + i])
+        s.sendall(raw_get()[: 10 + i])
         socks.append(s)
     assert_token_ok(get_token(d.port))
     try:

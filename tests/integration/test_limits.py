@@ -5,7 +5,7 @@ import select
 import socket
 import time
 
-from harness import (assert_json_error, assert_token_ok, get_token, parse_raw, raw_exchange,
+from harness import (assert_json_error, assert_token_ok, get_token, parse_raw, raw_exchange, raw_get,
                      request, token_url, wait_for)
 
 REQ = f"GET {token_url()} HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n"
@@ -41,8 +41,7 @@ def test_more_than_64_headers_431(ctx):
 def test_url_over_4k_414(ctx):
     d = ctx.daemon()
     path = token_url(resource="https://example.com/" + "a" * 5000)
-    expect_error_and_close(ctx, d.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode(),
-                           414, "5 KiB URL")
+    expect_error_and_close(ctx, d.port, raw_get(path), 414, "5 KiB URL")
     assert ctx.fake.calls(d.tenant) == 0
     res = "https://example.com/" + "a" * 1000     # a 3.9 KiB URL is still fine
     path = token_url(res, extra="&xms_cc=" + "c" * (3900 - len(token_url(res))))
@@ -190,7 +189,7 @@ def test_client_disconnects_mid_fetch(ctx):
     for res in ("https://management.azure.com/", "https://vault.azure.net"):
         for _ in range(3):
             s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
-            s.sendall(f"GET {token_url(res)} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode())
+            s.sendall(raw_get(token_url(res)))
             socks.append(s)
     time.sleep(0.3)
     for s in socks:
@@ -225,7 +224,7 @@ def test_connection_churn_leaks_no_descriptors(ctx):
             elif kind == 2:
                 s.sendall(b"NONSENSE\r\n\r\n")
             elif kind == 3:
-                s.sendall(f"GET {token_url()} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode())
+                s.sendall(raw_get())
                 s.recv(1)
         except OSError:
             pass
