@@ -487,7 +487,10 @@ def test_refresh_ahead(ctx):
             assert_token_ok(r, resource=res)
         wait_for(lambda: all(len(calls_for(ctx, tenant, res)) >= 2 for res in resources), 12, "10 refreshes")
         at = [calls_for(ctx, tenant, res)[1]["time"] for res in resources]
-        assert len({round(x, 3) for x in at}) == len(at), "refreshes reached Entra at the same millisecond"
+        # jitter spreads them over about a second, so two may share a millisecond by chance (they did,
+        # once, under ASan); without jitter they would all share a few
+        distinct = len({round(x, 3) for x in at})
+        assert distinct >= len(at) - 2, f"only {distinct} distinct milliseconds among {len(at)} refreshes"
         delays = [refresh_delays(d, res) for res in resources]
         assert all(delays), "a refresh without its token_refresh line"
         delays = [x[0] for x in delays]
