@@ -15,7 +15,7 @@ What it measures, all on 127.0.0.1 only:
   * latency at fixed request rates (BENCH_RATE_FRACTIONS of the lower median keep-alive rate, and
     half the Connection: close one): build/loadgen sends request k at k/rate on one of at most
     BENCH_RATE_CONNECTIONS (256) connections and counts latency from that scheduled time (open
-    loop, wrk2's method), BENCH_RATE_ROUNDS (10) x BENCH_RATE_SECONDS (1) per server, alternating.
+    loop, wrk2's method), BENCH_RATE_ROUNDS (16) x BENCH_RATE_SECONDS (1) per server, alternating.
     wrk's own latencies come from a closed loop whose client is saturated: they mostly show how
     its event loop and the server's interleave, not what a request waits for.
   * imdsd's RSS right after start-up with the test CA and with the system CA bundle (default
@@ -25,6 +25,14 @@ What it measures, all on 127.0.0.1 only:
     own answer time (direct HTTPS POST, fresh connection and keep-alive, http.client + test CA).
   * BENCH_BURST (1000) simultaneous cold requests for one new resource: all 200, one token, and the
     number of calls the stand-in Entra saw (must be 1).
+
+The closing block judges each "no worse than nginx" target of issue 6 on the paired rounds: met
+(median paired ratio on the right side of 1.0), within noise (it is not, but a one-sided sign test
+over the rounds cannot tell imdsd from nginx, p >= 0.05) or NOT met (imdsd was worse in
+significantly many rounds). On a shared VM single runs swing by tens of percent; the sign test
+says whether a difference is more than that swing. The p99 targets are judged at the fixed rates:
+a closed loop (wrk) lets the client's own pace shape the latencies it reports, which is the
+"coordinated omission" wrk2 was written to remove.
 
 Environment: BENCH_ROUNDS (10), BENCH_SECONDS (3), BENCH_WARMUP (1 s per server and mode),
 BENCH_CONNECTIONS (64), BENCH_SERVER_CPU (1), BENCH_CLIENT_CPU (0), BENCH_STARTS (10),
@@ -41,6 +49,7 @@ import asyncio
 import hashlib
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -142,7 +151,7 @@ class Settings:
         self.rss_slack_kib = env_num("BENCH_RSS_SLACK_KIB", 128)
         # fixed-rate (open-loop) latency: fractions of the lower of the two servers' median keep-alive
         # rate measured by wrk above, and half of the Connection: close one
-        self.rate_rounds = env_num("BENCH_RATE_ROUNDS", 1 if smoke else 10)
+        self.rate_rounds = env_num("BENCH_RATE_ROUNDS", 1 if smoke else 16)
         self.rate_seconds = env_num("BENCH_RATE_SECONDS", 1)
         self.rate_connections = env_num("BENCH_RATE_CONNECTIONS", 256)
         fr = os.environ.get("BENCH_RATE_FRACTIONS") or "0.25,0.5,0.75"
@@ -523,6 +532,33 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def sign_test(ratios, lower_is_better):
+    """Paired rounds (imdsd/nginx of back-to-back runs): in how many was imdsd worse, of how many that
+    were not ties, and the one-sided sign-test p: the chance of at least that many worse rounds if the
+    two servers were equal. A small p (< 0.05) means imdsd is really worse, not just unlucky."""
+    worse = sum(1 for r in ratios if (r > 1 if lower_is_better else r < 1))
+    n = sum(1 for r in ratios if r != 1)
+    p = sum(math.comb(n, j) for j in range(worse, n + 1)) / 2 ** n if n else 1.0
+    return worse, n, p
+
+
+def verdict(ratios, lower_is_better, alpha=0.05):
+    """A target 'imdsd no worse than nginx', judged on paired rounds: met when the median paired ratio
+    is on the right side of 1.0; 'within noise' when it is not but the sign test cannot tell imdsd
+    from nginx; 'NOT met' when imdsd was worse in significantly many rounds."""
+    m = median(ratios)
+    worse, n, p = sign_test(ratios, lower_is_better)
+    if (m <= 1) if lower_is_better else (m >= 1):
+        state = "met"
+    else:
+        state = "within noise" if p >= alpha else "NOT met"
+    return {"paired_median": m, "imdsd_worse_in": worse, "rounds": n, "p": p, "state": state}
+
+
+def fmt_verdict(v):
+    return f"paired {v['paired_median']:.2f}, worse in {v['imdsd_worse_in']}/{v['rounds']} (p={v['p']:.2f}): {v['state']}"
+
+
 def pct(xs, q):
     if not xs:
         return None
@@ -893,6 +929,9 @@ class Bench:
             t["paired_ratios"] = paired(mode, "rps")
             t["paired_p99_ratios"] = paired(mode, "p99_us")
             t["paired_us_per_req_ratios"] = paired(mode, "server_us_per_req")
+            t["verdicts"] = {"rps": verdict(t["paired_ratios"], lower_is_better=False),
+                             "p99": verdict(t["paired_p99_ratios"], lower_is_better=True),
+                             "us_per_req": verdict(t["paired_us_per_req_ratios"], lower_is_better=True)}
         self.out["throughput"] = {f"{n}/{m}": t for (n, m), t in table.items()}
 
     def fixed_rate(self):
@@ -940,6 +979,7 @@ class Bench:
             summary["paired_p99_ratio"] = median(p99)
             summary["imdsd_p99_lower_in"] = sum(1 for x in p99 if x < 1)
             summary["rounds"] = len(p99)
+            summary["p99_verdict"] = verdict(p99, lower_is_better=True)
             summary["runs"] = runs
             rates.append(summary)
         self.out["fixed_rate"] = rates
@@ -1174,20 +1214,25 @@ def print_report(st, out, table, pin_note):
           f"{a['total_allocs'][0]:,} allocs for {a['requests'][0]} requests, {a['total_allocs'][1]:,} for "
           f"{a['requests'][1]})")
     print("-" * w)
-    print("issue 6 targets, as measured in this run (figures, not pass/fail: the machine's noise is in them)")
+    print("issue 6 targets, as measured in this run. Each 'no worse than nginx' target is judged on the paired\n"
+          "rounds: met (median paired ratio on the right side of 1.0), within noise (it is not, but a one-sided\n"
+          "sign test cannot tell imdsd from nginx: p >= 0.05) or NOT met (imdsd worse in significantly many rounds).\n"
+          "p99 is judged at fixed rates (open loop); wrk's p99, from a closed loop whose client is saturated,\n"
+          "is shown in brackets for reference")
     for mode, label in (("keep-alive", "keep-alive"), ("close", "Connection: close")):
         i, n = table[("imdsd", mode)], table[("nginx", mode)]
-        print(f"  {label:<18} req/s >= 1.0x nginx: best {ratio(i['best_rps'], n['best_rps'])}, median "
-              f"{ratio(i['median_rps'], n['median_rps'])}, paired {median(i['paired_ratios']):.2f};  p99 <= nginx "
-              f"(wrk): median {ratio(i['median_p99_ms'], n['median_p99_ms'])}, paired {median(i['paired_p99_ratios']):.2f}")
-        fr = [x for x in out.get("fixed_rate", []) if x["mode"] == mode]
-        if fr:
-            print(f"  {'':<18} p99 <= nginx at fixed rates: " + ", ".join(
-                f"{x['rate']:,}/s {x['paired_p99_ratio']:.2f} ({x['imdsd_p99_lower_in']}/{x['rounds']} lower)" for x in fr))
+        v = i["verdicts"]
+        print(f"  {label}")
+        print(f"    req/s >= 1.0x nginx (wrk)      {fmt_verdict(v['rps'])}; best "
+              f"{ratio(i['best_rps'], n['best_rps'])}, median {ratio(i['median_rps'], n['median_rps'])}")
+        for x in (x for x in out.get("fixed_rate", []) if x["mode"] == mode):
+            print(f"    p99 <= nginx at {x['rate']:>7,}/s     {fmt_verdict(x['p99_verdict'])}")
+        print(f"    (wrk's closed-loop p99          {fmt_verdict(v['p99'])})")
+        print(f"    server CPU per request         {fmt_verdict(v['us_per_req'])}")
     print(f"  RSS < 4 MiB with the CA bundle: {fmt_int(bu['rss_kib_median'])} KiB at start-up, "
           f"{fmt_int(max(t['rss_kib'] for (nm, _), t in table.items() if nm == 'imdsd'))} KiB after the runs "
           f"(test CA); growth over {g['requests']:,} requests {g['growth_kib']:+d} KiB")
-    print(f"  no allocation per cached request: {a['per_cached_request']:.3f};  1000 cold -> "
+    print(f"  no allocation per cached request: {a['per_cached_request']:.3f};  {b['requests']} cold -> "
           f"{b['entra_calls']} Entra call(s)")
     print("=" * w)
 
