@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """bench.py - imdsd's performance on this machine, against nginx measured in the same run (issue 6).
 
-    make bench          full run (about 4 minutes), table on stdout, JSON in build/bench.json
+    make bench          full run (about 5 minutes), table on stdout, JSON in build/bench.json
     make bench-smoke    tiny run (about 20 s); ends with "bench-smoke: N passed, N failed"
 
 What it measures, all on 127.0.0.1 only:
