@@ -732,6 +732,7 @@ class Bench:
         self.path = token_path(RESOURCE)
 
     def run(self):
+        self.check_statistics()
         self.describe()
         self.setup()
         self.throughput()
@@ -745,6 +746,17 @@ class Bench:
         print_report(self.st, self.out, self.table, self.pin_note)
         self.main.stop()
         self.nginx.stop()
+
+    def check_statistics(self):
+        """The verdicts rest on sign_test(): check it against values worked out by hand."""
+        cases = [(([1.1] * 9 + [0.9], True), (9, 10, 11 / 1024)),     # P(X >= 9 | n=10) = 11/1024
+                 (([0.9] * 9 + [1.1], False), (9, 10, 11 / 1024)),    # req/s: lower is worse
+                 (([1.0, 1.0, 1.2], True), (1, 1, 0.5)),              # ties are dropped
+                 (([0.5] * 4, True), (0, 4, 1.0))]
+        bad = [(args, sign_test(*args), want) for args, want in cases if sign_test(*args) != want]
+        self.checks.add("sign test arithmetic", not bad, f"{len(cases)} cases" if not bad else repr(bad))
+        v = verdict([1.3] * 9 + [0.8], lower_is_better=True)
+        self.checks.add("verdict: worse in 9/10 rounds is NOT met", v["state"] == "NOT met", repr(v))
 
     def describe(self):
         """Tools present, a private copy of the binary, what machine this is."""
