@@ -4,7 +4,7 @@ import socket
 import threading
 import time
 
-from harness import assert_json_error, assert_token_ok, get_token, raw_get, request, token_url
+from harness import assert_json_error, assert_token_ok, get_token, raw_get, request
 
 
 def test_sigterm_with_idle_connections(ctx):
