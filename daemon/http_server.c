@@ -1,9 +1,16 @@
 #include "http_server.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include "buf.h"
 #include "imds.h"
@@ -21,9 +28,18 @@ static const char *const state_names[] = {"reading", "handling", "writing", "clo
 
 enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY };
 
+/* A connection starts "bare": an accepted socket with no libuv handle and no epoll registration.
+ * serve_accepted reads the request at once and, when the answer is ready at once and the client
+ * asked to close (the common one-request case), writes it and closes the socket: accept4, read,
+ * writev, close, where a libuv stream also costs an epoll_ctl ADD and DEL and a final accept4
+ * that finds the queue empty. Anything that must wait (a partial request, keep-alive, a request
+ * the handler answers later, a response the socket cannot take at once) first attaches the socket
+ * to libuv (conn_attach). A bare connection never outlives serve_accepted's stack. */
 struct http_conn {
     uv_tcp_t tcp;
-    uv_timer_t timer;     /* idle check; runs all the time, see on_timeout */
+    uv_timer_t timer; /* idle check; runs all the time, see on_timeout */
+    int fd;
+    int bare;             /* no libuv handles yet: fd is the socket */
     uint64_t last_active; /* loop time of the last response, or of the accept */
     uv_write_t wreq;
     struct http_server *server;
@@ -59,7 +75,8 @@ struct http_conn {
 };
 
 struct http_listener {
-    uv_tcp_t tcp;
+    uv_poll_t poll; /* on the listening socket; connections are accepted by hand */
+    int fd;
     struct http_server *server;
     struct http_listener *next;
 };
@@ -76,6 +93,8 @@ struct http_server {
     int freeing;
     llhttp_settings_t settings;
     uint64_t rejected;
+    uint64_t accept_failed;
+    int reserve_fd; /* closed to accept and drop a connection when out of descriptors */
     /* graceful shutdown */
     int draining;
     uv_timer_t grace;
@@ -141,6 +160,28 @@ static void set_nodelay(struct http_conn *c)
     }
 }
 
+/* Gives a bare connection its libuv handles: the socket, reading, and the idle timer. */
+static int conn_attach(struct http_conn *c)
+{
+    if (!c->bare)
+        return 0;
+    struct http_server *s = c->server;
+    uv_tcp_init(s->loop, &c->tcp);
+    uv_timer_init(s->loop, &c->timer);
+    c->bare = 0;
+    c->handles_open = 2;
+    if (uv_tcp_open(&c->tcp, c->fd) < 0) {
+        close(c->fd); /* the handle did not take it; conn_close closes the two handles */
+        return -1;
+    }
+    c->last_active = uv_now(s->loop);
+    uv_timer_start(&c->timer, on_timeout, s->opts.idle_timeout_ms, s->opts.idle_timeout_ms);
+    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0)
+        return -1;
+    c->reading = 1;
+    return 0;
+}
+
 static void on_write(uv_write_t *w, int status)
 {
     struct http_conn *c = w->data;
@@ -154,6 +195,10 @@ static void on_write(uv_write_t *w, int status)
     c->state = CONN_READING;
     c->last_active = uv_now(c->server->loop);
     llhttp_resume(&c->parser);
+    if (conn_attach(c) < 0) {
+        conn_close(c);
+        return;
+    }
     set_nodelay(c);
     if (!c->reading) {
         if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
@@ -221,16 +266,32 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
     /* try to send header and body straight away; copy only what the socket did not take */
     uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)hlen),
                         uv_buf_init((char *)body, (unsigned)len)};
-    int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, 2);
+    ssize_t n;
+    if (c->bare) {
+        struct iovec iov[2] = {{head, hlen}, {(char *)body, len}};
+        do
+            n = writev(c->fd, iov, 2);
+        while (n < 0 && errno == EINTR);
+    } else {
+        n = uv_try_write((uv_stream_t *)&c->tcp, bufs, 2);
+    }
     size_t sent = n > 0 ? (size_t)n : 0;
     if (sent == hlen + len) {
         on_write(&c->wreq, 0);
+        return;
+    }
+    if (c->bare && n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        conn_close(c); /* reset by the client */
         return;
     }
     buf_reset(&c->out);
     if ((sent < hlen && buf_append(&c->out, head + sent, hlen - sent) < 0) ||
         buf_append(&c->out, body + (sent > hlen ? sent - hlen : 0),
                    len - (sent > hlen ? sent - hlen : 0)) < 0) {
+        conn_close(c);
+        return;
+    }
+    if (conn_attach(c) < 0) {
         conn_close(c);
         return;
     }
@@ -550,11 +611,8 @@ static void on_timeout(uv_timer_t *t)
     conn_close(c);
 }
 
-static void on_handle_closed(uv_handle_t *h)
+static void conn_free(struct http_conn *c)
 {
-    struct http_conn *c = h->data;
-    if (--c->handles_open > 0)
-        return;
     struct http_server *s = c->server;
     secret_zero(c->idval, sizeof c->idval);
     buf_free(&c->url);
@@ -564,6 +622,13 @@ static void on_handle_closed(uv_handle_t *h)
     free(c);
     s->open_handles--;
     maybe_free_server(s);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    struct http_conn *c = h->data;
+    if (--c->handles_open == 0)
+        conn_free(c);
 }
 
 static void conn_close(struct http_conn *c)
@@ -585,45 +650,43 @@ static void conn_close(struct http_conn *c)
     if (c->next)
         c->next->prev = c->prev;
     s->nconns--;
-    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
-    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    if (c->bare) {
+        close(c->fd); /* serve_accepted frees c once it is off the stack */
+    } else {
+        uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+        uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    }
     if (s->draining && s->nconns == 0 && s->drained)
         uv_timer_start(&s->grace, on_drained, 0, 0); /* from the loop, not from this stack */
 }
 
-static void on_reject_closed(uv_handle_t *h)
+/* Out of descriptors: the pending connection would wake the loop forever. Give back the spare
+ * descriptor, accept the connection with it and close it, then take the spare again. */
+static void drop_one(struct http_server *s, int lfd)
 {
-    struct http_server *s = h->data;
-    free(h);
-    s->open_handles--;
-    maybe_free_server(s);
+    if (s->reserve_fd < 0)
+        return;
+    close(s->reserve_fd);
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd >= 0)
+        close(fd);
+    s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
-static void on_connection(uv_stream_t *ls, int status)
+static void serve_accepted(struct http_server *s, int fd)
 {
-    struct http_listener *l = ls->data;
-    struct http_server *s = l->server;
-    if (status < 0) {
-        log_warn("http_accept_failed", "error=%s", uv_strerror(status));
-        return;
-    }
     if (s->nconns >= s->opts.max_connections) {
-        uv_tcp_t *t = xmalloc(sizeof *t);
-        uv_tcp_init(s->loop, t);
-        t->data = s;
-        s->open_handles++;
-        if (uv_accept(ls, (uv_stream_t *)t) == 0 && (s->rejected++ % 1000) == 0)
+        close(fd);
+        if ((s->rejected++ % 1000) == 0)
             log_warn("http_connection_limit", "max_connections=%u rejected_total=%llu",
                      s->opts.max_connections, (unsigned long long)s->rejected);
-        uv_close((uv_handle_t *)t, on_reject_closed);
         return;
     }
     struct http_conn *c = xcalloc(1, sizeof *c);
     c->server = s;
-    uv_tcp_init(s->loop, &c->tcp);
-    uv_timer_init(s->loop, &c->timer);
+    c->fd = fd;
+    c->bare = 1;
     c->tcp.data = c->timer.data = c->wreq.data = c;
-    c->handles_open = 2;
     s->open_handles++;
     c->next = s->conns;
     if (s->conns)
@@ -636,16 +699,48 @@ static void on_connection(uv_stream_t *ls, int status)
     buf_init(&c->scratch, 1 << 20);
     llhttp_init(&c->parser, HTTP_REQUEST, &s->settings);
     c->parser.data = c;
-    if (uv_accept(ls, (uv_stream_t *)&c->tcp) < 0) {
+    c->last_active = uv_now(s->loop);
+    /* clients send their request as soon as they are connected: it is usually here already */
+    ssize_t n;
+    do
+        n = read(fd, read_buf, sizeof read_buf);
+    while (n < 0 && errno == EINTR);
+    if (n > 0)
+        parse_direct(c, read_buf, (size_t)n);
+    else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
         conn_close(c);
+    if (!c->bare)
+        return;
+    if (c->state == CONN_CLOSING)
+        conn_free(c);
+    else if (conn_attach(c) < 0)
+        conn_close(c); /* attached or not, the handles are set up: they free c */
+}
+
+/* One connection per wake-up, like nginx without multi_accept: the poll is level-triggered, so
+ * a backlog wakes the loop again, and no accept4 is spent finding the queue empty. */
+static void on_listen_ready(uv_poll_t *p, int status, int events)
+{
+    (void)events;
+    struct http_listener *l = p->data;
+    struct http_server *s = l->server;
+    if (status < 0) {
+        log_warn("http_accept_failed", "error=%s", uv_strerror(status));
         return;
     }
-    c->last_active = uv_now(s->loop);
-    uv_timer_start(&c->timer, on_timeout, s->opts.idle_timeout_ms, s->opts.idle_timeout_ms);
-    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0)
-        conn_close(c);
-    else
-        c->reading = 1;
+    int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+        serve_accepted(s, fd);
+        return;
+    }
+    int err = errno;
+    if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ECONNABORTED)
+        return;
+    if ((s->accept_failed++ % 1000) == 0)
+        log_warn("http_accept_failed", "error=\"%s\" failed_total=%llu", strerror(err),
+                 (unsigned long long)s->accept_failed);
+    if (err == EMFILE || err == ENFILE)
+        drop_one(s, l->fd);
 }
 
 int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
@@ -659,6 +754,7 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     s->open_handles = 1; /* the grace timer */
     s->handler = handler;
     s->arg = arg;
+    s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     llhttp_settings_init(&s->settings);
     s->settings.on_message_begin = on_message_begin;
     s->settings.on_url = on_url;
@@ -676,27 +772,49 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
 int http_server_listen(struct http_server *s, const char *host, int port)
 {
     struct sockaddr_storage ss;
-    int rc = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss)
-                               : uv_ip4_addr(host, port, (struct sockaddr_in *)&ss);
+    int v6 = strchr(host, ':') != NULL;
+    int rc = v6 ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss)
+                : uv_ip4_addr(host, port, (struct sockaddr_in *)&ss);
     if (rc < 0)
         return rc;
+    int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    /* TCP_DEFER_ACCEPT: a connection is queued for accept4 when its first bytes arrive, so
+     * serve_accepted finds the request there (without it, mostly not yet). A connection that sends
+     * nothing waits in the kernel for about a second, then is accepted and idled out as usual. */
+    int on = 1;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0 ||
+        (v6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof on) < 0) ||
+        setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &on, sizeof on) < 0 ||
+        bind(fd, (struct sockaddr *)&ss,
+             v6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in)) < 0 ||
+        listen(fd, 511) < 0) {
+        rc = -errno;
+        close(fd);
+        return rc;
+    }
     struct http_listener *l = xcalloc(1, sizeof *l);
     l->server = s;
-    uv_tcp_init(s->loop, &l->tcp);
-    l->tcp.data = l;
+    l->fd = fd;
+    rc = uv_poll_init_socket(s->loop, &l->poll, fd);
+    if (rc < 0) {
+        close(fd);
+        free(l);
+        return rc;
+    }
+    l->poll.data = l;
     s->open_handles++;
     l->next = s->listeners;
     s->listeners = l;
-    rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, strchr(host, ':') ? UV_TCP_IPV6ONLY : 0);
-    if (rc == 0)
-        rc = uv_listen((uv_stream_t *)&l->tcp, 511, on_connection);
-    return rc;
+    return uv_poll_start(&l->poll, UV_READABLE, on_listen_ready);
 }
 
 static void on_listener_closed(uv_handle_t *h)
 {
     struct http_listener *l = h->data;
     struct http_server *s = l->server;
+    close(l->fd);
     free(l);
     s->open_handles--;
     maybe_free_server(s);
@@ -704,8 +822,11 @@ static void on_listener_closed(uv_handle_t *h)
 
 static void maybe_free_server(struct http_server *s)
 {
-    if (s->freeing && s->open_handles == 0)
+    if (s->freeing && s->open_handles == 0) {
+        if (s->reserve_fd >= 0)
+            close(s->reserve_fd);
         free(s);
+    }
 }
 
 static void on_drained(uv_timer_t *t)
@@ -747,7 +868,7 @@ void http_server_shutdown(struct http_server *s, unsigned grace_ms, void (*drain
     s->drained_arg = arg;
     for (struct http_listener *l = s->listeners, *n; l; l = n) {
         n = l->next;
-        uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
+        uv_close((uv_handle_t *)&l->poll, on_listener_closed);
     }
     s->listeners = NULL;
     unsigned busy = 0;
@@ -778,7 +899,7 @@ void http_server_free(struct http_server *s)
     s->open_handles++; /* hold the server while closing */
     for (struct http_listener *l = s->listeners, *n; l; l = n) {
         n = l->next;
-        uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
+        uv_close((uv_handle_t *)&l->poll, on_listener_closed);
     }
     s->listeners = NULL;
     while (s->conns)

@@ -1,11 +1,13 @@
 """Hard limits on what a client can make the daemon hold: sizes, time, connections, descriptors."""
 import http.client
 import os
+import resource
 import select
 import socket
 import time
 
-from harness import (assert_json_error, assert_token_ok, get_token, parse_raw, raw_exchange, raw_get,
+import harness
+from harness import (Skip, assert_json_error, assert_token_ok, get_token, parse_raw, raw_exchange, raw_get,
                      request, token_url, wait_for)
 
 REQ = f"GET {token_url()} HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n"
@@ -233,3 +235,48 @@ def test_connection_churn_leaks_no_descriptors(ctx):
     wait_for(lambda: fd_count(d.pid) <= before + 1, 3, f"descriptors to return to ~{before}")
     assert request(d.port, "/healthz").status == 200
     assert ctx.fake.calls(d.tenant) == 1
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_drops_connections_and_recovers(ctx):
+    """At its descriptor limit the daemon closes the connections it cannot take, instead of
+    spinning on a listening socket that stays readable, and serves again once descriptors free up."""
+    if harness.VALGRIND:
+        raise Skip("valgrind keeps descriptors of its own near the limit")
+    d = ctx.daemon()
+    assert_token_ok(get_token(d.port))                 # the Entra connection is open before the limit
+    time.sleep(0.2)
+    limit = fd_count(d.pid) + 3
+    resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    held, dropped = [], 0
+    try:
+        for _ in range(10):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=5 * ctx.scale)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost:")   # partial: the daemon has to keep it open
+            held.append(s)
+        time.sleep(0.3 * ctx.scale)
+        for s in held:
+            r, _, _ = select.select([s], [], [], 0)
+            if r:
+                try:
+                    dropped += s.recv(1) == b""
+                except OSError:
+                    dropped += 1
+        assert 5 <= dropped <= 8, f"{dropped} of 10 connections were dropped at a limit of 3 free descriptors"
+        t0 = cpu_seconds(d.pid)
+        time.sleep(1)
+        busy = cpu_seconds(d.pid) - t0
+        assert busy < 0.3, f"the daemon used {busy:.2f} s of CPU in 1 s while out of descriptors"
+        assert d.alive()
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: request(d.port, "/healthz", timeout=1).status == 200, 3 * ctx.scale,
+             "/healthz after the held connections closed")
+    assert "event=http_accept_failed" in d.log() and "Too many open files" in d.log()
+    assert assert_token_ok(get_token(d.port))
