@@ -4,10 +4,11 @@
 set -eu
 # python3-azure: the real azure-identity that tests/integration/test_sdk_python.py runs;
 # iproute2: network namespaces for the SDKs' IMDS probe on 169.254.169.254 (test_sdk_*.py);
-# wrk, nginx (the reference server) and util-linux (taskset): make bench / bench-smoke (tests/bench/).
+# wrk, nginx (the reference server), util-linux (taskset) and strace (system calls per request):
+# make bench / bench-smoke (tests/bench/).
 PKGS="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev libcmocka-dev
       python3 openssl curl valgrind ca-certificates clang libclang-rt-14-dev python3-azure iproute2
-      wrk nginx util-linux"
+      wrk nginx util-linux strace"
 # The JS SDK tests need Node.js >= 20 with npm (@azure/identity 4.13.1 says engines node >= 20); the
 # machine image ships Node.js 20. Debian 12's nodejs is 18, too old, so it is not a fallback here.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

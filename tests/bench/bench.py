@@ -105,7 +105,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen 127.0.0.1:{port} backlog=511;
+        listen 127.0.0.1:{port} backlog=511 deferred;
         location / {{
             types {{ }}
             default_type "application/json; charset=utf-8";
@@ -255,6 +255,28 @@ def rss_kib(pid):
             if k in ("VmRSS", "VmHWM"):
                 vals[k] = int(v.split()[0])
     return vals["VmRSS"], vals["VmHWM"]
+
+
+def tracer_pid(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def strace_counts(path):
+    """{syscall: calls} from an `strace -c` summary."""
+    calls = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", line)
+                if m and m.group(2) != "total":
+                    calls[m.group(2)] = int(m.group(1))
+    except OSError:
+        pass
+    return calls
 
 
 def cpu_seconds(pid):
@@ -737,6 +759,7 @@ class Bench:
         self.setup()
         self.throughput()
         self.fixed_rate()
+        self.syscalls()
         self.rss_growth()
         self.startups()
         self.cold_exchange()
@@ -993,6 +1016,48 @@ class Bench:
             rates.append(summary)
         self.out["fixed_rate"] = rates
 
+    def syscalls(self):
+        """System calls per request of each server (strace -c attached to it) during a short wrk run:
+        what the kernel is asked to do per request, the mechanism behind the CPU figures."""
+        st, checks = self.st, self.checks
+        servers = {"imdsd": self.main.pid, "nginx": self.nginx.worker}
+        self.out["syscalls"] = res = {}
+        if shutil.which("strace") is None:
+            res["skipped"] = "strace is not installed"
+            return
+        print("bench: system calls per request (strace -c, 1 s of wrk per server and mode, 8 connections) ...",
+              flush=True)
+        for mode, close in self.MODES.items():
+            for name, pid in servers.items():
+                out = os.path.join(self.tmp, f"strace-{name}-{mode}.txt")
+                tr = self.procs.spawn(["strace", "-c", "-f", "-q", "-o", out, "-p", str(pid)], "strace",
+                                      out + ".stderr")
+                deadline = time.monotonic() + 5
+                while tracer_pid(pid) == 0 and tr.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if tracer_pid(pid) == 0:
+                    self.procs.stop(tr)
+                    res["skipped"] = f"strace could not attach to {name}: {log_tail(out + '.stderr', 2)}"
+                    print(f"  skipped: {res['skipped']}", flush=True)
+                    return
+                r = self.wrk.run(self.main.port if name == "imdsd" else self.nginx.port, self.path, 1, close,
+                                 [pid], connections=8)
+                tr.send_signal(signal.SIGINT)      # strace detaches and writes its summary
+                tr.wait(10)
+                self.procs.stop(tr)
+                calls = strace_counts(out)
+                per = {k: v / max(1, r["requests"]) for k, v in calls.items()}
+                res[f"{name}/{mode}"] = {"requests": r["requests"], "per_request": per,
+                                         "total_per_request": sum(per.values())}
+                if name == "imdsd":
+                    checks.add(f"imdsd {mode} under strace: every request 200",
+                               r["requests"] > 0 and r["non2xx"] == 0 and r["socket_errors"] == 0 and calls,
+                               f"{r['requests']} requests, non-2xx {r['non2xx']}, socket errors {r['socket_errors']}, "
+                               f"{len(calls)} kinds of system call counted")
+                top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
+                print(f"  {mode:<10} {name:<5} {sum(per.values()):5.2f} per request: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in top), flush=True)
+
     def rss_growth(self):
         """imdsd's VmRSS before and after ~BENCH_LEAK_REQUESTS more keep-alive requests."""
         main, st = self.main, self.st
@@ -1188,6 +1253,19 @@ def print_report(st, out, table, pin_note):
         print("  rate in % of the lower of the two servers' median wrk rate for that mode; p99 ratio = median over\n"
               "  rounds of imdsd/nginx p99 of back-to-back runs; worse = rounds in which imdsd's p99 was the higher,\n"
               "  of those that were not ties")
+        print("-" * w)
+    sc = out.get("syscalls", {})
+    if "skipped" in sc:
+        print(f"system calls per request      not measured: {sc['skipped']}")
+    elif sc:
+        print("system calls per request      (strace -c attached to the server for 1 s of wrk, 8 connections)")
+        for mode in ("keep-alive", "close"):
+            i, n = sc[f"imdsd/{mode}"], sc[f"nginx/{mode}"]
+            print(f"  {mode:<10}  imdsd {i['total_per_request']:5.2f}   nginx {n['total_per_request']:5.2f}   "
+                  f"imdsd/nginx {ratio(i['total_per_request'], n['total_per_request'])}")
+            for name, x in (("imdsd", i), ("nginx", n)):
+                top = sorted(x["per_request"].items(), key=lambda kv: -kv[1])
+                print(f"    {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in top if v >= 0.01))
         print("-" * w)
     su = out["startup"]
     ca, bu = su["test CA"], su["system bundle"]
