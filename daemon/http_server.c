@@ -174,7 +174,6 @@ static int conn_attach(struct http_conn *c)
         close(c->fd); /* the handle did not take it; conn_close closes the two handles */
         return -1;
     }
-    c->last_active = uv_now(s->loop);
     uv_timer_start(&c->timer, on_timeout, s->opts.idle_timeout_ms, s->opts.idle_timeout_ms);
     if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0)
         return -1;
@@ -264,8 +263,6 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
     p = PUT_LIT(p, "\r\n");
     size_t hlen = (size_t)(p - head);
     /* try to send header and body straight away; copy only what the socket did not take */
-    uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)hlen),
-                        uv_buf_init((char *)body, (unsigned)len)};
     ssize_t n;
     if (c->bare) {
         struct iovec iov[2] = {{head, hlen}, {(char *)body, len}};
@@ -273,6 +270,8 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
             n = writev(c->fd, iov, 2);
         while (n < 0 && errno == EINTR);
     } else {
+        uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)hlen),
+                            uv_buf_init((char *)body, (unsigned)len)};
         n = uv_try_write((uv_stream_t *)&c->tcp, bufs, 2);
     }
     size_t sent = n > 0 ? (size_t)n : 0;
