@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <uv.h>
 
 #include "config.h"
@@ -73,10 +74,28 @@ static void on_signal(uv_signal_t *s, int signum)
         stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
+/* Each client connection takes a descriptor: raise the soft limit (1024 by default, also under
+ * systemd) so that --max-connections, not the descriptor limit, is what caps them. */
+static void raise_fd_limit(unsigned max_connections)
+{
+    rlim_t want = (rlim_t)max_connections + 64; /* the loop, Entra connections, files, spare */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= want)
+        return;
+    rlim_t cur = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want ? rl.rlim_max : want;
+    if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+        cur = rl.rlim_cur;
+    if (cur < want)
+        log_warn("fd_limit_low", "max_connections=%u nofile=%llu needed=%llu", max_connections,
+                 (unsigned long long)cur, (unsigned long long)want);
+}
+
 static int start(struct daemon *d)
 {
     char err[512];
     const struct config *c = &d->cfg;
+    raise_fd_limit(c->max_connections);
     if (entra_new(&d->entra, &d->loop, c, err, sizeof err) < 0) {
         fprintf(stderr, "imdsd: %s\n", err);
         return 2;

@@ -280,3 +280,29 @@ def test_out_of_descriptors_drops_connections_and_recovers(ctx):
              "/healthz after the held connections closed")
     assert "event=http_accept_failed" in d.log() and "Too many open files" in d.log()
     assert assert_token_ok(get_token(d.port))
+
+
+def soft_nofile(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def test_descriptor_limit_raised_for_max_connections(ctx):
+    """Started with the usual soft limit of 1024, the daemon raises it (up to the hard limit) so
+    that --max-connections, not running out of descriptors, is what caps client connections."""
+    if harness.VALGRIND:
+        raise Skip("valgrind answers setrlimit(RLIMIT_NOFILE) itself")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 3064:
+        raise Skip(f"the hard descriptor limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))   # what the daemon inherits
+    try:
+        d = ctx.daemon(extra=["--max-connections", "3000"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    got = soft_nofile(d.pid)
+    assert got >= 3064, f"soft descriptor limit {got} with --max-connections 3000"
+    assert "fd_limit_low" not in d.log()
