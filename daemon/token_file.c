@@ -240,11 +240,12 @@ static void job_free(struct read_job *j)
 static void start_read(struct token_file *tf);
 static void on_fs_event(uv_fs_event_t *h, const char *name, int events, int status);
 
-static void set_watch(struct token_file *tf, const char *dir, const char *child)
+/* Returns 1 when it started watching a directory it was not watching before. */
+static int set_watch(struct token_file *tf, const char *dir, const char *child)
 {
     snprintf(tf->watch_child, sizeof tf->watch_child, "%s", child);
     if (tf->watching && strcmp(dir, tf->watch_dir) == 0)
-        return;
+        return 0;
     if (tf->watching)
         uv_fs_event_stop(&tf->event);
     tf->watching = 0;
@@ -253,10 +254,11 @@ static void set_watch(struct token_file *tf, const char *dir, const char *child)
     if (rc < 0) {
         log_warn("token_file_watch_failed", "dir=%s error=\"%s\" fallback_reread_s=%d",
                  tf->watch_dir, uv_strerror(rc), TOKEN_FILE_REREAD_MS / 1000);
-        return;
+        return 0;
     }
     tf->watching = 1;
     log_info("token_file_watch", "dir=%s path=%s", tf->watch_dir, tf->path);
+    return 1;
 }
 
 static void log_status(struct token_file *tf, const struct token_file_status *old)
@@ -305,7 +307,9 @@ static void read_done(uv_work_t *w, int status)
     struct token_file_status old = tf->st;
     token_file_classify(status < 0 ? status : j->err, j->content, j->len, now_epoch(), &tf->st);
     log_status(tf, &old);
-    set_watch(tf, j->watch_dir, j->watch_child);
+    /* a change between this read and a new watch would go unseen until the periodic re-read */
+    if (set_watch(tf, j->watch_dir, j->watch_child))
+        tf->reread = 1;
     struct token_file_waiter *batch = tf->current;
     tf->current = NULL;
     if (tf->next || tf->reread) {

@@ -1,4 +1,5 @@
-/* Unit tests for jwt.c (claims decoding, base64url) and token_file_classify (states). */
+/* Unit tests for jwt.c (claims decoding, base64url), token_file_classify (states), and
+ * token_file's first read against a rotation that lands before its watch is set. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -6,8 +7,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <cmocka.h>
+#include <uv.h>
 
 #include "jwt.h"
 #include "token_file.h"
@@ -228,6 +232,67 @@ static void t_state(void **state)
         n++;                                                                                       \
     }
 
+static void write_token(const char *dir, const char *path, const char *sub)
+{
+    char payload[256], tmp[512];
+    snprintf(payload, sizeof payload,
+             "{\"aud\":\"api://AzureADTokenExchange\",\"exp\":%lld,\"iss\":\"https://i/"
+             "\",\"sub\":\"%s\"}",
+             (long long)time(NULL) + 3600, sub);
+    char *t = jws(payload);
+    snprintf(tmp, sizeof tmp, "%s/.new", dir);
+    FILE *f = fopen(tmp, "w");
+    assert_non_null(f);
+    assert_int_equal(fputs(t, f) >= 0, 1);
+    assert_int_equal(fclose(f), 0);
+    assert_int_equal(rename(tmp, path), 0); /* replaced in one step, as the kubelet does */
+    free(t);
+}
+
+static void on_deadline(uv_timer_t *t)
+{
+    *(int *)t->data = 1;
+}
+
+/* The first read runs on the thread pool and the directory watch starts when it is back: a
+ * rotation in between raises no event for the new watch, so the read after it must catch it
+ * (else the old token stays until the periodic re-read, a minute later). */
+static void t_rotation_before_watch(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/imdsd-unit-tf-XXXXXX", path[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/token", dir);
+    write_token(dir, path, "first");
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    struct token_file *tf = token_file_new(&loop, path);
+    struct timespec pause = {0,
+                             300 * 1000 * 1000}; /* the pool reads "first"; the loop has not run */
+    nanosleep(&pause, NULL);
+    write_token(dir, path, "second");
+    int expired = 0;
+    uv_timer_t deadline;
+    uv_timer_init(&loop, &deadline);
+    deadline.data = &expired;
+    uv_timer_start(&deadline, on_deadline, 1000, 0);
+    struct token_file_status st = {0};
+    while (!expired) { /* until "second" is seen, 1 s at most */
+        uv_run(&loop, UV_RUN_ONCE);
+        token_file_status(tf, (int64_t)time(NULL), &st);
+        if (st.state == TOKEN_OK && strcmp(st.claims.sub, "second") == 0)
+            break;
+    }
+    assert_int_equal(st.state, TOKEN_OK);
+    assert_string_equal(st.claims.sub, "second");
+    token_file_free(tf);
+    uv_close((uv_handle_t *)&deadline, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void)
 {
     static struct CMUnitTest tests[64];
@@ -240,5 +305,6 @@ int main(void)
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(t_over_cap);
     ROWS(bad_rows, t_bad, "jwt_decode rejects");
     ROWS(state_rows, t_state, "token_file_classify");
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(t_rotation_before_watch);
     return _cmocka_run_group_tests("jwt", tests, n, NULL, NULL);
 }
