@@ -327,6 +327,17 @@ static void on_token_file(void *arg, const struct token_file_status *st, const c
     }
 }
 
+/* Starts the exchange that replaces a token still being served. trigger: "due" (the tick) or
+ * "request" (a request found it due first). */
+static void start_refresh(struct cache_entry *e, int64_t now_ms, const char *trigger)
+{
+    char res[160];
+    log_key(e, res, sizeof res);
+    log_info("token_refresh", "client_id=%s resource=%s expires_in_s=%lld trigger=%s", e->client_id,
+             res, (long long)((e->expires_ms - now_ms) / 1000), trigger);
+    start_attempt(e);
+}
+
 static void start_attempt(struct cache_entry *e)
 {
     struct token_cache *c = e->cache;
@@ -428,10 +439,7 @@ static void on_tick(uv_timer_t *t)
                     entry_free(e);
                     continue;
                 }
-                log_key(e, res, sizeof res);
-                log_info("token_refresh", "client_id=%s resource=%s expires_in_s=%lld",
-                         e->client_id, res, (long long)((e->expires_ms - now) / 1000));
-                start_attempt(e);
+                start_refresh(e, now, "due");
             }
             if (e->held_until_ms && now >= e->held_until_ms)
                 e->held_until_ms = 0;
@@ -502,8 +510,8 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
     if (e) {
         e->last_used_ms = now_ms;
         if (e->tok.access_token && now_ms < e->serve_until_ms) {
-            if (now_ms >= e->refresh_ms && e->state == E_IDLE)
-                start_attempt(e); /* e.g. after a failed refresh gave up: try in the background */
+            if (now_ms >= e->refresh_ms && e->state == E_IDLE) /* before the tick saw it, or */
+                start_refresh(e, now_ms, "request");           /* after a failed refresh gave up */
             *tok = &e->tok;
             return CACHE_HIT;
         }
