@@ -84,8 +84,13 @@ class PlainToken:
 
 
 def start(ctx, tok, tenant=None, **kw):
+    """A daemon that has read its token file once (unless wait=False): until that first read (on
+    libuv's thread pool) is back, /readyz truthfully says state "unknown", "token file not read yet"."""
     d = ctx.daemon(tenant or ctx.tenant("ok"), token=tok, **kw)
     _DAEMONS.append((ctx.fake, d))
+    if kw.get("wait", True):
+        harness.wait_for(lambda: request(d.port, "/readyz", timeout=5).json["token_file"]["state"] != "unknown",
+                         5, "the daemon's first read of its token file")
     return d
 
 
