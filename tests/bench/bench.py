@@ -78,7 +78,6 @@ TENANT = "ok.imdsd-bench"
 RESOURCE = "https://vault.azure.net"
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # wrk prints one JSON line at the end: counts, errors and latency percentiles in microseconds.
 WRK_LUA = r"""
@@ -282,12 +281,6 @@ def strace_counts(path):
     return calls
 
 
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK        # utime + stime
-
-
 def oncpu_ns(pid):
     """Nanoseconds all of pid's threads have spent on a CPU (user and kernel), from schedstat."""
     total = 0
@@ -398,12 +391,12 @@ class Wrk:
             "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", self.script,
             "-H", "Metadata: true"] + (["-H", "Connection: close"] if close else []) + [
             f"http://127.0.0.1:{port}{path}"]
-        srv_cpu0 = sum(cpu_seconds(p) for p in server_pids)
+        srv_cpu0 = sum(harness.cpu_seconds(p) for p in server_pids)
         srv_ns0 = sum(oncpu_ns(p) for p in server_pids)
         sys0, ru0 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
         r, stdout = run_client(self.procs, cmd, "wrk", "BENCHJSON", seconds + 60, need_status_0=True)
         sys1, ru1 = cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        srv_cpu = sum(cpu_seconds(p_) for p_ in server_pids) - srv_cpu0
+        srv_cpu = sum(harness.cpu_seconds(p_) for p_ in server_pids) - srv_cpu0
         srv_ns = sum(oncpu_ns(p_) for p_ in server_pids) - srv_ns0
         secs = r["duration_us"] / 1e6
         r["rps"] = r["requests"] / secs if secs else 0.0
@@ -1023,7 +1016,7 @@ class Bench:
         """System calls per request of each server (strace -c attached to it) during a short wrk run:
         what the kernel is asked to do per request, the mechanism behind the CPU figures."""
         st, checks = self.st, self.checks
-        servers = {"imdsd": self.main.pid, "nginx": self.nginx.worker}
+        servers = {"imdsd": (self.main.port, self.main.pid), "nginx": (self.nginx.port, self.nginx.worker)}
         self.out["syscalls"] = res = {}
         if shutil.which("strace") is None:
             res["skipped"] = "strace is not installed"
@@ -1031,7 +1024,7 @@ class Bench:
         print("bench: system calls per request (strace -c, 1 s of wrk per server and mode, 8 connections) ...",
               flush=True)
         for mode, close in self.MODES.items():
-            for name, pid in servers.items():
+            for name, (port, pid) in servers.items():
                 out = os.path.join(self.tmp, f"strace-{name}-{mode}.txt")
                 tr = self.procs.spawn(["strace", "-c", "-f", "-q", "-o", out, "-p", str(pid)], "strace",
                                       out + ".stderr")
@@ -1043,22 +1036,21 @@ class Bench:
                     res["skipped"] = f"strace could not attach to {name}: {log_tail(out + '.stderr', 2)}"
                     print(f"  skipped: {res['skipped']}", flush=True)
                     return
-                r = self.wrk.run(self.main.port if name == "imdsd" else self.nginx.port, self.path, 1, close,
-                                 [pid], connections=8)
+                r = self.wrk.run(port, self.path, 1, close, [pid], connections=8)
                 tr.send_signal(signal.SIGINT)      # strace detaches and writes its summary
                 tr.wait(10)
                 self.procs.stop(tr)
                 calls = strace_counts(out)
                 per = {k: v / max(1, r["requests"]) for k, v in calls.items()}
-                res[f"{name}/{mode}"] = {"requests": r["requests"], "per_request": per,
-                                         "total_per_request": sum(per.values())}
+                total = sum(per.values())
+                res[f"{name}/{mode}"] = {"requests": r["requests"], "per_request": per, "total_per_request": total}
                 if name == "imdsd":
                     checks.add(f"imdsd {mode} under strace: every request 200",
                                r["requests"] > 0 and r["non2xx"] == 0 and r["socket_errors"] == 0 and calls,
                                f"{r['requests']} requests, non-2xx {r['non2xx']}, socket errors {r['socket_errors']}, "
                                f"{len(calls)} kinds of system call counted")
                 top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
-                print(f"  {mode:<10} {name:<5} {sum(per.values()):5.2f} per request: "
+                print(f"  {mode:<10} {name:<5} {total:5.2f} per request: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in top), flush=True)
 
     def rss_growth(self):

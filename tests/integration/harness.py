@@ -25,6 +25,13 @@ def free_port(family=socket.AF_INET, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid):
+    """CPU time (user + system) process pid has used, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for(pred, timeout, what, interval=0.05):
     """Polls pred() until it returns a truthy value; fails the test after timeout * SCALE seconds."""
     deadline = time.monotonic() + timeout * SCALE

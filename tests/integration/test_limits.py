@@ -237,12 +237,6 @@ def test_connection_churn_leaks_no_descriptors(ctx):
     assert ctx.fake.calls(d.tenant) == 1
 
 
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_out_of_descriptors_drops_connections_and_recovers(ctx):
     """At its descriptor limit the daemon closes the connections it cannot take, instead of
     spinning on a listening socket that stays readable, and serves again once descriptors free up."""
@@ -268,9 +262,9 @@ def test_out_of_descriptors_drops_connections_and_recovers(ctx):
                 except OSError:
                     dropped += 1
         assert 5 <= dropped <= 8, f"{dropped} of 10 connections were dropped at a limit of 3 free descriptors"
-        t0 = cpu_seconds(d.pid)
+        t0 = harness.cpu_seconds(d.pid)
         time.sleep(1)
-        busy = cpu_seconds(d.pid) - t0
+        busy = harness.cpu_seconds(d.pid) - t0
         assert busy < 0.3, f"the daemon used {busy:.2f} s of CPU in 1 s while out of descriptors"
         assert d.alive()
     finally:
