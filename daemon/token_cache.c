@@ -41,6 +41,7 @@ struct cache_entry {
     int retried_700024;
     struct token_cache_waiter *waiters;
     struct token_cache_waiter *completing; /* being answered */
+    unsigned pins; /* > 0 while code that runs waiter callbacks has this entry on its stack */
     struct token_file_waiter read;
     struct entra_fetch fetch;
 };
@@ -60,7 +61,8 @@ struct token_cache {
     uint64_t rng;
 };
 
-static void start_attempt(struct cache_entry *e);
+static void on_token_file(void *arg, const struct token_file_status *st, const char *tok,
+                          size_t len);
 static void arm_tick(struct token_cache *c);
 
 /* ---- small helpers ------------------------------------------------------------------------- */
@@ -100,7 +102,7 @@ static void clear_token(struct cache_entry *e)
     if (e->tok.access_token)
         e->cache->token_bytes -= e->tok.len;
     secret_free_str(e->tok.access_token);
-    buf_free_secret(&e->tok.body);
+    buf_free(&e->tok.body);
     memset(&e->tok, 0, sizeof e->tok);
     e->obtained_ms = e->expires_ms = e->serve_until_ms = e->refresh_ms = 0;
 }
@@ -116,6 +118,15 @@ static void log_key(const struct cache_entry *e, char *res, size_t n)
 }
 
 /* ---- completing waiters -------------------------------------------------------------------- */
+
+/* Re-entrancy. A waiter's callback may do whatever the cache's users can: answer its client, and
+ * so dispatch that connection's next pipelined request, which may look up, create or evict
+ * entries, start attempts or cancel other waiters, all before the callback returns. Hence:
+ *  - callbacks run only in complete(), and complete() is the last thing its caller does to the
+ *    entry: every change of state is made before it, so none overwrites what a callback did;
+ *  - complete() pins its entry, and a pinned entry is never freed (evict_one, on_tick);
+ *  - a loop that may run callbacks (on_tick, fill_slots) re-reads its position from the live
+ *    structures after each step. */
 
 /* A waiter is on e->waiters, or on e->completing while its callback is due. */
 static void unlink_waiter(struct cache_entry *e, struct token_cache_waiter *w)
@@ -135,7 +146,7 @@ static void unlink_waiter(struct cache_entry *e, struct token_cache_waiter *w)
 /* Answers every waiter, or only those whose deadline is at or before due_ms when due_ms is not
  * 0. They move to a separate list first, so a callback that starts a new request on this key
  * waits for the next attempt instead of receiving this answer, and a callback that cancels
- * another waiter is safe. */
+ * another waiter is safe. tok may be &e->tok: nothing a callback can do synchronously clears it. */
 static void complete(struct cache_entry *e, const struct token *tok, const struct entra_result *r,
                      int64_t due_ms)
 {
@@ -156,10 +167,12 @@ static void complete(struct cache_entry *e, const struct token *tok, const struc
         }
         w = next;
     }
+    e->pins++;
     while ((w = e->completing)) {
         unlink_waiter(e, w);
         w->done(w, tok, r);
     }
+    e->pins--;
 }
 
 static void set_local_error(struct entra_result *r, enum entra_kind kind, const char *error,
@@ -181,33 +194,61 @@ static void remember(struct entra_result *dst, const struct entra_result *src)
 
 /* ---- exchange slots ------------------------------------------------------------------------ */
 
-static void release_slot(struct token_cache *c)
+/* Takes an exchange slot and starts reading the token file (e is idle, a slot is free). */
+static void take_slot(struct cache_entry *e)
 {
-    c->exchanges--;
+    struct token_cache *c = e->cache;
+    c->exchanges++;
+    e->state = E_READING;
+    e->retried_700024 = 0;
+    e->read.cb = on_token_file;
+    e->read.arg = e;
+    token_file_get(c->tf, &e->read);
+}
+
+/* Gives queued entries the free slots, in order. */
+static void fill_slots(struct token_cache *c)
+{
     while (c->slot_head && c->exchanges < CACHE_MAX_EXCHANGES) {
         struct cache_entry *e = c->slot_head;
         c->slot_head = e->slot_next;
         if (!c->slot_head)
             c->slot_tail = NULL;
         e->slot_next = NULL;
-        if (e->state == E_SLOT) {
-            e->state = E_IDLE;
-            start_attempt(e);
-        }
+        e->state = E_IDLE;
+        take_slot(e);
     }
+}
+
+/* The attempt in flight is over: the entry is idle and its slot free for fill_slots. */
+static void end_attempt(struct cache_entry *e)
+{
+    e->state = E_IDLE;
+    e->cache->exchanges--;
+}
+
+static void start_attempt(struct cache_entry *e)
+{
+    struct token_cache *c = e->cache;
+    if (busy(e))
+        return;
+    if (c->exchanges >= CACHE_MAX_EXCHANGES || c->slot_head) {
+        e->state = E_SLOT;
+        if (c->slot_tail)
+            c->slot_tail->slot_next = e;
+        else
+            c->slot_head = e;
+        c->slot_tail = e;
+        return;
+    }
+    take_slot(e);
 }
 
 /* ---- one attempt --------------------------------------------------------------------------- */
 
-static void finish_attempt(struct cache_entry *e)
-{
-    e->state = E_IDLE;
-    release_slot(e->cache);
-}
-
 /* After a failed attempt: retry later, or give up on the waiters. A stale assertion that a
  * re-read did not fix (AADSTS700024 twice) is answered at once: retrying cannot help until the
- * kubelet writes a new token, which the watcher sees. */
+ * kubelet writes a new token, which the watcher sees. Ends with complete(). */
 static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
 {
     int stale_assertion = r->aadsts == 700024;
@@ -231,25 +272,29 @@ static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
     int has_token = e->tok.access_token && now < e->serve_until_ms;
     uint64_t cap = e->waiters ? BACKOFF_FOREGROUND_CAP_MS : BACKOFF_BACKGROUND_CAP_MS;
     uint64_t wait = retry_wait_ms(e->attempt, cap, r->retry_after, rnd(c));
-    e->attempt++;
-    /* waiters whose deadline comes before the next attempt are answered now */
+    int64_t retry_ms = now + (int64_t)wait, due_ms = stale_assertion ? 0 : retry_ms;
+    /* waiters whose deadline comes before the next attempt are answered now, the others wait */
+    int staying = 0;
+    for (struct token_cache_waiter *w = e->waiters; w && due_ms; w = w->next)
+        staying += w->deadline_ms > due_ms;
     struct entra_result now_r = *r;
     now_r.access_token = NULL;
     if (!now_r.retry_after)
         now_r.retry_after = (int)((wait + 999) / 1000);
-    complete(e, NULL, &now_r, stale_assertion ? 0 : now + (int64_t)wait);
-    if (!e->waiters && !has_token) {
+    if (staying || has_token) {
+        e->attempt++;
+        e->state = E_BACKOFF;
+        e->backoff_until_ms = retry_ms;
+        log_key(e, res, sizeof res);
+        log_info("entra_retry_scheduled",
+                 "client_id=%s resource=%s attempt=%u in_ms=%llu "
+                 "waiting_clients=%s serving_cached=%s",
+                 e->client_id, res, e->attempt, (unsigned long long)wait, staying ? "yes" : "no",
+                 has_token ? "yes" : "no");
+    } else {
         e->attempt = 0; /* nobody waits and nothing to keep fresh: stop here */
-        return;
     }
-    e->state = E_BACKOFF;
-    e->backoff_until_ms = now + (int64_t)wait;
-    log_key(e, res, sizeof res);
-    log_info("entra_retry_scheduled",
-             "client_id=%s resource=%s attempt=%u in_ms=%llu "
-             "waiting_clients=%s serving_cached=%s",
-             e->client_id, res, e->attempt, (unsigned long long)wait, e->waiters ? "yes" : "no",
-             has_token ? "yes" : "no");
+    complete(e, NULL, &now_r, due_ms);
 }
 
 static void on_entra(struct entra_fetch *f, struct entra_result *r)
@@ -265,33 +310,34 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r)
         token_file_get(c->tf, &e->read);
         return;
     }
-    finish_attempt(e);
+    end_attempt(e);
     if (r->kind != ENTRA_OK) {
         attempt_failed(e, r);
-        arm_tick(c);
-        return;
+    } else {
+        clear_token(e);
+        int64_t sent_ms = f->sent_ms;
+        e->tok.access_token = r->access_token;
+        e->tok.len = r->token_len;
+        r->access_token = NULL;
+        c->token_bytes += e->tok.len;
+        e->tok.not_before = sent_ms / 1000;
+        e->tok.expires_on = sent_ms / 1000 + r->expires_in;
+        e->tok.ext_expires_on = sent_ms / 1000 + r->ext_expires_in;
+        e->tok.refresh_in = r->refresh_in;
+        e->obtained_ms = sent_ms;
+        e->expires_ms = sent_ms + r->expires_in * 1000;
+        e->serve_until_ms = refresh_serve_until_ms(e->obtained_ms, e->expires_ms);
+        e->refresh_ms = refresh_at_ms(e->obtained_ms, e->expires_ms, r->refresh_in, rnd(c));
+        e->attempt = 0;
+        e->have_last = 0;
+        e->held_until_ms = 0;
+        log_debug("token_refresh_scheduled", "client_id=%s in_ms=%lld expires_in_ms=%lld",
+                  e->client_id, (long long)(e->refresh_ms - now_wall_ms()),
+                  (long long)(e->expires_ms - now_wall_ms()));
+        complete(e, &e->tok, NULL, 0);
     }
-    clear_token(e);
-    int64_t sent_ms = f->sent_ms;
-    e->tok.access_token = r->access_token;
-    e->tok.len = r->token_len;
-    r->access_token = NULL;
-    c->token_bytes += e->tok.len;
-    e->tok.not_before = sent_ms / 1000;
-    e->tok.expires_on = sent_ms / 1000 + r->expires_in;
-    e->tok.ext_expires_on = sent_ms / 1000 + r->ext_expires_in;
-    e->tok.refresh_in = r->refresh_in;
-    e->obtained_ms = sent_ms;
-    e->expires_ms = sent_ms + r->expires_in * 1000;
-    e->serve_until_ms = refresh_serve_until_ms(e->obtained_ms, e->expires_ms);
-    e->refresh_ms = refresh_at_ms(e->obtained_ms, e->expires_ms, r->refresh_in, rnd(c));
-    e->attempt = 0;
-    e->have_last = 0;
-    e->held_until_ms = 0;
-    log_debug("token_refresh_scheduled", "client_id=%s in_ms=%lld expires_in_ms=%lld", e->client_id,
-              (long long)(e->refresh_ms - now_wall_ms()),
-              (long long)(e->expires_ms - now_wall_ms()));
-    complete(e, &e->tok, NULL, 0);
+    /* e may be anything now: only the cache is touched from here on */
+    fill_slots(c);
     arm_tick(c);
 }
 
@@ -300,31 +346,30 @@ static void on_token_file(void *arg, const struct token_file_status *st, const c
 {
     struct cache_entry *e = arg;
     struct token_cache *c = e->cache;
+    struct entra_result r;
     if (!tok) {
         /* no usable assertion: answer now (the watcher notices when it comes back) */
         char desc[240];
-        struct entra_result r;
         snprintf(desc, sizeof desc, "Service account token is not usable (%s): %s",
                  token_state_name(st->state), st->reason);
         set_local_error(&r, ENTRA_TRANSIENT, "service_unavailable", desc, 5);
-        finish_attempt(e);
+        end_attempt(e);
         remember(&e->last, &r);
         e->have_last = 1;
         complete(e, NULL, &r, 0);
-        arm_tick(c);
-        return;
-    }
-    e->state = E_EXCHANGING;
-    e->fetch.done = on_entra;
-    e->fetch.data = e;
-    if (entra_fetch(c->entra, &e->fetch, e->client_id, e->resource, tok, len) < 0) {
-        struct entra_result r;
+    } else {
+        e->state = E_EXCHANGING;
+        e->fetch.done = on_entra;
+        e->fetch.data = e;
+        if (entra_fetch(c->entra, &e->fetch, e->client_id, e->resource, tok, len) == 0)
+            return;
         set_local_error(&r, ENTRA_TRANSIENT, "server_error", "Could not start the token exchange",
                         0);
-        finish_attempt(e);
+        end_attempt(e);
         attempt_failed(e, &r);
-        arm_tick(c);
     }
+    fill_slots(c);
+    arm_tick(c);
 }
 
 /* Starts the exchange that replaces a token still being served. trigger: "due" (the tick) or
@@ -336,28 +381,6 @@ static void start_refresh(struct cache_entry *e, int64_t now_ms, const char *tri
     log_info("token_refresh", "client_id=%s resource=%s expires_in_s=%lld trigger=%s", e->client_id,
              res, (long long)((e->expires_ms - now_ms) / 1000), trigger);
     start_attempt(e);
-}
-
-static void start_attempt(struct cache_entry *e)
-{
-    struct token_cache *c = e->cache;
-    if (busy(e))
-        return;
-    if (c->exchanges >= CACHE_MAX_EXCHANGES) {
-        e->state = E_SLOT;
-        if (c->slot_tail)
-            c->slot_tail->slot_next = e;
-        else
-            c->slot_head = e;
-        c->slot_tail = e;
-        return;
-    }
-    c->exchanges++;
-    e->state = E_READING;
-    e->retried_700024 = 0;
-    e->read.cb = on_token_file;
-    e->read.arg = e;
-    token_file_get(c->tf, &e->read);
 }
 
 /* ---- entries ------------------------------------------------------------------------------- */
@@ -379,14 +402,19 @@ static void unlink_entry(struct token_cache *c, struct cache_entry *e)
     c->nentries--;
 }
 
-/* Drops the least recently used entry with nothing in flight and nobody waiting. */
+/* Nothing in flight, nobody waiting or being answered, no callback on the stack. */
+static int idle(const struct cache_entry *e)
+{
+    return e->state == E_IDLE && !e->waiters && !e->completing && !e->pins;
+}
+
+/* Drops the least recently used idle entry. */
 static int evict_one(struct token_cache *c)
 {
     struct cache_entry *victim = NULL;
     for (int b = 0; b < NBUCKETS; b++)
         for (struct cache_entry *e = c->buckets[b]; e; e = e->next)
-            if (e->state == E_IDLE && !e->waiters && !e->completing &&
-                (!victim || e->last_used_ms < victim->last_used_ms))
+            if (idle(e) && (!victim || e->last_used_ms < victim->last_used_ms))
                 victim = e;
     if (!victim)
         return -1;
@@ -397,6 +425,44 @@ static int evict_one(struct token_cache *c)
 
 /* ---- the tick: refreshes, retries, deadlines, expiry --------------------------------------- */
 
+/* One entry's due work. Returns 1 when nobody used its token during the whole life of the token:
+ * the caller drops it instead of refreshing it. */
+static int tick_entry(struct cache_entry *e, int64_t now)
+{
+    char res[160];
+    if (e->waiters) {
+        /* clients whose deadline passed get the last error, or a timeout */
+        struct entra_result r;
+        if (e->have_last)
+            r = e->last;
+        else
+            set_local_error(&r, ENTRA_TRANSIENT, "service_unavailable",
+                            "Timed out waiting for Entra", 5);
+        complete(e, NULL, &r, now);
+    }
+    /* callbacks may have run: what follows reads the entry afresh */
+    if (e->state == E_BACKOFF && now >= e->backoff_until_ms) {
+        e->state = E_IDLE;
+        start_attempt(e);
+    }
+    if (e->tok.access_token && now >= e->serve_until_ms && !busy(e)) {
+        log_key(e, res, sizeof res);
+        log_info("token_expired", "client_id=%s resource=%s", e->client_id, res);
+        clear_token(e);
+        if (e->state == E_BACKOFF && !e->waiters)
+            e->state = E_IDLE;
+    }
+    if (e->held_until_ms && now >= e->held_until_ms)
+        e->held_until_ms = 0;
+    if (e->tok.access_token && e->state == E_IDLE && now >= e->refresh_ms) {
+        int64_t life = e->expires_ms - e->obtained_ms;
+        if (now - e->last_used_ms > life && !e->waiters && !e->completing)
+            return 1;
+        start_refresh(e, now, "due");
+    }
+    return 0;
+}
+
 static void on_tick(uv_timer_t *t)
 {
     struct token_cache *c = t->data;
@@ -404,45 +470,20 @@ static void on_tick(uv_timer_t *t)
     char res[160];
     c->tick_due_ms = 0;
     for (int b = 0; b < NBUCKETS; b++) {
-        struct cache_entry *e = c->buckets[b], *next;
-        for (; e; e = next) {
-            next = e->next;
-            if (e->waiters) {
-                /* clients whose deadline passed get the last error, or a timeout */
-                struct entra_result r;
-                if (e->have_last)
-                    r = e->last;
-                else
-                    set_local_error(&r, ENTRA_TRANSIENT, "service_unavailable",
-                                    "Timed out waiting for Entra", 5);
-                complete(e, NULL, &r, now);
-            }
-            if (e->state == E_BACKOFF && now >= e->backoff_until_ms) {
-                e->state = E_IDLE;
-                start_attempt(e);
-            }
-            if (e->tok.access_token && now >= e->serve_until_ms && !busy(e)) {
+        struct cache_entry *e = c->buckets[b];
+        while (e) {
+            e->pins++; /* callbacks may evict anything but a pinned entry, e->next included */
+            int unused = tick_entry(e, now);
+            e->pins--;
+            struct cache_entry *next = e->next;
+            if (unused && idle(e)) {
                 log_key(e, res, sizeof res);
-                log_info("token_expired", "client_id=%s resource=%s", e->client_id, res);
-                clear_token(e);
-                if (e->state == E_BACKOFF && !e->waiters)
-                    e->state = E_IDLE;
+                log_info("token_dropped", "client_id=%s resource=%s reason=unused", e->client_id,
+                         res);
+                unlink_entry(c, e);
+                entry_free(e);
             }
-            if (e->tok.access_token && e->state == E_IDLE && now >= e->refresh_ms) {
-                int64_t life = e->expires_ms - e->obtained_ms;
-                if (now - e->last_used_ms > life && !e->waiters && !e->completing) {
-                    /* nobody asked during the whole life of this token: stop refreshing it */
-                    log_key(e, res, sizeof res);
-                    log_info("token_dropped", "client_id=%s resource=%s reason=unused",
-                             e->client_id, res);
-                    unlink_entry(c, e);
-                    entry_free(e);
-                    continue;
-                }
-                start_refresh(e, now, "due");
-            }
-            if (e->held_until_ms && now >= e->held_until_ms)
-                e->held_until_ms = 0;
+            e = next;
         }
     }
     arm_tick(c);

@@ -51,8 +51,9 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
  * CACHE_HIT: *tok is a servable token (valid until control returns to the loop; the caller
  *            may fill its body render slot);
  * CACHE_FAIL: *err says why the request is answered at once (held permanent error, 429);
- * CACHE_WAIT: w->done will be called exactly once, within cfg->entra_timeout_s, unless
- *             token_cache_cancel(w) is called first;
+ * CACHE_WAIT: w->done will be called exactly once, from the loop (never before this returns)
+ *             and within cfg->entra_timeout_s, unless token_cache_cancel(w) is called first.
+ *             done may re-enter the cache (get, cancel) freely;
  * CACHE_FULL: no room for a new key. The cached path allocates nothing.
  * With w NULL nothing is registered or started: CACHE_WAIT then means "call again with a
  * waiter" (so that callers allocate a waiter only on a miss). */

@@ -1,0 +1,381 @@
+/* Unit tests for token_cache.c: what a waiter's callback may do while the cache runs it.
+ *
+ * The callback of a waiter answers an HTTP client, and answering may dispatch that connection's
+ * next pipelined request at once, so the callback can look up, create, evict or cancel anything
+ * before it returns. These tests drive the cache with the token file and Entra replaced by
+ * scripted fakes (this file defines token_file_get, entra_fetch, ... so the linker does not take
+ * token_file.o and entra.o from the library), and let callbacks re-enter the cache the way the
+ * HTTP server does. They run under ASan and valgrind too, where a use after free is reported. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <uv.h>
+
+#include "log.h"
+#include "token_cache.h"
+#include "util.h"
+
+#define CLIENT "11111111-2222-3333-4444-555555555555"
+
+/* ---- fakes for token_file and entra ---------------------------------------------------------- */
+
+#define MAX_PENDING 64
+
+static struct token_file_waiter *reads[MAX_PENDING]; /* token_file_get calls not answered yet */
+static int nreads;
+static int double_links; /* token_file_get for a waiter that was still waiting */
+static struct entra_fetch *fetches[MAX_PENDING];
+static int nfetches;
+
+void token_file_get(struct token_file *tf, struct token_file_waiter *w)
+{
+    (void)tf;
+    if (w->linked) {
+        double_links++;
+        return;
+    }
+    if (nreads == MAX_PENDING)
+        abort();
+    w->linked = 1;
+    reads[nreads++] = w;
+}
+
+void token_file_cancel(struct token_file_waiter *w)
+{
+    for (int i = 0; i < nreads; i++)
+        if (reads[i] == w) {
+            reads[i] = reads[--nreads];
+            break;
+        }
+    w->linked = 0;
+}
+
+const char *token_state_name(enum token_state s)
+{
+    return s == TOKEN_OK ? "ok" : "missing";
+}
+
+int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, const char *resource,
+                const char *assertion, size_t assertion_len)
+{
+    (void)e;
+    (void)assertion;
+    (void)assertion_len;
+    if (nfetches == MAX_PENDING)
+        abort();
+    f->client_id = client_id;
+    f->resource = resource;
+    f->sent_ms = now_wall_ms();
+    f->active = 1;
+    fetches[nfetches++] = f;
+    return 0;
+}
+
+void entra_cancel(struct entra_fetch *f)
+{
+    for (int i = 0; i < nfetches; i++)
+        if (fetches[i] == f) {
+            fetches[i] = fetches[--nfetches];
+            break;
+        }
+    f->active = 0;
+}
+
+/* Answers the oldest pending token-file read with a usable token. */
+static void finish_read(void)
+{
+    assert_true(nreads > 0);
+    struct token_file_waiter *w = reads[0];
+    memmove(reads, reads + 1, sizeof reads[0] * (size_t)--nreads);
+    w->linked = 0;
+    struct token_file_status st = {.state = TOKEN_OK};
+    w->cb(w->arg, &st, "a.b.c", 5);
+}
+
+/* Answers the pending exchange for resource: a token when kind is ENTRA_OK, else an error. */
+static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aadsts)
+{
+    int i = 0;
+    while (i < nfetches && strcmp(fetches[i]->resource, resource) != 0)
+        i++;
+    if (i == nfetches)
+        fail_msg("no exchange pending for %s", resource);
+    struct entra_fetch *f = fetches[i];
+    fetches[i] = fetches[--nfetches];
+    f->active = 0;
+    struct entra_result r = {.kind = kind, .aadsts = aadsts};
+    if (kind == ENTRA_OK) {
+        r.access_token = xstrdup("eyJ0eXAiOiJKV1QifQ.e30.c2ln");
+        r.token_len = strlen(r.access_token);
+        r.expires_in = r.ext_expires_in = 3599;
+        r.http_status = 200;
+    } else {
+        r.http_status = kind == ENTRA_PERMANENT ? 400 : 401;
+        snprintf(r.error, sizeof r.error, "%s",
+                 kind == ENTRA_PERMANENT ? "invalid_resource" : "invalid_client");
+    }
+    f->done(f, &r);
+    secret_free_str(r.access_token);
+}
+
+/* ---- the cache under test, and waiters that act like HTTP connections ------------------------ */
+
+static uv_loop_t loop;
+static struct config cfg;
+static struct token_cache *cache;
+
+struct twaiter {
+    struct token_cache_waiter w;
+    int called, ok;
+    /* what the callback does next, like the next pipelined request on the same connection */
+    const char *then_resource;
+    struct twaiter *then;  /* the waiter it registers (NULL: a lookup only) */
+    struct twaiter *abort; /* or: the waiter of another connection it cancels */
+    enum cache_result then_rc;
+};
+
+#define MAX_WAITERS 2100
+static struct twaiter waiters[MAX_WAITERS];
+static int nwaiters;
+
+static void on_done(struct token_cache_waiter *w, const struct token *tok,
+                    const struct entra_result *err)
+{
+    struct twaiter *t = w->data;
+    t->called++;
+    t->ok = tok != NULL && err == NULL && tok->access_token != NULL;
+    if (t->abort)
+        token_cache_cancel(&t->abort->w);
+    if (t->then_resource) {
+        struct token *tk;
+        struct entra_result e;
+        t->then_rc = token_cache_get(cache, t->then ? &t->then->w : NULL, CLIENT, t->then_resource,
+                                     strlen(t->then_resource), now_wall_ms(), &tk, &e);
+    }
+}
+
+static struct twaiter *tw(void)
+{
+    if (nwaiters == MAX_WAITERS)
+        abort();
+    struct twaiter *t = &waiters[nwaiters++];
+    memset(t, 0, sizeof *t);
+    t->w.done = on_done;
+    t->w.data = t;
+    return t;
+}
+
+static enum cache_result get(const char *resource, struct twaiter *t, int64_t now)
+{
+    struct token *tok;
+    struct entra_result err;
+    return token_cache_get(cache, t ? &t->w : NULL, CLIENT, resource, strlen(resource), now, &tok,
+                           &err);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    log_min_level = LOG_WARN;
+    nreads = nfetches = double_links = nwaiters = 0;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.entra_timeout_s = 15;
+    assert_int_equal(uv_loop_init(&loop), 0);
+    cache = token_cache_new(&loop, &cfg, NULL, NULL);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    token_cache_free(cache);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    return 0;
+}
+
+static void on_stop(uv_timer_t *t)
+{
+    uv_stop(t->loop);
+}
+
+/* Runs the loop (the cache's tick) for ms milliseconds. */
+static void run_for(uint64_t ms)
+{
+    uv_timer_t t;
+    uv_timer_init(&loop, &t);
+    uv_timer_start(&t, on_stop, ms, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&loop, UV_RUN_NOWAIT);
+}
+
+/* Creates n entries holding a permanent error (idle, evictable), used at now. */
+static void fill(const char *prefix, int n, int64_t now)
+{
+    char res[64];
+    for (int i = 0; i < n; i++) {
+        snprintf(res, sizeof res, "https://%s%d.example/", prefix, i);
+        struct twaiter *t = tw();
+        assert_int_equal(get(res, t, now), CACHE_WAIT);
+        finish_read();
+        finish_fetch(res, ENTRA_PERMANENT, 500011);
+        assert_int_equal(t->called, 1);
+        nwaiters--; /* answered: the slot can be reused */
+    }
+}
+
+/* ---- tests ----------------------------------------------------------------------------------- */
+
+/* The review's sequence: T's answer is sent, the client's pipelined request for a new key N finds
+ * the cache full and evicts the least recently used idle entry, which is T itself. */
+static void t_pipelined_request_evicts_entry_being_answered(void **state)
+{
+    (void)state;
+    int64_t now = now_wall_ms();
+    struct twaiter *t = tw();
+    t->then_resource = "https://n.example/";
+    t->then = tw();
+    assert_int_equal(get("https://t.example/", t, now - 10), CACHE_WAIT);
+    finish_read();
+    fill("fill", CACHE_MAX_ENTRIES - 1, now);
+    finish_fetch("https://t.example/", ENTRA_OK, 0);
+    assert_int_equal(t->called, 1);
+    assert_true(t->ok);
+    assert_int_equal(t->then_rc, CACHE_WAIT); /* room was made by evicting another entry */
+    assert_int_equal(get("https://t.example/", NULL, now_wall_ms()), CACHE_HIT);
+    assert_int_equal(nreads, 1); /* N's attempt started */
+    finish_read();
+    finish_fetch("https://n.example/", ENTRA_OK, 0);
+    assert_int_equal(t->then->called, 1);
+    assert_true(t->then->ok);
+}
+
+/* A stale assertion twice (AADSTS700024) answers the waiters at once; the callback's request for
+ * the same key starts a new attempt, which the failed one must not overwrite with a backoff (a tick
+ * would then start a second attempt on the same entry: a doubly linked waiter, a lost slot). */
+static void t_same_key_request_from_failure_callback(void **state)
+{
+    (void)state;
+    const char *k = "https://k.example/";
+    struct twaiter *t = tw();
+    t->then_resource = k;
+    t->then = tw();
+    assert_int_equal(get(k, t, now_wall_ms()), CACHE_WAIT);
+    finish_read();
+    finish_fetch(k, ENTRA_TRANSIENT, 700024); /* re-reads the token file */
+    finish_read();
+    finish_fetch(k, ENTRA_TRANSIENT, 700024); /* still stale: answered now */
+    assert_int_equal(t->called, 1);
+    assert_false(t->ok);
+    assert_int_equal(t->then_rc, CACHE_WAIT);
+    assert_int_equal(nreads, 1);
+    run_for(1100); /* longer than any first backoff */
+    assert_int_equal(double_links, 0);
+    assert_int_equal(nreads, 1);
+    assert_int_equal(nfetches, 0);
+    finish_read();
+    finish_fetch(k, ENTRA_OK, 0);
+    assert_int_equal(t->then->called, 1);
+    assert_true(t->then->ok);
+    /* every exchange slot came back: as many new keys start at once as there are slots */
+    char res[64];
+    for (int i = 0; i < CACHE_MAX_EXCHANGES; i++) {
+        snprintf(res, sizeof res, "https://slot%d.example/", i);
+        assert_int_equal(get(res, tw(), now_wall_ms()), CACHE_WAIT);
+    }
+    assert_int_equal(nreads, CACHE_MAX_EXCHANGES);
+}
+
+/* Mirrors token_cache.c's hash_key and bucket count, to place two keys in one hash chain. */
+static unsigned bucket_of(const char *client_id, const char *resource)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (const char *p = client_id; *p; p++)
+        h = (h ^ (unsigned char)(*p | 0x20)) * 1099511628211ull;
+    h = (h ^ 0xff) * 1099511628211ull;
+    for (const char *p = resource; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    return (unsigned)(h % 256);
+}
+
+/* The tick answers a waiter whose deadline passed; its callback's new key evicts the entry that
+ * follows in the same hash chain, which the tick visits next. */
+static void t_tick_callback_evicts_next_entry(void **state)
+{
+    (void)state;
+    cfg.entra_timeout_s = 1;
+    const char *b = "https://b.example/";
+    char a[64];
+    for (int i = 0;; i++) {
+        snprintf(a, sizeof a, "https://a%d.example/", i);
+        if (bucket_of(CLIENT, a) == bucket_of(CLIENT, b))
+            break;
+    }
+    int64_t now = now_wall_ms();
+    struct twaiter *tb = tw();
+    assert_int_equal(get(b, tb, now - 1000), CACHE_WAIT); /* the least recently used */
+    finish_read();
+    finish_fetch(b, ENTRA_PERMANENT, 500011);
+    struct twaiter *ta = tw();
+    ta->then_resource = "https://new.example/";
+    ta->then = tw();
+    assert_int_equal(get(a, ta, now), CACHE_WAIT); /* heads b's chain; Entra never answers */
+    finish_read();
+    fill("fill", CACHE_MAX_ENTRIES - 2, now);
+    run_for(1500);
+    assert_int_equal(ta->called, 1);
+    assert_false(ta->ok);
+    assert_int_equal(ta->then_rc, CACHE_WAIT);
+    assert_int_equal(get(b, NULL, now_wall_ms()), CACHE_WAIT); /* b was evicted */
+}
+
+/* A callback that cancels another waiter of the same answer: that one is never called. */
+static void t_callback_cancels_other_waiter(void **state)
+{
+    (void)state;
+    const char *k = "https://k.example/";
+    struct twaiter *t1 = tw(), *t2 = tw();
+    assert_int_equal(get(k, t1, now_wall_ms()), CACHE_WAIT);
+    assert_int_equal(get(k, t2, now_wall_ms()), CACHE_WAIT);
+    /* waiters are answered newest first: t2 runs first and cancels t1 */
+    t2->abort = t1;
+    finish_read();
+    finish_fetch(k, ENTRA_OK, 0);
+    assert_int_equal(t2->called, 1);
+    assert_int_equal(t1->called, 0);
+}
+
+/* A callback that asks again for the key it was just answered for gets the token from memory. */
+static void t_callback_gets_the_token_it_was_given(void **state)
+{
+    (void)state;
+    const char *k = "https://k.example/";
+    struct twaiter *t = tw();
+    t->then_resource = k;
+    assert_int_equal(get(k, t, now_wall_ms()), CACHE_WAIT);
+    finish_read();
+    finish_fetch(k, ENTRA_OK, 0);
+    assert_true(t->ok);
+    assert_int_equal(t->then_rc, CACHE_HIT);
+    assert_int_equal(nreads + nfetches, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(t_pipelined_request_evicts_entry_being_answered, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(t_same_key_request_from_failure_callback, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_tick_callback_evicts_next_entry, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_callback_cancels_other_waiter, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_callback_gets_the_token_it_was_given, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
