@@ -39,6 +39,7 @@ struct token_file {
     struct read_job *job;              /* in flight, or NULL */
     struct token_file_waiter *current; /* served by the read in flight */
     struct token_file_waiter *next;    /* arrived during it: served by the next read */
+    struct token_file_waiter *serving; /* being called back, see serve */
     int reread;                        /* another read is wanted after the one in flight */
     struct token_file_status st;
     int freeing;
@@ -221,6 +222,7 @@ static void read_work(uv_work_t *w)
     }
     memmove(buf, buf + start, len - start);
     j->len = len - start;
+    secret_zero(buf + j->len, len - j->len); /* the tail the move left behind */
     buf[j->len] = 0;
     j->content = buf;
 }
@@ -283,12 +285,17 @@ static void log_status(struct token_file *tf, const struct token_file_status *ol
     }
 }
 
-static void serve(struct token_file_waiter *list, const struct token_file_status *st,
-                  const char *tok, size_t len)
+/* Calls back the waiters of list. They wait on tf->serving meanwhile, where a callback may cancel
+ * one that is still due (or add new ones to tf->next). */
+static void serve(struct token_file *tf, struct token_file_waiter *list,
+                  const struct token_file_status *st, const char *tok, size_t len)
 {
-    while (list) {
-        struct token_file_waiter *w = list;
-        list = w->next;
+    struct token_file_waiter *w;
+    tf->serving = list;
+    while ((w = tf->serving)) {
+        tf->serving = w->next;
+        if (w->next)
+            w->next->prev = NULL;
         w->linked = 0;
         w->prev = w->next = NULL;
         w->cb(w->arg, st, st->state == TOKEN_OK ? tok : NULL, st->state == TOKEN_OK ? len : 0);
@@ -316,9 +323,9 @@ static void read_done(uv_work_t *w, int status)
         tf->reread = 0;
         start_read(tf); /* moves tf->next to tf->current */
     }
-    /* callbacks may add waiters or free nothing of ours: the batch is detached */
+    /* a copy: a callback may start the next read, whose result replaces tf->st */
     struct token_file_status st = tf->st;
-    serve(batch, &st, j->content, j->len);
+    serve(tf, batch, &st, j->content, j->len);
     job_free(j);
 }
 
@@ -336,15 +343,9 @@ static void start_read(struct token_file *tf)
     tf->next = NULL;
     for (struct token_file_waiter *w = tf->current; w; w = w->next)
         w->linked = 1;
-    if (uv_queue_work(tf->loop, &j->work, read_work, read_done) < 0) {
-        job_free(j);
-        struct token_file_status st;
-        token_file_classify(-EIO, NULL, 0, 0, &st);
-        struct token_file_waiter *batch = tf->current;
-        tf->current = NULL;
-        serve(batch, &st, NULL, 0);
-        return;
-    }
+    /* fails only for a NULL work callback: a waiter is never called back before get returns */
+    if (uv_queue_work(tf->loop, &j->work, read_work, read_done) < 0)
+        abort();
     tf->job = j;
 }
 
@@ -401,6 +402,8 @@ void token_file_status(struct token_file *tf, int64_t now, struct token_file_sta
 
 void token_file_get(struct token_file *tf, struct token_file_waiter *w)
 {
+    if (w->linked)
+        return; /* already waiting: a second link would corrupt the lists */
     w->tf = tf;
     w->prev = NULL;
     w->next = tf->next;
@@ -418,6 +421,8 @@ void token_file_cancel(struct token_file_waiter *w)
     struct token_file *tf = w->tf;
     if (w->prev)
         w->prev->next = w->next;
+    else if (tf->serving == w)
+        tf->serving = w->next;
     else if (tf->current == w)
         tf->current = w->next;
     else
@@ -453,8 +458,8 @@ void token_file_free(struct token_file *tf)
     snprintf(st.reason, sizeof st.reason, "imdsd is shutting down");
     struct token_file_waiter *a = tf->current, *b = tf->next;
     tf->current = tf->next = NULL;
-    serve(a, &st, NULL, 0);
-    serve(b, &st, NULL, 0);
+    serve(tf, a, &st, NULL, 0);
+    serve(tf, b, &st, NULL, 0);
     uv_close((uv_handle_t *)&tf->event, on_closed);
     uv_close((uv_handle_t *)&tf->debounce, on_closed);
     uv_close((uv_handle_t *)&tf->periodic, on_closed);
