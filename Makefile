@@ -26,6 +26,8 @@ SRCS     := $(wildcard daemon/*.c)
 LIB_SRCS := $(filter-out daemon/main.c,$(SRCS))
 LLHTTP_SRCS = $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c $(LLHTTP_SRC)/llhttp.c
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+# test_buf searches every block freed for what the buffers held
+UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
 
 VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 CPPFLAGS += -DIMDSD_VERSION='"$(VERSION)"'
@@ -57,7 +59,7 @@ $(2)/imdsd: $(2)/obj/main.o $(2)/libimdsd.a
 $(2)/unit/%: tests/unit/%.c $(2)/libimdsd.a $(wildcard tests/unit/*.h include/*.h)
 	@mkdir -p $$(@D)
 	$$(if $$(Q),@echo "  CC      $$@")
-	$(Q)$$(CC) $$(CPPFLAGS) $(3) $$(WARN) -Wno-missing-prototypes -o $$@ $$< $(2)/libimdsd.a $$(LIBS) -lcmocka
+	$(Q)$$(CC) $$(CPPFLAGS) $(3) $$(WARN) -Wno-missing-prototypes -o $$@ $$< $(2)/libimdsd.a $$(LIBS) -lcmocka $$(UNIT_LDFLAGS_$$*)
 
 $(1)_UNITS := $$(patsubst tests/unit/%.c,$(2)/unit/%,$$(UNIT_SRCS))
 -include $$(wildcard $(2)/obj/*.d)

@@ -24,7 +24,14 @@ static int reserve(struct buf *b, size_t extra)
     size_t cap = b->cap ? b->cap : 256;
     while (cap < need)
         cap *= 2;
-    b->data = xrealloc(b->data, cap);
+    /* not realloc: it would leave the old copy in freed memory, and buffers hold secrets */
+    char *data = xmalloc(cap);
+    if (b->data) {
+        memcpy(data, b->data, b->len + 1);
+        secret_zero(b->data, b->cap);
+        free(b->data);
+    }
+    b->data = data;
     b->cap = cap;
     return 0;
 }
@@ -63,9 +70,11 @@ int buf_printf(struct buf *b, const char *fmt, ...)
 void buf_consume(struct buf *b, size_t n)
 {
     if (n >= b->len) {
+        secret_zero(b->data, b->len);
         b->len = 0;
     } else {
         memmove(b->data, b->data + n, b->len - n);
+        secret_zero(b->data + b->len - n, n); /* the moved bytes' old places */
         b->len -= n;
     }
     if (b->data)
@@ -81,13 +90,8 @@ void buf_reset(struct buf *b)
 
 void buf_free(struct buf *b)
 {
+    secret_zero(b->data, b->cap);
     free(b->data);
     b->data = NULL;
     b->len = b->cap = 0;
-}
-
-void buf_free_secret(struct buf *b)
-{
-    secret_zero(b->data, b->cap);
-    buf_free(b);
 }

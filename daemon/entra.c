@@ -103,7 +103,7 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, c
     unsigned char rnd[16];
     buf_init(&body, 256 * 1024);
     if (entra_build_form(&body, client_id, resource, assertion, assertion_len) < 0) {
-        buf_free_secret(&body);
+        buf_free(&body);
         return -1;
     }
     if (uv_random(NULL, NULL, rnd, sizeof rnd, 0, NULL) < 0)
@@ -131,7 +131,7 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, c
     f->req.done = on_done;
     f->req.data = f;
     int rc = https_client_send(e->http, &f->req); /* copies the body */
-    buf_free_secret(&body);
+    buf_free(&body);
     if (rc < 0)
         return rc;
     f->active = 1;

@@ -616,8 +616,8 @@ static void conn_free(struct http_conn *c)
     secret_zero(c->idval, sizeof c->idval);
     buf_free(&c->url);
     buf_free(&c->pending);
-    buf_free_secret(&c->out);
-    buf_free_secret(&c->scratch);
+    buf_free(&c->out);
+    buf_free(&c->scratch);
     free(c);
     s->open_handles--;
     maybe_free_server(s);

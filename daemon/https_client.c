@@ -310,8 +310,8 @@ static void conn_destroy(struct https_conn *conn)
         conn->next->prev = conn->prev;
     uv_freeaddrinfo(conn->addrs);
     tls_conn_free(conn->tls);
-    buf_free_secret(&conn->reqbuf);
-    buf_free_secret(&conn->body);
+    buf_free(&conn->reqbuf);
+    buf_free(&conn->body);
     secret_zero(conn->retry_after, sizeof conn->retry_after);
     free(conn);
     if (c->freeing && !c->conns)
@@ -544,7 +544,7 @@ static void conn_bind(struct https_conn *conn, struct https_request *req, struct
 {
     conn->req = req;
     req->conn = conn;
-    buf_free_secret(&conn->reqbuf);
+    buf_free(&conn->reqbuf);
     conn->reqbuf = *reqbuf;
     buf_init(reqbuf, HTTPS_MAX_REQUEST);
     conn->req_deadline = req_deadline;
@@ -554,7 +554,7 @@ static void conn_bind(struct https_conn *conn, struct https_request *req, struct
     conn->resp_bytes = 0;
     conn->msg_complete = 0;
     conn->too_large = 0;
-    buf_free_secret(&conn->body);
+    buf_free(&conn->body);
     conn->hname_len = 0;
     conn->hname_overflow = 0;
     conn->in_retry_after = 0;
@@ -602,7 +602,7 @@ static void conn_response_done(struct https_conn *conn, const char *no_reuse)
     resp.body = body.data ? body.data : "";
     resp.body_len = body.len;
     conn->req = NULL;
-    buf_free_secret(&conn->reqbuf);
+    buf_free(&conn->reqbuf);
     log_debug("https_response", "host=%s port=%s conn=%" PRIu64 " status=%d bytes=%zu reused=%d",
               c->host, c->port, conn->id, resp.status, conn->resp_bytes, conn->reused);
     /* Pool (or close) before done runs, so that done may start the next request on it. */
@@ -611,7 +611,7 @@ static void conn_response_done(struct https_conn *conn, const char *no_reuse)
     else
         conn_make_idle(conn);
     req_complete(req, HTTPS_OK, &resp);
-    buf_free_secret(&body);
+    buf_free(&body);
     secret_zero(retry_after, sizeof retry_after);
 }
 
@@ -1168,7 +1168,7 @@ int https_client_send(struct https_client *c, struct https_request *req)
                    req->method, req->path, c->host_header, IMDSD_VERSION, req->body_len,
                    req->headers ? req->headers : "") < 0 ||
         buf_append(&rb, req->body, req->body_len) < 0) {
-        buf_free_secret(&rb);
+        buf_free(&rb);
         return HTTPS_E_PROTO;
     }
 
@@ -1203,7 +1203,7 @@ int https_client_send(struct https_client *c, struct https_request *req)
         conn_close(conn, "cannot send on a reused connection");
     }
     int r = conn_start(c, req, &rb, deadline, head_only);
-    buf_free_secret(&rb);
+    buf_free(&rb);
     if (r < 0) {
         char q[HTTPS_LOG_REASON_MAX];
         log_warn("https_resolve_failed", "host=%s port=%s%s reason=%s", c->host, c->port, c->via,

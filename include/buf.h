@@ -1,4 +1,6 @@
-/* buf.h - growable byte buffer with a hard cap. */
+/* buf.h - growable byte buffer with a hard cap. Buffers carry secrets (assertions, access tokens,
+ * the X-IDENTITY-HEADER), so none leaves a copy behind: storage is zeroed before it is freed, when
+ * it grows and where buf_consume moved bytes away. */
 #ifndef IMDSD_BUF_H
 #define IMDSD_BUF_H
 
@@ -18,8 +20,7 @@ int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf
 /* Drops the first n bytes. */
 void buf_consume(struct buf *b, size_t n);
 void buf_reset(struct buf *b);
-/* Frees the storage; buf_free_secret zeroes it first. Both leave an empty, reusable buf. */
+/* Zeroes and frees the storage; leaves an empty, reusable buf. */
 void buf_free(struct buf *b);
-void buf_free_secret(struct buf *b);
 
 #endif
