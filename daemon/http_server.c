@@ -26,7 +26,7 @@ enum conn_state {
 
 static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
 
-enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY };
+enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_HOST };
 
 /* A connection starts "bare": an accepted socket with no libuv handle and no epoll registration.
  * serve_accepted reads the request at once and, when the answer is ready at once and the client
@@ -51,6 +51,7 @@ struct http_conn {
     int close_after_write;
     int in_drive; /* drive() is on the stack: do not re-enter */
     int reading;  /* uv_read_start is active */
+    int peer_eof; /* the client half-closed: answer what it sent, then close */
     int nodelay;  /* TCP_NODELAY is set, see set_nodelay */
     /* the request being parsed or handled */
     struct buf url;
@@ -61,6 +62,9 @@ struct http_conn {
     size_t hval_len;
     char idval[HTTP_SECRET_HEADER_MAX]; /* X-IDENTITY-HEADER; zeroed after each request */
     size_t idval_len;
+    char host[HTTP_MAX_HOST]; /* the Host header (host_len may be more than is kept) */
+    size_t host_len;
+    int headers_done; /* past the header section: trailer fields count for nothing */
     size_t header_bytes;
     unsigned nheaders;
     size_t body_bytes;
@@ -181,12 +185,27 @@ static int conn_attach(struct http_conn *c)
     return 0;
 }
 
+/* Reads while the client may still send and there is room to keep what it sends: a client
+ * pipelining faster than its requests are answered waits in its socket. */
+static void update_reading(struct http_conn *c)
+{
+    int want = !c->peer_eof && c->pending.len < HTTP_MAX_PENDING;
+    if (c->bare || c->state == CONN_CLOSING || want == c->reading)
+        return;
+    if (!want)
+        uv_read_stop((uv_stream_t *)&c->tcp);
+    else if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0)
+        return;
+    c->reading = want;
+}
+
 static void on_write(uv_write_t *w, int status)
 {
     struct http_conn *c = w->data;
     if (c->state == CONN_CLOSING)
         return;
-    if (status < 0 || c->close_after_write || !c->keep_alive) {
+    /* once draining, a response is the connection's last, even one started before */
+    if (status < 0 || c->close_after_write || !c->keep_alive || c->server->draining) {
         conn_close(c);
         return;
     }
@@ -199,14 +218,8 @@ static void on_write(uv_write_t *w, int status)
         return;
     }
     set_nodelay(c);
-    if (!c->reading) {
-        if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
-            conn_close(c);
-            return;
-        }
-        c->reading = 1;
-    }
     drive(c);
+    update_reading(c);
 }
 
 /* Appends the decimal form of v at p; returns the end. */
@@ -337,6 +350,8 @@ static int on_message_begin(llhttp_t *p)
     c->hname_len = c->hval_len = c->header_bytes = c->body_bytes = 0;
     c->nheaders = 0;
     c->hkind = H_OTHER;
+    c->host_len = 0;
+    c->headers_done = 0;
     memset(&c->req, 0, sizeof c->req);
     if (c->idval_len) {
         secret_zero(c->idval, sizeof c->idval);
@@ -382,7 +397,10 @@ static int on_header_field_complete(llhttp_t *p)
     if (++c->nheaders > HTTP_MAX_HEADERS)
         return cap(c, 431);
     c->hkind = H_OTHER;
-    if (c->hname_len < sizeof c->hname) {
+    if (c->headers_done) {
+        /* a trailer field of a chunked body: a client could add it where it cannot add headers
+         * (the request forgery that the Metadata header guards against), so none counts */
+    } else if (c->hname_len < sizeof c->hname) {
         c->hname[c->hname_len] = 0;
         if (strcasecmp(c->hname, "metadata") == 0)
             c->hkind = H_METADATA;
@@ -392,6 +410,11 @@ static int on_header_field_complete(llhttp_t *p)
             c->hkind = H_IDENTITY; /* the last one counts */
             secret_zero(c->idval, sizeof c->idval);
             c->idval_len = 0;
+        } else if (strcasecmp(c->hname, "host") == 0) {
+            if (c->req.host)
+                return cap(c, 400); /* two Host fields: RFC 9112 section 3.2 */
+            c->hkind = H_HOST;
+            c->req.host = c->host;
         }
     }
     c->hname_len = 0;
@@ -412,6 +435,12 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
     }
     if (c->hkind == H_IDENTITY)
         c->idval_len += len;
+    if (c->hkind == H_HOST) {
+        if (c->host_len < sizeof c->host)
+            memcpy(c->host + c->host_len, at,
+                   len < sizeof c->host - c->host_len ? len : sizeof c->host - c->host_len);
+        c->host_len += len;
+    }
     c->hval_len += len;
     return 0;
 }
@@ -427,6 +456,11 @@ static int on_header_value_complete(llhttp_t *p)
             c->idval_len--;
         c->req.identity_header = c->idval;
         c->req.identity_header_len = c->idval_len;
+    } else if (c->hkind == H_HOST) {
+        size_t n = c->host_len < sizeof c->host ? c->host_len : sizeof c->host;
+        while (n && (c->host[n - 1] == ' ' || c->host[n - 1] == '\t'))
+            n--;
+        c->req.host_len = c->host_len <= sizeof c->host ? n : c->host_len; /* too long: > kept */
     } else if (c->hkind == H_METADATA && c->hval_len < sizeof c->hval) {
         size_t n = c->hval_len;
         const char *v = c->hval;
@@ -454,6 +488,7 @@ static int on_headers_complete(llhttp_t *p)
     struct http_conn *c = conn_of(p);
     if (p->content_length > HTTP_MAX_BODY && (p->flags & F_CONTENT_LENGTH))
         return cap(c, 413);
+    c->headers_done = 1;
     return 0;
 }
 
@@ -462,6 +497,7 @@ static int on_message_complete(llhttp_t *p)
     struct http_conn *c = conn_of(p);
     c->req.method = llhttp_method_name((llhttp_method_t)p->method);
     c->req.is_get = p->method == HTTP_GET;
+    c->req.has_body = c->body_bytes > 0;
     c->keep_alive = llhttp_should_keep_alive(p);
     const char *u = c->url.data ? c->url.data : "";
     const char *q = memchr(u, '?', c->url.len);
@@ -488,6 +524,9 @@ static void dispatch(struct http_conn *c)
 static void parse_failed(struct http_conn *c, llhttp_errno_t err)
 {
     switch (c->reject_status) {
+    case 400:
+        reject(c, 400, "More than one Host header");
+        break;
     case 413:
         reject(c, 413, "Request body too large");
         break;
@@ -537,6 +576,8 @@ static void drive(struct http_conn *c)
             dispatch(c);
     }
     c->in_drive = 0;
+    if (c->state == CONN_READING && c->peer_eof)
+        conn_close(c); /* every complete request the client sent is answered */
 }
 
 /* The common case, nothing buffered: parse straight from the read buffer and keep only what
@@ -553,43 +594,42 @@ static void parse_direct(struct http_conn *c, const char *data, size_t len)
         dispatch(c); /* a synchronous response goes on to the kept rest through drive() */
 }
 
+/* Each read takes no more than the pending buffer can still keep, so input behind a request
+ * being answered never overflows it. */
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
 {
-    (void)h;
     (void)suggested;
-    *b = uv_buf_init(read_buf, sizeof read_buf);
+    struct http_conn *c = h->data;
+    size_t room = HTTP_MAX_PENDING - c->pending.len;
+    *b = uv_buf_init(read_buf, (unsigned)(room < sizeof read_buf ? room : sizeof read_buf));
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     struct http_conn *c = s->data;
+    if (nread == UV_EOF && c->state != CONN_READING && c->state != CONN_CLOSING) {
+        /* half-closed after sending its request(s) (printf | nc -N, some libraries): answer
+         * them, then close */
+        c->peer_eof = 1;
+        update_reading(c);
+        return;
+    }
+    if (nread == UV_ENOBUFS) { /* no room: update_reading stops before that, but be sure */
+        uv_read_stop(s);
+        c->reading = 0;
+        return;
+    }
     if (nread < 0) {
-        if (c->state == CONN_WRITING && nread == UV_EOF) {
-            /* client half-closed after its last request: finish writing, then close */
-            c->keep_alive = 0;
-            uv_read_stop(s);
-            c->reading = 0;
-            return;
-        }
-        conn_close(c);
+        conn_close(c); /* reset, or EOF with no request or half a request */
         return;
     }
     if (nread == 0)
         return;
-    if (c->state == CONN_READING && !c->pending.len && !c->in_drive) {
+    if (c->state == CONN_READING && !c->pending.len && !c->in_drive)
         parse_direct(c, b->base, (size_t)nread);
-    } else if (buf_append(&c->pending, b->base, (size_t)nread) < 0) {
-        conn_close(c);
-        return;
-    } else {
+    else if (buf_append(&c->pending, b->base, (size_t)nread) == 0) /* fits: see on_alloc */
         drive(c);
-    }
-    /* a client pipelining faster than its requests are answered waits in its socket */
-    if (c->state != CONN_READING && c->state != CONN_CLOSING &&
-        c->pending.len > HTTP_MAX_PENDING / 2) {
-        uv_read_stop(s);
-        c->reading = 0;
-    }
+    update_reading(c);
 }
 
 /* The idle timer is not touched per request (timer heap operations showed in profiles): it
@@ -855,8 +895,13 @@ static void on_grace(uv_timer_t *t)
         imds_render_error(&c->scratch, &e);
         http_conn_respond(c, e.status, NULL, c->scratch.data, c->scratch.len);
     }
-    if (s->nconns == 0)
-        on_drained(t);
+    /* what is left is a client that does not read its answer (or the 503 just queued) */
+    while (s->conns) {
+        log_info("http_shutdown_close", "state=%s reason=grace_period_over",
+                 state_names[s->conns->state]);
+        conn_close(s->conns);
+    }
+    on_drained(t);
 }
 
 void http_server_shutdown(struct http_server *s, unsigned grace_ms, void (*drained)(void *arg),

@@ -13,6 +13,7 @@
 #define HTTP_MAX_BODY          4096  /* request body -> 413 */
 #define HTTP_MAX_PENDING       65536 /* pipelined bytes buffered while a request is handled */
 #define HTTP_SECRET_HEADER_MAX 256   /* X-IDENTITY-HEADER value kept for the handler */
+#define HTTP_MAX_HOST          300   /* Host value kept for the handler */
 
 struct http_conn;
 
@@ -25,6 +26,9 @@ struct http_request {
     size_t query_len;
     int has_metadata_true;
     int has_xff;
+    int has_body;                /* the request had body bytes */
+    const char *host;            /* the Host header without surrounding blanks, NULL when absent */
+    size_t host_len;             /* its length; over HTTP_MAX_HOST when it was too long to keep */
     const char *identity_header; /* X-IDENTITY-HEADER, NULL when absent; a secret */
     size_t identity_header_len;  /* its full length (only HTTP_SECRET_HEADER_MAX bytes kept) */
 };

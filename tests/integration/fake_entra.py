@@ -4,6 +4,7 @@
 POST /<tenant>/oauth2/v2.0/token   checks the client-credentials + jwt-bearer form like Entra
 POST /_control  {"tenant": T, "script": [behaviour, ...], "token_file": PATH, "default": behaviour}
                 (all but tenant optional; "default": null goes back to the name's behaviour)
+POST /_control  {"release": NAME} opens gate NAME (see gate-NAME); {"gated": NAME} -> {"waiting": n}
 GET  /_stats    {"calls": {tenant: n}, "accepted": n, "tls_failures": n, "issued": n,
                  "inflight": {tenant: n}, "max_inflight": {tenant: n}}
 
@@ -12,8 +13,10 @@ default: the one set with "default" if any, else the part of the tenant name bef
 if it names a behaviour, else "ok". inflight counts token requests of a tenant being answered
 (from the parsed request to the end of the answer, a slow-N sleep included); max_inflight is the
 most there ever were at once.
-Behaviours: ok[-expN][-refN], aadsts-<code>, http500, http503, http429, garbage, big, reset,
-truncated, slow-<seconds>, nojson-token. Every token request appends one JSON line to --log.
+Behaviours: ok[-expN][-refN][-padN], aadsts-<code>, http500, http503, http429, garbage, big, reset,
+truncated, slow-<seconds>, gate-<name>, nojson-token. -padN makes the access token N bytes longer;
+gate-<name> holds the answer until a /_control "release" of that name (60 s at most), then is ok.
+Every token request appends one JSON line to --log.
 """
 import argparse, base64, hashlib, json, os, re, socket, ssl, struct, sys, threading, time, uuid
 import urllib.parse
@@ -21,8 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWS_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
-BEHAVIOUR_RE = re.compile(r"^(ok(-exp\d+)?(-ref\d+)?|aadsts-\d+|http500|http503|http429|garbage|big|"
-                          r"reset|truncated|slow-\d+(\.\d+)?|nojson-token)$")
+BEHAVIOUR_RE = re.compile(r"^(ok(-exp\d+)?(-ref\d+)?(-pad\d+)?|aadsts-\d+|http500|http503|http429|garbage|"
+                          r"big|reset|truncated|slow-\d+(\.\d+)?|gate-[a-z0-9]+|nojson-token)$")
 # code -> (HTTP status, error, description); {..} fields are filled from the request.
 AADSTS = {
     700016: (400, "unauthorized_client", "Application with identifier '{client_id}' was not found in the "
@@ -48,6 +51,12 @@ AADSTS = {
 LOCK = threading.Lock()
 STATE = {"calls": {}, "accepted": 0, "tls_failures": 0, "issued": 0, "inflight": {}, "max_inflight": {}}
 SCRIPTS, TOKEN_FILES, DEFAULTS = {}, {}, {}
+GATES, GATE_WAITING = {}, {}   # name -> threading.Event; name -> requests held at it now
+
+
+def gate(name):
+    with LOCK:
+        return GATES.setdefault(name, threading.Event())
 
 
 class Blanks(dict):
@@ -170,6 +179,12 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body()
         if self.path == "/_control":
             req = json.loads(body)
+            if "release" in req:
+                gate(req["release"]).set()
+                return self.send(200, {"ok": True})
+            if "gated" in req:
+                with LOCK:
+                    return self.send(200, {"ok": True, "waiting": GATE_WAITING.get(req["gated"], 0)})
             bad = [b for b in list(req.get("script") or []) + [req.get("default") or "ok"]
                    if not BEHAVIOUR_RE.match(b)]
             if bad:
@@ -233,12 +248,23 @@ class Handler(BaseHTTPRequestHandler):
         if behaviour.startswith("slow-"):
             time.sleep(float(behaviour[5:]))
             behaviour = "ok"
+        if behaviour.startswith("gate-"):
+            name = behaviour[5:]
+            with LOCK:
+                GATE_WAITING[name] = GATE_WAITING.get(name, 0) + 1
+            gate(name).wait(60)
+            with LOCK:
+                GATE_WAITING[name] -= 1
+            behaviour = "ok"
         if behaviour.startswith("ok"):
             exp = int((re.search(r"-exp(\d+)", behaviour) or [0, 3599])[1])
             with LOCK:
                 STATE["issued"] += 1
                 n = STATE["issued"]
             tok = fake_access_token(tenant, fields["client_id"], resource, exp, n)
+            pad = re.search(r"-pad(\d+)", behaviour)
+            if pad:
+                tok += "A" * int(pad[1])
             out = {"token_type": "Bearer", "expires_in": exp, "ext_expires_in": exp, "access_token": tok}
             ref = re.search(r"-ref(\d+)", behaviour)
             if ref:

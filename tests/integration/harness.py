@@ -125,7 +125,7 @@ def raw_exchange(port, data, timeout=5, host="127.0.0.1", one_response=False):
 
 def raw_get(path=None):
     """A complete GET request for path (default: the token for RESOURCE) with Metadata: true, as bytes."""
-    return f"GET {path or token_url()} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n".encode()
+    return f"GET {path or token_url()} HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n\r\n".encode()
 
 
 def complete_response(data):
@@ -146,6 +146,39 @@ def parse_raw(data):
     cl = dict((k.lower(), v) for k, v in headers).get("content-length", "")
     n = int(cl) if cl.isdigit() else len(rest)
     return Resp(int(m.group(1)), headers, rest[:n])
+
+
+def split_responses(data):
+    """All complete HTTP responses in data, in order."""
+    out = []
+    while data:
+        r = parse_raw(data)
+        if r is None:
+            break
+        head = data.index(b"\r\n\r\n") + 4
+        n = int(r.headers.get("content-length", "0"))
+        if len(data) < head + n:
+            break
+        out.append(r)
+        data = data[head + n:]
+    return out, data
+
+
+def read_responses(sock, count, timeout):
+    data, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rs, _ = split_responses(data)
+        if len(rs) >= count:
+            return rs, data
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            b = sock.recv(65536)
+        except socket.timeout:
+            break
+        if not b:
+            break
+        data += b
+    return split_responses(data)[0], data
 
 
 def assert_json_error(r, status, error=None, desc=None):
@@ -410,6 +443,14 @@ class Fake:
 
     def stats(self):
         return self._call("GET", "/_stats")
+
+    def release(self, name):
+        """Lets the token requests held by behaviour gate-<name> (and later ones) be answered."""
+        assert self._call("POST", "/_control", {"release": name}).get("ok")
+
+    def gated(self, name):
+        """How many token requests are held at gate-<name> now."""
+        return self._call("POST", "/_control", {"gated": name})["waiting"]
 
     def max_inflight(self, tenant):
         """The most token requests of tenant the fake was answering at the same time."""

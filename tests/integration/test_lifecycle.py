@@ -57,3 +57,30 @@ def test_survives_many_clients_then_stops_clean(ctx):
     finally:
         for s in socks:
             s.close()
+
+
+def test_grace_period_over_closes_a_client_that_does_not_read(ctx):
+    """A keep-alive client pipelines requests and never reads the answers, so a response is stuck
+    being written when SIGTERM comes: after --shutdown-grace every connection is closed, whatever
+    its state, and the daemon exits (not after --idle-timeout)."""
+    d = ctx.daemon(extra=["--shutdown-grace", "1", "--idle-timeout", "30"])
+    assert_token_ok(get_token(d.port))          # cached: each answer below is a whole token
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", d.port))
+    burst = raw_get() * 8000                    # ~10 MB of answers: more than both socket buffers
+
+    def send():
+        try:
+            s.sendall(burst)
+        except OSError:
+            pass
+    threading.Thread(target=send, daemon=True).start()
+    try:
+        time.sleep(1 * ctx.scale)               # the daemon writes until the buffers are full
+        d.stop(timeout=5)
+        assert d.stop_seconds < 4 * ctx.scale, f"exit took {d.stop_seconds:.1f}s"
+    finally:
+        s.close()
+    assert "event=http_draining in_flight=1" in d.log(), "no response was being written at SIGTERM"
+    assert "event=http_shutdown_close state=writing" in d.log()

@@ -6,7 +6,7 @@ import time
 import socket
 
 from harness import (CLIENT_ID, JSON_CT, RESOURCE, TOKEN_PATH, assert_token_ok, concurrently, get_token,
-                     parse_raw, raw_get, request, token_url, wait_for)
+                     parse_raw, raw_get, read_responses, request, token_url, wait_for)
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 OTHER_ID = "99999999-8888-7777-6666-555555555555"
@@ -114,39 +114,6 @@ def test_keepalive(ctx):
             assert r.headers.get("connection", "").lower() != "close"
     finally:
         conn.close()
-
-
-def split_responses(data):
-    """All complete HTTP responses in data, in order."""
-    out = []
-    while data:
-        r = parse_raw(data)
-        if r is None:
-            break
-        head = data.index(b"\r\n\r\n") + 4
-        n = int(r.headers.get("content-length", "0"))
-        if len(data) < head + n:
-            break
-        out.append(r)
-        data = data[head + n:]
-    return out, data
-
-
-def read_responses(sock, count, timeout):
-    data, deadline = b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rs, _ = split_responses(data)
-        if len(rs) >= count:
-            return rs, data
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            b = sock.recv(65536)
-        except socket.timeout:
-            break
-        if not b:
-            break
-        data += b
-    return split_responses(data)[0], data
 
 
 def test_pipelined_and_split_requests(ctx):
