@@ -30,6 +30,8 @@ static const char USAGE[] =
     "  --identity-alias ID=CLIENT_ID\n"
     "                          serve CLIENT_ID for requests naming this object/principal id\n"
     "                          or ARM resource id, repeatable\n"
+    "  --allow-host NAME       a host name token requests may use besides localhost and IP\n"
+    "                          addresses, repeatable (others are refused: DNS rebinding)\n"
     "  --identity-header-file PATH\n"
     "                          enable the App Service endpoint /msi/token, authenticated by\n"
     "                          the secret in PATH sent as X-IDENTITY-HEADER\n"
@@ -53,6 +55,7 @@ enum {
     OPT_CA_FILE,
     OPT_ALLOW,
     OPT_ALIAS,
+    OPT_ALLOW_HOST,
     OPT_IDENTITY_HEADER_FILE,
     OPT_LOG_LEVEL,
     OPT_MAX_CONN,
@@ -72,6 +75,7 @@ static const struct option options[] = {
     {"ca-file", required_argument, NULL, OPT_CA_FILE},
     {"allow-client-id", required_argument, NULL, OPT_ALLOW},
     {"identity-alias", required_argument, NULL, OPT_ALIAS},
+    {"allow-host", required_argument, NULL, OPT_ALLOW_HOST},
     {"identity-header-file", required_argument, NULL, OPT_IDENTITY_HEADER_FILE},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"max-connections", required_argument, NULL, OPT_MAX_CONN},
@@ -220,6 +224,18 @@ static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
     return 0;
 }
 
+/* A DNS name: letters, digits, '-' and '.', at most 253 bytes, no empty label. */
+static int valid_host_name(const char *t)
+{
+    size_t n = strlen(t);
+    if (n == 0 || n > 253 || t[0] == '.' || strstr(t, ".."))
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)t[i]) && t[i] != '-' && t[i] != '.')
+            return 0;
+    return 1;
+}
+
 static int valid_tenant(const char *t)
 {
     if (imds_is_guid(t))
@@ -350,6 +366,13 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
                     a->key);
             break;
         }
+        case OPT_ALLOW_HOST:
+            if (c->nallowed_hosts >= CONFIG_MAX_HOSTS)
+                ERR("--allow-host: at most %d names", CONFIG_MAX_HOSTS);
+            if (!valid_host_name(optarg))
+                ERR("--allow-host: '%s' is not a host name (letters, digits, '-' and '.')", optarg);
+            c->allowed_hosts[c->nallowed_hosts++] = xstrdup(optarg);
+            break;
         case OPT_IDENTITY_HEADER_FILE:
             set(&c->identity_header_file, optarg);
             break;
@@ -447,6 +470,8 @@ void config_free(struct config *c)
     free(c->ca_file);
     for (int i = 0; i < c->nallowed; i++)
         free(c->allowed_client_ids[i]);
+    for (int i = 0; i < c->nallowed_hosts; i++)
+        free(c->allowed_hosts[i]);
     for (int i = 0; i < c->naliases; i++) {
         free(c->aliases[i].key);
         free(c->aliases[i].client_id);

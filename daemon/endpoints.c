@@ -22,6 +22,7 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
                     struct token_cache *cache, struct token_file *tf)
 {
     ep->tf = tf;
+    ep->refused_hosts = 0;
     ep->loop = loop;
     ep->cfg = cfg;
     ep->cache = cache;
@@ -30,6 +31,8 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
     ep->ids.nallowed = cfg->nallowed;
     ep->ids.aliases = cfg->aliases;
     ep->ids.naliases = cfg->naliases;
+    ep->ids.allowed_hosts = cfg->allowed_hosts;
+    ep->ids.nallowed_hosts = cfg->nallowed_hosts;
 }
 
 static void send_error(struct http_conn *c, const struct imds_error *err, int appservice)
@@ -115,6 +118,9 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         .is_get = req->is_get,
         .has_metadata_true = req->has_metadata_true,
         .has_xff = req->has_xff,
+        .has_body = req->has_body,
+        .host = req->host,
+        .host_len = req->host_len,
         .query = req->query,
         .query_len = req->query_len,
         .identity_header = req->identity_header,
@@ -127,6 +133,12 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
                                                         ep->cfg->identity_header_len, &q, &tr, &err)
                         : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
     if (rc < 0) {
+        if (err.status == 403 && (ep->refused_hosts++ % 1000) == 0) {
+            char host[80];
+            log_quote(host, sizeof host, req->host, req->host_len);
+            log_warn("request_host_refused", "host=%s refused_total=%llu", host,
+                     (unsigned long long)ep->refused_hosts);
+        }
         send_error(c, &err, appservice);
         return;
     }

@@ -1,5 +1,6 @@
 #include "imds.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <stdio.h>
 #include <string.h>
@@ -162,14 +163,77 @@ static int check_query(const struct imds_input *in, const struct imds_identities
     return 0;
 }
 
-int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
-                             struct query *q, struct imds_token_req *out, struct imds_error *err)
+int imds_host_allowed(const char *host, size_t len, char *const *names, int nnames)
+{
+    char h[IMDS_MAX_HOST + 1];
+    if (!host || len == 0)
+        return 1; /* no Host (HTTP/1.0): not something a browser sends */
+    if (len > IMDS_MAX_HOST || memchr(host, 0, len))
+        return 0;
+    memcpy(h, host, len);
+    h[len] = 0;
+    char *end = h + len;
+    if (h[0] == '[') { /* [IPv6]:port */
+        char *close = strchr(h, ']');
+        if (!close || (close[1] && close[1] != ':'))
+            return 0;
+        end = close + 1;
+    } else {
+        char *colon = strrchr(h, ':');
+        if (colon)
+            end = colon;
+    }
+    if (*end == ':') { /* the port: digits only */
+        if (!end[1] || strlen(end + 1) > 5)
+            return 0;
+        for (const char *p = end + 1; *p; p++)
+            if (!isdigit((unsigned char)*p))
+                return 0;
+    }
+    *end = 0;
+    unsigned char addr[16];
+    struct in_addr a4;
+    if (h[0] == '[') {
+        end[-1] = 0;
+        return inet_pton(AF_INET6, h + 1, addr) == 1;
+    }
+    if (inet_aton(h, &a4)) /* dotted quad, and the short and numeric forms browsers accept */
+        return 1;
+    size_t n = strlen(h);
+    if (n && h[n - 1] == '.')
+        h[--n] = 0; /* the root label */
+    if (strcasecmp(h, "localhost") == 0)
+        return 1;
+    for (int i = 0; i < nnames; i++)
+        if (strcasecmp(h, names[i]) == 0)
+            return 1;
+    return 0;
+}
+
+/* Checks shared by both token protocols, before the caller's authentication. */
+static int check_request(const struct imds_input *in, const struct imds_identities *ids,
+                         struct imds_error *err)
 {
     if (!in->is_get)
         return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
+    if (!imds_host_allowed(in->host, in->host_len, ids->allowed_hosts, ids->nallowed_hosts))
+        return fail(err, 403, "forbidden",
+                    "The Host of a token request must be an IP address, localhost or a name "
+                    "allowed with --allow-host (a DNS name pointed at this address could be a "
+                    "web page's DNS rebinding)");
+    if (in->has_body)
+        return fail(err, 400, "invalid_request", "A token request must not have a body");
     if (in->has_xff)
         return fail(err, 400, "invalid_request",
                     "Requests with an X-Forwarded-For header are not allowed");
+    return 0;
+}
+
+int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
+                             struct query *q, struct imds_token_req *out, struct imds_error *err)
+{
+    if (check_request(in, ids, err) < 0)
+        return -1;
     if (!in->has_metadata_true)
         return fail(err, 400, "invalid_request", "Required metadata header not specified");
     return check_query(in, ids, "2018-02-01", q, out, err);
@@ -188,11 +252,8 @@ int imds_check_appservice_request(const struct imds_input *in, const struct imds
                                   const char *secret, size_t secret_len, struct query *q,
                                   struct imds_token_req *out, struct imds_error *err)
 {
-    if (!in->is_get)
-        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
-    if (in->has_xff)
-        return fail(err, 400, "invalid_request",
-                    "Requests with an X-Forwarded-For header are not allowed");
+    if (check_request(in, ids, err) < 0)
+        return -1;
     if (!in->identity_header)
         return fail(err, 401, "unauthorized_client",
                     "Required header X-IDENTITY-HEADER is missing");

@@ -2,6 +2,7 @@
 #ifndef IMDSD_ENDPOINTS_H
 #define IMDSD_ENDPOINTS_H
 
+#include <stdint.h>
 #include <uv.h>
 
 #include "config.h"
@@ -16,6 +17,7 @@ struct endpoints {
     struct token_cache *cache;
     struct token_file *tf;
     struct imds_identities ids;
+    uint64_t refused_hosts; /* token requests refused for their Host */
 };
 
 void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,

@@ -12,6 +12,7 @@
 #include "token.h"
 
 #define IMDS_MAX_RESOURCE 2048 /* decoded bytes; longer is a client error */
+#define IMDS_MAX_HOST     300  /* a longer Host is refused */
 
 enum imds_route { ROUTE_NOT_FOUND, ROUTE_TOKEN, ROUTE_APPSERVICE, ROUTE_HEALTHZ, ROUTE_READYZ };
 
@@ -31,7 +32,10 @@ struct imds_input {
     int is_get;
     int has_metadata_true; /* a Metadata header equal to "true", any case */
     int has_xff;           /* an X-Forwarded-For header */
-    const char *query;     /* raw query string (after '?'), may be NULL */
+    int has_body;          /* the request had body bytes */
+    const char *host;      /* the Host header, NULL when absent */
+    size_t host_len;
+    const char *query; /* raw query string (after '?'), may be NULL */
     size_t query_len;
     const char *identity_header; /* X-IDENTITY-HEADER value, or NULL when absent */
     size_t identity_header_len;
@@ -43,13 +47,15 @@ struct imds_alias {
     char *client_id;
 };
 
-/* The identities this daemon may serve. */
+/* The identities this daemon may serve, and the host names it serves them under. */
 struct imds_identities {
     const char *default_client_id;
     char *const *allowed; /* extra client ids */
     int nallowed;
     const struct imds_alias *aliases;
     int naliases;
+    char *const *allowed_hosts; /* names allowed in Host besides localhost (--allow-host) */
+    int nallowed_hosts;
 };
 
 struct imds_token_req {
@@ -58,8 +64,12 @@ struct imds_token_req {
     const char *client_id; /* the selected identity */
 };
 
-/* Validates a token request in IMDS order: method, X-Forwarded-For, Metadata, query syntax,
- * api-version, resource, identity. Returns 0 and fills out, or -1 and fills err.
+/* Whether a token request may name this Host: absent, an IP literal (with a port or not),
+ * localhost, or one of names (case-insensitive, a trailing dot ignored). Anything else may be a
+ * browser that a DNS rebinding pointed at imdsd, for which the page would be same-origin. */
+int imds_host_allowed(const char *host, size_t len, char *const *names, int nnames);
+/* Validates a token request in IMDS order: method, Host, no body, X-Forwarded-For, Metadata,
+ * query syntax, api-version, resource, identity. Returns 0 and fills out, or -1 and fills err.
  * q is scratch storage that out points into. */
 int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
                              struct query *q, struct imds_token_req *out, struct imds_error *err);

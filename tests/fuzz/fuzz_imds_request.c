@@ -16,6 +16,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const char *s = (const char *)data + 1;
     size_t n = size - 1;
     imds_route(s, n);
+    static char *const hosts[] = {"imdsd.internal"};
+    int host_ok = imds_host_allowed(s, n, hosts, 1); /* the bytes as a Host header, too */
     static const struct imds_alias aliases[] = {
         {"0b000000-0000-4000-8000-000000000001", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"}};
     struct imds_input in = {.is_get = flags & 1,
@@ -24,7 +26,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                             .query = s,
                             .query_len = n,
                             .identity_header = (flags & 8) ? "secret" : NULL,
-                            .identity_header_len = (flags & 16) ? 6 : 5};
+                            .identity_header_len = (flags & 16) ? 6 : 5,
+                            .has_body = (flags >> 6) & 1,
+                            .host = (flags & 128) ? s : NULL,
+                            .host_len = n};
     struct imds_identities ids = {.default_client_id = "11111111-2222-3333-4444-555555555555",
                                   .allowed = allowed,
                                   .nallowed = 1,
@@ -38,6 +43,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int rc = (flags & 32) ? imds_check_appservice_request(&in, &ids, "secret", 6, &q, &tr, &err)
                           : imds_check_token_request(&in, &ids, &q, &tr, &err);
     if (rc == 0) {
+        if ((flags & 128) && !host_ok)
+            __builtin_trap(); /* a refused Host never gets a token */
         if (strlen(tr.resource) != tr.resource_len || tr.resource_len == 0)
             __builtin_trap();
         struct token t = {.access_token = "tok",

@@ -1,8 +1,9 @@
 """Request validation and the mapping of Entra failures to IMDS errors."""
+import os
 import time
 
-from harness import (CLIENT_ID, TOKEN_PATH, assert_json_error, assert_token_ok, get_token, request,
-                     token_url)
+from harness import (CLIENT_ID, RESOURCE, TOKEN_PATH, assert_json_error, assert_token_ok, get_token, log_events,
+                     parse_raw, raw_exchange, request, token_url)
 
 NO_HEADER = {"error": "invalid_request", "error_description": "Required metadata header not specified"}
 
@@ -213,3 +214,59 @@ def test_transient_failure_not_sticky(ctx):
     oks = [x for x in ctx.fake.records(tenant) if x["status"] == 200]
     assert oks and j["access_token"] == oks[-1]["access_token"]
     assert ctx.fake.calls(tenant) >= 2
+
+
+def raw_token_request(port, head, body=b""):
+    """One raw request for the token (head: the lines after the request line, each ending CRLF)."""
+    data = f"GET {token_url()} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode() + body
+    got, _ = raw_exchange(port, data, timeout=10, one_response=True)
+    r = parse_raw(got)
+    assert r is not None, f"no HTTP answer to {data[:120]!r}"
+    return r
+
+
+def test_metadata_only_counts_in_the_header_section(ctx):
+    """A client that can add a trailer but not a header (a forged request's chunked body) cannot
+    satisfy the Metadata check with it; nor send a token request with a body at all."""
+    d = ctx.daemon()
+    r = raw_token_request(d.port, "Transfer-Encoding: chunked\r\n", b"0\r\nMetadata: true\r\n\r\n")
+    assert_json_error(r, 400, "invalid_request", "metadata header")
+    r = raw_token_request(d.port, "Metadata: true\r\nTransfer-Encoding: chunked\r\n",
+                          b"5\r\nhello\r\n0\r\nMetadata: true\r\n\r\n")
+    assert_json_error(r, 400, "invalid_request", "must not have a body")
+    r = raw_token_request(d.port, "Metadata: true\r\nContent-Length: 5\r\n", b"hello")
+    assert_json_error(r, 400, "invalid_request", "must not have a body")
+    assert ctx.fake.calls(d.tenant) == 0, "Entra was asked for a token"
+    # an empty body is no body: what some clients send with a GET
+    assert_token_ok(raw_token_request(d.port, "Metadata: true\r\nContent-Length: 0\r\n"))
+    assert_token_ok(raw_token_request(d.port, "Metadata: true\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"))
+
+
+def test_dns_rebinding_hosts_refused(ctx):
+    """A web page whose name was rebound to 127.0.0.1 is same-origin with imdsd for the browser and
+    may send Metadata: true. Token requests whose Host is a name other than localhost (or one
+    allowed with --allow-host) are refused; IP literals stay allowed, and the probes do not care."""
+    secret = os.path.join(ctx.tmp, "identity-header")
+    with open(secret, "w") as f:
+        f.write("a-shared-secret\n")
+    d = ctx.daemon(extra=["--allow-host", "imdsd.internal", "--identity-header-file", secret])
+    md = {"Metadata": "true"}
+    for host in ("attacker.example", f"attacker.example:{d.port}", f"evil.localhost:{d.port}",
+                 "127.0.0.1.nip.io", f"imdsd.internal.attacker.example:{d.port}"):
+        r = request(d.port, token_url(), dict(md, Host=host))
+        j = assert_json_error(r, 403, "forbidden", "--allow-host")
+        assert "unreachable" not in j["error_description"]
+        r = request(d.port, "/msi/token?api-version=2019-08-01&resource=" + RESOURCE,
+                    {"X-IDENTITY-HEADER": "a-shared-secret", "Host": host})
+        assert r.status == 403, f"/msi/token with Host {host}: {r!r}"
+    assert ctx.fake.calls(d.tenant) == 0
+    for host in (f"127.0.0.1:{d.port}", "169.254.169.254", f"localhost:{d.port}", f"LOCALHOST.:{d.port}",
+                 "[::1]:80", "imdsd.internal", f"IMDSD.Internal:{d.port}"):
+        assert_token_ok(request(d.port, token_url(), dict(md, Host=host)))
+    assert request(d.port, "/healthz", {"Host": "attacker.example"}).status == 200
+    events = log_events(d.log(), "request_host_refused")
+    assert len(events) == 1 and events[0]["host"] == "attacker.example", events
+    got, closed = raw_exchange(d.port, f"GET {token_url()} HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n"
+                                       "Metadata: true\r\n\r\n".encode(), timeout=5)
+    assert_json_error(parse_raw(got), 400)
+    assert closed

@@ -78,6 +78,8 @@ struct cfg_row {
     int l0_port, l1_port;
     int nallowed;
     const char *allowed0;
+    int nhosts;
+    const char *host1;
     unsigned max_conn, idle, entra_timeout;
     int defaults; /* check every default value */
     /* CONFIG_ERROR: substrings of err */
@@ -189,6 +191,12 @@ static const struct cfg_row cfg_rows[] = {
      .rc = CONFIG_OK,
      .nallowed = 2,
      .allowed0 = CID2},
+    {.name = "--allow-host twice",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--allow-host", "imdsd", "--allow-host", "imds.example.internal", NULL},
+     .rc = CONFIG_OK,
+     .nhosts = 2,
+     .host1 = "imds.example.internal"},
     {.name = "numeric limits",
      .env = {ENV_ALL, NULL},
      .argv = {"--max-connections", "10", "--idle-timeout", "5", "--entra-timeout", "300", NULL},
@@ -324,6 +332,16 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--allow-client-id", "someone", NULL},
      .rc = CONFIG_ERROR,
      .err_in = {"--allow-client-id", "someone"}},
+    {.name = "--allow-host with a port",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--allow-host", "imdsd:8000", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--allow-host", "imdsd:8000"}},
+    {.name = "--allow-host with an empty label",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--allow-host", "a..b", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--allow-host", "a..b"}},
     {.name = "unknown option",
      .env = {ENV_ALL, NULL},
      .argv = {"--bogus", NULL},
@@ -412,6 +430,10 @@ static void t_cfg(void **state)
             assert_int_equal(c.nallowed, r->nallowed);
         if (r->allowed0)
             assert_string_equal(c.allowed_client_ids[0], r->allowed0);
+        if (r->nhosts)
+            assert_int_equal(c.nallowed_hosts, r->nhosts);
+        if (r->host1)
+            assert_string_equal(c.allowed_hosts[1], r->host1);
         if (r->max_conn)
             assert_int_equal(c.max_connections, r->max_conn);
         if (r->idle)
@@ -425,6 +447,7 @@ static void t_cfg(void **state)
             assert_string_equal(c.listen[0].host, "127.0.0.1");
             assert_int_equal(c.listen[0].port, 8000);
             assert_int_equal(c.nallowed, 0);
+            assert_int_equal(c.nallowed_hosts, 0);
             assert_int_equal(c.max_connections, 1024);
             assert_int_equal(c.idle_timeout_s, 60);
             assert_int_equal(c.entra_timeout_s, 15);

@@ -392,6 +392,109 @@ static void t_check(void **state)
     }
 }
 
+/* ---- Host (DNS rebinding) and request bodies ------------------------------------------------- */
+
+struct host_row {
+    const char *name;
+    const char *host; /* NULL: no Host header */
+    int allowed;
+};
+
+static char *const extra_hosts[] = {"imdsd", "imds.example.internal"};
+
+static const struct host_row host_rows[] = {
+    {"no Host", NULL, 1},
+    {"empty Host", "", 1},
+    {"IPv4 with port", "127.0.0.1:8000", 1},
+    {"IPv4 without port", "169.254.169.254", 1},
+    {"pod IP", "10.244.1.17:8001", 1},
+    {"IPv4 short form", "127.1:8000", 1},
+    {"IPv6 with port", "[::1]:8000", 1},
+    {"IPv6 without port", "[fe80::1]", 1},
+    {"localhost", "localhost", 1},
+    {"localhost with port", "localhost:8000", 1},
+    {"LOCALHOST", "LocalHost:8000", 1},
+    {"localhost.", "localhost.:8000", 1},
+    {"allowed name", "imdsd:8000", 1},
+    {"allowed name, other case", "IMDS.example.Internal", 1},
+    {"rebinding name", "attacker.example:8000", 0},
+    {"name ending in localhost", "evil-localhost:8000", 0},
+    {"subdomain of localhost", "a.localhost:8000", 0},
+    {"suffix of an allowed name", "x.imdsd:8000", 0},
+    {"IPv6 without brackets", "::1", 0},
+    {"IPv6 unterminated", "[::1:8000", 0},
+    {"IPv6 junk after bracket", "[::1]x", 0},
+    {"IPv6 invalid", "[localhost]:8000", 0},
+    {"port not digits", "localhost:80a", 0},
+    {"port empty", "localhost:", 0},
+    {"port too long", "localhost:123456", 0},
+    {"NUL inside", "localhost\0.evil", 0},
+};
+
+static void t_host(void **state)
+{
+    const struct host_row *r = *state;
+    size_t n = r->host ? strlen(r->host) : 0;
+    if (r->host && strstr(r->name, "NUL"))
+        n = sizeof "localhost\0.evil" - 1;
+    const char *h = r->host ? tcopy(r->host, n) : NULL; /* not NUL-terminated on purpose */
+    assert_int_equal(imds_host_allowed(h, n, extra_hosts, 2), r->allowed);
+}
+
+static void t_host_too_long(void **state)
+{
+    (void)state;
+    char *h = tmalloc(IMDS_MAX_HOST + 1);
+    memset(h, '1', IMDS_MAX_HOST + 1);
+    assert_int_equal(imds_host_allowed(h, IMDS_MAX_HOST + 1, NULL, 0), 0);
+}
+
+struct order_row {
+    const char *name;
+    const char *host;
+    int body, md, xff;
+    int status;
+    const char *error;
+};
+
+static const struct order_row order_rows[] = {
+    {"rebinding Host -> 403 before the Metadata check", "evil.example", 0, 0, 0, 403, "forbidden"},
+    {"rebinding Host with Metadata -> 403", "evil.example:8000", 0, 1, 0, 403, "forbidden"},
+    {"GET with a body -> 400", "127.0.0.1:8000", 1, 1, 0, 400, "invalid_request"},
+    {"GET with a body, no Metadata -> 400 for the body", "localhost", 1, 0, 0, 400,
+     "invalid_request"},
+    {"localhost, Metadata -> 200", "localhost:8000", 0, 1, 0, 0, NULL},
+};
+
+static void t_order(void **state)
+{
+    const struct order_row *r = *state;
+    struct imds_input in = {.is_get = 1,
+                            .has_metadata_true = r->md,
+                            .has_xff = r->xff,
+                            .has_body = r->body,
+                            .host = r->host,
+                            .host_len = strlen(r->host),
+                            .query = OK_Q,
+                            .query_len = strlen(OK_Q)};
+    struct query *q = tmalloc(sizeof *q);
+    struct imds_token_req out = {0};
+    struct imds_error err = {0, NULL, NULL, -1};
+    int rc = imds_check_token_request(&in, &ids_default, q, &out, &err);
+    if (!r->status) {
+        assert_int_equal(rc, 0);
+        return;
+    }
+    assert_int_equal(rc, -1);
+    assert_int_equal(err.status, r->status);
+    assert_string_equal(err.error, r->error);
+    assert_null(strstr(err.description, "unreachable")); /* the JS SDK's Docker Desktop test */
+    /* the App Service protocol applies the same checks */
+    rc = imds_check_appservice_request(&in, &ids_default, "s", 1, q, &out, &err);
+    assert_int_equal(rc, -1);
+    assert_int_equal(err.status, r->status);
+}
+
 #ifdef IMDS_MAX_RESOURCE
 /* A resource of n decoded bytes ("a" * n) must be accepted up to IMDS_MAX_RESOURCE. */
 static void check_resource_len(size_t n, int want_status)
@@ -777,6 +880,9 @@ int main(void)
         NULL);
 #endif
     ADD_ROWS("imds_check_appservice_request", appsvc_rows, t_appsvc);
+    ADD_ROWS("imds_host_allowed", host_rows, t_host);
+    add("imds_host_allowed", "Host over IMDS_MAX_HOST", t_host_too_long, NULL);
+    ADD_ROWS("token request check order", order_rows, t_order);
     add("imds_render_appservice", "token and error shapes", t_appsvc_render, NULL);
     ADD_ROWS("imds_api_version_ok", api_rows, t_api);
     ADD_ROWS("imds_is_guid", guid_rows, t_guid);
