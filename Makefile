@@ -1,8 +1,13 @@
 # imdsd — node-local IMDS-compatible token sidecar.
-# make            build build/imdsd (release)
-# make check      install dependencies, then unit + integration tests, plain, ASan/UBSan and valgrind
+# make            build build/imdsd (release); names the missing Debian packages if any
 # make demo       install dependencies, run the daemon against a local stand-in Entra, fetch a token
+# make check      install dependencies, then unit + integration tests, plain, ASan/UBSan and valgrind
+# make check-full the same with every integration module under valgrind (before a release)
+# make bench      install dependencies, then imdsd against nginx (tests/bench/README.md)
 # make deps       install the Debian packages the build and the tests need
+#
+# demo, check, check-full and bench install packages first and then build in a new make: a make
+# that started before the packages were there would not see files that appeared since.
 
 CC      ?= cc
 V       ?= 0
@@ -39,15 +44,17 @@ define variant
 $(1)_OBJS   := $$(patsubst daemon/%.c,$(2)/obj/%.o,$$(LIB_SRCS))
 $(1)_LLHTTP := $(2)/obj/llhttp_api.o $(2)/obj/llhttp_http.o $(2)/obj/llhttp_llhttp.o
 
-$(2)/obj/%.o: daemon/%.c
+$(2)/obj/%.o: daemon/%.c | build-deps
 	@mkdir -p $$(@D)
 	$$(if $$(Q),@echo "  CC      $$@")
 	$(Q)$$(CC) $$(CPPFLAGS) $(3) $$(WARN) -MMD -MP -c -o $$@ $$<
 
-$(2)/obj/llhttp_%.o: $$(LLHTTP_SRC)/%.c
+# llhttp's sources come from a package: no prerequisite on them, so that a missing package is
+# reported by build-deps rather than as "no rule to make target"
+$(2)/obj/llhttp_%.o: | build-deps
 	@mkdir -p $$(@D)
 	$$(if $$(Q),@echo "  CC      $$@")
-	$(Q)$$(CC) $$(CPPFLAGS) $(3) -w -c -o $$@ $$<
+	$(Q)$$(CC) $$(CPPFLAGS) $(3) -w -c -o $$@ $$(LLHTTP_SRC)/$$*.c
 
 $(2)/libimdsd.a: $$($(1)_OBJS) $$($(1)_LLHTTP)
 	$(Q)rm -f $$@ && ar rcs $$@ $$^
@@ -96,25 +103,37 @@ PY ?= /usr/bin/python3
 unit: build/imdsd units units-asan units-debug
 	$(Q)tests/run-unit.sh build build/asan build/debug
 
-integration: build/imdsd
-	$(Q)$(PY) tests/integration/run.py --binary build/imdsd
+# The integration suite (pytest, tests/integration/conftest.py). One variant or a selection:
+#   make integration VARIANTS=asan PYTEST_ARGS='-k pipelin -x'
+VARIANTS    ?= plain,asan,valgrind
+PYTEST_ARGS ?=
+JOBS        := $(shell nproc 2>/dev/null || echo 2)
+integration: build/imdsd build/asan/imdsd build/debug/imdsd
+	$(Q)$(PY) -m pytest tests/integration -n $$(( $(JOBS) * 2 )) --variants $(VARIANTS) $(PYTEST_ARGS)
 
-integration-asan: build/asan/imdsd
-	$(Q)$(PY) tests/integration/run.py --binary build/asan/imdsd --label asan
+# everything make check runs, built in one parallel make
+check-build: build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug fuzz build/loadgen
 
-integration-valgrind: build/debug/imdsd
-	$(Q)$(PY) tests/integration/run.py --binary build/debug/imdsd --label valgrind --valgrind
-
-check: deps
-	$(Q)$(MAKE) --no-print-directory build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug fuzz
+check:
+	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)$(MAKE) --no-print-directory -j$(JOBS) check-build
 	$(Q)tests/check.sh
 
-demo: deps build/imdsd
+check-full:
+	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)$(MAKE) --no-print-directory -j$(JOBS) check-build
+	$(Q)tests/check.sh --full
+
+demo:
+	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)$(MAKE) --no-print-directory -j$(JOBS) build/imdsd
 	$(Q)$(PY) tests/demo.py --binary build/imdsd
 
 # imdsd against nginx on loopback, plus start-up, memory and cold-exchange costs (tests/bench/bench.py):
 # a table on stdout, JSON in build/bench.json. BENCH_ROUNDS=5 BENCH_SECONDS=5 ... (see the script).
-bench: deps build/imdsd build/loadgen
+bench:
+	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)$(MAKE) --no-print-directory -j$(JOBS) build/imdsd build/loadgen
 	$(Q)$(PY) tests/bench/bench.py --binary build/imdsd
 
 # A tiny run of the same (about 10 s); ends with "bench-smoke: N passed, N failed".
@@ -122,7 +141,7 @@ bench-smoke: build/imdsd build/loadgen
 	$(Q)$(PY) tests/bench/bench.py --binary build/imdsd --smoke
 
 # the bench's fixed-rate (open-loop) load generator: wrk2 is not packaged in Debian
-build/loadgen: tests/bench/loadgen.c
+build/loadgen: tests/bench/loadgen.c | build-deps
 	@mkdir -p $(@D)
 	$(Q)$(CC) $(BASE) -O2 $(WARN) -o $@ $<
 
@@ -131,10 +150,14 @@ build/loadgen: tests/bench/loadgen.c
 deps:
 	$(Q)tests/deps.sh
 
+# what compiling needs; one line naming the missing packages otherwise
+build-deps:
+	$(Q)tests/deps.sh --check-build
+
 lint:
 	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c tests/bench/*.c
 
 clean:
 	rm -rf build
 
-.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration integration-asan integration-valgrind check demo deps lint clean
+.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration check check-full check-build demo deps build-deps lint clean

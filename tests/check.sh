@@ -1,15 +1,22 @@
 #!/bin/sh
-# make check: unit tests (plain, ASan+UBSan, valgrind), then the integration suite against the
-# real binary (plain, ASan+UBSan, valgrind). Ends with one "N passed, N failed" line.
+# make check: lint, unit tests (plain, ASan+UBSan, valgrind), a short fuzz of each target, the
+# integration suite against the real binary (plain, ASan+UBSan, and valgrind for the modules in
+# tests/integration/conftest.py VALGRIND_MODULES, or every module with --full), the bench smoke.
+# Ends with one "check: N passed, N failed" line. Expects the builds (make check-build).
 set -u
 cd "$(dirname "$0")/.."
 PY=/usr/bin/python3
+full=""
+[ "${1:-}" = "--full" ] && full="--valgrind-all"
+jobs=$(($(nproc 2>/dev/null || echo 2) * 2))
 total_pass=0
 total_fail=0
+t_start=$(date +%s)
 step() {
     name=$1
     shift
     echo "== $name"
+    t0=$(date +%s)
     out=$(mktemp)
     "$@" 2>&1 | tee "$out"
     # the step's closing "N passed, N failed" line (an optional "word:" may precede it)
@@ -22,14 +29,15 @@ step() {
     fi
     total_pass=$((total_pass + p))
     total_fail=$((total_fail + f))
+    echo "== $name: $(($(date +%s) - t0)) s"
     rm -f "$out"
 }
 step "lint (clang-format)" sh -c 'make --no-print-directory lint && echo "lint: 1 passed, 0 failed" || echo "lint: 0 passed, 1 failed"'
 step "unit tests (plain, asan, valgrind)" tests/run-unit.sh build build/asan build/debug
 step "fuzz smoke (seed corpora + ${FUZZ_SECONDS:-10} s per target)" make --no-print-directory fuzz-smoke
-step "integration (plain)" $PY tests/integration/run.py --binary build/imdsd
+step "integration (plain, asan+ubsan, valgrind${full:+ for every module}; $jobs at a time)" \
+    $PY -m pytest tests/integration -q -n "$jobs" $full --junitxml=build/integration.xml
 step "bench smoke (runs, every answer 200; figures only in make bench)" make --no-print-directory bench-smoke
-step "integration (asan+ubsan)" $PY tests/integration/run.py --binary build/asan/imdsd --label asan
-step "integration (valgrind)" $PY tests/integration/run.py --binary build/debug/imdsd --label valgrind --valgrind
+echo "== make check took $(($(date +%s) - t_start)) s after the build"
 echo "check: $total_pass passed, $total_fail failed"
 [ "$total_fail" -eq 0 ]

@@ -1,30 +1,46 @@
 #!/bin/sh
-# Installs the Debian 12 packages that building and testing imdsd need (as root; apt-get).
-# Quick when everything is already there.
+# deps.sh - the Debian 12 packages that building and testing imdsd need.
+#   tests/deps.sh               installs what is missing (as root; apt-get); quick when all is there
+#   tests/deps.sh --check-build says in one line which packages compiling imdsd lacks, exit 1 if any
 set -eu
-# python3-azure: the real azure-identity that tests/integration/test_sdk_python.py runs;
-# iproute2: network namespaces for the SDKs' IMDS probe on 169.254.169.254 (test_sdk_*.py);
-# wrk, nginx (the reference server), util-linux (taskset) and strace (system calls per request):
-# make bench / bench-smoke (tests/bench/).
-PKGS="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev libcmocka-dev
-      python3 openssl curl valgrind ca-certificates clang libclang-rt-14-dev python3-azure iproute2
-      wrk nginx util-linux strace"
-# The JS SDK tests need Node.js >= 20 with npm (@azure/identity 4.13.1 says engines node >= 20); the
-# machine image ships Node.js 20. Debian 12's nodejs is 18, too old, so it is not a fallback here.
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    echo "deps: node/npm not found: the JS SDK tests (tests/integration/test_sdk_js.py) need Node.js >= 20 and npm" >&2
+# compiling build/imdsd
+BUILD="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev"
+# testing: cmocka (unit), clang + its runtime (ASan, libFuzzer), valgrind; python3-azure, the real
+# azure-identity that test_sdk_python.py runs; iproute2, network namespaces for the SDKs' IMDS probe;
+# pytest with -n (xdist) and per-test timeouts for the integration suite; wrk, nginx, util-linux
+# (taskset) and strace for make bench / the bench smoke; openssl and curl for make demo.
+TEST="libcmocka-dev python3 openssl curl valgrind ca-certificates clang libclang-rt-14-dev python3-azure
+      iproute2 python3-pytest python3-pytest-xdist python3-pytest-timeout wrk nginx util-linux strace"
+# The JS SDK tests run the real @azure/identity with node and npm: node-llhttp brings Debian's
+# nodejs (18) along, for which tests/compat/node18 pins the newest client that supports it; a newer
+# Node.js with its own npm (the machine image's 20) runs the newer pin in tests/compat. Debian's
+# nodejs comes without npm: then Debian's npm is needed too.
+command -v npm >/dev/null 2>&1 || TEST="$TEST npm"
+
+missing() {
+    # one dpkg-query for all: "name status" per line for those it knows
+    inst=$(dpkg-query -W -f='${Package} ${Status}\n' "$@" 2>/dev/null | awk '$NF == "installed" {print $1}')
+    for p in "$@"; do
+        echo "$inst" | grep -qx "$p" || printf ' %s' "$p"
+    done
+}
+
+if [ "${1:-}" = "--check-build" ]; then
+    m=$(missing $BUILD)
+    [ -z "$m" ] && exit 0
+    echo "make: missing Debian packages:$m; run 'make deps' as root (or apt-get install them)" >&2
+    exit 1
 fi
-missing=""
-for p in $PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-[ -z "$missing" ] && exit 0
-echo "deps: installing$missing"
+
+# shellcheck disable=SC2086
+m=$(missing $BUILD $TEST)
+[ -z "$m" ] && exit 0
+echo "deps: installing$m"
 if [ "$(id -u)" != 0 ]; then
-    echo "deps: missing packages:$missing; run 'make deps' as root (or apt-get install them)" >&2
+    echo "deps: missing packages:$m; run 'make deps' as root (or apt-get install them)" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $missing >/dev/null
+apt-get install -y -qq --no-install-recommends $m >/dev/null

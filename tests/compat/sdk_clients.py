@@ -18,23 +18,45 @@ CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FORBIDDEN = ("AZURE_FEDERATED_TOKEN_FILE", "AZURE_TENANT_ID", "AZURE_AUTHORITY_HOST", "AZURE_CLIENT_SECRET",
              "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_USERNAME", "MSI_ENDPOINT", "MSI_SECRET", "IMDS_ENDPOINT",
              "IDENTITY_SERVER_THUMBPRINT", "AZURE_TOKEN_CREDENTIALS")
-_node_ready = False
+_js_dir = None   # where the JS client runs: COMPAT (Node >= 20) or COMPAT/node18
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
 
+def node_major():
+    """The major version of the node on PATH, or None."""
+    if not os.access(NODE, os.X_OK):
+        return None
+    out = subprocess.run([NODE, "--version"], capture_output=True, text=True).stdout.strip()
+    return int(out.lstrip("v").split(".")[0]) if out.startswith("v") else None
+
+
+def js_dir():
+    """The pinned client for this node: @azure/identity 4.13.1 (tests/compat) on Node >= 20, else 4.9.1,
+    the newest whose engines accept Node 18 (tests/compat/node18: Debian 12's own nodejs is 18).
+    Skips the test, saying why, when there is no node or npm it can run."""
+    major = node_major()
+    if major is None:
+        raise harness.Skip("node is not installed (make deps installs Debian's nodejs)")
+    if major < 18:
+        raise harness.Skip(f"node {major} is too old: the oldest pinned client, @azure/identity 4.9.1, "
+                           "needs Node.js >= 18")
+    if not os.access(NPM, os.X_OK):
+        raise harness.Skip("npm is not installed (make deps installs Debian's npm)")
+    return COMPAT if major >= 20 else os.path.join(COMPAT, "node18")
+
+
 def ensure_node_modules():
-    """npm ci in tests/compat when node_modules is missing or older than package-lock.json (once per run,
-    under a lock so parallel runs do not race)."""
-    global _node_ready
-    if _node_ready:
-        return
-    assert os.access(NODE, os.X_OK), "node is not installed (the JS SDK tests need Node.js >= 20 and npm)"
-    major = int(subprocess.run([NODE, "--version"], capture_output=True, text=True).stdout.strip().lstrip("v")
-                .split(".")[0])
-    assert major >= 20, f"node {major} is too old: @azure/identity 4.13.1 needs Node.js >= 20"
-    lock = os.path.join(COMPAT, "package-lock.json")
-    stamp = os.path.join(COMPAT, "node_modules", ".package-lock.json")
+    """npm ci in the client's directory when node_modules is missing or older than package-lock.json
+    (once per run, under a lock so parallel runs do not race)."""
+    global _js_dir
+    if _js_dir is not None:
+        return _js_dir
+    where = js_dir()
+    if where != COMPAT:   # the same client program, next to the node_modules it must import from
+        shutil.copyfile(os.path.join(COMPAT, "js_client.mjs"), os.path.join(where, "js_client.mjs"))
+    lock = os.path.join(where, "package-lock.json")
+    stamp = os.path.join(where, "node_modules", ".package-lock.json")
     with open(lock) as lk:           # the lock file itself serialises parallel runs
         fcntl.flock(lk, fcntl.LOCK_EX)
         if not os.path.exists(stamp) or os.path.getmtime(stamp) < os.path.getmtime(lock):
@@ -43,14 +65,21 @@ def ensure_node_modules():
             signal.setitimer(signal.ITIMER_REAL, 0)
             try:
                 p = subprocess.run([NPM, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
-                                   cwd=COMPAT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                   cwd=where, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                    timeout=600)
             finally:
                 if left:
                     signal.setitimer(signal.ITIMER_REAL, left)
-            assert p.returncode == 0, f"npm ci in tests/compat failed: {p.stderr.strip()[-800:]}"
+            assert p.returncode == 0, f"npm ci in {where} failed: {p.stderr.strip()[-800:]}"
             os.utime(stamp)
-    _node_ready = True
+    _js_dir = where
+    return where
+
+
+def js_identity_version():
+    """The version of @azure/identity the JS client runs, as a tuple: (4, 13, 1) or (4, 9, 1)."""
+    with open(os.path.join(ensure_node_modules(), "node_modules", "@azure", "identity", "package.json")) as f:
+        return tuple(int(x) for x in json.load(f)["version"].split("-")[0].split("."))
 
 
 def client_env(ctx, **scenario):
@@ -76,7 +105,7 @@ def app_service_env(ctx, port, secret, path="/MSI/token", **more):
 
 # ---- running a client -----------------------------------------------------------------------------
 
-def _run(ctx, kind, argv, spec, env, netns, timeout):
+def _run(ctx, kind, argv, spec, env, netns, timeout, cwd=COMPAT):
     ctx.n += 1
     timeout = timeout or 30 * harness.SCALE
     base = os.path.join(ctx.tmp, f"{kind}-{ctx.n}")
@@ -87,7 +116,7 @@ def _run(ctx, kind, argv, spec, env, netns, timeout):
     t0 = time.monotonic()
     with open(base + ".stderr", "w") as err:
         try:
-            p = subprocess.run(prefix + argv + [json.dumps(spec)], env=env, cwd=COMPAT, stdin=subprocess.DEVNULL,
+            p = subprocess.run(prefix + argv + [json.dumps(spec)], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{kind} client ({spec['credential']}) still running after {timeout:.0f} s "
@@ -107,9 +136,9 @@ def _run(ctx, kind, argv, spec, env, netns, timeout):
 def run_js(ctx, credential, scopes, env, options=None, netns=None, timeout=None):
     """Runs @azure/identity's credential (ManagedIdentityCredential or DefaultAzureCredential) with
     options, one getToken per scope; returns one dict per scope (see js_client.mjs)."""
-    ensure_node_modules()
+    where = ensure_node_modules()
     spec = {"credential": credential, "options": options or {}, "scopes": list(scopes)}
-    return _run(ctx, "js", [NODE, os.path.join(COMPAT, "js_client.mjs")], spec, env, netns, timeout)
+    return _run(ctx, "js", [NODE, os.path.join(where, "js_client.mjs")], spec, env, netns, timeout, cwd=where)
 
 
 def run_py(ctx, credential, scopes, env, options=None, netns=None, timeout=None):

@@ -1,6 +1,6 @@
 """harness.py - helpers for the imdsd integration tests (stdlib only).
 
-Configured once per run by run.py (BINARY, LABEL, VALGRIND, SCALE); tests receive a Ctx.
+Configured per test by conftest.py for the build variant (BINARY, LABEL, VALGRIND, SCALE); tests receive a Ctx.
 """
 import atexit, base64, ctypes, hashlib, http.client, json, os, re, shutil, signal, socket, ssl, subprocess, sys
 import threading, time, urllib.parse, uuid
@@ -14,15 +14,45 @@ CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 RESOURCE = "https://management.azure.com/"
 TOKEN_PATH = "/metadata/identity/oauth2/token"
 JSON_CT = "application/json; charset=utf-8"
-LIVE = []           # every Daemon started, so run.py can kill them on Ctrl-C
+LIVE = []           # every Daemon started, so conftest.py can kill them at the end
 IMDS_FIELDS = ["access_token", "client_id", "expires_in", "expires_on", "ext_expires_in", "not_before",
                "resource", "token_type"]
 
 
+# Ports for daemons come from a range below the kernel's ephemeral ports (32768-60999), one range per
+# pytest-xdist worker, handed out in turn: a port picked here is never also the kernel's pick for a
+# client socket or another worker's daemon in the moment before the daemon binds it.
+PORT_BASE, PORT_SPAN = 10000, 2000
+_port_next = None
+
+
 def free_port(family=socket.AF_INET, host="127.0.0.1"):
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    global _port_next
+    w = os.environ.get("PYTEST_XDIST_WORKER", "")
+    slot = int(w[2:]) + 1 if w.startswith("gw") and w[2:].isdigit() else 0
+    lo = PORT_BASE + slot * PORT_SPAN
+    if _port_next is None:
+        _port_next = lo + os.getpid() % PORT_SPAN
+    for _ in range(PORT_SPAN):
+        port = lo + (_port_next - lo) % PORT_SPAN
+        _port_next = port + 1
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {lo}..{lo + PORT_SPAN - 1}")
+
+
+_unique = 0
+
+
+def unique():
+    """A number not used before in this process (names at the shared stand-in Entra)."""
+    global _unique
+    _unique += 1
+    return _unique
 
 
 def cpu_seconds(pid):
@@ -609,8 +639,12 @@ class Daemon:
 
 # ---- per-test context -------------------------------------------------------------------------------
 
-class Skip(Exception):
-    pass
+try:
+    import pytest
+    Skip = pytest.skip.Exception   # raise Skip("why"): the test is reported as skipped
+except ImportError:                # the bench imports this module without pytest
+    class Skip(Exception):
+        pass
 
 
 class Ctx:
@@ -728,7 +762,7 @@ def concurrently(n, fn, timeout=30):
 # ---- network namespaces (root) ----------------------------------------------------------------------
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
-NETNS_PREFIX = "imdsd-t"          # names are imdsd-t<pid of run.py>-<n>: unique per run, reapable
+NETNS_PREFIX = "imdsd-t"          # names are imdsd-t<pid of the worker>-<n>: unique, reapable
 LIVE_NETNS = []
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

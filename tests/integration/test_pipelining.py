@@ -7,12 +7,13 @@ import socket
 import threading
 import time
 
+import harness
 from harness import (assert_json_error, assert_token_ok, concurrently, parse_raw, raw_get, read_responses,
                      request, split_responses, token_url, wait_for)
 
 
 def gate_name(ctx, what):
-    return f"{what}{os.getpid()}n{ctx.n}"
+    return f"{what}{os.getpid()}x{harness.unique()}"
 
 
 def read_until_closed(sock, timeout):

@@ -12,7 +12,7 @@ Short lifetimes come from the fake's ok-expN / ok-refN tenants. The daemon's clo
 down under valgrind, so the bounds of a rule stay as they are; only the slack for our own
 observation latency (slack()) grows with ctx.scale. Times from obtaining a token to refreshing it
 are taken from the daemon's own log (daemon_times), so that TLS set-up cannot blur them.
-Measured figures go to measurements.jsonl in each test's artefact directory (run.py --keep).
+Measured figures go to measurements.jsonl in each test's artefact directory (pytest --keep).
 """
 import json
 import os

@@ -249,7 +249,8 @@ def test_sdk_js_long_lived_token_refresh_after(ctx):
 def test_sdk_js_imds_probe_in_netns(ctx):
     """No AZURE_POD_IDENTITY_AUTHORITY_HOST: imdsd on 169.254.169.254:80. DAC probes (no query, no
     Metadata, 1 s timeout) before EVERY getToken, even one its own cache then answers; each probe gets
-    a 400 at once, and the tokens follow. MIC alone goes straight to the token request."""
+    a 400 at once, and the tokens follow. MIC alone goes straight to the token request from 4.10 on;
+    4.9 (the Node 18 pin) probes with MIC alone too (managedIdentityCredential/index.js, isImdsMsi)."""
     ns, d, fake = sdk.netns_setup(ctx)
     cap = sdk.Capture(ctx, 80, netns=ns)
     env = sdk.client_env(ctx)
@@ -273,5 +274,9 @@ def test_sdk_js_imds_probe_in_netns(ctx):
     res = sdk.run_js(ctx, MIC, [GRAPH], env, netns=ns)
     check_tokens(ctx, d.tenant, res, CLIENT_ID, cap2, fake=fake, expiry="js")
     reqs = cap2.token_requests()
+    if sdk.js_identity_version() < (4, 10):
+        assert [e.header("Metadata") is None for e in reqs] == [True, False], f"4.9: probe, then token: {reqs}"
+        assert reqs[0].status == 400 and reqs[0].target == "/metadata/identity/oauth2/token", reqs[0]
+        reqs = reqs[1:]
     assert len(reqs) == 1 and reqs[0].status == 200, f"MIC alone does not probe: {reqs}"
     assert_imds_request(reqs[0])
