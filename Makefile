@@ -34,6 +34,15 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 # test_buf searches every block freed for what the buffers held
 UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
 
+# Anything that compiles first checks the build packages, and names the missing ones in one line
+# (demo, check, check-full and bench install them first, then build in a new make).
+ifeq ($(filter deps demo check check-full bench lint clean,$(MAKECMDGOALS)),)
+MISSING_PKGS := $(shell tests/deps.sh --check-build 2>&1)
+ifneq ($(MISSING_PKGS),)
+$(error $(MISSING_PKGS))
+endif
+endif
+
 VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 CPPFLAGS += -DIMDSD_VERSION='"$(VERSION)"'
 
@@ -44,14 +53,14 @@ define variant
 $(1)_OBJS   := $$(patsubst daemon/%.c,$(2)/obj/%.o,$$(LIB_SRCS))
 $(1)_LLHTTP := $(2)/obj/llhttp_api.o $(2)/obj/llhttp_http.o $(2)/obj/llhttp_llhttp.o
 
-$(2)/obj/%.o: daemon/%.c | build-deps
+$(2)/obj/%.o: daemon/%.c
 	@mkdir -p $$(@D)
 	$$(if $$(Q),@echo "  CC      $$@")
 	$(Q)$$(CC) $$(CPPFLAGS) $(3) $$(WARN) -MMD -MP -c -o $$@ $$<
 
-# llhttp's sources come from a package: no prerequisite on them, so that a missing package is
-# reported by build-deps rather than as "no rule to make target"
-$(2)/obj/llhttp_%.o: | build-deps
+# llhttp's sources come from a package: no prerequisite on them, which would turn a missing
+# package into "no rule to make target" (they change only with the package)
+$(2)/obj/llhttp_%.o:
 	@mkdir -p $$(@D)
 	$$(if $$(Q),@echo "  CC      $$@")
 	$(Q)$$(CC) $$(CPPFLAGS) $(3) -w -c -o $$@ $$(LLHTTP_SRC)/$$*.c
@@ -141,7 +150,7 @@ bench-smoke: build/imdsd build/loadgen
 	$(Q)$(PY) tests/bench/bench.py --binary build/imdsd --smoke
 
 # the bench's fixed-rate (open-loop) load generator: wrk2 is not packaged in Debian
-build/loadgen: tests/bench/loadgen.c | build-deps
+build/loadgen: tests/bench/loadgen.c
 	@mkdir -p $(@D)
 	$(Q)$(CC) $(BASE) -O2 $(WARN) -o $@ $<
 
@@ -150,14 +159,10 @@ build/loadgen: tests/bench/loadgen.c | build-deps
 deps:
 	$(Q)tests/deps.sh
 
-# what compiling needs; one line naming the missing packages otherwise
-build-deps:
-	$(Q)tests/deps.sh --check-build
-
 lint:
 	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c tests/bench/*.c
 
 clean:
 	rm -rf build
 
-.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration check check-full check-build demo deps build-deps lint clean
+.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration check check-full check-build demo deps lint clean

@@ -1,7 +1,7 @@
 #!/bin/sh
 # deps.sh - the Debian 12 packages that building and testing imdsd need.
 #   tests/deps.sh               installs what is missing (as root; apt-get); quick when all is there
-#   tests/deps.sh --check-build says in one line which packages compiling imdsd lacks, exit 1 if any
+#   tests/deps.sh --check-build prints one line naming the packages compiling imdsd lacks, if any
 set -eu
 # compiling build/imdsd
 BUILD="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev"
@@ -28,7 +28,7 @@ missing() {
 if [ "${1:-}" = "--check-build" ]; then
     m=$(missing $BUILD)
     [ -z "$m" ] && exit 0
-    echo "make: missing Debian packages:$m; run 'make deps' as root (or apt-get install them)" >&2
+    echo "missing Debian packages:$m; run 'make deps' as root (or apt-get install them)"
     exit 1
 fi
 
