@@ -36,7 +36,7 @@ step "lint (clang-format)" sh -c 'make --no-print-directory lint && echo "lint: 
 step "unit tests (plain, asan, valgrind)" tests/run-unit.sh build build/asan build/debug
 step "fuzz smoke (seed corpora + ${FUZZ_SECONDS:-10} s per target)" make --no-print-directory fuzz-smoke
 step "integration (plain, asan+ubsan, valgrind${full:+ for every module}; $jobs at a time)" \
-    $PY -m pytest tests/integration -q -n "$jobs" $full --junitxml=build/integration.xml
+    $PY -m pytest tests/integration -q -n "$jobs" $full --durations=8 --junitxml=build/integration.xml
 step "bench smoke (runs, every answer 200; figures only in make bench)" make --no-print-directory bench-smoke
 echo "== make check took $(($(date +%s) - t_start)) s after the build"
 echo "check: $total_pass passed, $total_fail failed"
