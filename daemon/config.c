@@ -19,6 +19,9 @@ static const char USAGE[] =
     "  --listen ADDR:PORT      address to serve on, repeatable (default " CONFIG_DEFAULT_LISTEN
     ";\n"
     "                          IPv6 as [::1]:8000)\n"
+    "  --health-listen ADDR:PORT\n"
+    "                          also serve /healthz and /readyz (and never a token) here, for\n"
+    "                          the kubelet's probes, e.g. 0.0.0.0:8001; repeatable\n"
     "  --client-id GUID        default identity                [AZURE_CLIENT_ID]\n"
     "  --tenant-id TENANT      tenant GUID or domain            [AZURE_TENANT_ID]\n"
     "  --token-file PATH       projected service-account token  [AZURE_FEDERATED_TOKEN_FILE]\n"
@@ -48,6 +51,7 @@ static const char USAGE[] =
 
 enum {
     OPT_LISTEN = 256,
+    OPT_HEALTH_LISTEN,
     OPT_CLIENT_ID,
     OPT_TENANT_ID,
     OPT_TOKEN_FILE,
@@ -68,6 +72,7 @@ enum {
 
 static const struct option options[] = {
     {"listen", required_argument, NULL, OPT_LISTEN},
+    {"health-listen", required_argument, NULL, OPT_HEALTH_LISTEN},
     {"client-id", required_argument, NULL, OPT_CLIENT_ID},
     {"tenant-id", required_argument, NULL, OPT_TENANT_ID},
     {"token-file", required_argument, NULL, OPT_TOKEN_FILE},
@@ -321,12 +326,16 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     while ((opt = getopt_long(argc, argv, ":", options, &li)) != -1) {
         switch (opt) {
         case OPT_LISTEN:
+        case OPT_HEALTH_LISTEN: {
+            const char *name = opt == OPT_LISTEN ? "--listen" : "--health-listen";
             if (c->nlisten >= CONFIG_MAX_LISTEN)
-                ERR("--listen: at most %d addresses", CONFIG_MAX_LISTEN);
+                ERR("%s: at most %d addresses with --listen and --health-listen", name,
+                    CONFIG_MAX_LISTEN);
             if (config_parse_listen(optarg, &c->listen[c->nlisten]) < 0)
-                ERR("--listen: invalid address '%s' (want IP:PORT or [IPv6]:PORT)", optarg);
-            c->nlisten++;
+                ERR("%s: invalid address '%s' (want IP:PORT or [IPv6]:PORT)", name, optarg);
+            c->listen[c->nlisten++].health = opt == OPT_HEALTH_LISTEN;
             break;
+        }
         case OPT_CLIENT_ID:
             set(&c->client_id, optarg);
             break;
@@ -454,8 +463,24 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             ERR("--identity-alias: client id '%s' is neither --client-id nor an --allow-client-id",
                 id);
     }
-    if (c->nlisten == 0)
-        config_parse_listen(CONFIG_DEFAULT_LISTEN, &c->listen[c->nlisten++]);
+    int ntoken = 0;
+    for (int i = 0; i < c->nlisten; i++) {
+        ntoken += !c->listen[i].health;
+        for (int k = 0; k < i; k++)
+            if (c->listen[k].port == c->listen[i].port &&
+                strcmp(c->listen[k].host, c->listen[i].host) == 0)
+                ERR("%s: %s%s%s:%d is given twice",
+                    c->listen[i].health ? "--health-listen" : "--listen",
+                    strchr(c->listen[i].host, ':') ? "[" : "", c->listen[i].host,
+                    strchr(c->listen[i].host, ':') ? "]" : "", c->listen[i].port);
+    }
+    if (ntoken == 0) {
+        if (c->nlisten >= CONFIG_MAX_LISTEN)
+            ERR("--health-listen: at most %d addresses with the default --listen",
+                CONFIG_MAX_LISTEN - 1);
+        config_parse_listen(CONFIG_DEFAULT_LISTEN, &c->listen[c->nlisten]);
+        c->listen[c->nlisten++].health = 0;
+    }
     return CONFIG_OK;
 }
 

@@ -228,6 +228,8 @@ void endpoints_handle(struct http_conn *c, const struct http_request *req, void 
     enum imds_route route = imds_route(req->path, req->path_len);
     if (route == ROUTE_APPSERVICE && !ep->cfg->identity_header)
         route = ROUTE_NOT_FOUND;
+    if (req->tag == LISTENER_HEALTH && route != ROUTE_HEALTHZ && route != ROUTE_READYZ)
+        route = ROUTE_NOT_FOUND; /* never a token where the cluster network can ask */
     switch (route) {
     case ROUTE_TOKEN:
         handle_token(ep, c, req, 0);

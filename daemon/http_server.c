@@ -40,6 +40,7 @@ struct http_conn {
     uv_timer_t timer; /* idle check; runs all the time, see on_timeout */
     int fd;
     int bare;             /* no libuv handles yet: fd is the socket */
+    int tag;              /* the listener's */
     uint64_t last_active; /* loop time of the last response, or of the accept */
     uv_write_t wreq;
     struct http_server *server;
@@ -81,6 +82,7 @@ struct http_conn {
 struct http_listener {
     uv_poll_t poll; /* on the listening socket; connections are accepted by hand */
     int fd;
+    int tag;
     struct http_server *server;
     struct http_listener *next;
 };
@@ -496,6 +498,7 @@ static int on_message_complete(llhttp_t *p)
 {
     struct http_conn *c = conn_of(p);
     c->req.method = llhttp_method_name((llhttp_method_t)p->method);
+    c->req.tag = c->tag;
     c->req.is_get = p->method == HTTP_GET;
     c->req.has_body = c->body_bytes > 0;
     c->keep_alive = llhttp_should_keep_alive(p);
@@ -712,7 +715,7 @@ static void drop_one(struct http_server *s, int lfd)
     s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
-static void serve_accepted(struct http_server *s, int fd)
+static void serve_accepted(struct http_server *s, int fd, int tag)
 {
     if (s->nconns >= s->opts.max_connections) {
         close(fd);
@@ -724,6 +727,7 @@ static void serve_accepted(struct http_server *s, int fd)
     struct http_conn *c = xcalloc(1, sizeof *c);
     c->server = s;
     c->fd = fd;
+    c->tag = tag;
     c->bare = 1;
     c->tcp.data = c->timer.data = c->wreq.data = c;
     s->open_handles++;
@@ -769,7 +773,7 @@ static void on_listen_ready(uv_poll_t *p, int status, int events)
     }
     int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd >= 0) {
-        serve_accepted(s, fd);
+        serve_accepted(s, fd, l->tag);
         return;
     }
     int err = errno;
@@ -808,7 +812,7 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     return 0;
 }
 
-int http_server_listen(struct http_server *s, const char *host, int port)
+int http_server_listen(struct http_server *s, const char *host, int port, int tag)
 {
     struct sockaddr_storage ss;
     int v6 = strchr(host, ':') != NULL;
@@ -836,6 +840,7 @@ int http_server_listen(struct http_server *s, const char *host, int port)
     struct http_listener *l = xcalloc(1, sizeof *l);
     l->server = s;
     l->fd = fd;
+    l->tag = tag;
     rc = uv_poll_init_socket(s->loop, &l->poll, fd);
     if (rc < 0) {
         close(fd);

@@ -107,15 +107,16 @@ static int start(struct daemon *d)
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
     for (int i = 0; i < c->nlisten; i++) {
         const struct config_listen *l = &c->listen[i];
-        int rc = http_server_listen(d->server, l->host, l->port);
+        int rc = http_server_listen(d->server, l->host, l->port,
+                                    l->health ? LISTENER_HEALTH : LISTENER_TOKENS);
         if (rc < 0) {
-            fprintf(stderr, "imdsd: --listen: cannot listen on %s%s%s:%d: %s\n",
-                    strchr(l->host, ':') ? "[" : "", l->host, strchr(l->host, ':') ? "]" : "",
-                    l->port, uv_strerror(rc));
+            fprintf(stderr, "imdsd: %s: cannot listen on %s%s%s:%d: %s\n",
+                    l->health ? "--health-listen" : "--listen", strchr(l->host, ':') ? "[" : "",
+                    l->host, strchr(l->host, ':') ? "]" : "", l->port, uv_strerror(rc));
             return 1;
         }
-        log_info("listening", "addr=%s%s%s:%d", strchr(l->host, ':') ? "[" : "", l->host,
-                 strchr(l->host, ':') ? "]" : "", l->port);
+        log_info("listening", "addr=%s%s%s:%d serves=%s", strchr(l->host, ':') ? "[" : "", l->host,
+                 strchr(l->host, ':') ? "]" : "", l->port, l->health ? "health" : "tokens");
     }
     uv_signal_init(&d->loop, &d->sigterm);
     uv_signal_init(&d->loop, &d->sigint);

@@ -20,6 +20,7 @@
 struct config_listen {
     char host[64]; /* numeric IPv4 or IPv6 address, no brackets */
     int port;
+    int health; /* --health-listen: probes only, never a token */
 };
 
 struct config {

@@ -11,6 +11,12 @@
 #include "token_cache.h"
 #include "token_file.h"
 
+/* Listener tags (http_server_listen): what a listener serves. */
+enum endpoints_listener {
+    LISTENER_TOKENS, /* tokens, /healthz and /readyz */
+    LISTENER_HEALTH, /* /healthz and /readyz only: may face the pod network, for the kubelet */
+};
+
 struct endpoints {
     uv_loop_t *loop;
     const struct config *cfg;

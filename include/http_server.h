@@ -29,6 +29,7 @@ struct http_request {
     int has_body;                /* the request had body bytes */
     const char *host;            /* the Host header without surrounding blanks, NULL when absent */
     size_t host_len;             /* its length; over HTTP_MAX_HOST when it was too long to keep */
+    int tag;                     /* the listener's, see http_server_listen */
     const char *identity_header; /* X-IDENTITY-HEADER, NULL when absent; a secret */
     size_t identity_header_len;  /* its full length (only HTTP_SECRET_HEADER_MAX bytes kept) */
 };
@@ -48,8 +49,9 @@ struct http_server;
 
 int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
                     http_handler_cb *handler, void *arg);
-/* Binds and listens on host:port (numeric). Returns 0 or a negative libuv error. */
-int http_server_listen(struct http_server *s, const char *host, int port);
+/* Binds and listens on host:port (numeric). Every request from it carries tag (req->tag), so the
+ * handler can tell listeners apart. Returns 0 or a negative libuv error. */
+int http_server_listen(struct http_server *s, const char *host, int port, int tag);
 /* Graceful stop: closes the listeners and idle connections at once, lets requests being handled
  * finish (their connections close after the response), and after grace_ms answers those still
  * pending with 503 JSON. Calls drained(arg) once, from the loop, when no connection is left. */

@@ -76,6 +76,7 @@ struct cfg_row {
     int nlisten;
     const char *l0_host, *l1_host;
     int l0_port, l1_port;
+    int health; /* bit i: listen[i] is a --health-listen (checked when nlisten is) */
     int nallowed;
     const char *allowed0;
     int nhosts;
@@ -191,6 +192,26 @@ static const struct cfg_row cfg_rows[] = {
      .rc = CONFIG_OK,
      .nallowed = 2,
      .allowed0 = CID2},
+    {.name = "--health-listen alone: the default token listener too",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--health-listen", "0.0.0.0:8001", NULL},
+     .rc = CONFIG_OK,
+     .nlisten = 2,
+     .health = 1,
+     .l0_host = "0.0.0.0",
+     .l0_port = 8001,
+     .l1_host = "127.0.0.1",
+     .l1_port = 8000},
+    {.name = "--listen and --health-listen",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--listen", "127.0.0.1:9000", "--health-listen", "[::]:9001", NULL},
+     .rc = CONFIG_OK,
+     .nlisten = 2,
+     .health = 2,
+     .l0_host = "127.0.0.1",
+     .l0_port = 9000,
+     .l1_host = "::",
+     .l1_port = 9001},
     {.name = "--allow-host twice",
      .env = {ENV_ALL, NULL},
      .argv = {"--allow-host", "imdsd", "--allow-host", "imds.example.internal", NULL},
@@ -332,6 +353,16 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--allow-client-id", "someone", NULL},
      .rc = CONFIG_ERROR,
      .err_in = {"--allow-client-id", "someone"}},
+    {.name = "--health-listen on the token address",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--listen", "127.0.0.1:8000", "--health-listen", "127.0.0.1:8000", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--health-listen", "127.0.0.1:8000"}},
+    {.name = "--health-listen not an address",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--health-listen", "8001", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--health-listen", "'8001'"}},
     {.name = "--allow-host with a port",
      .env = {ENV_ALL, NULL},
      .argv = {"--allow-host", "imdsd:8000", NULL},
@@ -416,8 +447,11 @@ static void t_cfg(void **state)
             assert_string_equal(c.ca_file, r->ca_file);
         if (r->log_level)
             assert_int_equal(c.log_level, r->log_level - 1);
-        if (r->nlisten)
+        if (r->nlisten) {
             assert_int_equal(c.nlisten, r->nlisten);
+            for (int i = 0; i < c.nlisten; i++)
+                assert_int_equal(c.listen[i].health, (r->health >> i) & 1);
+        }
         if (r->l0_host) {
             assert_string_equal(c.listen[0].host, r->l0_host);
             assert_int_equal(c.listen[0].port, r->l0_port);
