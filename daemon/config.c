@@ -132,6 +132,13 @@ int config_parse_listen(const char *s, struct config_listen *l)
     return l->port >= 1 && l->port <= 65535 ? 0 : -1;
 }
 
+const char *config_listen_str(const struct config_listen *l, char out[CONFIG_LISTEN_STR])
+{
+    int v6 = strchr(l->host, ':') != NULL;
+    snprintf(out, CONFIG_LISTEN_STR, "%s%s%s:%d", v6 ? "[" : "", l->host, v6 ? "]" : "", l->port);
+    return out;
+}
+
 int config_set_authority(struct config *c, const char *url, const char **why)
 {
     static const char scheme[] = "https://";
@@ -465,14 +472,13 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     }
     int ntoken = 0;
     for (int i = 0; i < c->nlisten; i++) {
+        char addr[CONFIG_LISTEN_STR];
         ntoken += !c->listen[i].health;
         for (int k = 0; k < i; k++)
             if (c->listen[k].port == c->listen[i].port &&
                 strcmp(c->listen[k].host, c->listen[i].host) == 0)
-                ERR("%s: %s%s%s:%d is given twice",
-                    c->listen[i].health ? "--health-listen" : "--listen",
-                    strchr(c->listen[i].host, ':') ? "[" : "", c->listen[i].host,
-                    strchr(c->listen[i].host, ':') ? "]" : "", c->listen[i].port);
+                ERR("%s: %s is given twice", c->listen[i].health ? "--health-listen" : "--listen",
+                    config_listen_str(&c->listen[i], addr));
     }
     if (ntoken == 0) {
         if (c->nlisten >= CONFIG_MAX_LISTEN)

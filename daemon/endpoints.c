@@ -8,6 +8,10 @@
 #include "json.h"
 #include "util.h"
 
+/* http_server keeps HTTP_MAX_HOST bytes of Host and reports a longer one by its full length, which
+ * imds_host_allowed refuses unread only if it is over IMDS_MAX_HOST too */
+_Static_assert(IMDS_MAX_HOST <= HTTP_MAX_HOST, "a Host imds reads must be one http_server kept");
+
 /* A token request waiting for an exchange (the cold path; the cached path allocates nothing). */
 struct pending {
     struct token_cache_waiter w;

@@ -107,16 +107,16 @@ static int start(struct daemon *d)
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
     for (int i = 0; i < c->nlisten; i++) {
         const struct config_listen *l = &c->listen[i];
+        char addr[CONFIG_LISTEN_STR];
+        config_listen_str(l, addr);
         int rc = http_server_listen(d->server, l->host, l->port,
                                     l->health ? LISTENER_HEALTH : LISTENER_TOKENS);
         if (rc < 0) {
-            fprintf(stderr, "imdsd: %s: cannot listen on %s%s%s:%d: %s\n",
-                    l->health ? "--health-listen" : "--listen", strchr(l->host, ':') ? "[" : "",
-                    l->host, strchr(l->host, ':') ? "]" : "", l->port, uv_strerror(rc));
+            fprintf(stderr, "imdsd: %s: cannot listen on %s: %s\n",
+                    l->health ? "--health-listen" : "--listen", addr, uv_strerror(rc));
             return 1;
         }
-        log_info("listening", "addr=%s%s%s:%d serves=%s", strchr(l->host, ':') ? "[" : "", l->host,
-                 strchr(l->host, ':') ? "]" : "", l->port, l->health ? "health" : "tokens");
+        log_info("listening", "addr=%s serves=%s", addr, l->health ? "health" : "tokens");
     }
     uv_signal_init(&d->loop, &d->sigterm);
     uv_signal_init(&d->loop, &d->sigint);

@@ -9,6 +9,7 @@
 #include "proxy.h"
 
 #define CONFIG_MAX_LISTEN        8
+#define CONFIG_LISTEN_STR        72 /* config_listen_str's output, NUL included */
 #define CONFIG_MAX_CLIENT_IDS    32
 #define CONFIG_MAX_ALIASES       64
 #define CONFIG_MAX_HOSTS         16
@@ -67,6 +68,8 @@ void config_free(struct config *c);
 int config_load_identity_header(struct config *c, char *err, size_t errlen);
 /* Parses "ADDR:PORT" / "[v6]:PORT" into l; returns 0 or -1. */
 int config_parse_listen(const char *s, struct config_listen *l);
+/* Writes l as "ADDR:PORT" / "[v6]:PORT" into out; returns out. */
+const char *config_listen_str(const struct config_listen *l, char out[CONFIG_LISTEN_STR]);
 /* Normalises an authority URL into c->authority* fields; returns 0 or -1 with a reason. */
 int config_set_authority(struct config *c, const char *url, const char **why);
 

@@ -403,14 +403,4 @@ def write_secret(ctx, value=SECRET):
 def netns_setup(ctx):
     """A network namespace where imdsd listens on 169.254.169.254:80 (the real IMDS address) and the fake
     Entra on its localhost. Returns (ns, daemon, fake)."""
-    ns = ctx.netns()
-    ns.ip("addr", "add", "169.254.169.254/32", "dev", "lo")
-    tok = ctx.token()
-    tenant = ctx.tenant("ok")
-    fake = harness.Fake(ctx.tmp, f"netns-{ctx.n}", ctx.certs["leaf.pem"], ctx.certs["leaf.key"], netns=ns,
-                        token_file=tok.path)
-    ctx.cleanups.append(fake.stop)
-    args = ctx.daemon_args(tenant, tok, 80, fake)
-    args[args.index("--listen") + 1] = "169.254.169.254:80"
-    d = ctx.daemon(tenant, tok, args=args, fake=fake, port=80, netns=ns, host="169.254.169.254")
-    return ns, d, fake
+    return ctx.netns_daemon("169.254.169.254", 80, addresses=["169.254.169.254/32"])

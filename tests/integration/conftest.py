@@ -83,7 +83,6 @@ def pytest_collection_modifyitems(config, items):
 def rundir(request):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     d = tempfile.mkdtemp(prefix=f"imdsd-it-{worker}-")
-    request.config._imdsd_rundir = d
     yield d
     if request.config.getoption("--keep") or request.session.testsfailed:
         print(f"\n# artefacts kept in {d}")
@@ -123,7 +122,6 @@ def ctx(request, variant, rundir, fakes):
     os.makedirs(tmp)
     # the name makes the tenants at the shared stand-in Entra unique per test and variant
     c = harness.Ctx(f"{request.node.originalname}_{variant}", tmp, certs, running)
-    c.variant = variant
     request.node._imdsd_ctx = c
     yield c
     errors = c.finish()
@@ -144,36 +142,27 @@ def pytest_runtest_makereport(item, call):
             rep.sections.append(("imdsd stderr", tail))
 
 
+# what the summary line counts (in the controlling process; workers report to it)
+PASSED, FAILED = set(), set()
+BROKEN = []   # the run ended abnormally (nothing collected, interrupted, internal error)
+
+
 def pytest_runtest_logreport(report):
     """Counts each test once: failed if any phase failed, passed if its call passed."""
-    counts = getattr(pytest_runtest_logreport, "counts", None)
-    if counts is None:
-        return
     if report.failed:
-        if report.nodeid not in counts["failed_ids"]:
-            counts["failed_ids"].add(report.nodeid)
-            counts["failed"] += 1
-            if report.nodeid in counts["passed_ids"]:
-                counts["passed_ids"].discard(report.nodeid)
-                counts["passed"] -= 1
-    elif report.when == "call" and report.passed and report.nodeid not in counts["failed_ids"]:
-        counts["passed_ids"].add(report.nodeid)
-        counts["passed"] += 1
-
-
-def pytest_sessionstart(session):
-    pytest_runtest_logreport.counts = {"passed": 0, "failed": 0, "passed_ids": set(), "failed_ids": set()}
-
-
-def pytest_unconfigure(config):
-    counts = getattr(pytest_runtest_logreport, "counts", None)
-    if counts is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
-        failed = counts["failed"] or (1 if getattr(config, "_imdsd_broken", False) else 0)
-        sys.stdout.write(f"integration: {counts['passed']} passed, {failed} failed\n")
-        sys.stdout.flush()
+        FAILED.add(report.nodeid)
+    elif report.when == "call" and report.passed:
+        PASSED.add(report.nodeid)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    # a run that collected nothing, or was interrupted, must not look like success
-    if exitstatus not in (0, 1) and not os.environ.get("PYTEST_XDIST_WORKER"):
-        session.config._imdsd_broken = True
+    if exitstatus not in (0, 1):
+        BROKEN.append(exitstatus)
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    failed = len(FAILED) or len(BROKEN)   # a broken run must not look like success
+    sys.stdout.write(f"integration: {len(PASSED - FAILED)} passed, {failed} failed\n")
+    sys.stdout.flush()

@@ -708,6 +708,23 @@ class Ctx:
         self.cleanups.append(ns.delete)
         return ns
 
+    def netns_daemon(self, host, port, addresses=(), extra=()):
+        """A network namespace standing for a pod or a VM: the addresses (CIDR) on its lo, a stand-in
+        Entra on its localhost, and imdsd inside serving tokens on host:port (extra: more flags).
+        Returns (ns, daemon, fake)."""
+        ns = self.netns()
+        for a in addresses:
+            ns.ip("addr", "add", a, "dev", "lo")
+        tok = self.token()
+        tenant = self.tenant("ok")
+        fake = Fake(self.tmp, f"netns-{self.n}", self.certs["leaf.pem"], self.certs["leaf.key"], netns=ns,
+                    token_file=tok.path)
+        self.cleanups.append(fake.stop)
+        args = self.daemon_args(tenant, tok, port, fake, extra=extra)
+        args[args.index("--listen") + 1] = f"{host}:{port}"
+        d = self.daemon(tenant, tok, args=args, fake=fake, port=port, netns=ns, host=host)
+        return ns, d, fake
+
     def finish(self):
         """Stops every daemon this test started, then runs the cleanups; returns the reasons any daemon
         did not stop cleanly (or a cleanup failed)."""

@@ -56,15 +56,8 @@ def test_health_listener_on_the_pod_ip(ctx):
     """A network namespace stands for the pod, 10.244.1.17 for its IP. imdsd serves tokens on
     127.0.0.1:8000 and probes on 0.0.0.0:8001: the kubelet's view (the pod IP) reaches the probes,
     gets 404 for any token path, and cannot connect to the token port at all."""
-    ns = ctx.netns()
-    ns.ip("addr", "add", "10.244.1.17/32", "dev", "lo")
-    tok = ctx.token()
-    tenant = ctx.tenant("ok")
-    fake = harness.Fake(ctx.tmp, f"podip-{ctx.n}", ctx.certs["leaf.pem"], ctx.certs["leaf.key"], netns=ns,
-                        token_file=tok.path)
-    ctx.cleanups.append(fake.stop)
-    args = ctx.daemon_args(tenant, tok, 8000, fake) + ["--health-listen", "0.0.0.0:8001"]
-    d = ctx.daemon(tenant, tok, args=args, fake=fake, port=8000, netns=ns)
+    ns, d, fake = ctx.netns_daemon("127.0.0.1", 8000, addresses=["10.244.1.17/32"],
+                                   extra=["--health-listen", "0.0.0.0:8001"])
     pod_ip = "10.244.1.17"
     assert request(8001, "/healthz", host=pod_ip, netns=ns).status == 200
     r = request(8001, "/readyz", host=pod_ip, netns=ns)
@@ -80,4 +73,4 @@ def test_health_listener_on_the_pod_ip(ctx):
             return "refused"
     assert harness.in_netns(ns, connect_token_port) == "refused", "the token port answers on the pod IP"
     assert_token_ok(request(8000, token_url(), {"Metadata": "true"}, netns=ns))
-    assert len(fake.records(tenant)) == 1
+    assert len(fake.records(d.tenant)) == 1
