@@ -44,6 +44,9 @@ static const char USAGE[] =
     "  --entra-timeout SEC     longest wait for a token that is not cached, retries included\n"
     "                          (default 15)\n"
     "  --shutdown-grace SEC    on SIGTERM, time given to requests in flight (default 5)\n"
+    "  --add-loopback-address IPV4\n"
+    "                          one-shot init mode: add IPV4/32 to the loopback interface\n"
+    "                          (e.g. 169.254.169.254; needs CAP_NET_ADMIN) and exit\n"
     "  --help, --version\n"
     "\n"
     "Entra is reached through the HTTP CONNECT proxy in HTTPS_PROXY (or https_proxy), unless\n"
@@ -66,6 +69,7 @@ enum {
     OPT_IDLE,
     OPT_ENTRA_TIMEOUT,
     OPT_GRACE,
+    OPT_ADD_ADDRESS,
     OPT_HELP,
     OPT_VERSION,
 };
@@ -87,6 +91,7 @@ static const struct option options[] = {
     {"idle-timeout", required_argument, NULL, OPT_IDLE},
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
     {"shutdown-grace", required_argument, NULL, OPT_GRACE},
+    {"add-loopback-address", required_argument, NULL, OPT_ADD_ADDRESS},
     {"help", no_argument, NULL, OPT_HELP},
     {"version", no_argument, NULL, OPT_VERSION},
     {NULL, 0, NULL, 0},
@@ -413,6 +418,13 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             if (parse_uint(optarg, 0, 60, &c->shutdown_grace_s) < 0)
                 ERR("--shutdown-grace: invalid value '%s' (0 to 60 seconds)", optarg);
             break;
+        case OPT_ADD_ADDRESS: {
+            struct in_addr a;
+            if (strlen(optarg) >= sizeof c->add_address || inet_pton(AF_INET, optarg, &a) != 1)
+                ERR("--add-loopback-address: '%s' is not an IPv4 address", optarg);
+            strcpy(c->add_address, optarg);
+            break;
+        }
         case OPT_HELP:
             fputs(USAGE, stdout);
             return CONFIG_EXIT;
@@ -430,6 +442,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
 
     if (!level_flag && env_level && *env_level && log_level_parse(env_level, &c->log_level) < 0)
         ERR("IMDSD_LOG_LEVEL: invalid value '%s' (debug, info, warn or error)", env_level);
+    if (c->add_address[0])
+        return CONFIG_OK; /* the one-shot init mode needs no identity */
     if (!c->client_id)
         ERR("AZURE_CLIENT_ID / --client-id: not set");
     if (!imds_is_guid(c->client_id))

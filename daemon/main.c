@@ -13,6 +13,7 @@
 #include "entra.h"
 #include "http_server.h"
 #include "log.h"
+#include "netaddr.h"
 #include "token_cache.h"
 #include "token_file.h"
 #include "util.h"
@@ -151,6 +152,16 @@ int main(int argc, char **argv)
         return 2;
     }
     log_min_level = d.cfg.log_level;
+    if (d.cfg.add_address[0]) {
+        rc = netaddr_add_loopback(d.cfg.add_address, err, sizeof err);
+        if (rc == NETADDR_ERROR)
+            fprintf(stderr, "imdsd: --add-loopback-address: %s\n", err);
+        else
+            log_info("loopback_address", "addr=%s/32 dev=lo result=%s", d.cfg.add_address,
+                     rc == NETADDR_ADDED ? "added" : "already_present");
+        config_free(&d.cfg);
+        return rc == NETADDR_ERROR ? 1 : 0;
+    }
     signal(SIGPIPE, SIG_IGN);
     uv_loop_init(&d.loop);
     rc = start(&d);

@@ -51,6 +51,7 @@ struct config {
     unsigned idle_timeout_s;
     unsigned entra_timeout_s;
     unsigned shutdown_grace_s;
+    char add_address[16]; /* --add-loopback-address: the one-shot init mode, when not empty */
 };
 
 enum config_result { CONFIG_OK = 0, CONFIG_EXIT = 1, CONFIG_ERROR = -1 };

@@ -83,6 +83,7 @@ struct cfg_row {
     const char *host1;
     unsigned max_conn, idle, entra_timeout;
     int defaults; /* check every default value */
+    const char *add_address; /* the one-shot init mode: only this is set */
     /* CONFIG_ERROR: substrings of err */
     const char *err_in[2];
 };
@@ -363,6 +364,26 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--health-listen", "8001", NULL},
      .rc = CONFIG_ERROR,
      .err_in = {"--health-listen", "'8001'"}},
+    {.name = "--add-loopback-address: the init mode needs no identity",
+     .env = {NULL},
+     .argv = {"--add-loopback-address", "169.254.169.254", NULL},
+     .rc = CONFIG_OK,
+     .add_address = "169.254.169.254"},
+    {.name = "--add-loopback-address with a prefix length",
+     .env = {NULL},
+     .argv = {"--add-loopback-address", "169.254.169.254/32", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--add-loopback-address", "'169.254.169.254/32'"}},
+    {.name = "--add-loopback-address IPv6",
+     .env = {NULL},
+     .argv = {"--add-loopback-address", "fd00::254", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--add-loopback-address", "'fd00::254'"}},
+    {.name = "--add-loopback-address short form",
+     .env = {NULL},
+     .argv = {"--add-loopback-address", "169.254.43518", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--add-loopback-address", "is not an IPv4 address"}},
     {.name = "--allow-host with a port",
      .env = {ENV_ALL, NULL},
      .argv = {"--allow-host", "imdsd:8000", NULL},
@@ -420,7 +441,10 @@ static void t_cfg(void **state)
     if (rc != r->rc)
         print_error("config_parse -> %d, err '%s'\n", rc, err);
     assert_int_equal(rc, r->rc);
-    if (rc == CONFIG_OK) {
+    assert_string_equal(c.add_address, r->add_address ? r->add_address : "");
+    if (rc == CONFIG_OK && r->add_address) {
+        assert_null(c.client_id); /* nothing else is needed, nor read */
+    } else if (rc == CONFIG_OK) {
         assert_non_null(c.client_id);
         assert_non_null(c.tenant_id);
         assert_non_null(c.token_file);
