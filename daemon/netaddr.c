@@ -99,9 +99,10 @@ int netaddr_add_loopback(const char *ip, char *err, size_t errlen)
             else if (e == EEXIST)
                 rc = NETADDR_PRESENT;
             else if (e == EPERM || e == EACCES)
-                snprintf(err, errlen,
-                         "adding %s/32 to lo: %s (needs CAP_NET_ADMIN in the pod's network namespace)",
-                         ip, strerror(e));
+                snprintf(
+                    err, errlen,
+                    "adding %s/32 to lo: %s (needs CAP_NET_ADMIN in the pod's network namespace)",
+                    ip, strerror(e));
             else
                 snprintf(err, errlen, "adding %s/32 to lo: %s", ip, strerror(e));
             goto out;

@@ -82,7 +82,7 @@ struct cfg_row {
     int nhosts;
     const char *host1;
     unsigned max_conn, idle, entra_timeout;
-    int defaults; /* check every default value */
+    int defaults;            /* check every default value */
     const char *add_address; /* the one-shot init mode: only this is set */
     /* CONFIG_ERROR: substrings of err */
     const char *err_in[2];
