@@ -401,6 +401,8 @@ def write_secret(ctx, value=SECRET):
 
 
 def netns_setup(ctx):
-    """A network namespace where imdsd listens on 169.254.169.254:80 (the real IMDS address) and the fake
-    Entra on its localhost. Returns (ns, daemon, fake)."""
-    return ctx.netns_daemon("169.254.169.254", 80, addresses=["169.254.169.254/32"])
+    """A network namespace set up as container/kubernetes/deployment-imds-address.yaml sets up a pod:
+    169.254.169.254 added by imdsd's init mode holding CAP_NET_ADMIN alone, then imdsd as uid 65532
+    with no capability listening on 169.254.169.254:80 (the pod's ip_unprivileged_port_start sysctl);
+    the fake Entra on its localhost. Returns (ns, daemon, fake)."""
+    return ctx.netns_daemon("169.254.169.254", 80, imds_address=True)

@@ -62,8 +62,9 @@ def pytest_generate_tests(metafunc):
         return
     module = metafunc.module.__name__
     full = metafunc.config.getoption("--valgrind-all")
+    only = getattr(metafunc.module, "ONLY_VARIANTS", None)   # e.g. the image tests: its own binary
     params = [v for v in selected_variants(metafunc.config)
-              if v != "valgrind" or full or module in VALGRIND_MODULES]
+              if (v != "valgrind" or full or module in VALGRIND_MODULES) and (only is None or v in only)]
     metafunc.parametrize("variant", params)
 
 
@@ -83,6 +84,7 @@ def pytest_collection_modifyitems(config, items):
 def rundir(request):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     d = tempfile.mkdtemp(prefix=f"imdsd-it-{worker}-")
+    os.chmod(d, 0o755)   # daemons that run as an unprivileged user (harness.NOBODY) read files here
     yield d
     if request.config.getoption("--keep") or request.session.testsfailed:
         print(f"\n# artefacts kept in {d}")

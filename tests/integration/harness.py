@@ -15,6 +15,8 @@ RESOURCE = "https://management.azure.com/"
 TOKEN_PATH = "/metadata/identity/oauth2/token"
 JSON_CT = "application/json; charset=utf-8"
 LIVE = []           # every Daemon started, so conftest.py can kill them at the end
+NOBODY = 65532      # the image's user: daemons started with unprivileged=True run as it, no capability
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 IMDS_FIELDS = ["access_token", "client_id", "expires_in", "expires_on", "ext_expires_in", "not_before",
                "resource", "token_type"]
 
@@ -509,6 +511,17 @@ class Fake:
 
 # ---- the daemon -----------------------------------------------------------------------------------
 
+def unprivileged_prefix(uid=NOBODY):
+    """argv prefix: uid/gid uid, no supplementary group, no capability (bounding set empty), no_new_privs."""
+    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs"]
+
+
+def only_cap_prefix(cap):
+    """argv prefix: root, but with cap as its only capability (a container with drop ALL, add cap)."""
+    return [SETPRIV, f"--inh-caps=-all,+{cap}", f"--bounding-set=-all,+{cap}", "--no-new-privs"]
+
+
 def base_env(extra=None):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
     if LABEL == "asan":
@@ -542,10 +555,11 @@ def check_tool_output(stderr_text, vg_log_text):
         assert not leaked, f"valgrind: descriptors {', '.join(leaked)} still open at exit"
 
 
-def run_once(args, env=None, timeout=10, vgdir="/tmp"):
-    """Runs the binary to completion (config errors, --help). Returns (rc, stdout, stderr)."""
+def run_once(args, env=None, timeout=10, vgdir="/tmp", prefix=()):
+    """Runs the binary to completion (config errors, --help), after the argv prefix (netns, setpriv).
+    Returns (rc, stdout, stderr)."""
     before = set(os.listdir(vgdir)) if VALGRIND else set()
-    p = subprocess.run(command(args, vgdir), env=base_env(env), stdin=subprocess.DEVNULL,
+    p = subprocess.run(list(prefix) + command(args, vgdir), env=base_env(env), stdin=subprocess.DEVNULL,
                        capture_output=True, timeout=timeout * SCALE, text=True, errors="replace")
     vg = None
     if VALGRIND:
@@ -558,9 +572,12 @@ def run_once(args, env=None, timeout=10, vgdir="/tmp"):
 class Daemon:
     """imdsd running in the background with stderr in a file; start() waits for /healthz."""
 
-    def __init__(self, args, env=None, workdir="/tmp", name="imdsd", port=None, netns=None, host="127.0.0.1"):
-        """netns: run inside that network namespace (a NetNS); host: where /healthz is polled."""
+    def __init__(self, args, env=None, workdir="/tmp", name="imdsd", port=None, netns=None, host="127.0.0.1",
+                 unprivileged=False):
+        """netns: run inside that network namespace (a NetNS); host: where /healthz is polled;
+        unprivileged: as uid/gid NOBODY with no capability at all and no_new_privs (a pod's sidecar)."""
         self.args, self.env, self.workdir, self.name = list(args), env, workdir, name
+        self.unprivileged = unprivileged
         self.port, self.netns, self.host = port, netns, host
         self.log_path = os.path.join(workdir, f"{name}.stderr")
         self.vgdir = os.path.join(workdir, f"{name}.vg")
@@ -570,6 +587,9 @@ class Daemon:
         os.makedirs(self.vgdir, exist_ok=True)
         self.logf = open(self.log_path, "ab")
         prefix = self.netns.prefix() if self.netns is not None else []
+        if self.unprivileged:
+            os.chmod(self.vgdir, 0o777)   # valgrind writes its log as that user
+            prefix += unprivileged_prefix()
         self.proc = subprocess.Popen(prefix + command(self.args, self.vgdir), env=base_env(self.env),
                                      stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
         LIVE.append(self)
@@ -682,7 +702,8 @@ class Ctx:
         return args + list(extra)
 
     def daemon(self, tenant=None, token=None, extra=(), env=None, fake=None, client_id=CLIENT_ID,
-               args=None, start=True, port=None, log_level="debug", wait=True, netns=None, host="127.0.0.1"):
+               args=None, start=True, port=None, log_level="debug", wait=True, netns=None, host="127.0.0.1",
+               unprivileged=False):
         """Starts imdsd against the fake; returns the Daemon (d.port, d.tenant, d.token).
         netns/host: run it inside that network namespace and poll /healthz there on host:port."""
         tenant = tenant or self.tenant("ok")
@@ -691,7 +712,7 @@ class Ctx:
         if args is None:
             args = self.daemon_args(tenant, token, port, fake, client_id, extra, log_level)
         self.n += 1
-        d = Daemon(args, env, self.tmp, f"imdsd-{self.n}", port, netns=netns, host=host)
+        d = Daemon(args, env, self.tmp, f"imdsd-{self.n}", port, netns=netns, host=host, unprivileged=unprivileged)
         d.tenant, d.token = tenant, token
         (fake or self.fake).control(tenant, token_file=token.path)
         self.daemons.append(d)
@@ -708,13 +729,23 @@ class Ctx:
         self.cleanups.append(ns.delete)
         return ns
 
-    def netns_daemon(self, host, port, addresses=(), extra=()):
+    def netns_daemon(self, host, port, addresses=(), extra=(), imds_address=False):
         """A network namespace standing for a pod or a VM: the addresses (CIDR) on its lo, a stand-in
         Entra on its localhost, and imdsd inside serving tokens on host:port (extra: more flags).
+        imds_address: the pod's IMDS-address option with its privileges: 169.254.169.254 added by
+        `imdsd --add-loopback-address` holding CAP_NET_ADMIN alone (the init container), the pod
+        sysctl net.ipv4.ip_unprivileged_port_start=80, and imdsd as NOBODY with no capability.
         Returns (ns, daemon, fake)."""
         ns = self.netns()
         for a in addresses:
             ns.ip("addr", "add", a, "dev", "lo")
+        if imds_address:
+            rc, out, err = run_once(["--add-loopback-address", "169.254.169.254"],
+                                    prefix=ns.prefix() + only_cap_prefix("net_admin"), vgdir=self.tmp)
+            assert rc == 0 and "result=added" in err, f"init mode: status {rc}: {err.strip()}"
+            p = subprocess.run(ns.prefix() + ["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=80"],
+                               capture_output=True, text=True)
+            assert p.returncode == 0, f"sysctl in {ns}: {p.stderr.strip()}"
         tok = self.token()
         tenant = self.tenant("ok")
         fake = Fake(self.tmp, f"netns-{self.n}", self.certs["leaf.pem"], self.certs["leaf.key"], netns=ns,
@@ -722,7 +753,8 @@ class Ctx:
         self.cleanups.append(fake.stop)
         args = self.daemon_args(tenant, tok, port, fake, extra=extra)
         args[args.index("--listen") + 1] = f"{host}:{port}"
-        d = self.daemon(tenant, tok, args=args, fake=fake, port=port, netns=ns, host=host)
+        d = self.daemon(tenant, tok, args=args, fake=fake, port=port, netns=ns, host=host,
+                        unprivileged=imds_address)
         return ns, d, fake
 
     def finish(self):
