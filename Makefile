@@ -4,6 +4,7 @@
 # make check      install dependencies, then unit + integration tests, plain, ASan/UBSan and valgrind
 # make check-full the same with every integration module under valgrind (before a release)
 # make bench      install dependencies, then imdsd against nginx (tests/bench/README.md)
+# make image      install dependencies, build the container image and build/imdsd-VERSION.oci.tar
 # make deps       install the Debian packages the build and the tests need
 #
 # demo, check, check-full and bench install packages first and then build in a new make: a make
@@ -36,7 +37,7 @@ UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
 
 # Anything that compiles first checks the build packages, and names the missing ones in one line
 # (demo, check, check-full and bench install them first, then build in a new make).
-ifeq ($(filter deps demo check check-full bench lint clean,$(MAKECMDGOALS)),)
+ifeq ($(filter deps demo check check-full bench image lint clean,$(MAKECMDGOALS)),)
 MISSING_PKGS := $(shell tests/deps.sh --check-build 2>&1)
 ifneq ($(MISSING_PKGS),)
 $(error $(MISSING_PKGS))
@@ -85,6 +86,15 @@ $(eval $(call variant,REL,build,$(REL_CFLAGS),$(REL_LDFLAGS)))
 $(eval $(call variant,ASAN,build/asan,$(ASAN_CFLAGS),-fsanitize=address,undefined))
 $(eval $(call variant,DBG,build/debug,$(DBG_CFLAGS),))
 
+# The image's binary: static-pie (the image has no libc), hardened like the release build,
+# stripped, and the same bytes from the same sources wherever the checkout is.
+STATIC_CFLAGS  = -std=c11 -O2 -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIE -ffile-prefix-map=$(CURDIR)/=
+STATIC_LDFLAGS = -static-pie -s -Wl,-z,relro,-z,now
+$(eval $(call variant,STATIC,build/static,$(STATIC_CFLAGS),$(STATIC_LDFLAGS)))
+# libuv1-dev's static library; glibc's static getaddrinfo reads /etc/hosts and /etc/resolv.conf
+# itself (its link-time warning is about other NSS services, which the image does not use)
+build/static/imdsd: LIBS = /usr/lib/x86_64-linux-gnu/libuv_a.a -lmbedtls -lmbedx509 -lmbedcrypto -lpthread -ldl
+
 # libFuzzer targets link only the pure modules (no loop, no sockets).
 FUZZ_CFLAGS = -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 FUZZ_LIBSRC = daemon/buf.c daemon/json.c daemon/form.c daemon/imds.c daemon/entra_msg.c daemon/jwt.c daemon/util.c
@@ -117,11 +127,11 @@ unit: build/imdsd units units-asan units-debug
 VARIANTS    ?= plain,asan,valgrind
 PYTEST_ARGS ?=
 JOBS        := $(shell nproc 2>/dev/null || echo 2)
-integration: build/imdsd build/asan/imdsd build/debug/imdsd
+integration: build/imdsd build/asan/imdsd build/debug/imdsd image-build
 	$(Q)$(PY) -m pytest tests/integration -n $$(( $(JOBS) * 2 )) --variants $(VARIANTS) $(PYTEST_ARGS)
 
 # everything make check runs, built in one parallel make
-check-build: build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug fuzz build/loadgen
+check-build: build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug fuzz build/loadgen image-build
 
 check:
 	$(Q)$(MAKE) --no-print-directory deps
@@ -155,6 +165,38 @@ build/loadgen: tests/bench/loadgen.c
 	$(Q)$(CC) $(BASE) -O2 $(WARN) -o $@ $<
 
 .PHONY: bench bench-smoke
+
+# ---- the container image (container/Containerfile, podman) --------------------------------------
+# make image: localhost/imdsd:VERSION in podman's store and build/imdsd-VERSION.oci.tar to push.
+# podman runs with container/containers.conf (CONTAINERS_CONF), not the user's configuration.
+IMAGE         ?= localhost/imdsd:$(VERSION)
+IMAGE_ARCHIVE  = build/imdsd-$(VERSION).oci.tar
+IMAGE_SOURCE  ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),imdsd)
+REVISION      := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+PODMAN         = CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman
+CA_BUNDLE     ?= /etc/ssl/certs/ca-certificates.crt
+
+image:
+	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)$(MAKE) --no-print-directory -j$(JOBS) image-build
+
+# modes and directories set explicitly: the layer must not depend on the umask
+build/image/rootfs: build/static/imdsd container/passwd container/group $(CA_BUNDLE)
+	$(Q)rm -rf $@ && install -d -m 0755 $@ $@/etc $@/etc/ssl $@/etc/ssl/certs
+	$(Q)install -m 0755 build/static/imdsd $@/imdsd
+	$(Q)install -m 0644 $(CA_BUNDLE) $@/etc/ssl/certs/ca-certificates.crt
+	$(Q)install -m 0644 container/passwd $@/etc/passwd
+	$(Q)install -m 0644 container/group $@/etc/group
+
+image-build: build/image/rootfs container/Containerfile
+	$(Q)$(PODMAN) build --quiet --timestamp 0 --layers=false $(PODMAN_BUILD_FLAGS) --file container/Containerfile --tag $(IMAGE) \
+	    --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) \
+	    --build-arg SOURCE=$(IMAGE_SOURCE) build/image >/dev/null
+	$(Q)rm -f $(IMAGE_ARCHIVE) && $(PODMAN) save --quiet --format oci-archive -o $(IMAGE_ARCHIVE) $(IMAGE)
+	$(Q)echo "image: $(IMAGE) $$($(PODMAN) image inspect --format '{{.Size}} bytes, id {{.Id}}' $(IMAGE))"
+	$(Q)echo "image: $(IMAGE_ARCHIVE) ($$(stat -c %s $(IMAGE_ARCHIVE)) bytes; push it with skopeo copy oci-archive:$(IMAGE_ARCHIVE) docker://REGISTRY/imdsd:$(VERSION))"
+
+.PHONY: image image-build
 
 deps:
 	$(Q)tests/deps.sh

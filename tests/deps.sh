@@ -11,6 +11,12 @@ BUILD="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev"
 # (taskset) and strace for make bench / the bench smoke; openssl and curl for make demo.
 TEST="libcmocka-dev python3 openssl curl valgrind ca-certificates clang libclang-rt-14-dev python3-azure
       iproute2 python3-pytest python3-pytest-xdist python3-pytest-timeout wrk nginx util-linux strace"
+# make image and the pod tests: podman as root with runc (Debian's crun refuses these machines'
+# cgroup layout; container/containers.conf selects runc), the pause image's catatonit, pod
+# networking (netavark, CNI plugins, iptables), skopeo to read the archive, busybox-static for the
+# test pod's application image, python3-yaml to read the manifests.
+TEST="$TEST podman runc catatonit netavark aardvark-dns containernetworking-plugins iptables skopeo
+      busybox-static python3-yaml"
 # The JS SDK tests run the real @azure/identity with node and npm: node-llhttp brings Debian's
 # nodejs (18) along, for which tests/compat/node18 pins the newest client that supports it; a newer
 # Node.js with its own npm (the machine image's 20) runs the newer pin in tests/compat. Debian's

@@ -1,7 +1,8 @@
 #!/bin/sh
 # gen_certs.sh DIR - per-run test PKI for the integration tests (EC P-256; never committed).
 #   ca.pem/ca.key                 test CA
-#   leaf.pem/leaf.key             SAN DNS:localhost, IP:127.0.0.1, IP:::1        (signed by the CA)
+#   leaf.pem/leaf.key             SAN DNS:localhost, login.entra.test, hosts.entra.test (the image
+#                                 tests resolve those), IP:127.0.0.1, IP:::1 (signed by the CA)
 #   wronghost.pem/wronghost.key   SAN DNS:wrong-host.invalid only                (signed by the CA)
 #   rogue-ca.pem/rogue-ca.key     a second, unrelated CA
 #   rogue.pem/rogue.key           SAN DNS:localhost, IP:127.0.0.1, IP:::1        (signed by the rogue CA)
@@ -28,7 +29,7 @@ keyUsage = critical,digitalSignature
 extendedKeyUsage = serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid,issuer
-subjectAltName = DNS:localhost,IP:127.0.0.1,IP:::1
+subjectAltName = DNS:localhost,DNS:login.entra.test,DNS:hosts.entra.test,IP:127.0.0.1,IP:::1
 [v3_wronghost]
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,digitalSignature

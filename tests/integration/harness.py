@@ -119,9 +119,9 @@ def token_url(resource=RESOURCE, client_id=None, api_version="2018-02-01", path=
     return path + "?" + "&".join(q) + extra
 
 
-def get_token(port, resource=RESOURCE, client_id=None, headers=None, conn=None, timeout=20, **kw):
+def get_token(port, resource=RESOURCE, client_id=None, headers=None, conn=None, timeout=20, netns=None, **kw):
     h = {"Metadata": "true"} if headers is None else headers
-    return request(port, token_url(resource, client_id, **kw), h, conn=conn, timeout=timeout)
+    return request(port, token_url(resource, client_id, **kw), h, conn=conn, timeout=timeout, netns=netns)
 
 
 def raw_exchange(port, data, timeout=5, host="127.0.0.1", one_response=False):

@@ -1,0 +1,37 @@
+"""podman for the image and pod tests, with container/containers.conf (as make image uses it)."""
+import json
+import os
+import subprocess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+VERSION = open(os.path.join(ROOT, "VERSION")).read().strip()
+IMAGE = f"localhost/imdsd:{VERSION}"
+ARCHIVE = os.path.join(ROOT, "build", f"imdsd-{VERSION}.oci.tar")
+ENV = dict(os.environ, CONTAINERS_CONF=os.path.join(ROOT, "container", "containers.conf"))
+
+
+def run(*args, check=True, timeout=120, input=None):
+    """podman ARGS; returns stdout (check: status 0 or an AssertionError with podman's stderr)."""
+    p = subprocess.run(["podman"] + list(args), env=ENV, capture_output=True, text=True, timeout=timeout,
+                       input=input)
+    if check:
+        assert p.returncode == 0, f"podman {' '.join(args[:3])}...: status {p.returncode}: {p.stderr.strip()[-1500:]}"
+    return p.stdout if check else p
+
+
+def inspect(kind, name):
+    return json.loads(run(kind, "inspect", name))[0]
+
+
+def require_image():
+    """The image make image built; an AssertionError saying so when it is missing."""
+    p = run("image", "exists", IMAGE, check=False)
+    assert p.returncode == 0, f"{IMAGE} is not in podman's store: run make image first"
+    return inspect("image", IMAGE)
+
+
+def proc_status(pid):
+    """/proc/PID/status as a dict of stripped strings."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
