@@ -430,14 +430,16 @@ def log_ts(rec):
 class Fake:
     """A running fake_entra.py serving cert/key; the harness talks to its control endpoints."""
 
-    def __init__(self, rundir, name, cert, key, netns=None, token_file=None):
-        """netns: run inside that network namespace (a NetNS); token_file: the fake's default --token-file."""
+    def __init__(self, rundir, name, cert, key, netns=None, token_file=None, bind="127.0.0.1"):
+        """netns: run inside that network namespace (a NetNS); token_file: the fake's default --token-file;
+        bind: its listening address (a pod reaches 0.0.0.0 through its network's gateway)."""
         self.name, self.log = name, os.path.join(rundir, f"fake-{name}.jsonl")
         self.netns = netns
         ready = os.path.join(rundir, f"fake-{name}.port")
         self.stderr = open(os.path.join(rundir, f"fake-{name}.stderr"), "w")
         cmd = [sys.executable, os.path.join(HERE, "fake_entra.py"), "--cert", cert, "--key", key, "--port", "0",
-               "--log", self.log, "--ready-file", ready] + (["--token-file", token_file] if token_file else [])
+               "--log", self.log, "--ready-file", ready, "--bind", bind] + \
+            (["--token-file", token_file] if token_file else [])
         self.proc = subprocess.Popen((netns.prefix() if netns else []) + cmd,
                                      stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
         wait_for(lambda: os.path.exists(ready) or self.proc.poll() is not None, 10, f"fake {name}")

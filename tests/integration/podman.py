@@ -21,7 +21,8 @@ def run(*args, check=True, timeout=120, input=None):
 
 
 def inspect(kind, name):
-    return json.loads(run(kind, "inspect", name))[0]
+    j = json.loads(run(kind, "inspect", name))
+    return j[0] if isinstance(j, list) else j   # podman 4.3's pod inspect gives one object
 
 
 def require_image():
@@ -35,3 +36,24 @@ def proc_status(pid):
     """/proc/PID/status as a dict of stripped strings."""
     with open(f"/proc/{pid}/status") as f:
         return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
+def reap_stale():
+    """Removes pods and containers the tests named NAME-PID-N for runs whose process is gone."""
+    import re
+    for kind, fmt in (("pod", "{{.Name}}"), ("container", "{{.Names}}")):
+        p = run(kind, "ps", "-a", "--format", fmt, check=False)
+        for name in p.stdout.split() if p.returncode == 0 else []:
+            m = re.fullmatch(r"imdsd-(?:pod|img)-(\d+)-\d+", name)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                run(kind, "rm", "-f", name, check=False)
+
+
+def kube_network():
+    """podman kube play's network (created here when missing): {"name", "gateway"}."""
+    name = "podman-default-kube-network"
+    if run("network", "exists", name, check=False).returncode != 0:
+        p = run("network", "create", name, check=False)
+        assert p.returncode == 0 or run("network", "exists", name, check=False).returncode == 0, p.stderr
+    net = json.loads(run("network", "inspect", name))[0]
+    return {"name": name, "gateway": net["subnets"][0]["gateway"]}

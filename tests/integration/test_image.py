@@ -119,6 +119,7 @@ class Container:
     def __init__(self, ctx, ns, args, podman_args=()):
         self.name = f"imdsd-img-{os.getpid()}-{harness.unique()}"
         self.ns = ns
+        podman.reap_stale()
         podman.run("run", "-d", "--name", self.name, "--network", f"ns:/run/netns/{ns.name}", "--read-only",
                    *podman_args, podman.IMAGE, *args)
         ctx.cleanups.append(self.stop)

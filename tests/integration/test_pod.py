@@ -1,0 +1,335 @@
+"""The manifests in container/kubernetes/ run as pods with `podman kube play`: imdsd's image beside an
+application container, the real Python and JavaScript SDKs in the pod's network namespace, the probes
+from outside the pod as the kubelet makes them (to the pod IP), a kubelet-style token rotation seen
+through the volume, uid 65532 and a read-only root.
+
+Each pod is the manifest's pod template, changed only where podman 4.3 cannot model a kubelet (each
+change is made by pod_from() and listed there): no native sidecars (imdsd becomes the first ordinary
+container), probes run by this test instead of podman, no service-account token projection (a
+kubelet-style hostPath volume instead) and no webhook (its variables and volume written in), pod
+sysctls passed as podman's default_sysctls, the stand-in Entra at the pod network's gateway.
+Native-sidecar ordering itself (the application starts after imdsd's startupProbe passes) is
+Kubernetes' job; here the application retries until imdsd answers, and the test records when the
+startup probe first passes."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+import harness
+import podman
+from harness import CLIENT_ID, wait_for
+
+sys.path.insert(0, os.path.join(harness.HERE, "..", "compat"))
+import sdk_clients as sdk  # noqa: E402
+from sdk_clients import ARM, GRAPH, VAULT  # noqa: E402
+
+ONLY_VARIANTS = ("plain",)   # the image carries its own (static) build
+MANIFESTS = os.path.join(podman.ROOT, "container", "kubernetes")
+APP_IMAGE = "localhost/imdsd-test-app:1"
+ENTRA_NAME = "login.entra.test"
+CA_PATH = "/etc/imdsd/ca.pem"
+FIGURES = os.path.join(podman.ROOT, "build", "pod-figures.json")
+MIC, DAC = "ManagedIdentityCredential", "DefaultAzureCredential"
+
+# The test application: asks for a token every second where the SDKs would (the override if the
+# manifest sets one, else the IMDS address) and prints only whether it got one. busybox nc, not
+# wget: Debian's static busybox wget crashes on these machines.
+APP_SCRIPT = r"""trap 'exit 0' TERM
+hp=${AZURE_POD_IDENTITY_AUTHORITY_HOST:-http://169.254.169.254:80}
+hp=${hp#http://}
+host=${hp%%:*}
+port=${hp##*:}
+req="GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/ HTTP/1.1\r\nHost: $host\r\nMetadata: true\r\nConnection: close\r\n\r\n"
+while :; do
+  status=$(printf "$req" | /bin/busybox nc -w 5 "$host" "$port" 2>/dev/null | /bin/busybox head -n 1)
+  case "$status" in *" 200 "*) echo 'app: token ok';; *) echo "app: no token (${status%?})";; esac
+  /bin/busybox sleep 1 & wait $!
+done
+"""
+
+
+def app_image(ctx):
+    """A scratch image with busybox as the application (uid 65532): no base image can be pulled here."""
+    if podman.run("image", "exists", APP_IMAGE, check=False).returncode == 0:
+        return
+    d = os.path.join(ctx.tmp, "app-image")
+    os.makedirs(d)
+    subprocess.run(["install", "-m", "0755", "/bin/busybox", os.path.join(d, "busybox")], check=True)
+    with open(os.path.join(d, "Containerfile"), "w") as f:
+        f.write('FROM scratch\nCOPY busybox /bin/busybox\nUSER 65532:65532\nENTRYPOINT ["/bin/busybox"]\n')
+    podman.run("build", "--quiet", "--timestamp", "0", "--layers=false", "-t", APP_IMAGE, d)
+
+
+def deployment(manifest):
+    with open(os.path.join(MANIFESTS, manifest)) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+def env_set(container, name, value):
+    env = container.setdefault("env", [])
+    for e in env:
+        if e["name"] == name:
+            e["value"] = value
+            return
+    env.append({"name": name, "value": value})
+
+
+def pod_from(manifest, name, tenant, tok, fake_port, gateway, ca):
+    """The manifest's pod template as a Pod podman can play. Returns (pod, probes of imdsd, sysctls)."""
+    tmpl = copy.deepcopy(deployment(manifest)["spec"]["template"])
+    spec = tmpl["spec"]
+    inits = spec.pop("initContainers", [])
+    # 1. native sidecars (restartPolicy: Always) become ordinary containers, first in the pod
+    sidecars = [c for c in inits if c.get("restartPolicy") == "Always"]
+    for c in sidecars:
+        del c["restartPolicy"]
+    inits = [c for c in inits if c not in sidecars]
+    if inits:
+        spec["initContainers"] = inits
+    spec["containers"] = sidecars + spec["containers"]
+    imdsd = next(c for c in sidecars if c["name"] == "imdsd")
+    # 2. probes: podman 4.3 would run httpGet probes as curl inside the container (there is none);
+    #    this test makes them from outside, to the pod IP, as the kubelet does
+    probes = {k: imdsd.pop(k) for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in imdsd}
+    # podman publishes containerPorts on the host (a kubelet does not): the pod IP is enough
+    probes["ports"] = {p.get("name"): p["containerPort"] for p in imdsd.pop("ports", [])}
+    # 3. images: this build of imdsd; the application is busybox asking for tokens
+    for c in inits + sidecars:
+        c["image"] = podman.IMAGE
+    app = next(c for c in spec["containers"] if c["name"] == "app")
+    app["image"] = APP_IMAGE
+    app["command"] = ["/bin/busybox", "sh", "-c", APP_SCRIPT]
+    # 4. the token: a kubelet-style hostPath volume instead of the projection, with the webhook's
+    #    variables and mount written in when the manifest relies on the webhook
+    token_mount = "/var/run/secrets/azure/wi"
+    if tmpl["metadata"].get("labels", {}).get("azure.workload.identity/use") == "true":
+        imdsd.setdefault("volumeMounts", []).append(
+            {"name": "azure-identity-token", "mountPath": token_mount, "readOnly": True})
+        spec.setdefault("volumes", []).append({"name": "azure-identity-token"})
+        env_set(imdsd, "AZURE_FEDERATED_TOKEN_FILE", f"{token_mount}/token/azure-identity-token")
+    for v in spec["volumes"]:
+        if v["name"] == "azure-identity-token":
+            v.pop("projected", None)
+            v["hostPath"] = {"path": tok.root, "type": "Directory"}
+    # 5. the stand-in Entra, at the pod network's gateway, trusted through the test CA
+    env_set(imdsd, "AZURE_CLIENT_ID", CLIENT_ID)
+    env_set(imdsd, "AZURE_TENANT_ID", tenant)
+    env_set(imdsd, "AZURE_AUTHORITY_HOST", f"https://{ENTRA_NAME}:{fake_port}/")
+    env_set(imdsd, "IMDSD_CA_FILE", CA_PATH)
+    imdsd.setdefault("volumeMounts", []).append({"name": "test-ca", "mountPath": CA_PATH, "readOnly": True})
+    spec["volumes"].append({"name": "test-ca", "hostPath": {"path": ca, "type": "File"}})
+    spec["hostAliases"] = [{"ip": gateway, "hostnames": [ENTRA_NAME]}]
+    # 6. what only a cluster has: service accounts; pod sysctls go to podman's default_sysctls
+    spec.pop("serviceAccountName", None)
+    spec.pop("automountServiceAccountToken", None)
+    sysctls = spec.get("securityContext", {}).pop("sysctls", [])
+    annotations = dict(tmpl["metadata"].get("annotations", {}))
+    if inits:
+        # podman 4.3 without systemd waits 20 s for an init container's exit (its cleanup process
+        # waits for kube play's lock), then fails to remove a "once" container it still thinks runs
+        annotations["io.podman.annotations.init.container.type"] = "always"
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "labels": tmpl["metadata"].get("labels", {}), "annotations": annotations},
+           "spec": spec}
+    return pod, imdsd, probes, sysctls
+
+
+class Pod:
+    """A manifest played by podman; stop() (by ctx.finish) stops it and checks imdsd exited 0."""
+
+    def __init__(self, ctx, manifest):
+        app_image(ctx)
+        self.ctx = ctx
+        self.name = f"imdsd-pod-{os.getpid()}-{harness.unique()}"
+        self.tok = harness.KubeletToken(os.path.join(ctx.tmp, f"{self.name}-token"), nested=True)
+        self.fake = harness.Fake(ctx.tmp, self.name, ctx.certs["leaf.pem"], ctx.certs["leaf.key"],
+                                 token_file=self.tok.path, bind="0.0.0.0")
+        ctx.cleanups.append(self.fake.stop)
+        self.tenant = ctx.tenant("ok")
+        self.fake.control(self.tenant, token_file=self.tok.path)
+        podman.reap_stale()
+        net = podman.kube_network()
+        gateway = net["gateway"]
+        pod, self.imdsd_spec, self.probes, sysctls = pod_from(
+            manifest, self.name, self.tenant, self.tok, self.fake.port, gateway, ctx.certs["ca.pem"])
+        self.yaml = os.path.join(ctx.tmp, f"{self.name}.yaml")
+        with open(self.yaml, "w") as f:
+            yaml.safe_dump(pod, f)
+        # podman 4.3 ignores spec.securityContext.sysctls: the same values as its default_sysctls,
+        # which it applies to the pod's network namespace
+        conf = os.path.join(ctx.tmp, f"{self.name}.conf")
+        with open(os.path.join(podman.ROOT, "container", "containers.conf")) as f:
+            text = f.read()
+        extra = json.dumps([f"{s['name']}={s['value']}" for s in sysctls])
+        with open(conf, "w") as f:
+            f.write(text.replace("[containers]\n", f"[containers]\ndefault_sysctls = {extra}\n", 1))
+        self.env = dict(podman.ENV, CONTAINERS_CONF=conf)
+        self.t0 = time.monotonic()
+        p = subprocess.run(["podman", "kube", "play", self.yaml], env=self.env, capture_output=True, text=True,
+                           timeout=120)
+        ctx.cleanups.append(self.stop)
+        assert p.returncode == 0, f"podman kube play: {p.stderr.strip()[-1500:]}"
+        infra = podman.inspect("pod", self.name)["InfraContainerID"]
+        info = podman.inspect("container", infra)
+        self.ip = info["NetworkSettings"]["Networks"][net["name"]]["IPAddress"]
+        # the pod's network namespace, named so that the harness and the SDK runners can enter it
+        self.ns = harness.NetNS(f"{self.name}-net")
+        subprocess.run([harness.IP, "netns", "attach", self.ns.name, str(info["State"]["Pid"])], check=True)
+        ctx.cleanups.append(lambda: subprocess.run([harness.IP, "netns", "delete", self.ns.name]))
+
+    def container(self, short):
+        return podman.inspect("container", f"{self.name}-{short}")
+
+    def logs(self, short):
+        p = podman.run("logs", f"{self.name}-{short}", check=False)
+        return p.stdout + p.stderr
+
+    def probe_port(self, probe):
+        port = probe["httpGet"]["port"]
+        return self.probes["ports"][port] if isinstance(port, str) else port
+
+    def probe(self, kind):
+        """The manifest's probe, made as the kubelet makes it: an HTTP GET to the pod IP."""
+        pr = self.probes[kind]
+        try:
+            return harness.request(self.probe_port(pr), pr["httpGet"]["path"], host=self.ip, timeout=1).status
+        except OSError:
+            return None
+
+    def stop(self):
+        try:
+            podman.run("pod", "stop", "-t", "10", self.name)
+            for short in ("imdsd", "app"):   # kept with the test's artefacts
+                with open(os.path.join(self.ctx.tmp, f"{self.name}-{short}.log"), "w") as f:
+                    f.write(self.logs(short))
+            ex = self.container("imdsd")["State"]["ExitCode"]
+            assert ex == 0, f"imdsd exited {ex} when the pod stopped: {self.logs('imdsd')[-1500:]}"
+        finally:
+            podman.run("pod", "rm", "-f", self.name, check=False)
+
+
+def start(ctx, manifest):
+    pod = Pod(ctx, manifest)
+    # the startup probe as the kubelet runs it: every periodSeconds until it passes
+    period = pod.probes["startupProbe"].get("periodSeconds", 10)
+    deadline = period * pod.probes["startupProbe"].get("failureThreshold", 3)
+    t = time.monotonic()
+    while pod.probe("startupProbe") != 200:
+        assert time.monotonic() - t < deadline, f"startupProbe failed for {deadline} s: {pod.logs('imdsd')[-1500:]}"
+        time.sleep(min(period, 0.05))
+    pod.ready_s = time.monotonic() - pod.t0
+    return pod
+
+
+def check_pod_basics(pod):
+    """Probes pass at the pod IP, tokens are not there, the application gets tokens, and each container
+    runs as the manifest says: imdsd uid 65532 without capabilities on a read-only root."""
+    assert pod.probe("readinessProbe") == 200 and pod.probe("livenessProbe") == 200
+    health = pod.probe_port(pod.probes["livenessProbe"])
+    md = {"Metadata": "true"}
+    r = harness.request(health, harness.token_url(), md, host=pod.ip)
+    assert r.status == 404, f"a token path on the probe port answered {r.status}"
+    for port in (8000, 80):
+        try:
+            harness.request(port, harness.token_url(), md, host=pod.ip, timeout=2)
+            raise AssertionError(f"the token listener is reachable at the pod IP, port {port}")
+        except OSError:
+            pass
+    wait_for(lambda: "app: token ok" in pod.logs("app"), 15, f"a token in the application's log: "
+             f"{pod.logs('app')[-300:]}")
+    for short in ("imdsd", "app"):
+        c = pod.container(short)
+        assert c["HostConfig"]["ReadonlyRootfs"] is True, f"{short}: root file system writable"
+    st = podman.proc_status(pod.container("imdsd")["State"]["Pid"])
+    assert st["Uid"].split()[:2] == ["65532", "65532"] and st["Gid"].split()[:2] == ["65532", "65532"], st["Uid"]
+    assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0, (st["CapEff"], st["CapBnd"])
+    assert st["NoNewPrivs"] == "1"
+    return st
+
+
+def sdk_round(ctx, pod, env):
+    """Python (MIC, DAC) and JavaScript (MIC) clients in the pod's network namespace get tokens."""
+    for kind in (MIC, DAC):
+        res = sdk.run_py(ctx, kind, [ARM, VAULT], env, netns=pod.ns)
+        sdk.check_tokens(ctx, pod.tenant, res, CLIENT_ID, fake=pod.fake)
+    res = sdk.run_js(ctx, MIC, [ARM, GRAPH], env, netns=pod.ns)
+    sdk.check_tokens(ctx, pod.tenant, res, CLIENT_ID, fake=pod.fake)
+
+
+def record(name, **figures):
+    """Figures for the README and the closing note, in build/pod-figures.json."""
+    try:
+        with open(FIGURES) as f:
+            allf = json.load(f)
+    except (OSError, ValueError):
+        allf = {}
+    allf[name] = figures
+    with open(FIGURES, "w") as f:
+        json.dump(allf, f, indent=1, sort_keys=True)
+
+
+def test_pod_native_sidecar_deployment(ctx):
+    """deployment.yaml: the SDKs find imdsd through AZURE_POD_IDENTITY_AUTHORITY_HOST, as the
+    manifest's application container sets it; a rotation of the token volume reaches imdsd."""
+    podman.require_image()
+    pod = start(ctx, "deployment.yaml")
+    check_pod_basics(pod)
+    app_env = {e["name"]: e["value"] for e in deployment("deployment.yaml")["spec"]["template"]["spec"]
+               ["containers"][0].get("env", [])}
+    sdk_round(ctx, pod, sdk.client_env(ctx, **app_env))
+    # the kubelet rotates the projected token: imdsd's next exchange sends the new one
+    pod.tok.rotate()
+    fp = pod.tok.rotations[-1]["fp"]
+    wait_for(lambda: any(e.get("fp") == fp for e in harness.log_events(pod.logs("imdsd"), "token_file_loaded")),
+             10, "the rotated token in imdsd's log")
+    storage = "https://storage.azure.com/.default"   # not cached yet: a new exchange
+    res = sdk.run_py(ctx, MIC, [storage], sdk.client_env(ctx, **app_env), netns=pod.ns)
+    rec = sdk.check_tokens(ctx, pod.tenant, res, CLIENT_ID, fake=pod.fake)[storage]
+    assert rec["assertion_sha256"] == pod.tok.rotations[-1]["sha256"], "the old service-account token was sent"
+    assert pod.tok.content not in pod.logs("imdsd")
+    st = podman.proc_status(pod.container("imdsd")["State"]["Pid"])
+    record("deployment.yaml", start_to_ready_s=round(pod.ready_s, 3), imdsd_vmrss_kib=int(st["VmRSS"].split()[0]),
+           imdsd_vmhwm_kib=int(st["VmHWM"].split()[0]))
+
+
+test_pod_native_sidecar_deployment.timeout = 180
+
+
+def test_pod_imds_address(ctx):
+    """deployment-imds-address.yaml: the init container (root, NET_ADMIN only) adds 169.254.169.254;
+    imdsd (uid 65532, no capability) answers there; the SDKs and curl need no environment at all."""
+    podman.require_image()
+    pod = start(ctx, "deployment-imds-address.yaml")
+    check_pod_basics(pod)
+    out = pod.ns.ip("-4", "addr", "show", "dev", "lo")
+    assert "inet 169.254.169.254/32" in out, out
+    env = sdk.client_env(ctx)
+    sdk_round(ctx, pod, env)
+    p = subprocess.run(pod.ns.prefix() + ["/usr/bin/curl", "-sS", "--max-time", "10", "-H", "Metadata: true",
+                                          "http://169.254.169.254/metadata/identity/oauth2/token"
+                                          "?api-version=2018-02-01&resource=https://management.azure.com/"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and json.loads(p.stdout)["access_token"] in sdk.fake_issued(ctx, pod.tenant, pod.fake), \
+        p.stderr
+    record("deployment-imds-address.yaml", start_to_ready_s=round(pod.ready_s, 3))
+
+
+test_pod_imds_address.timeout = 180
+
+
+def test_pod_without_the_webhook(ctx):
+    """deployment-no-webhook.yaml: the projected token volume and the variables written out."""
+    podman.require_image()
+    pod = start(ctx, "deployment-no-webhook.yaml")
+    check_pod_basics(pod)
+    res = sdk.run_py(ctx, MIC, [ARM], sdk.imds_env(ctx, 8000), netns=pod.ns)
+    sdk.check_tokens(ctx, pod.tenant, res, CLIENT_ID, fake=pod.fake)
+
+
+test_pod_without_the_webhook.timeout = 120
