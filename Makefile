@@ -172,7 +172,8 @@ build/loadgen: tests/bench/loadgen.c
 IMAGE         ?= localhost/imdsd:$(VERSION)
 IMAGE_ARCHIVE  = build/imdsd-$(VERSION).oci.tar
 IMAGE_SOURCE  ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),imdsd)
-REVISION      := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+# the commit, with "-dirty" when the checkout has uncommitted changes to tracked files
+REVISION      := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
 PODMAN         = CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman
 CA_BUNDLE     ?= /etc/ssl/certs/ca-certificates.crt
 

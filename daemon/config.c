@@ -47,6 +47,8 @@ static const char USAGE[] =
     "  --add-loopback-address IPV4\n"
     "                          one-shot init mode: add IPV4/32 to the loopback interface\n"
     "                          (e.g. 169.254.169.254; needs CAP_NET_ADMIN) and exit\n"
+    "  --probe IP:PORT[/PATH]  exec probe: GET PATH (default /readyz) from a running imdsd,\n"
+    "                          exit 0 on 200, else 1 with the reason (images without curl)\n"
     "  --help, --version\n"
     "\n"
     "Entra is reached through the HTTP CONNECT proxy in HTTPS_PROXY (or https_proxy), unless\n"
@@ -70,6 +72,7 @@ enum {
     OPT_ENTRA_TIMEOUT,
     OPT_GRACE,
     OPT_ADD_ADDRESS,
+    OPT_PROBE,
     OPT_HELP,
     OPT_VERSION,
 };
@@ -92,6 +95,7 @@ static const struct option options[] = {
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
     {"shutdown-grace", required_argument, NULL, OPT_GRACE},
     {"add-loopback-address", required_argument, NULL, OPT_ADD_ADDRESS},
+    {"probe", required_argument, NULL, OPT_PROBE},
     {"help", no_argument, NULL, OPT_HELP},
     {"version", no_argument, NULL, OPT_VERSION},
     {NULL, 0, NULL, 0},
@@ -307,6 +311,29 @@ int config_load_identity_header(struct config *c, char *err, size_t errlen)
         return CONFIG_ERROR;                                                                       \
     } while (0)
 
+/* "IP:PORT[/PATH]" into c->probe_at and c->probe_path (default /readyz) */
+static int parse_probe(struct config *c, const char *v)
+{
+    const char *slash = strchr(v, '/');
+    size_t alen = slash ? (size_t)(slash - v) : strlen(v);
+    char addr[CONFIG_LISTEN_STR];
+    if (alen >= sizeof addr)
+        return -1;
+    memcpy(addr, v, alen);
+    addr[alen] = 0;
+    if (config_parse_listen(addr, &c->probe_at) < 0)
+        return -1;
+    const char *path = slash ? slash : "/readyz";
+    if (strlen(path) >= sizeof c->probe_path)
+        return -1;
+    for (const char *q = path; *q; q++)
+        if (!isgraph((unsigned char)*q))
+            return -1;
+    strcpy(c->probe_path, path);
+    c->probe = 1;
+    return 0;
+}
+
 int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *getenv_fn, char *err,
                  size_t errlen)
 {
@@ -425,6 +452,12 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             strcpy(c->add_address, optarg);
             break;
         }
+        case OPT_PROBE:
+            if (parse_probe(c, optarg) < 0)
+                ERR("--probe: invalid value '%s' (want IP:PORT or IP:PORT/PATH, e.g. "
+                    "127.0.0.1:8000/readyz)",
+                    optarg);
+            break;
         case OPT_HELP:
             fputs(USAGE, stdout);
             return CONFIG_EXIT;
@@ -442,8 +475,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
 
     if (!level_flag && env_level && *env_level && log_level_parse(env_level, &c->log_level) < 0)
         ERR("IMDSD_LOG_LEVEL: invalid value '%s' (debug, info, warn or error)", env_level);
-    if (c->add_address[0])
-        return CONFIG_OK; /* the one-shot init mode needs no identity */
+    if (c->add_address[0] || c->probe)
+        return CONFIG_OK; /* the one-shot modes need no identity */
     if (!c->client_id)
         ERR("AZURE_CLIENT_ID / --client-id: not set");
     if (!imds_is_guid(c->client_id))

@@ -14,6 +14,7 @@
 #include "http_server.h"
 #include "log.h"
 #include "netaddr.h"
+#include "probe.h"
 #include "token_cache.h"
 #include "token_file.h"
 #include "util.h"
@@ -161,6 +162,17 @@ int main(int argc, char **argv)
                      rc == NETADDR_ADDED ? "added" : "already_present");
         config_free(&d.cfg);
         return rc == NETADDR_ERROR ? 1 : 0;
+    }
+    if (d.cfg.probe) {
+        char at[CONFIG_LISTEN_STR];
+        rc = probe_run(&d.cfg.probe_at, d.cfg.probe_path, err, sizeof err);
+        if (rc < 0)
+            fprintf(stderr, "imdsd: --probe: %s\n", err);
+        else if (rc != 200)
+            fprintf(stderr, "imdsd: --probe: %s%s answered %d\n",
+                    config_listen_str(&d.cfg.probe_at, at), d.cfg.probe_path, rc);
+        config_free(&d.cfg);
+        return rc == 200 ? 0 : 1;
     }
     signal(SIGPIPE, SIG_IGN);
     uv_loop_init(&d.loop);

@@ -52,6 +52,9 @@ struct config {
     unsigned entra_timeout_s;
     unsigned shutdown_grace_s;
     char add_address[16]; /* --add-loopback-address: the one-shot init mode, when not empty */
+    int probe;            /* --probe: the one-shot exec probe of probe_at + probe_path */
+    struct config_listen probe_at;
+    char probe_path[64];
 };
 
 enum config_result { CONFIG_OK = 0, CONFIG_EXIT = 1, CONFIG_ERROR = -1 };

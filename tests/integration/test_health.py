@@ -3,6 +3,8 @@ a token there. The kubelet's httpGet probes connect to the pod IP, not to 127.0.
 listener stays on loopback and the probes get a listener of their own."""
 import os
 import socket
+import threading
+import time
 
 import harness
 from harness import (assert_json_error, assert_token_ok, free_port, get_token, log_events, make_jwt, request,
@@ -74,3 +76,46 @@ def test_health_listener_on_the_pod_ip(ctx):
     assert harness.in_netns(ns, connect_token_port) == "refused", "the token port answers on the pod IP"
     assert_token_ok(request(8000, token_url(), {"Metadata": "true"}, netns=ns))
     assert len(fake.records(d.tenant)) == 1
+
+
+def test_exec_probe(ctx):
+    """imdsd --probe IP:PORT[/PATH]: the exec probe for an image without a shell or curl. Exit 0 on 200
+    and silent; otherwise exit 1 with one line that says why, within its 2 s deadline."""
+    hp = free_port()
+    missing = harness.KubeletToken(os.path.join(ctx.tmp, "late-token"), create=False)
+    d = ctx.daemon(token=missing, extra=["--health-listen", f"127.0.0.1:{hp}"])
+    for target in (f"127.0.0.1:{hp}", f"127.0.0.1:{hp}/healthz", f"127.0.0.1:{d.port}/healthz"):
+        rc, out, err = ctx.run(["--probe", target])
+        if target.endswith("/healthz"):
+            assert (rc, out, err) == (0, "", ""), (target, rc, err)
+        else:   # no token file yet: not ready
+            assert rc == 1 and err == f"imdsd: --probe: 127.0.0.1:{hp}/readyz answered 503\n", err
+    missing.rotate(make_jwt())
+    wait_for(lambda: ctx.run(["--probe", f"127.0.0.1:{d.port}/readyz"])[0] == 0, 5, "--probe of /readyz to pass")
+    rc, _, err = ctx.run(["--probe", f"127.0.0.1:{hp}/metadata/identity/oauth2/token"])
+    assert rc == 1 and err.endswith("answered 404\n"), err
+    # nothing listening; a listener that never answers; something that is not HTTP
+    rc, _, err = ctx.run(["--probe", f"127.0.0.1:{free_port()}"])
+    assert rc == 1 and "Connection refused" in err and err.count("\n") == 1, err
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(4)
+    t0 = time.monotonic()
+    rc, _, err = ctx.run(["--probe", f"127.0.0.1:{mute.getsockname()[1]}"])
+    assert rc == 1 and "no answer within 2000 ms" in err, err
+    assert 1.9 < time.monotonic() - t0 < 2.5 * ctx.scale + 1
+    talk = socket.socket()
+    talk.bind(("127.0.0.1", 0))
+    talk.listen(4)
+
+    def garbage():
+        c, _ = talk.accept()
+        c.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        c.close()
+    t = threading.Thread(target=garbage)
+    t.start()
+    rc, _, err = ctx.run(["--probe", f"127.0.0.1:{talk.getsockname()[1]}"])
+    t.join()
+    mute.close()
+    talk.close()
+    assert rc == 1 and "not an HTTP answer" in err, err

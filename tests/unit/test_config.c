@@ -84,6 +84,7 @@ struct cfg_row {
     unsigned max_conn, idle, entra_timeout;
     int defaults;            /* check every default value */
     const char *add_address; /* the one-shot init mode: only this is set */
+    const char *probe;       /* the exec probe: "HOST PORT PATH" */
     /* CONFIG_ERROR: substrings of err */
     const char *err_in[2];
 };
@@ -384,6 +385,31 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--add-loopback-address", "169.254.43518", NULL},
      .rc = CONFIG_ERROR,
      .err_in = {"--add-loopback-address", "is not an IPv4 address"}},
+    {.name = "--probe: readyz by default, no identity needed",
+     .env = {NULL},
+     .argv = {"--probe", "127.0.0.1:8001", NULL},
+     .rc = CONFIG_OK,
+     .probe = "127.0.0.1 8001 /readyz"},
+    {.name = "--probe with a path and IPv6",
+     .env = {NULL},
+     .argv = {"--probe", "[::1]:8000/healthz", NULL},
+     .rc = CONFIG_OK,
+     .probe = "::1 8000 /healthz"},
+    {.name = "--probe without a port",
+     .env = {NULL},
+     .argv = {"--probe", "127.0.0.1/readyz", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--probe", "'127.0.0.1/readyz'"}},
+    {.name = "--probe with a space in the path",
+     .env = {NULL},
+     .argv = {"--probe", "127.0.0.1:8000/readyz HTTP/1.0", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--probe", "'127.0.0.1:8000/readyz HTTP/1.0'"}},
+    {.name = "--probe with a host name",
+     .env = {NULL},
+     .argv = {"--probe", "localhost:8000", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--probe", "want IP:PORT"}},
     {.name = "--allow-host with a port",
      .env = {ENV_ALL, NULL},
      .argv = {"--allow-host", "imdsd:8000", NULL},
@@ -442,7 +468,13 @@ static void t_cfg(void **state)
         print_error("config_parse -> %d, err '%s'\n", rc, err);
     assert_int_equal(rc, r->rc);
     assert_string_equal(c.add_address, r->add_address ? r->add_address : "");
-    if (rc == CONFIG_OK && r->add_address) {
+    assert_int_equal(c.probe, rc == CONFIG_OK && r->probe != NULL);
+    if (rc == CONFIG_OK && r->probe) {
+        char got[160];
+        snprintf(got, sizeof got, "%s %d %s", c.probe_at.host, c.probe_at.port, c.probe_path);
+        assert_string_equal(got, r->probe);
+        assert_null(c.client_id);
+    } else if (rc == CONFIG_OK && r->add_address) {
         assert_null(c.client_id); /* nothing else is needed, nor read */
     } else if (rc == CONFIG_OK) {
         assert_non_null(c.client_id);
