@@ -168,10 +168,13 @@ build/loadgen: tests/bench/loadgen.c
 
 # ---- the container image (container/Containerfile, podman) --------------------------------------
 # make image: localhost/imdsd:VERSION in podman's store and build/imdsd-VERSION.oci.tar to push.
+#   make image IMAGE_SOURCE=https://git.example.com/platform/imdsd   sets the source label
 # podman runs with container/containers.conf (CONTAINERS_CONF), not the user's configuration.
 IMAGE         ?= localhost/imdsd:$(VERSION)
 IMAGE_ARCHIVE  = build/imdsd-$(VERSION).oci.tar
-IMAGE_SOURCE  ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),imdsd)
+# the repository users should read it from: a setting, not read from the checkout, so that every
+# clone of a commit labels (and digests) the image the same way
+IMAGE_SOURCE  ?= unknown
 # the commit, with "-dirty" when the checkout has uncommitted changes to tracked files
 REVISION      := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
 PODMAN         = CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman
