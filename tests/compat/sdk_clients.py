@@ -46,15 +46,9 @@ def js_dir():
     return COMPAT if major >= 20 else os.path.join(COMPAT, "node18")
 
 
-def ensure_node_modules():
-    """npm ci in the client's directory when node_modules is missing or older than package-lock.json
-    (once per run, under a lock so parallel runs do not race)."""
-    global _js_dir
-    if _js_dir is not None:
-        return _js_dir
-    where = js_dir()
-    if where != COMPAT:   # the same client program, next to the node_modules it must import from
-        shutil.copyfile(os.path.join(COMPAT, "js_client.mjs"), os.path.join(where, "js_client.mjs"))
+def npm_ci(where):
+    """npm ci in where when its node_modules is missing or older than package-lock.json, under a lock
+    on the lock file so that parallel runs do not race."""
     lock = os.path.join(where, "package-lock.json")
     stamp = os.path.join(where, "node_modules", ".package-lock.json")
     with open(lock) as lk:           # the lock file itself serialises parallel runs
@@ -72,6 +66,18 @@ def ensure_node_modules():
                     signal.setitimer(signal.ITIMER_REAL, left)
             assert p.returncode == 0, f"npm ci in {where} failed: {p.stderr.strip()[-800:]}"
             os.utime(stamp)
+
+
+def ensure_node_modules():
+    """npm ci in the client's directory when node_modules is missing or older than package-lock.json
+    (once per run, under a lock so parallel runs do not race)."""
+    global _js_dir
+    if _js_dir is not None:
+        return _js_dir
+    where = js_dir()
+    if where != COMPAT:   # the same client program, next to the node_modules it must import from
+        shutil.copyfile(os.path.join(COMPAT, "js_client.mjs"), os.path.join(where, "js_client.mjs"))
+    npm_ci(where)
     _js_dir = where
     return where
 

@@ -11,13 +11,11 @@ hardened the way the README's "Kubernetes sidecar" section says.
 
 These tests do not run imdsd and take no `ctx`, so conftest.py does not repeat them per variant.
 """
-import fcntl
 import glob
 import os
 import re
-import shutil
-import signal
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -28,8 +26,10 @@ K8S = os.path.join(ROOT, "tests", "k8s")
 VALIDATE = os.path.join(K8S, "validate.mjs")
 MANIFEST_DIR = os.path.join(ROOT, "container", "kubernetes")
 MANIFESTS = sorted(glob.glob(os.path.join(MANIFEST_DIR, "*.yaml")))
-NODE = shutil.which("node") or "/usr/bin/node"
-NPM = shutil.which("npm") or "/usr/bin/npm"
+sys.path.insert(0, os.path.join(ROOT, "tests", "compat"))
+import sdk_clients as sdk  # noqa: E402
+
+NODE = sdk.NODE
 
 # what each known manifest must show (any other *.yaml gets the common checks only)
 VARIANTS = {
@@ -48,39 +48,16 @@ APP_FORBIDDEN_ENV = ("AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUT
 
 # ---- the validator: node + tests/k8s/node_modules ------------------------------------------------
 
-def _node_major():
-    if not os.access(NODE, os.X_OK):
-        return None
-    out = subprocess.run([NODE, "--version"], capture_output=True, text=True).stdout.strip()
-    return int(out.lstrip("v").split(".")[0]) if out.startswith("v") else None
-
-
 def _ensure_node_modules():
-    """npm ci in tests/k8s when node_modules is missing or older than package-lock.json, under a lock
-    so parallel runs do not race (as tests/compat/sdk_clients.py does for the SDK clients)."""
-    major = _node_major()
+    """npm ci in tests/k8s (as for the SDK clients), or a skip saying what is missing."""
+    major = sdk.node_major()
     if major is None:
         raise pytest.skip.Exception("node is not installed (make deps installs Debian's nodejs)")
     if major < 18:
         raise pytest.skip.Exception(f"node {major} is too old: tests/k8s/validate.mjs needs Node.js >= 18")
-    if not os.access(NPM, os.X_OK):
+    if not os.access(sdk.NPM, os.X_OK):
         raise pytest.skip.Exception("npm is not installed (make deps installs Debian's npm)")
-    lock = os.path.join(K8S, "package-lock.json")
-    stamp = os.path.join(K8S, "node_modules", ".package-lock.json")
-    with open(lock) as lk:
-        fcntl.flock(lk, fcntl.LOCK_EX)
-        if not os.path.exists(stamp) or os.path.getmtime(stamp) < os.path.getmtime(lock):
-            # set-up, not test time: hold the per-test alarm (pytest-timeout, signal method) meanwhile
-            left = signal.getitimer(signal.ITIMER_REAL)[0]
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            try:
-                p = subprocess.run([NPM, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
-                                   cwd=K8S, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-            finally:
-                if left:
-                    signal.setitimer(signal.ITIMER_REAL, left)
-            assert p.returncode == 0, f"npm ci in {K8S} failed: {p.stderr.strip()[-800:]}"
-            os.utime(stamp)
+    sdk.npm_ci(K8S)
 
 
 @pytest.fixture(scope="module")
