@@ -6,6 +6,7 @@
 # make bench      install dependencies, then imdsd against nginx (tests/bench/README.md)
 # make image      install dependencies, build the container image and build/imdsd-VERSION.oci.tar
 # make deps       install the Debian packages the build and the tests need
+# make install    build/imdsd, the systemd units and imdsd(8) under PREFIX (/usr/local); DESTDIR too
 #
 # demo, check, check-full and bench install packages first and then build in a new make: a make
 # that started before the packages were there would not see files that appeared since.
@@ -37,7 +38,7 @@ UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
 
 # Anything that compiles first checks the build packages, and names the missing ones in one line
 # (demo, check, check-full and bench install them first, then build in a new make).
-ifeq ($(filter deps demo check check-full bench image lint clean,$(MAKECMDGOALS)),)
+ifeq ($(filter deps demo check check-full bench image lint clean uninstall,$(MAKECMDGOALS)),)
 MISSING_PKGS := $(shell tests/deps.sh --check-build 2>&1)
 ifneq ($(MISSING_PKGS),)
 $(error $(MISSING_PKGS))
@@ -97,7 +98,7 @@ build/static/imdsd: LIBS = /usr/lib/x86_64-linux-gnu/libuv_a.a -lmbedtls -lmbedx
 
 # libFuzzer targets link only the pure modules (no loop, no sockets).
 FUZZ_CFLAGS = -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_LIBSRC = daemon/buf.c daemon/json.c daemon/form.c daemon/imds.c daemon/entra_msg.c daemon/jwt.c daemon/util.c
+FUZZ_LIBSRC = daemon/buf.c daemon/json.c daemon/log.c daemon/form.c daemon/imds.c daemon/entra_msg.c daemon/jwt.c daemon/util.c
 FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,build/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_SECONDS ?= 10
 
@@ -201,6 +202,41 @@ image-build: build/image/rootfs container/Containerfile
 	$(Q)echo "image: $(IMAGE_ARCHIVE) ($$(stat -c %s $(IMAGE_ARCHIVE)) bytes; push it with skopeo copy oci-archive:$(IMAGE_ARCHIVE) docker://REGISTRY/imdsd:$(VERSION))"
 
 .PHONY: image image-build
+
+# ---- make install / make uninstall / make man (systemd units, man page) --------------------------
+#   make install                          /usr/local/sbin/imdsd, units in /usr/local/lib/systemd/system
+#   make install PREFIX=/usr DESTDIR=pkg  for a package: /usr/sbin/imdsd, units in /lib/systemd/system
+# The units' ExecStart follows PREFIX; /etc/default/imdsd is installed once, never overwritten
+# (mode 0600: it may hold a proxy password). make uninstall keeps it.
+PREFIX  ?= /usr/local
+SBINDIR  = $(PREFIX)/sbin
+MANDIR   = $(PREFIX)/share/man
+# systemd reads /usr/local/lib/systemd/system too; Debian 12's packaged units are in /lib/systemd/system
+UNITDIR ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,$(PREFIX)/lib/systemd/system)
+UNITS    = systemd/imdsd.service systemd/imdsd.socket systemd/imdsd-health.socket
+
+# imdsd(8): the options come from build/imdsd --help itself (man/mkman.sh), the rest from the template
+build/imdsd.8: build/imdsd man/imdsd.8.in man/mkman.sh
+	$(Q)man/mkman.sh build/imdsd man/imdsd.8.in > $@.tmp && mv $@.tmp $@
+
+man: build/imdsd.8
+
+install: build/imdsd build/imdsd.8
+	$(Q)install -d -m 0755 $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)/etc/default
+	$(Q)install -m 0755 build/imdsd $(DESTDIR)$(SBINDIR)/imdsd
+	$(Q)for u in $(UNITS); do \
+	    sed 's|/usr/local/sbin/imdsd|$(SBINDIR)/imdsd|' $$u > $(DESTDIR)$(UNITDIR)/$${u#systemd/} && \
+	    chmod 0644 $(DESTDIR)$(UNITDIR)/$${u#systemd/} || exit 1; done
+	$(Q)install -m 0644 build/imdsd.8 $(DESTDIR)$(MANDIR)/man8/imdsd.8
+	$(Q)[ -e $(DESTDIR)/etc/default/imdsd ] || install -m 0600 systemd/imdsd.default $(DESTDIR)/etc/default/imdsd
+	$(Q)echo "install: imdsd in $(DESTDIR)$(SBINDIR), $(notdir $(UNITS)) in $(DESTDIR)$(UNITDIR), imdsd.8 in $(DESTDIR)$(MANDIR)/man8"
+
+uninstall:
+	$(Q)rm -f $(DESTDIR)$(SBINDIR)/imdsd $(DESTDIR)$(MANDIR)/man8/imdsd.8 $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(UNITS)))
+	$(Q)[ ! -e $(DESTDIR)/etc/default/imdsd ] || echo "uninstall: kept $(DESTDIR)/etc/default/imdsd (your settings)"
+
+.PHONY: install uninstall man
+# ---- end of make install ------------------------------------------------------------------------
 
 deps:
 	$(Q)tests/deps.sh

@@ -39,6 +39,7 @@ static const char USAGE[] =
     "                          enable the App Service endpoint /msi/token, authenticated by\n"
     "                          the secret in PATH sent as X-IDENTITY-HEADER\n"
     "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
+    "  --log-format FORMAT     logfmt (default) or json         [IMDSD_LOG_FORMAT]\n"
     "  --max-connections N     concurrent client connections (default 1024)\n"
     "  --idle-timeout SEC      close connections without a complete request (default 60)\n"
     "  --entra-timeout SEC     longest wait for a token that is not cached, retries included\n"
@@ -67,6 +68,7 @@ enum {
     OPT_ALLOW_HOST,
     OPT_IDENTITY_HEADER_FILE,
     OPT_LOG_LEVEL,
+    OPT_LOG_FORMAT,
     OPT_MAX_CONN,
     OPT_IDLE,
     OPT_ENTRA_TIMEOUT,
@@ -90,6 +92,7 @@ static const struct option options[] = {
     {"allow-host", required_argument, NULL, OPT_ALLOW_HOST},
     {"identity-header-file", required_argument, NULL, OPT_IDENTITY_HEADER_FILE},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"log-format", required_argument, NULL, OPT_LOG_FORMAT},
     {"max-connections", required_argument, NULL, OPT_MAX_CONN},
     {"idle-timeout", required_argument, NULL, OPT_IDLE},
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
@@ -357,7 +360,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     if ((v = getenv_fn("IMDSD_CA_FILE")) && *v)
         set(&c->ca_file, v);
     const char *env_level = getenv_fn("IMDSD_LOG_LEVEL");
-    int level_flag = 0;
+    const char *env_format = getenv_fn("IMDSD_LOG_FORMAT");
+    int level_flag = 0, format_flag = 0;
 
     optind = 1;
     opterr = 0;
@@ -429,6 +433,11 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
                 ERR("--log-level: invalid value '%s' (debug, info, warn or error)", optarg);
             level_flag = 1;
             break;
+        case OPT_LOG_FORMAT:
+            if (log_format_parse(optarg, &c->log_format) < 0)
+                ERR("--log-format: invalid value '%s' (logfmt or json)", optarg);
+            format_flag = 1;
+            break;
         case OPT_MAX_CONN:
             if (parse_uint(optarg, 1, 65536, &c->max_connections) < 0)
                 ERR("--max-connections: invalid value '%s' (1 to 65536)", optarg);
@@ -475,6 +484,9 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
 
     if (!level_flag && env_level && *env_level && log_level_parse(env_level, &c->log_level) < 0)
         ERR("IMDSD_LOG_LEVEL: invalid value '%s' (debug, info, warn or error)", env_level);
+    if (!format_flag && env_format && *env_format &&
+        log_format_parse(env_format, &c->log_format) < 0)
+        ERR("IMDSD_LOG_FORMAT: invalid value '%s' (logfmt or json)", env_format);
     if (c->add_address[0] || c->probe)
         return CONFIG_OK; /* the one-shot modes need no identity */
     if (!c->client_id)

@@ -4,8 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "log.h"
 #include "json.h"
+#include "log.h"
+#include "metrics.h"
 #include "util.h"
 
 /* http_server keeps HTTP_MAX_HOST bytes of Host and reports a longer one by its full length, which
@@ -232,8 +233,15 @@ void endpoints_handle(struct http_conn *c, const struct http_request *req, void 
     enum imds_route route = imds_route(req->path, req->path_len);
     if (route == ROUTE_APPSERVICE && !ep->cfg->identity_header)
         route = ROUTE_NOT_FOUND;
-    if (req->tag == LISTENER_HEALTH && route != ROUTE_HEALTHZ && route != ROUTE_READYZ)
+    if (req->tag == LISTENER_HEALTH && (route == ROUTE_TOKEN || route == ROUTE_APPSERVICE))
         route = ROUTE_NOT_FOUND; /* never a token where the cluster network can ask */
+    if (req->tag != LISTENER_HEALTH && route == ROUTE_METRICS)
+        route = ROUTE_NOT_FOUND; /* the application's listener shows it nothing about the others */
+    static const enum metrics_endpoint counted_as[] = {
+        [ROUTE_NOT_FOUND] = EP_OTHER, [ROUTE_TOKEN] = EP_TOKEN,   [ROUTE_APPSERVICE] = EP_MSI,
+        [ROUTE_HEALTHZ] = EP_HEALTHZ, [ROUTE_READYZ] = EP_READYZ, [ROUTE_METRICS] = EP_METRICS,
+    };
+    http_conn_count_as(c, counted_as[route]);
     switch (route) {
     case ROUTE_TOKEN:
         handle_token(ep, c, req, 0);
@@ -257,6 +265,13 @@ void endpoints_handle(struct http_conn *c, const struct http_request *req, void 
     if (route == ROUTE_HEALTHZ) {
         static const char ok[] = "{\"status\":\"ok\"}";
         http_conn_respond(c, 200, NULL, ok, sizeof ok - 1);
+        return;
+    }
+    if (route == ROUTE_METRICS) {
+        struct buf *b = http_conn_scratch(c);
+        buf_reset(b);
+        metrics_render(b, ep->tf, ep->cache, http_conn_server(c));
+        http_conn_respond_type(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len);
         return;
     }
     handle_ready(ep, c);

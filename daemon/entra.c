@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "util.h"
 
 struct entra {
@@ -92,6 +93,13 @@ static void on_done(struct https_request *req, int err, const struct https_respo
     else
         entra_parse_response(&r, resp->status, resp->body, resp->body_len, resp->retry_after);
     log_result(f, &r);
+    static const enum metrics_outcome outcome[] = {
+        [ENTRA_OK] = OUT_OK,
+        [ENTRA_PERMANENT] = OUT_PERMANENT,
+        [ENTRA_TRANSIENT] = OUT_TRANSIENT,
+        [ENTRA_THROTTLED] = OUT_THROTTLED,
+    };
+    metrics_exchange(outcome[r.kind], (double)(now_ms() - f->started_ms) / 1000.0);
     f->done(f, &r);
     entra_result_free(&r);
 }

@@ -15,6 +15,7 @@
 #include "buf.h"
 #include "imds.h"
 #include "log.h"
+#include "metrics.h"
 #include "util.h"
 
 enum conn_state {
@@ -70,6 +71,7 @@ struct http_conn {
     unsigned nheaders;
     size_t body_bytes;
     int reject_status; /* set by a callback that hit a cap */
+    unsigned endpoint; /* metrics: what answers the request (EP_OTHER until the handler says) */
     struct http_request req;
     http_abort_cb *abort_cb;
     void *abort_arg;
@@ -112,6 +114,8 @@ static char read_buf[65536]; /* one loop, one reader at a time */
 
 static void conn_close(struct http_conn *c);
 static void drive(struct http_conn *c);
+static void respond(struct http_conn *c, int status, const char *content_type,
+                    const char *extra_headers, const char *body, size_t len);
 static void on_drained(uv_timer_t *t);
 static void maybe_free_server(struct http_server *s);
 
@@ -245,13 +249,28 @@ static char *put_str(char *p, const char *s, size_t n)
 
 #define PUT_LIT(p, lit) put_str(p, lit, sizeof lit - 1)
 
+static const char JSON_TYPE[] = "application/json; charset=utf-8";
+
 void http_conn_respond(struct http_conn *c, int status, const char *extra_headers, const char *body,
                        size_t len)
+{
+    respond(c, status, JSON_TYPE, extra_headers, body, len);
+}
+
+void http_conn_respond_type(struct http_conn *c, int status, const char *content_type,
+                            const char *body, size_t len)
+{
+    respond(c, status, content_type, NULL, body, len);
+}
+
+static void respond(struct http_conn *c, int status, const char *content_type,
+                    const char *extra_headers, const char *body, size_t len)
 {
     if (c->state != CONN_HANDLING)
         return;
     c->abort_cb = NULL;
     c->state = CONN_WRITING;
+    metrics_request(c->endpoint, status);
     /* a client that never reads its response is dropped like an idle one */
     c->last_active = uv_now(c->server->loop);
     if (c->server->draining)
@@ -269,7 +288,10 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
     p = put_uint(p, (size_t)status);
     *p++ = ' ';
     p = put_str(p, text, strlen(text));
-    p = PUT_LIT(p, "\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ");
+    p = PUT_LIT(p, "\r\nContent-Type: ");
+    p = content_type == JSON_TYPE ? PUT_LIT(p, JSON_TYPE)
+                                  : put_str(p, content_type, strlen(content_type));
+    p = PUT_LIT(p, "\r\nContent-Length: ");
     p = put_uint(p, len);
     p = PUT_LIT(p, "\r\n");
     p = put_str(p, extra_headers ? extra_headers : "", extra);
@@ -326,6 +348,21 @@ struct buf *http_conn_scratch(struct http_conn *c)
     return &c->scratch;
 }
 
+void http_conn_count_as(struct http_conn *c, unsigned endpoint)
+{
+    c->endpoint = endpoint;
+}
+
+struct http_server *http_conn_server(struct http_conn *c)
+{
+    return c->server;
+}
+
+unsigned http_server_connections(const struct http_server *s)
+{
+    return s->nconns;
+}
+
 /* Answers a request that never reached the handler (parse error, cap) and closes. */
 static void reject(struct http_conn *c, int status, const char *desc)
 {
@@ -354,6 +391,7 @@ static int on_message_begin(llhttp_t *p)
     c->hkind = H_OTHER;
     c->host_len = 0;
     c->headers_done = 0;
+    c->endpoint = EP_OTHER;
     memset(&c->req, 0, sizeof c->req);
     if (c->idval_len) {
         secret_zero(c->idval, sizeof c->idval);
@@ -710,8 +748,10 @@ static void drop_one(struct http_server *s, int lfd)
         return;
     close(s->reserve_fd);
     int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd >= 0)
+    if (fd >= 0) {
         close(fd);
+        metrics.connections_refused++;
+    }
     s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
@@ -719,6 +759,7 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
 {
     if (s->nconns >= s->opts.max_connections) {
         close(fd);
+        metrics.connections_refused++;
         if ((s->rejected++ % 1000) == 0)
             log_warn("http_connection_limit", "max_connections=%u rejected_total=%llu",
                      s->opts.max_connections, (unsigned long long)s->rejected);
@@ -729,6 +770,7 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
     c->fd = fd;
     c->tag = tag;
     c->bare = 1;
+    c->endpoint = EP_OTHER;
     c->tcp.data = c->timer.data = c->wreq.data = c;
     s->open_handles++;
     c->next = s->conns;
@@ -812,6 +854,26 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     return 0;
 }
 
+/* Polls the listening socket fd (owned from here on: closed with the listener, or now on error). */
+static int add_listener(struct http_server *s, int fd, int tag)
+{
+    struct http_listener *l = xcalloc(1, sizeof *l);
+    l->server = s;
+    l->fd = fd;
+    l->tag = tag;
+    int rc = uv_poll_init_socket(s->loop, &l->poll, fd);
+    if (rc < 0) {
+        close(fd);
+        free(l);
+        return rc;
+    }
+    l->poll.data = l;
+    s->open_handles++;
+    l->next = s->listeners;
+    s->listeners = l;
+    return uv_poll_start(&l->poll, UV_READABLE, on_listen_ready);
+}
+
 int http_server_listen(struct http_server *s, const char *host, int port, int tag)
 {
     struct sockaddr_storage ss;
@@ -837,21 +899,35 @@ int http_server_listen(struct http_server *s, const char *host, int port, int ta
         close(fd);
         return rc;
     }
-    struct http_listener *l = xcalloc(1, sizeof *l);
-    l->server = s;
-    l->fd = fd;
-    l->tag = tag;
-    rc = uv_poll_init_socket(s->loop, &l->poll, fd);
-    if (rc < 0) {
-        close(fd);
-        free(l);
-        return rc;
-    }
-    l->poll.data = l;
-    s->open_handles++;
-    l->next = s->listeners;
-    s->listeners = l;
-    return uv_poll_start(&l->poll, UV_READABLE, on_listen_ready);
+    return add_listener(s, fd, tag);
+}
+
+int http_server_listen_fd(struct http_server *s, int fd, int tag)
+{
+    int type = 0, domain = 0, listening = 0, defer = 0;
+    socklen_t len = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+        return errno == EBADF ? -ENOTSOCK : -errno;
+    len = sizeof domain;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0)
+        return -errno;
+    if (type != SOCK_STREAM || (domain != AF_INET && domain != AF_INET6))
+        return -EPROTOTYPE;
+    len = sizeof listening;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0)
+        return -errno;
+    if (!listening)
+        return -EINVAL;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+        return -errno;
+    /* the socket is shared with systemd: keep a DeferAcceptSec= of the socket unit, else defer
+     * as http_server_listen does (best effort: the accept path copes without) */
+    len = sizeof defer;
+    int on = 1;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer, &len) == 0 && defer == 0)
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &on, sizeof on);
+    return add_listener(s, fd, tag);
 }
 
 static void on_listener_closed(uv_handle_t *h)

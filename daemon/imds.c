@@ -32,6 +32,8 @@ enum imds_route imds_route(const char *path, size_t len)
         return ROUTE_HEALTHZ;
     if (strcmp(norm, "/readyz") == 0)
         return ROUTE_READYZ;
+    if (strcmp(norm, "/metrics") == 0)
+        return ROUTE_METRICS;
     return ROUTE_NOT_FOUND;
 }
 

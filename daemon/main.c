@@ -13,8 +13,10 @@
 #include "entra.h"
 #include "http_server.h"
 #include "log.h"
+#include "metrics.h"
 #include "netaddr.h"
 #include "probe.h"
+#include "sd.h"
 #include "token_cache.h"
 #include "token_file.h"
 #include "util.h"
@@ -49,6 +51,7 @@ static void teardown(void *arg)
     d->tf = NULL;
     entra_free(d->entra);
     d->entra = NULL;
+    sd_close();
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
     uv_close((uv_handle_t *)&d->sighup, NULL);
@@ -63,6 +66,7 @@ static void stop(struct daemon *d, const char *why)
         return;
     }
     d->stopping = 1;
+    sd_stopping();
     log_info("stopping", "signal=%s grace_s=%u", why, d->cfg.shutdown_grace_s);
     http_server_shutdown(d->server, d->cfg.shutdown_grace_s * 1000u, teardown, d);
 }
@@ -70,9 +74,11 @@ static void stop(struct daemon *d, const char *why)
 static void on_signal(uv_signal_t *s, int signum)
 {
     struct daemon *d = s->data;
-    if (signum == SIGHUP)
+    if (signum == SIGHUP) {
+        sd_reloading();
         token_file_reload(d->tf);
-    else
+        sd_reloaded();
+    } else
         stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
@@ -98,8 +104,9 @@ static int start(struct daemon *d)
     char err[512];
     const struct config *c = &d->cfg;
     raise_fd_limit(c->max_connections);
+    metrics.start_time_s = now_wall_ms() / 1000;
     if (entra_new(&d->entra, &d->loop, c, err, sizeof err) < 0) {
-        fprintf(stderr, "imdsd: %s\n", err);
+        log_fatal("%s", err);
         return 2;
     }
     d->tf = token_file_new(&d->loop, c->token_file);
@@ -107,15 +114,20 @@ static int start(struct daemon *d)
     endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
     struct http_server_opts so = {c->max_connections, c->idle_timeout_s * 1000u};
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
-    for (int i = 0; i < c->nlisten; i++) {
+    int passed = sd_listen(d->server, err, sizeof err); /* systemd's sockets replace --listen */
+    if (passed < 0) {
+        log_fatal("%s", err);
+        return 2;
+    }
+    for (int i = 0; passed == 0 && i < c->nlisten; i++) {
         const struct config_listen *l = &c->listen[i];
         char addr[CONFIG_LISTEN_STR];
         config_listen_str(l, addr);
         int rc = http_server_listen(d->server, l->host, l->port,
                                     l->health ? LISTENER_HEALTH : LISTENER_TOKENS);
         if (rc < 0) {
-            fprintf(stderr, "imdsd: %s: cannot listen on %s: %s\n",
-                    l->health ? "--health-listen" : "--listen", addr, uv_strerror(rc));
+            log_fatal("%s: cannot listen on %s: %s", l->health ? "--health-listen" : "--listen",
+                      addr, uv_strerror(rc));
             return 1;
         }
         log_info("listening", "addr=%s serves=%s", addr, l->health ? "health" : "tokens");
@@ -127,12 +139,14 @@ static int start(struct daemon *d)
     uv_signal_start(&d->sigterm, on_signal, SIGTERM);
     uv_signal_start(&d->sigint, on_signal, SIGINT);
     uv_signal_start(&d->sighup, on_signal, SIGHUP);
+    char qtoken[512], qca[512]; /* paths are logged quoted, like any value from outside */
     log_info("started",
              "version=%s client_id=%s tenant_id=%s authority=%s token_file=%s "
              "ca_file=%s allowed_client_ids=%d aliases=%d app_service=%s proxy=%s",
-             IMDSD_VERSION, c->client_id, c->tenant_id, c->authority, c->token_file, c->ca_file,
-             c->nallowed, c->naliases, c->identity_header ? "on" : "off",
-             c->use_proxy ? proxy_describe(&c->proxy) : "none");
+             IMDSD_VERSION, c->client_id, c->tenant_id, c->authority,
+             log_quote(qtoken, sizeof qtoken, c->token_file, strlen(c->token_file)),
+             log_quote(qca, sizeof qca, c->ca_file, strlen(c->ca_file)), c->nallowed, c->naliases,
+             c->identity_header ? "on" : "off", c->use_proxy ? proxy_describe(&c->proxy) : "none");
     return 0;
 }
 
@@ -147,12 +161,13 @@ int main(int argc, char **argv)
         config_free(&d.cfg);
         return rc == CONFIG_EXIT ? 0 : 2;
     }
+    log_min_level = d.cfg.log_level;
+    log_format = d.cfg.log_format;
     if (d.cfg.identity_header_file && config_load_identity_header(&d.cfg, err, sizeof err) < 0) {
-        fprintf(stderr, "imdsd: %s\n", err);
+        log_fatal("%s", err);
         config_free(&d.cfg);
         return 2;
     }
-    log_min_level = d.cfg.log_level;
     if (d.cfg.add_address[0]) {
         rc = netaddr_add_loopback(d.cfg.add_address, err, sizeof err);
         if (rc == NETADDR_ERROR)
@@ -174,6 +189,11 @@ int main(int argc, char **argv)
         config_free(&d.cfg);
         return rc == 200 ? 0 : 1;
     }
+    if (sd_init(err, sizeof err) < 0) { /* before any thread: it edits the environment */
+        fprintf(stderr, "imdsd: %s\n", err);
+        config_free(&d.cfg);
+        return 2;
+    }
     signal(SIGPIPE, SIG_IGN);
     uv_loop_init(&d.loop);
     rc = start(&d);
@@ -189,6 +209,7 @@ int main(int argc, char **argv)
         config_free(&d.cfg);
         return rc;
     }
+    sd_ready(&d.loop, d.tf, d.cfg.token_file); /* every listener is open */
     uv_run(&d.loop, UV_RUN_DEFAULT);
     int closed = uv_loop_close(&d.loop);
     config_free(&d.cfg);

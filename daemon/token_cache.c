@@ -6,6 +6,7 @@
 #include <strings.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "refresh.h"
 #include "util.h"
 
@@ -199,6 +200,8 @@ static void take_slot(struct cache_entry *e)
 {
     struct token_cache *c = e->cache;
     c->exchanges++;
+    if (e->attempt > 0)
+        metrics.retries++;
     e->state = E_READING;
     e->retried_700024 = 0;
     e->read.cb = on_token_file;
@@ -306,6 +309,7 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r)
         e->retried_700024 = 1;
         log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file",
                  e->client_id);
+        metrics.retries++;
         e->state = E_READING;
         token_file_get(c->tf, &e->read);
         return;
@@ -554,6 +558,7 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
             if (now_ms >= e->refresh_ms && e->state == E_IDLE) /* before the tick saw it, or */
                 start_refresh(e, now_ms, "request");           /* after a failed refresh gave up */
             *tok = &e->tok;
+            metrics.cache_hits++;
             return CACHE_HIT;
         }
         if (now_ms < e->held_until_ms) {
@@ -595,10 +600,29 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
         /* a long background backoff: a waiting client should not sit through it */
         e->state = E_IDLE;
     }
-    if (e->state == E_IDLE)
+    metrics.cache_waits++;
+    if (e->state == E_IDLE) {
+        metrics.cache_misses++; /* this request starts the exchange; the others join it */
         start_attempt(e);
+    }
     arm_tick(c);
     return CACHE_WAIT;
+}
+
+void token_cache_foreach(struct token_cache *c,
+                         void (*fn)(void *arg, const struct token_cache_info *), void *arg)
+{
+    int64_t now = now_wall_ms();
+    for (int b = 0; b < NBUCKETS; b++)
+        for (struct cache_entry *e = c->buckets[b]; e; e = e->next) {
+            struct token_cache_info i = {e->client_id, e->resource, e->resource_len, 0, 0, 0};
+            if (e->tok.access_token && now < e->serve_until_ms) {
+                i.has_token = 1;
+                i.expires_ms = e->expires_ms;
+                i.refresh_ms = e->refresh_ms;
+            }
+            fn(arg, &i);
+        }
 }
 
 void token_cache_cancel(struct token_cache_waiter *w)

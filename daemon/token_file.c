@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "util.h"
 
 #define WATCH_MAX_LEVELS 8 /* how far up to look for "..data" */
@@ -36,6 +37,7 @@ struct token_file {
     int watching;
     char watch_dir[PATH_MAX];
     char watch_child[NAME_MAX + 1];    /* the entry of watch_dir on the way to the token */
+    char qpath[512], qdir[512];        /* path and watch_dir as log values (log_quote) */
     struct read_job *job;              /* in flight, or NULL */
     struct token_file_waiter *current; /* served by the read in flight */
     struct token_file_waiter *next;    /* arrived during it: served by the next read */
@@ -252,14 +254,15 @@ static int set_watch(struct token_file *tf, const char *dir, const char *child)
         uv_fs_event_stop(&tf->event);
     tf->watching = 0;
     snprintf(tf->watch_dir, sizeof tf->watch_dir, "%s", dir);
+    log_quote(tf->qdir, sizeof tf->qdir, dir, strlen(dir));
     int rc = uv_fs_event_start(&tf->event, on_fs_event, tf->watch_dir, 0);
     if (rc < 0) {
-        log_warn("token_file_watch_failed", "dir=%s error=\"%s\" fallback_reread_s=%d",
-                 tf->watch_dir, uv_strerror(rc), TOKEN_FILE_REREAD_MS / 1000);
+        log_warn("token_file_watch_failed", "dir=%s error=\"%s\" fallback_reread_s=%d", tf->qdir,
+                 uv_strerror(rc), TOKEN_FILE_REREAD_MS / 1000);
         return 0;
     }
     tf->watching = 1;
-    log_info("token_file_watch", "dir=%s path=%s", tf->watch_dir, tf->path);
+    log_info("token_file_watch", "dir=%s path=%s", tf->qdir, tf->qpath);
     return 1;
 }
 
@@ -270,14 +273,15 @@ static void log_status(struct token_file *tf, const struct token_file_status *ol
         char reason[260];
         log_quote(reason, sizeof reason, st->reason, strlen(st->reason));
         if (st->state == TOKEN_OK)
-            log_info("token_file_state", "state=ok path=%s reason=%s", tf->path, reason);
+            log_info("token_file_state", "state=ok path=%s reason=%s", tf->qpath, reason);
         else
             log_warn("token_file_state", "state=%s path=%s reason=%s", token_state_name(st->state),
-                     tf->path, reason);
+                     tf->qpath, reason);
     }
     if (st->state == TOKEN_OK && strcmp(st->fp, old->fp) != 0) {
         char sub[JWT_CLAIM_MAX + 8], iss[JWT_CLAIM_MAX + 8];
-        log_info("token_file_loaded", "path=%s bytes=%zu fp=%s sub=%s iss=%s exp=%lld", tf->path,
+        metrics.token_file_loads++;
+        log_info("token_file_loaded", "path=%s bytes=%zu fp=%s sub=%s iss=%s exp=%lld", tf->qpath,
                  st->len, st->fp,
                  log_quote(sub, sizeof sub, st->claims.sub, strlen(st->claims.sub)),
                  log_quote(iss, sizeof iss, st->claims.iss, strlen(st->claims.iss)),
@@ -359,12 +363,11 @@ static void on_fs_event(uv_fs_event_t *h, const char *name, int events, int stat
     (void)events;
     struct token_file *tf = h->data;
     if (status < 0)
-        log_warn("token_file_watch_error", "dir=%s error=\"%s\"", tf->watch_dir,
-                 uv_strerror(status));
+        log_warn("token_file_watch_error", "dir=%s error=\"%s\"", tf->qdir, uv_strerror(status));
     else if (name && tf->watch_child[0] && strcmp(name, tf->watch_child) != 0 &&
              strcmp(name, "..data") != 0)
         return;
-    log_debug("token_file_event", "dir=%s name=%s", tf->watch_dir, name ? name : "-");
+    log_debug("token_file_event", "dir=%s name=%s", tf->qdir, name ? name : "-");
     /* a pending re-read already covers this event; restarting would let a busy directory
      * postpone it forever */
     if (!uv_is_active((uv_handle_t *)&tf->debounce))
@@ -381,6 +384,7 @@ struct token_file *token_file_new(uv_loop_t *loop, const char *path)
     struct token_file *tf = xcalloc(1, sizeof *tf);
     tf->loop = loop;
     tf->path = path;
+    log_quote(tf->qpath, sizeof tf->qpath, path, strlen(path));
     tf->st.state = TOKEN_UNKNOWN;
     snprintf(tf->st.reason, sizeof tf->st.reason, "token file not read yet");
     uv_fs_event_init(loop, &tf->event);
@@ -435,7 +439,7 @@ void token_file_cancel(struct token_file_waiter *w)
 
 void token_file_reload(struct token_file *tf)
 {
-    log_info("token_file_reload", "path=%s", tf->path);
+    log_info("token_file_reload", "path=%s", tf->qpath);
     start_read(tf);
 }
 

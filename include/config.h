@@ -47,6 +47,7 @@ struct config {
     struct proxy proxy; /* HTTPS_PROXY, when set and NO_PROXY does not exempt the authority */
     int use_proxy;
     enum log_level log_level;
+    enum log_format log_format;
     unsigned max_connections;
     unsigned idle_timeout_s;
     unsigned entra_timeout_s;

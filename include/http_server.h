@@ -52,6 +52,11 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
 /* Binds and listens on host:port (numeric). Every request from it carries tag (req->tag), so the
  * handler can tell listeners apart. Returns 0 or a negative libuv error. */
 int http_server_listen(struct http_server *s, const char *host, int port, int tag);
+/* The same on fd, a listening socket passed by systemd (socket activation): made non-blocking and
+ * close-on-exec, and owned by the server once this returns 0. Returns 0, -ENOTSOCK (not a socket,
+ * or not open), -EPROTOTYPE (not SOCK_STREAM over IPv4 or IPv6), -EINVAL (not listening) or
+ * another negative errno. */
+int http_server_listen_fd(struct http_server *s, int fd, int tag);
 /* Graceful stop: closes the listeners and idle connections at once, lets requests being handled
  * finish (their connections close after the response), and after grace_ms answers those still
  * pending with 503 JSON. Calls drained(arg) once, from the loop, when no connection is left. */
@@ -69,5 +74,13 @@ void http_conn_respond(struct http_conn *c, int status, const char *extra_header
 void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg);
 /* A scratch buffer owned by the connection for rendering a body (reset per request). */
 struct buf *http_conn_scratch(struct http_conn *c);
+/* The same with a Content-Type other than JSON (and no extra headers). */
+void http_conn_respond_type(struct http_conn *c, int status, const char *content_type,
+                            const char *body, size_t len);
+/* The metrics endpoint (enum metrics_endpoint) that c's current request is counted under. */
+void http_conn_count_as(struct http_conn *c, unsigned endpoint);
+struct http_server *http_conn_server(struct http_conn *c);
+/* Client connections open now. */
+unsigned http_server_connections(const struct http_server *s);
 
 #endif

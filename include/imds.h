@@ -14,7 +14,14 @@
 #define IMDS_MAX_RESOURCE 2048 /* decoded bytes; longer is a client error */
 #define IMDS_MAX_HOST     300  /* a longer Host is refused */
 
-enum imds_route { ROUTE_NOT_FOUND, ROUTE_TOKEN, ROUTE_APPSERVICE, ROUTE_HEALTHZ, ROUTE_READYZ };
+enum imds_route {
+    ROUTE_NOT_FOUND,
+    ROUTE_TOKEN,
+    ROUTE_APPSERVICE,
+    ROUTE_HEALTHZ,
+    ROUTE_READYZ,
+    ROUTE_METRICS,
+};
 
 /* Routes a request path (without the query): repeated '/' collapse, one trailing '/' is dropped,
  * comparison ignores case. */

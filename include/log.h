@@ -1,4 +1,5 @@
-/* log.h - one line per event on stderr: "ts=... level=... event=NAME key=value ...". */
+/* log.h - one line per event on stderr: "ts=... level=... event=NAME key=value ..." (logfmt), or
+ * the same fields as one JSON object per line (--log-format json). */
 #ifndef IMDSD_LOG_H
 #define IMDSD_LOG_H
 
@@ -7,6 +8,15 @@
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_OFF };
 
 extern enum log_level log_min_level;
+
+enum log_format { LOG_FORMAT_LOGFMT, LOG_FORMAT_JSON };
+extern enum log_format log_format;
+/* Parses "logfmt|json"; returns 0 or -1. */
+int log_format_parse(const char *s, enum log_format *out);
+/* Pure: the logfmt line (len bytes, no newline) as one JSON object, NUL-terminated, in out (size
+ * n >= 64): values in quotes unquoted, integers as numbers, everything else a string. A field
+ * that does not fit is dropped and "truncated":true added. Returns its length. */
+size_t log_to_json(const char *line, size_t len, char *out, size_t n);
 
 /* Writes one line; fmt continues the key=value list after "event=EVENT". Keeps errno. */
 void log_msg(enum log_level level, const char *event, const char *fmt, ...)
@@ -20,6 +30,10 @@ void log_msg(enum log_level level, const char *event, const char *fmt, ...)
 #define log_info(ev, ...)  log_msg(LOG_INFO, ev, __VA_ARGS__)
 #define log_warn(ev, ...)  log_msg(LOG_WARN, ev, __VA_ARGS__)
 #define log_error(ev, ...) log_msg(LOG_ERROR, ev, __VA_ARGS__)
+
+/* Why imdsd cannot start, after the configuration was read: "imdsd: TEXT" on stderr, or with
+ * --log-format json an event=fatal line with error=TEXT. */
+void log_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Parses "debug|info|warn|error|off"; returns 0 or -1. */
 int log_level_parse(const char *s, enum log_level *out);

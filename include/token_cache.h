@@ -60,6 +60,18 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
                                   int64_t now_ms, struct token **tok, struct entra_result *err);
+/* What /metrics shows of one entry. */
+struct token_cache_info {
+    const char *client_id;
+    const char *resource; /* resource_len bytes, not NUL-terminated */
+    size_t resource_len;
+    int has_token;      /* a token is cached and servable */
+    int64_t expires_ms; /* wall clock, when has_token */
+    int64_t refresh_ms; /* wall clock: the background refresh is due, when has_token */
+};
+/* Calls fn for every entry (fn must not touch the cache). */
+void token_cache_foreach(struct token_cache *c,
+                         void (*fn)(void *arg, const struct token_cache_info *), void *arg);
 /* Detaches w: done is never called. A no-op when it already ran. */
 void token_cache_cancel(struct token_cache_waiter *w);
 /* Fails waiting requests with a "shutting down" error, stops timers and frees everything once

@@ -17,6 +17,11 @@ TEST="libcmocka-dev python3 openssl curl valgrind ca-certificates clang libclang
 # test pod's application image, python3-yaml to read the manifests.
 TEST="$TEST podman runc catatonit netavark aardvark-dns containernetworking-plugins iptables skopeo
       busybox-static python3-yaml"
+# /metrics: promtool checks the exposition, and a real Prometheus server scrapes imdsd
+TEST="$TEST prometheus"
+# systemd integration (test_systemd.py): systemd-socket-activate and systemd-analyze (the systemd
+# package; no running systemd needed), man-db for `man -l` on the generated imdsd(8)
+TEST="$TEST systemd man-db"
 # The JS SDK tests run the real @azure/identity with node and npm: node-llhttp brings Debian's
 # nodejs (18) along, for which tests/compat/node18 pins the newest client that supports it; a newer
 # Node.js with its own npm (the machine image's 20) runs the newer pin in tests/compat. Debian's

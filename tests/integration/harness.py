@@ -575,10 +575,12 @@ class Daemon:
     """imdsd running in the background with stderr in a file; start() waits for /healthz."""
 
     def __init__(self, args, env=None, workdir="/tmp", name="imdsd", port=None, netns=None, host="127.0.0.1",
-                 unprivileged=False):
+                 unprivileged=False, prefix=()):
         """netns: run inside that network namespace (a NetNS); host: where /healthz is polled;
-        unprivileged: as uid/gid NOBODY with no capability at all and no_new_privs (a pod's sidecar)."""
+        unprivileged: as uid/gid NOBODY with no capability at all and no_new_privs (a pod's sidecar);
+        prefix: an argv that runs the command (systemd-socket-activate ...; it must exec it)."""
         self.args, self.env, self.workdir, self.name = list(args), env, workdir, name
+        self.prefix = list(prefix)
         self.unprivileged = unprivileged
         self.port, self.netns, self.host = port, netns, host
         self.log_path = os.path.join(workdir, f"{name}.stderr")
@@ -592,6 +594,7 @@ class Daemon:
         if self.unprivileged:
             os.chmod(self.vgdir, 0o777)   # valgrind writes its log as that user
             prefix += unprivileged_prefix()
+        prefix += self.prefix
         self.proc = subprocess.Popen(prefix + command(self.args, self.vgdir), env=base_env(self.env),
                                      stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
         LIVE.append(self)
@@ -705,7 +708,7 @@ class Ctx:
 
     def daemon(self, tenant=None, token=None, extra=(), env=None, fake=None, client_id=CLIENT_ID,
                args=None, start=True, port=None, log_level="debug", wait=True, netns=None, host="127.0.0.1",
-               unprivileged=False):
+               unprivileged=False, prefix=()):
         """Starts imdsd against the fake; returns the Daemon (d.port, d.tenant, d.token).
         netns/host: run it inside that network namespace and poll /healthz there on host:port."""
         tenant = tenant or self.tenant("ok")
@@ -714,7 +717,8 @@ class Ctx:
         if args is None:
             args = self.daemon_args(tenant, token, port, fake, client_id, extra, log_level)
         self.n += 1
-        d = Daemon(args, env, self.tmp, f"imdsd-{self.n}", port, netns=netns, host=host, unprivileged=unprivileged)
+        d = Daemon(args, env, self.tmp, f"imdsd-{self.n}", port, netns=netns, host=host, unprivileged=unprivileged,
+                   prefix=prefix)
         d.tenant, d.token = tenant, token
         (fake or self.fake).control(tenant, token_file=token.path)
         self.daemons.append(d)
