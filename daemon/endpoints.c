@@ -13,11 +13,14 @@
  * imds_host_allowed refuses unread only if it is over IMDS_MAX_HOST too */
 _Static_assert(IMDS_MAX_HOST <= HTTP_MAX_HOST, "a Host imds reads must be one http_server kept");
 
+/* The shape of an answer: IMDS, App Service 2019-08-01, App Service 2017-09-01 (errors alike). */
+enum { SHAPE_IMDS, SHAPE_APPSERVICE, SHAPE_MSI2017, SHAPE_MSI2017_EPOCH };
+
 /* A token request waiting for an exchange (the cold path; the cached path allocates nothing). */
 struct pending {
     struct token_cache_waiter w;
     struct http_conn *conn;
-    int appservice; /* answer in the App Service shape */
+    int appservice; /* answer in the App Service shape: SHAPE_* */
     char *client_id;
     size_t resource_len;
     char resource[]; /* decoded, NUL-terminated */
@@ -64,8 +67,11 @@ static void send_token(struct http_conn *c, const struct token *tok, const char 
 {
     struct buf *b = http_conn_scratch(c);
     buf_reset(b);
-    int rc = appservice ? imds_render_appservice_token(b, tok, client_id, resource, rlen)
-                        : imds_render_token(b, tok, client_id, resource, rlen, now_epoch());
+    int rc = appservice >= SHAPE_MSI2017
+                 ? imds_render_msi2017_token(b, tok, client_id, resource, rlen,
+                                             appservice == SHAPE_MSI2017_EPOCH)
+             : appservice ? imds_render_appservice_token(b, tok, client_id, resource, rlen)
+                          : imds_render_token(b, tok, client_id, resource, rlen, now_epoch());
     if (rc < 0) {
         struct imds_error e = {500, "server_error", "Response too large", 0};
         send_error(c, &e, appservice);
@@ -130,6 +136,8 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         .query_len = req->query_len,
         .identity_header = req->identity_header,
         .identity_header_len = req->identity_header_len,
+        .legacy_secret = req->legacy_secret,
+        .legacy_secret_len = req->legacy_secret_len,
     };
     struct query q;
     struct imds_token_req tr;
@@ -147,6 +155,8 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         send_error(c, &err, appservice);
         return;
     }
+    if (appservice && tr.msi2017)
+        appservice = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
     struct token *tok;
     struct entra_result fail;
     int64_t now = now_wall_ms();
@@ -156,7 +166,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     switch (cr) {
     case CACHE_HIT:
         if (appservice)
-            send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, 1);
+            send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, appservice);
         else
             send_cached(c, tok, tr.client_id, tr.resource, tr.resource_len, now / 1000);
         return;

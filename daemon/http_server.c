@@ -27,7 +27,7 @@ enum conn_state {
 
 static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
 
-enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_HOST };
+enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_SECRET, H_HOST };
 
 /* A connection starts "bare": an accepted socket with no libuv handle and no epoll registration.
  * serve_accepted reads the request at once and, when the answer is ready at once and the client
@@ -64,6 +64,8 @@ struct http_conn {
     size_t hval_len;
     char idval[HTTP_SECRET_HEADER_MAX]; /* X-IDENTITY-HEADER; zeroed after each request */
     size_t idval_len;
+    char secval[HTTP_SECRET_HEADER_MAX]; /* `secret` (App Service 2017-09-01); zeroed likewise */
+    size_t secval_len;
     char host[HTTP_MAX_HOST]; /* the Host header (host_len may be more than is kept) */
     size_t host_len;
     int headers_done; /* past the header section: trailer fields count for nothing */
@@ -397,6 +399,10 @@ static int on_message_begin(llhttp_t *p)
         secret_zero(c->idval, sizeof c->idval);
         c->idval_len = 0;
     }
+    if (c->secval_len) {
+        secret_zero(c->secval, sizeof c->secval);
+        c->secval_len = 0;
+    }
     return 0;
 }
 
@@ -450,6 +456,10 @@ static int on_header_field_complete(llhttp_t *p)
             c->hkind = H_IDENTITY; /* the last one counts */
             secret_zero(c->idval, sizeof c->idval);
             c->idval_len = 0;
+        } else if (strcasecmp(c->hname, "secret") == 0) {
+            c->hkind = H_SECRET;
+            secret_zero(c->secval, sizeof c->secval);
+            c->secval_len = 0;
         } else if (strcasecmp(c->hname, "host") == 0) {
             if (c->req.host)
                 return cap(c, 400); /* two Host fields: RFC 9112 section 3.2 */
@@ -469,12 +479,15 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
         return -1;
     if (c->hkind == H_METADATA && c->hval_len + len < sizeof c->hval)
         memcpy(c->hval + c->hval_len, at, len);
-    if (c->hkind == H_IDENTITY && c->idval_len < sizeof c->idval) {
-        size_t n = sizeof c->idval - c->idval_len;
-        memcpy(c->idval + c->idval_len, at, len < n ? len : n);
+    if (c->hkind == H_IDENTITY || c->hkind == H_SECRET) {
+        char *v = c->hkind == H_IDENTITY ? c->idval : c->secval;
+        size_t *vlen = c->hkind == H_IDENTITY ? &c->idval_len : &c->secval_len;
+        if (*vlen < HTTP_SECRET_HEADER_MAX) {
+            size_t n = HTTP_SECRET_HEADER_MAX - *vlen;
+            memcpy(v + *vlen, at, len < n ? len : n);
+        }
+        *vlen += len;
     }
-    if (c->hkind == H_IDENTITY)
-        c->idval_len += len;
     if (c->hkind == H_HOST) {
         if (c->host_len < sizeof c->host)
             memcpy(c->host + c->host_len, at,
@@ -490,12 +503,19 @@ static int on_header_value_complete(llhttp_t *p)
     struct http_conn *c = conn_of(p);
     if (c->hkind == H_XFF) {
         c->req.has_xff = 1;
-    } else if (c->hkind == H_IDENTITY) {
-        while (c->idval_len && c->idval_len <= sizeof c->idval &&
-               (c->idval[c->idval_len - 1] == ' ' || c->idval[c->idval_len - 1] == '\t'))
-            c->idval_len--;
-        c->req.identity_header = c->idval;
-        c->req.identity_header_len = c->idval_len;
+    } else if (c->hkind == H_IDENTITY || c->hkind == H_SECRET) {
+        char *v = c->hkind == H_IDENTITY ? c->idval : c->secval;
+        size_t *vlen = c->hkind == H_IDENTITY ? &c->idval_len : &c->secval_len;
+        while (*vlen && *vlen <= HTTP_SECRET_HEADER_MAX &&
+               (v[*vlen - 1] == ' ' || v[*vlen - 1] == '\t'))
+            (*vlen)--;
+        if (c->hkind == H_IDENTITY) {
+            c->req.identity_header = v;
+            c->req.identity_header_len = *vlen;
+        } else {
+            c->req.legacy_secret = v;
+            c->req.legacy_secret_len = *vlen;
+        }
     } else if (c->hkind == H_HOST) {
         size_t n = c->host_len < sizeof c->host ? c->host_len : sizeof c->host;
         while (n && (c->host[n - 1] == ' ' || c->host[n - 1] == '\t'))
@@ -695,6 +715,7 @@ static void conn_free(struct http_conn *c)
 {
     struct http_server *s = c->server;
     secret_zero(c->idval, sizeof c->idval);
+    secret_zero(c->secval, sizeof c->secval);
     buf_free(&c->url);
     buf_free(&c->pending);
     buf_free(&c->out);

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "json.h"
 
@@ -99,11 +100,22 @@ static const char *alias(const struct imds_identities *ids, const char *key)
     return NULL;
 }
 
+static const char *const selectors[] = {"client_id",  "object_id", "principal_id",
+                                        "msi_res_id", "mi_res_id", "msi-res-id"};
+
+static int has_selector(const struct query *q)
+{
+    for (size_t i = 0; i < sizeof selectors / sizeof selectors[0]; i++) {
+        const struct query_param *p = query_get(q, selectors[i]);
+        if (p && p->val_len)
+            return 1;
+    }
+    return 0;
+}
+
 const char *imds_select_identity(const struct query *q, const struct imds_identities *ids,
                                  int *several)
 {
-    static const char *const selectors[] = {"client_id",  "object_id", "principal_id",
-                                            "msi_res_id", "mi_res_id", "msi-res-id"};
     const struct query_param *sel = NULL;
     *several = 0;
     for (size_t i = 0; i < sizeof selectors / sizeof selectors[0]; i++) {
@@ -126,8 +138,8 @@ const char *imds_select_identity(const struct query *q, const struct imds_identi
 /* The checks both protocols share once the caller is authenticated: query, api-version,
  * resource, identity. */
 static int check_query(const struct imds_input *in, const struct imds_identities *ids,
-                       const char *min_api, struct query *q, struct imds_token_req *out,
-                       struct imds_error *err)
+                       const char *min_api, int msi2017_ok, struct query *q,
+                       struct imds_token_req *out, struct imds_error *err)
 {
     switch (query_parse(q, in->query ? in->query : "", in->query ? in->query_len : 0)) {
     case QUERY_OK:
@@ -144,7 +156,9 @@ static int check_query(const struct imds_input *in, const struct imds_identities
     if (!api || !api->val_len)
         return fail(err, 400, "invalid_request",
                     "Required query variable 'api-version' is missing");
-    if (!imds_api_version_ok(api->val) || strcmp(api->val, min_api) < 0)
+    int api_ok =
+        imds_api_version_ok(api->val) || (msi2017_ok && strcmp(api->val, "2017-09-01") == 0);
+    if (!api_ok || strcmp(api->val, min_api) < 0)
         return fail(err, 400, "invalid_request", "Invalid or unsupported api-version");
     const struct query_param *res = query_get(q, "resource");
     if (!res || !res->val_len)
@@ -153,6 +167,13 @@ static int check_query(const struct imds_input *in, const struct imds_identities
         return fail(err, 400, "invalid_request", "Query variable 'resource' is too long");
     int several;
     const char *selected = imds_select_identity(q, ids, &several);
+    out->msi2017 = msi2017_ok && strcmp(api->val, "2019-08-01") < 0;
+    out->msi2017_epoch = out->msi2017 && in->has_metadata_true;
+    const struct query_param *legacy_id = query_get(q, "clientid");
+    if (out->msi2017 && legacy_id && legacy_id->val_len) { /* 2017-09-01's name for client_id */
+        several = several || has_selector(q);
+        selected = served(ids, legacy_id->val);
+    }
     if (several)
         return fail(err, 400, "invalid_request",
                     "Identity not found: only one of client_id, object_id, principal_id or "
@@ -238,7 +259,7 @@ int imds_check_token_request(const struct imds_input *in, const struct imds_iden
         return -1;
     if (!in->has_metadata_true)
         return fail(err, 400, "invalid_request", "Required metadata header not specified");
-    return check_query(in, ids, "2018-02-01", q, out, err);
+    return check_query(in, ids, "2018-02-01", 0, q, out, err);
 }
 
 int imds_secret_equal(const char *a, size_t alen, const char *b, size_t blen)
@@ -256,13 +277,19 @@ int imds_check_appservice_request(const struct imds_input *in, const struct imds
 {
     if (check_request(in, ids, err) < 0)
         return -1;
-    if (!in->identity_header)
+    /* X-IDENTITY-HEADER (2019-08-01) wins over `secret` (2017-09-01) when both are sent */
+    int legacy = !in->identity_header && in->legacy_secret;
+    if (!in->identity_header && !in->legacy_secret)
         return fail(err, 401, "unauthorized_client",
-                    "Required header X-IDENTITY-HEADER is missing");
-    if (!secret ||
-        !imds_secret_equal(in->identity_header, in->identity_header_len, secret, secret_len))
-        return fail(err, 401, "unauthorized_client", "X-IDENTITY-HEADER is not valid");
-    return check_query(in, ids, "2019-08-01", q, out, err);
+                    "Required header X-IDENTITY-HEADER (or secret, for api-version 2017-09-01) "
+                    "is missing");
+    const char *given = legacy ? in->legacy_secret : in->identity_header;
+    size_t given_len = legacy ? in->legacy_secret_len : in->identity_header_len;
+    if (!secret || !imds_secret_equal(given, given_len, secret, secret_len))
+        return fail(err, 401, "unauthorized_client",
+                    legacy ? "The secret header is not valid" : "X-IDENTITY-HEADER is not valid");
+    /* `secret` came with 2017-09-01; X-IDENTITY-HEADER with 2019-08-01 */
+    return check_query(in, ids, legacy ? "2017-09-01" : "2019-08-01", legacy, q, out, err);
 }
 
 int imds_is_resource_id(const char *s)
@@ -339,6 +366,28 @@ int imds_render_appservice_token(struct buf *b, const struct token *tok, const c
     rc |= json_put_string(b, client_id, strlen(client_id));
     rc |= put_num(b, "expires_on", tok->expires_on, 1);
     rc |= put_num(b, "not_before", tok->not_before, 1);
+    rc |= buf_puts(b, ",\"resource\":");
+    rc |= json_put_string(b, resource, resource_len);
+    rc |= buf_puts(b, ",\"token_type\":\"Bearer\"}");
+    return rc ? -1 : 0;
+}
+
+int imds_render_msi2017_token(struct buf *b, const struct token *tok, const char *client_id,
+                              const char *resource, size_t resource_len, int epoch)
+{
+    struct tm tm;
+    time_t t = (time_t)tok->expires_on;
+    gmtime_r(&t, &tm);
+    int rc = buf_puts(b, "{\"access_token\":");
+    rc |= json_put_string(b, tok->access_token, tok->len);
+    rc |= buf_puts(b, ",\"client_id\":");
+    rc |= json_put_string(b, client_id, strlen(client_id));
+    if (epoch)
+        rc |= put_num(b, "expires_on", tok->expires_on, 1);
+    else
+        rc |=
+            buf_printf(b, ",\"expires_on\":\"%02d/%02d/%04d %02d:%02d:%02d +00:00\"", tm.tm_mon + 1,
+                       tm.tm_mday, tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
     rc |= buf_puts(b, ",\"resource\":");
     rc |= json_put_string(b, resource, resource_len);
     rc |= buf_puts(b, ",\"token_type\":\"Bearer\"}");

@@ -32,6 +32,8 @@ struct http_request {
     int tag;                     /* the listener's, see http_server_listen */
     const char *identity_header; /* X-IDENTITY-HEADER, NULL when absent; a secret */
     size_t identity_header_len;  /* its full length (only HTTP_SECRET_HEADER_MAX bytes kept) */
+    const char *legacy_secret;   /* the `secret` header of App Service 2017-09-01, likewise */
+    size_t legacy_secret_len;
 };
 
 /* Called once per complete request. The handler must eventually call http_conn_respond()

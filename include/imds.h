@@ -46,6 +46,8 @@ struct imds_input {
     size_t query_len;
     const char *identity_header; /* X-IDENTITY-HEADER value, or NULL when absent */
     size_t identity_header_len;
+    const char *legacy_secret; /* the `secret` header (App Service 2017-09-01), or NULL */
+    size_t legacy_secret_len;
 };
 
 /* An object/principal id (GUID) or ARM resource id that names one of the served client ids. */
@@ -69,6 +71,8 @@ struct imds_token_req {
     const char *resource; /* decoded, inside the struct query */
     size_t resource_len;
     const char *client_id; /* the selected identity */
+    int msi2017;           /* App Service api-version before 2019-08-01: its answer's shape */
+    int msi2017_epoch; /* ... from an Azure ML client (it sends Metadata: true): epoch expires_on */
 };
 
 /* Whether a token request may name this Host: absent, an IP literal (with a port or not),
@@ -81,8 +85,11 @@ int imds_host_allowed(const char *host, size_t len, char *const *names, int nnam
 int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,
                              struct query *q, struct imds_token_req *out, struct imds_error *err);
 
-/* The same for the App Service protocol (api-version 2019-08-01) at /msi/token: the shared
- * secret in X-IDENTITY-HEADER replaces the Metadata header and is compared in constant time. */
+/* The same for the App Service protocol at /msi/token: the shared secret replaces the Metadata
+ * header and is compared in constant time. api-version 2019-08-01 (IDENTITY_ENDPOINT +
+ * IDENTITY_HEADER) sends it as X-IDENTITY-HEADER; 2017-09-01 (MSI_ENDPOINT + MSI_SECRET: Azure
+ * ML and older App Service clients) as `secret`, with the identity as `clientid` too, and gets
+ * out->msi2017 set. */
 int imds_check_appservice_request(const struct imds_input *in, const struct imds_identities *ids,
                                   const char *secret, size_t secret_len, struct query *q,
                                   struct imds_token_req *out, struct imds_error *err);
@@ -104,6 +111,12 @@ int imds_render_token(struct buf *b, const struct token *tok, const char *client
 /* The App Service 2019-08-01 body: like IMDS but without expires_in and ext_expires_in. */
 int imds_render_appservice_token(struct buf *b, const struct token *tok, const char *client_id,
                                  const char *resource, size_t resource_len);
+/* The 2017-09-01 body: access_token, client_id, expires_on, resource, token_type. expires_on is
+ * what the caller's kind of client parses: App Service 2017 returned a UTC date
+ * "MM/DD/YYYY HH:MM:SS +00:00" (adal, the older libraries, azure-identity parse it), Azure ML,
+ * whose clients send Metadata: true, epoch seconds (msal-node reads a date as "expired now"). */
+int imds_render_msi2017_token(struct buf *b, const struct token *tok, const char *client_id,
+                              const char *resource, size_t resource_len, int epoch);
 /* Appends {"error":..,"error_description":..}. */
 int imds_render_error(struct buf *b, const struct imds_error *err);
 /* The same plus App Service's "statusCode" and "message" members. */

@@ -88,21 +88,28 @@ def js_identity_version():
         return tuple(int(x) for x in json.load(f)["version"].split("-")[0].split("."))
 
 
-def client_env(ctx, **scenario):
-    """The application container's environment: PATH, HOME (empty, per test) and the scenario's variables."""
+def client_env(ctx, _allow=(), **scenario):
+    """The application container's environment: PATH, HOME (empty, per test) and the scenario's variables
+    (_allow: forbidden names the scenario sets on purpose, e.g. the MSI_* protocol's own)."""
     home = os.path.join(ctx.tmp, "home")
     os.makedirs(home, exist_ok=True)
     env = {"PATH": CONTAINER_PATH, "HOME": home}
     for k, v in scenario.items():
         if v is not None:
             env[k] = v
-    bad = [k for k in env if k in FORBIDDEN]
+    bad = [k for k in env if k in FORBIDDEN and k not in _allow]
     assert not bad, f"client environment must not contain {bad} (trap T8)"
     return env
 
 
 def imds_env(ctx, port, host="127.0.0.1", **more):
     return client_env(ctx, AZURE_POD_IDENTITY_AUTHORITY_HOST=f"http://{host}:{port}", **more)
+
+
+def msi2017_env(ctx, port, secret, path="/msi/token", **more):
+    """MSI_ENDPOINT + MSI_SECRET: App Service 2017-09-01, which today's SDKs call Azure ML."""
+    return client_env(ctx, _allow=("MSI_ENDPOINT", "MSI_SECRET"), MSI_ENDPOINT=f"http://127.0.0.1:{port}{path}",
+                      MSI_SECRET=secret, **more)
 
 
 def app_service_env(ctx, port, secret, path="/MSI/token", **more):

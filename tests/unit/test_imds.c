@@ -275,33 +275,65 @@ struct appsvc_row {
     int status;
     const char *error;
     const char *client_id;
+    const char *legacy; /* the 2017-09-01 `secret` header, NULL = absent */
+    int metadata;       /* Metadata: true sent */
+    int msi2017;        /* expected: 0, 1 (a date), 2 (epoch seconds) */
 };
+
+#define Q17 "api-version=2017-09-01&resource=r"
 
 static const struct appsvc_row appsvc_rows[] = {
     {"good", 1, 0, SECRET, "api-version=2019-08-01&resource=https%3A%2F%2Fvault.azure.net", 0, NULL,
-     DEF},
+     DEF, NULL, 0, 0},
     {"good, user-assigned by principal_id", 1, 0, SECRET,
      "api-version=2019-08-01&resource=r&principal_id=0b000000-0000-4000-8000-000000000001", 0, NULL,
-     EXTRA},
+     EXTRA, NULL, 0, 0},
     {"missing header", 1, 0, NULL, "api-version=2019-08-01&resource=r", 401, "unauthorized_client",
-     NULL},
+     NULL, NULL, 0, 0},
     {"wrong header", 1, 0, "s3cret-valuf", "api-version=2019-08-01&resource=r", 401,
-     "unauthorized_client", NULL},
+     "unauthorized_client", NULL, NULL, 0, 0},
     {"header is a prefix of the secret", 1, 0, "s3cret", "api-version=2019-08-01&resource=r", 401,
-     "unauthorized_client", NULL},
+     "unauthorized_client", NULL, NULL, 0, 0},
     {"secret is a prefix of the header", 1, 0, SECRET "x", "api-version=2019-08-01&resource=r", 401,
-     "unauthorized_client", NULL},
+     "unauthorized_client", NULL, NULL, 0, 0},
     {"empty header", 1, 0, "", "api-version=2019-08-01&resource=r", 401, "unauthorized_client",
-     NULL},
-    {"header checked before the query", 1, 0, "nope", "%zz", 401, "unauthorized_client", NULL},
+     NULL, NULL, 0, 0},
+    {"header checked before the query", 1, 0, "nope", "%zz", 401, "unauthorized_client", NULL, NULL,
+     0, 0},
     {"old api-version", 1, 0, SECRET, "api-version=2018-02-01&resource=r", 400, "invalid_request",
-     NULL},
-    {"no resource", 1, 0, SECRET, "api-version=2019-08-01", 400, "invalid_request", NULL},
+     NULL, NULL, 0, 0},
+    {"no resource", 1, 0, SECRET, "api-version=2019-08-01", 400, "invalid_request", NULL, NULL, 0,
+     0},
     {"unknown client", 1, 0, SECRET, "api-version=2019-08-01&resource=r&client_id=" UNKNOWN, 400,
-     "invalid_request", NULL},
-    {"POST", 0, 0, SECRET, "api-version=2019-08-01&resource=r", 405, "method_not_allowed", NULL},
+     "invalid_request", NULL, NULL, 0, 0},
+    {"POST", 0, 0, SECRET, "api-version=2019-08-01&resource=r", 405, "method_not_allowed", NULL,
+     NULL, 0, 0},
     {"X-Forwarded-For", 1, 1, SECRET, "api-version=2019-08-01&resource=r", 400, "invalid_request",
-     NULL},
+     NULL, NULL, 0, 0},
+    {"2017: secret header", 1, 0, NULL, Q17, 0, NULL, DEF, SECRET, 0, 1},
+    {"2017: Azure ML client (Metadata: true): epoch expires_on", 1, 0, NULL, Q17, 0, NULL, DEF,
+     SECRET, 1, 2},
+    {"2017: clientid", 1, 0, NULL, Q17 "&clientid=" EXTRA, 0, NULL, EXTRA, SECRET, 0, 1},
+    {"2017: clientid of an identity not served", 1, 0, NULL, Q17 "&clientid=" UNKNOWN, 400,
+     "invalid_request", NULL, SECRET, 0, 0},
+    {"2017: clientid and client_id", 1, 0, NULL, Q17 "&clientid=" EXTRA "&client_id=" EXTRA, 400,
+     "invalid_request", NULL, SECRET, 0, 0},
+    {"2017: empty clientid is the default", 1, 0, NULL, Q17 "&clientid=", 0, NULL, DEF, SECRET, 0,
+     1},
+    {"2017: wrong secret", 1, 0, NULL, Q17, 401, "unauthorized_client", NULL, "s3cret-valuf", 0, 0},
+    {"2017: empty secret", 1, 0, NULL, Q17, 401, "unauthorized_client", NULL, "", 0, 0},
+    {"2017: X-IDENTITY-HEADER wins over secret", 1, 0, SECRET, "api-version=2019-08-01&resource=r",
+     0, NULL, DEF, "wrong", 0, 0},
+    {"2017: a wrong X-IDENTITY-HEADER is not saved by a good secret", 1, 0, "wrong", Q17, 401,
+     "unauthorized_client", NULL, SECRET, 0, 0},
+    {"2017: X-IDENTITY-HEADER needs 2019-08-01", 1, 0, SECRET, Q17, 400, "invalid_request", NULL,
+     NULL, 0, 0},
+    {"2017: secret with 2019-08-01 answers in the 2019 shape", 1, 0, NULL,
+     "api-version=2019-08-01&resource=r", 0, NULL, DEF, SECRET, 0, 0},
+    {"2017: no other date before 2018", 1, 0, NULL, "api-version=2017-09-02&resource=r", 400,
+     "invalid_request", NULL, SECRET, 0, 0},
+    {"2017: clientid means nothing in 2019-08-01", 1, 0, SECRET,
+     "api-version=2019-08-01&resource=r&clientid=" EXTRA, 0, NULL, DEF, NULL, 0, 0},
 };
 
 static void t_appsvc(void **state)
@@ -314,6 +346,11 @@ static void t_appsvc(void **state)
         in.identity_header_len = strlen(r->header);
         in.identity_header = tcopy(r->header, in.identity_header_len);
     }
+    if (r->legacy) {
+        in.legacy_secret_len = strlen(r->legacy);
+        in.legacy_secret = tcopy(r->legacy, in.legacy_secret_len);
+    }
+    in.has_metadata_true = r->metadata;
     struct query *q = tmalloc(sizeof *q);
     struct imds_token_req out = {0};
     struct imds_error err = {0, NULL, NULL, -1};
@@ -323,6 +360,7 @@ static void t_appsvc(void **state)
     if (r->status == 0) {
         assert_int_equal(rc, 0);
         assert_string_equal(out.client_id, r->client_id);
+        assert_int_equal(out.msi2017 + out.msi2017_epoch, r->msi2017);
     } else {
         assert_int_equal(rc, -1);
         assert_int_equal(err.status, r->status);
@@ -346,6 +384,16 @@ static void t_appsvc_render(void **state)
                         "{\"access_token\":\"at\",\"client_id\":\"" DEF "\","
                         "\"expires_on\":\"2000003600\",\"not_before\":\"2000000000\","
                         "\"resource\":\"https://vault.azure.net\",\"token_type\":\"Bearer\"}");
+    buf_reset(&b); /* 2017-09-01: 2000003600 is 2033-05-18 04:33:20 UTC */
+    assert_int_equal(imds_render_msi2017_token(&b, &tok, DEF, "r", 1, 0), 0);
+    assert_string_equal(b.data, "{\"access_token\":\"at\",\"client_id\":\"" DEF "\","
+                                "\"expires_on\":\"05/18/2033 04:33:20 +00:00\","
+                                "\"resource\":\"r\",\"token_type\":\"Bearer\"}");
+    buf_reset(&b);
+    assert_int_equal(imds_render_msi2017_token(&b, &tok, DEF, "r", 1, 1), 0);
+    assert_string_equal(b.data, "{\"access_token\":\"at\",\"client_id\":\"" DEF "\","
+                                "\"expires_on\":\"2000003600\",\"resource\":\"r\","
+                                "\"token_type\":\"Bearer\"}");
     buf_reset(&b);
     struct imds_error e = {401, "unauthorized_client", "X-IDENTITY-HEADER is not valid", 0};
     assert_int_equal(imds_render_appservice_error(&b, &e), 0);
