@@ -35,6 +35,9 @@ static const char USAGE[] =
     "                          or ARM resource id, repeatable\n"
     "  --allow-host NAME       a host name token requests may use besides localhost and IP\n"
     "                          addresses, repeatable (others are refused: DNS rebinding)\n"
+    "  --allow-resource URI    serve tokens for this resource only, repeatable; one '*'\n"
+    "                          stands for a host name part: https://*.vault.azure.net\n"
+    "                          (default: every resource)\n"
     "  --identity-header-file PATH\n"
     "                          enable the App Service endpoint /msi/token, authenticated by\n"
     "                          the secret in PATH sent as X-IDENTITY-HEADER\n"
@@ -66,6 +69,7 @@ enum {
     OPT_ALLOW,
     OPT_ALIAS,
     OPT_ALLOW_HOST,
+    OPT_ALLOW_RESOURCE,
     OPT_IDENTITY_HEADER_FILE,
     OPT_LOG_LEVEL,
     OPT_LOG_FORMAT,
@@ -90,6 +94,7 @@ static const struct option options[] = {
     {"allow-client-id", required_argument, NULL, OPT_ALLOW},
     {"identity-alias", required_argument, NULL, OPT_ALIAS},
     {"allow-host", required_argument, NULL, OPT_ALLOW_HOST},
+    {"allow-resource", required_argument, NULL, OPT_ALLOW_RESOURCE},
     {"identity-header-file", required_argument, NULL, OPT_IDENTITY_HEADER_FILE},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"log-format", required_argument, NULL, OPT_LOG_FORMAT},
@@ -418,6 +423,15 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
                     a->key);
             break;
         }
+        case OPT_ALLOW_RESOURCE:
+            if (c->nallowed_resources >= CONFIG_MAX_RESOURCES)
+                ERR("--allow-resource: at most %d resources", CONFIG_MAX_RESOURCES);
+            if (!imds_resource_pattern_ok(optarg))
+                ERR("--allow-resource: '%s' is not a resource URI (at most one '*', in the host "
+                    "name; no spaces)",
+                    optarg);
+            c->allowed_resources[c->nallowed_resources++] = xstrdup(optarg);
+            break;
         case OPT_ALLOW_HOST:
             if (c->nallowed_hosts >= CONFIG_MAX_HOSTS)
                 ERR("--allow-host: at most %d names", CONFIG_MAX_HOSTS);
@@ -562,6 +576,8 @@ void config_free(struct config *c)
         free(c->allowed_client_ids[i]);
     for (int i = 0; i < c->nallowed_hosts; i++)
         free(c->allowed_hosts[i]);
+    for (int i = 0; i < c->nallowed_resources; i++)
+        free(c->allowed_resources[i]);
     for (int i = 0; i < c->naliases; i++) {
         free(c->aliases[i].key);
         free(c->aliases[i].client_id);

@@ -155,6 +155,23 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         send_error(c, &err, appservice);
         return;
     }
+    if (!imds_resource_allowed(tr.resource, tr.resource_len, ep->cfg->allowed_resources,
+                               ep->cfg->nallowed_resources)) {
+        /* least privilege: what real IMDS answers for a resource it will not issue, before any
+         * exchange (an application tricked into fetching URLs gets nothing more) */
+        if ((metrics.resources_refused++ % 1000) == 0) {
+            char res[160];
+            log_warn("resource_refused", "client_id=%s resource=%s refused_total=%llu",
+                     tr.client_id, log_quote(res, sizeof res, tr.resource, tr.resource_len),
+                     (unsigned long long)metrics.resources_refused);
+        }
+        struct imds_error e = {400, "invalid_resource",
+                               "The resource is not one this endpoint issues tokens for "
+                               "(--allow-resource)",
+                               0};
+        send_error(c, &e, appservice);
+        return;
+    }
     if (appservice && tr.msi2017)
         appservice = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
     struct token *tok;

@@ -292,6 +292,58 @@ int imds_check_appservice_request(const struct imds_input *in, const struct imds
     return check_query(in, ids, legacy ? "2017-09-01" : "2019-08-01", legacy, q, out, err);
 }
 
+int imds_resource_pattern_ok(const char *s)
+{
+    const char *star = strchr(s, '*'), *scheme = strstr(s, "://");
+    if (!*s || strlen(s) > IMDS_MAX_RESOURCE)
+        return 0;
+    for (const char *p = s; *p; p++)
+        if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f)
+            return 0;
+    if (!star)
+        return 1;
+    if (strchr(star + 1, '*') || !scheme || star < scheme + 3)
+        return 0;
+    const char *path = strchr(scheme + 3, '/');
+    return !path || star < path;
+}
+
+/* a pattern part (no '*') against a resource part, ignoring case */
+static int same(const char *p, size_t plen, const char *r, size_t rlen)
+{
+    return plen == rlen && strncasecmp(p, r, plen) == 0;
+}
+
+static int resource_matches(const char *pat, const char *r, size_t rlen)
+{
+    size_t plen = strlen(pat);
+    if (plen > 1 && pat[plen - 1] == '/') /* one trailing '/' on either side is not a difference */
+        plen--;
+    if (rlen > 1 && r[rlen - 1] == '/')
+        rlen--;
+    const char *star = memchr(pat, '*', plen);
+    if (!star)
+        return same(pat, plen, r, rlen);
+    size_t pre = (size_t)(star - pat), post = plen - pre - 1;
+    if (rlen < pre + post + 1 || !same(pat, pre, r, pre) ||
+        !same(star + 1, post, r + rlen - post, post))
+        return 0;
+    for (size_t i = pre; i < rlen - post; i++) /* what the '*' stands for: one host label part */
+        if (r[i] == '/' || r[i] == '.' || r[i] == '?' || r[i] == '#')
+            return 0;
+    return 1;
+}
+
+int imds_resource_allowed(const char *resource, size_t len, char *const *patterns, int n)
+{
+    if (n == 0)
+        return 1;
+    for (int i = 0; i < n; i++)
+        if (resource_matches(patterns[i], resource, len))
+            return 1;
+    return 0;
+}
+
 int imds_is_resource_id(const char *s)
 {
     static const char prefix[] = "/subscriptions/";

@@ -121,6 +121,10 @@ static void render_cache(struct buf *b, struct token_cache *cache)
 
 static void render_entra(struct buf *b)
 {
+    head(b, "imdsd_resources_refused_total", "counter",
+         "Token requests refused before Entra for a resource --allow-resource does not name.");
+    buf_printf(b, "imdsd_resources_refused_total %llu\n",
+               (unsigned long long)metrics.resources_refused);
     head(b, "imdsd_entra_exchanges_total", "counter", "Token exchanges with Entra, by outcome.");
     for (int o = 0; o < OUT_COUNT; o++)
         buf_printf(b, "imdsd_entra_exchanges_total{outcome=\"%s\"} %llu\n", outcome_names[o],

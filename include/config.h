@@ -13,6 +13,7 @@
 #define CONFIG_MAX_CLIENT_IDS    32
 #define CONFIG_MAX_ALIASES       64
 #define CONFIG_MAX_HOSTS         16
+#define CONFIG_MAX_RESOURCES     32
 #define CONFIG_MAX_SECRET        255 /* bytes of the X-IDENTITY-HEADER secret */
 #define CONFIG_DEFAULT_LISTEN    "127.0.0.1:8000"
 #define CONFIG_DEFAULT_AUTHORITY "https://login.microsoftonline.com/"
@@ -41,6 +42,8 @@ struct config {
     int naliases;
     char *allowed_hosts[CONFIG_MAX_HOSTS]; /* --allow-host */
     int nallowed_hosts;
+    char *allowed_resources[CONFIG_MAX_RESOURCES]; /* --allow-resource; none: every resource */
+    int nallowed_resources;
     char *identity_header_file; /* enables the App Service endpoint */
     char *identity_header;      /* its secret content (owned, zeroed on free) */
     size_t identity_header_len;

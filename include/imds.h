@@ -126,6 +126,16 @@ int imds_secret_equal(const char *a, size_t alen, const char *b, size_t blen);
 /* True for an ARM resource id of the form "/subscriptions/...", no spaces or controls. */
 int imds_is_resource_id(const char *s);
 
+/* --allow-resource: whether resource (len bytes) matches one of patterns (none: all do). A
+ * pattern matches the same URI ignoring case and one trailing '/'; a '*' in the pattern's host
+ * name stands for one or more characters other than '/', '.', '?' and '#': "https://" "*"
+ * ".vault.azure.net" matches https://myvault.vault.azure.net, not https://vault.azure.net nor
+ * https://a.b.vault.azure.net. */
+int imds_resource_allowed(const char *resource, size_t len, char *const *patterns, int n);
+/* Whether s may be an --allow-resource pattern: printable, no spaces, at most one '*', and that
+ * one in the host name (between "://" and the next '/'). */
+int imds_resource_pattern_ok(const char *s);
+
 /* Supported api-version: YYYY-MM-DD, a real date, not before 2018-02-01. */
 int imds_api_version_ok(const char *v);
 /* True when s is a GUID (8-4-4-4-12 hex digits). */

@@ -35,9 +35,10 @@ struct metrics {
     uint64_t exchanges[OUT_COUNT];
     uint64_t exchange_latency[METRICS_LAT_BUCKETS + 1]; /* per bucket; the last is +Inf */
     double exchange_seconds_sum;
-    uint64_t retries;               /* exchange attempts after the first, for one key */
-    uint64_t token_file_loads;      /* a new service-account token read (fingerprint changed) */
-    uint64_t connections_refused;   /* closed at once: --max-connections or out of descriptors */
+    uint64_t retries;             /* exchange attempts after the first, for one key */
+    uint64_t token_file_loads;    /* a new service-account token read (fingerprint changed) */
+    uint64_t connections_refused; /* closed at once: --max-connections or out of descriptors */
+    uint64_t resources_refused;   /* token requests for a resource --allow-resource does not name */
     uint64_t entra_failures_in_row; /* failed exchanges since the last success (0: healthy) */
     enum metrics_outcome entra_last_failure; /* outcome of the last failure, when in_row > 0 */
     int64_t start_time_s;                    /* wall clock, set by main */

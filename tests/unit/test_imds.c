@@ -369,6 +369,72 @@ static void t_appsvc(void **state)
     }
 }
 
+/* --allow-resource */
+struct res_row {
+    const char *name;
+    const char *resource;
+    int allowed; /* against res_patterns */
+};
+
+static char *res_patterns[] = {"https://management.azure.com/", "https://*.vault.azure.net",
+                               "api://my-api", "https://*.blob.core.windows.net/"};
+
+static const struct res_row res_rows[] = {
+    {"exact, the pattern's trailing slash", "https://management.azure.com/", 1},
+    {"exact without the trailing slash", "https://management.azure.com", 1},
+    {"case ignored", "HTTPS://Management.Azure.com/", 1},
+    {"two trailing slashes are a difference", "https://management.azure.com//", 0},
+    {"a path is a difference", "https://management.azure.com/x", 0},
+    {"a prefix is not a match", "https://management.azure.co", 0},
+    {"wildcard: one label", "https://myvault.vault.azure.net", 1},
+    {"wildcard: with a trailing slash", "https://myvault.vault.azure.net/", 1},
+    {"wildcard: not zero characters", "https://.vault.azure.net", 0},
+    {"wildcard: not the bare domain", "https://vault.azure.net", 0},
+    {"wildcard: not two labels", "https://a.b.vault.azure.net", 0},
+    {"wildcard: not a path", "https://evil.com/x.vault.azure.net", 0},
+    {"wildcard: not a look-alike suffix", "https://myvault.vault.azure.net.evil.com", 0},
+    {"wildcard: not a query", "https://a?.vault.azure.net", 0},
+    {"an app id URI", "api://my-api", 1},
+    {"an app id URI with a slash", "api://my-api/", 1},
+    {"something else", "https://graph.microsoft.com/", 0},
+    {"second wildcard pattern, trailing slash on the pattern", "https://acct.blob.core.windows.net",
+     1},
+    {"empty", "", 0},
+};
+
+static void t_res(void **state)
+{
+    const struct res_row *r = *state;
+    size_t n = strlen(r->resource);
+    const char *copy = tcopy(r->resource, n);
+    assert_int_equal(imds_resource_allowed(copy, n, res_patterns, 4), r->allowed);
+    assert_int_equal(imds_resource_allowed(copy, n, res_patterns, 0), 1); /* none: all */
+}
+
+struct pat_row {
+    const char *name;
+    const char *pattern;
+    int ok;
+};
+
+static const struct pat_row pat_rows[] = {
+    {"plain", "https://vault.azure.net", 1},
+    {"wildcard in the host", "https://*.vault.azure.net", 1},
+    {"an app id URI", "api://00000000-0000-0000-0000-000000000001", 1},
+    {"two wildcards", "https://*.*.azure.net", 0},
+    {"wildcard in the path", "https://vault.azure.net/*", 0},
+    {"wildcard without a scheme", "*.vault.azure.net", 0},
+    {"a space", "https://vault azure.net", 0},
+    {"a control character", "https://vault\x01.azure.net", 0},
+    {"empty", "", 0},
+};
+
+static void t_pat(void **state)
+{
+    const struct pat_row *r = *state;
+    assert_int_equal(imds_resource_pattern_ok(r->pattern), r->ok);
+}
+
 static void t_appsvc_render(void **state)
 {
     (void)state;
@@ -929,6 +995,8 @@ int main(void)
 #endif
     ADD_ROWS("imds_check_appservice_request", appsvc_rows, t_appsvc);
     ADD_ROWS("imds_host_allowed", host_rows, t_host);
+    ADD_ROWS("imds_resource_allowed", res_rows, t_res);
+    ADD_ROWS("imds_resource_pattern_ok", pat_rows, t_pat);
     add("imds_host_allowed", "Host over IMDS_MAX_HOST", t_host_too_long, NULL);
     ADD_ROWS("token request check order", order_rows, t_order);
     add("imds_render_appservice", "token and error shapes", t_appsvc_render, NULL);
