@@ -138,13 +138,19 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         .identity_header_len = req->identity_header_len,
         .legacy_secret = req->legacy_secret,
         .legacy_secret_len = req->legacy_secret_len,
+        .is_post = req->is_post,
+        .body = req->body,
+        .body_len = req->body_len,
+        .form_body = req->form_body,
     };
     struct query q;
     struct imds_token_req tr;
     struct imds_error err;
-    int rc = appservice ? imds_check_appservice_request(&in, &ep->ids, ep->cfg->identity_header,
-                                                        ep->cfg->identity_header_len, &q, &tr, &err)
-                        : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
+    /* IMDS's path also takes Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's */
+    int rc = appservice     ? imds_check_appservice_request(&in, &ep->ids, ep->cfg->identity_header,
+                                                            ep->cfg->identity_header_len, &q, &tr, &err)
+             : req->is_post ? imds_check_cloudshell_request(&in, &ep->ids, &q, &tr, &err)
+                            : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
     if (rc < 0) {
         if (err.status == 403 && (ep->refused_hosts++ % 1000) == 0) {
             char host[80];

@@ -27,7 +27,7 @@ enum conn_state {
 
 static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
 
-enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_SECRET, H_HOST };
+enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_SECRET, H_HOST, H_CTYPE };
 
 /* A connection starts "bare": an accepted socket with no libuv handle and no epoll registration.
  * serve_accepted reads the request at once and, when the answer is ready at once and the client
@@ -66,6 +66,9 @@ struct http_conn {
     size_t idval_len;
     char secval[HTTP_SECRET_HEADER_MAX]; /* `secret` (App Service 2017-09-01); zeroed likewise */
     size_t secval_len;
+    char ctype[64]; /* Content-Type, enough to tell a form */
+    size_t ctype_len;
+    struct buf body;          /* a POST's body (Cloud Shell's form), up to HTTP_MAX_BODY */
     char host[HTTP_MAX_HOST]; /* the Host header (host_len may be more than is kept) */
     size_t host_len;
     int headers_done; /* past the header section: trailer fields count for nothing */
@@ -394,6 +397,8 @@ static int on_message_begin(llhttp_t *p)
     c->host_len = 0;
     c->headers_done = 0;
     c->endpoint = EP_OTHER;
+    c->ctype_len = 0;
+    buf_reset(&c->body);
     memset(&c->req, 0, sizeof c->req);
     if (c->idval_len) {
         secret_zero(c->idval, sizeof c->idval);
@@ -456,6 +461,9 @@ static int on_header_field_complete(llhttp_t *p)
             c->hkind = H_IDENTITY; /* the last one counts */
             secret_zero(c->idval, sizeof c->idval);
             c->idval_len = 0;
+        } else if (strcasecmp(c->hname, "content-type") == 0) {
+            c->hkind = H_CTYPE;
+            c->ctype_len = 0;
         } else if (strcasecmp(c->hname, "secret") == 0) {
             c->hkind = H_SECRET;
             secret_zero(c->secval, sizeof c->secval);
@@ -487,6 +495,12 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
             memcpy(v + *vlen, at, len < n ? len : n);
         }
         *vlen += len;
+    }
+    if (c->hkind == H_CTYPE) {
+        size_t n =
+            len < sizeof c->ctype - 1 - c->ctype_len ? len : sizeof c->ctype - 1 - c->ctype_len;
+        memcpy(c->ctype + c->ctype_len, at, n);
+        c->ctype_len += n;
     }
     if (c->hkind == H_HOST) {
         if (c->host_len < sizeof c->host)
@@ -537,10 +551,13 @@ static int on_header_value_complete(llhttp_t *p)
 
 static int on_body(llhttp_t *p, const char *at, size_t len)
 {
-    (void)at;
     struct http_conn *c = conn_of(p);
     c->body_bytes += len;
-    return c->body_bytes > HTTP_MAX_BODY ? cap(c, 413) : 0;
+    if (c->body_bytes > HTTP_MAX_BODY)
+        return cap(c, 413);
+    if (p->method == HTTP_POST && buf_append(&c->body, at, len) < 0)
+        return cap(c, 413);
+    return 0;
 }
 
 static int on_headers_complete(llhttp_t *p)
@@ -558,7 +575,18 @@ static int on_message_complete(llhttp_t *p)
     c->req.method = llhttp_method_name((llhttp_method_t)p->method);
     c->req.tag = c->tag;
     c->req.is_get = p->method == HTTP_GET;
+    c->req.is_post = p->method == HTTP_POST;
     c->req.has_body = c->body_bytes > 0;
+    c->req.body = c->body.data ? c->body.data : "";
+    c->req.body_len = c->body.len;
+    c->ctype[c->ctype_len] = 0;
+    const char *ct = c->ctype;
+    while (*ct == ' ' || *ct == '\t')
+        ct++;
+    static const char form[] = "application/x-www-form-urlencoded";
+    c->req.form_body =
+        strncasecmp(ct, form, sizeof form - 1) == 0 &&
+        (ct[sizeof form - 1] == 0 || ct[sizeof form - 1] == ';' || ct[sizeof form - 1] == ' ');
     c->keep_alive = llhttp_should_keep_alive(p);
     const char *u = c->url.data ? c->url.data : "";
     const char *q = memchr(u, '?', c->url.len);
@@ -720,6 +748,7 @@ static void conn_free(struct http_conn *c)
     buf_free(&c->pending);
     buf_free(&c->out);
     buf_free(&c->scratch);
+    buf_free(&c->body);
     free(c);
     s->open_handles--;
     maybe_free_server(s);
@@ -803,6 +832,7 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
     buf_init(&c->pending, HTTP_MAX_PENDING);
     buf_init(&c->out, 1 << 20);
     buf_init(&c->scratch, 1 << 20);
+    buf_init(&c->body, HTTP_MAX_BODY);
     llhttp_init(&c->parser, HTTP_REQUEST, &s->settings);
     c->parser.data = c;
     c->last_active = uv_now(s->loop);

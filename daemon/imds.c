@@ -141,7 +141,9 @@ static int check_query(const struct imds_input *in, const struct imds_identities
                        const char *min_api, int msi2017_ok, struct query *q,
                        struct imds_token_req *out, struct imds_error *err)
 {
-    switch (query_parse(q, in->query ? in->query : "", in->query ? in->query_len : 0)) {
+    const char *params = min_api ? in->query : in->body; /* Cloud Shell: the form body */
+    size_t params_len = min_api ? in->query_len : in->body_len;
+    switch (query_parse(q, params ? params : "", params ? params_len : 0)) {
     case QUERY_OK:
         break;
     case QUERY_E_DUPLICATE:
@@ -153,12 +155,12 @@ static int check_query(const struct imds_input *in, const struct imds_identities
         return fail(err, 400, "invalid_request", "Malformed query string");
     }
     const struct query_param *api = query_get(q, "api-version");
-    if (!api || !api->val_len)
+    if (min_api && (!api || !api->val_len))
         return fail(err, 400, "invalid_request",
                     "Required query variable 'api-version' is missing");
-    int api_ok =
-        imds_api_version_ok(api->val) || (msi2017_ok && strcmp(api->val, "2017-09-01") == 0);
-    if (!api_ok || strcmp(api->val, min_api) < 0)
+    int api_ok = !api || imds_api_version_ok(api->val) ||
+                 (msi2017_ok && strcmp(api->val, "2017-09-01") == 0);
+    if (!api_ok || (min_api && strcmp(api->val, min_api) < 0))
         return fail(err, 400, "invalid_request", "Invalid or unsupported api-version");
     const struct query_param *res = query_get(q, "resource");
     if (!res || !res->val_len)
@@ -167,7 +169,7 @@ static int check_query(const struct imds_input *in, const struct imds_identities
         return fail(err, 400, "invalid_request", "Query variable 'resource' is too long");
     int several;
     const char *selected = imds_select_identity(q, ids, &several);
-    out->msi2017 = msi2017_ok && strcmp(api->val, "2019-08-01") < 0;
+    out->msi2017 = msi2017_ok && api && strcmp(api->val, "2019-08-01") < 0;
     out->msi2017_epoch = out->msi2017 && in->has_metadata_true;
     const struct query_param *legacy_id = query_get(q, "clientid");
     if (out->msi2017 && legacy_id && legacy_id->val_len) { /* 2017-09-01's name for client_id */
@@ -233,23 +235,53 @@ int imds_host_allowed(const char *host, size_t len, char *const *names, int nnam
     return 0;
 }
 
-/* Checks shared by both token protocols, before the caller's authentication. */
-static int check_request(const struct imds_input *in, const struct imds_identities *ids,
-                         struct imds_error *err)
+/* The Host check, the same for every protocol. */
+static int check_host(const struct imds_input *in, const struct imds_identities *ids,
+                      struct imds_error *err)
 {
-    if (!in->is_get)
-        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
     if (!imds_host_allowed(in->host, in->host_len, ids->allowed_hosts, ids->nallowed_hosts))
         return fail(err, 403, "forbidden",
                     "The Host of a token request must be an IP address, localhost or a name "
                     "allowed with --allow-host (a DNS name pointed at this address could be a "
                     "web page's DNS rebinding)");
-    if (in->has_body)
-        return fail(err, 400, "invalid_request", "A token request must not have a body");
+    return 0;
+}
+
+static int check_xff(const struct imds_input *in, struct imds_error *err)
+{
     if (in->has_xff)
         return fail(err, 400, "invalid_request",
                     "Requests with an X-Forwarded-For header are not allowed");
     return 0;
+}
+
+/* Checks shared by the GET token protocols, before the caller's authentication. */
+static int check_request(const struct imds_input *in, const struct imds_identities *ids,
+                         struct imds_error *err)
+{
+    if (!in->is_get)
+        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
+    if (check_host(in, ids, err) < 0)
+        return -1;
+    if (in->has_body)
+        return fail(err, 400, "invalid_request", "A token request must not have a body");
+    return check_xff(in, err);
+}
+
+int imds_check_cloudshell_request(const struct imds_input *in, const struct imds_identities *ids,
+                                  struct query *q, struct imds_token_req *out,
+                                  struct imds_error *err)
+{
+    if (!in->is_post)
+        return fail(err, 405, "method_not_allowed", "The requested method is not allowed");
+    if (check_host(in, ids, err) < 0 || check_xff(in, err) < 0)
+        return -1;
+    if (!in->has_metadata_true)
+        return fail(err, 400, "invalid_request", "Required metadata header not specified");
+    if (!in->form_body)
+        return fail(err, 400, "invalid_request",
+                    "A POST token request needs an application/x-www-form-urlencoded body");
+    return check_query(in, ids, NULL, 0, q, out, err);
 }
 
 int imds_check_token_request(const struct imds_input *in, const struct imds_identities *ids,

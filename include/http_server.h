@@ -19,6 +19,7 @@ struct http_conn;
 
 struct http_request {
     int is_get;
+    int is_post;
     const char *method; /* "GET", "POST", ... */
     const char *path;   /* request target up to '?' (not NUL-terminated) */
     size_t path_len;
@@ -26,7 +27,10 @@ struct http_request {
     size_t query_len;
     int has_metadata_true;
     int has_xff;
-    int has_body;                /* the request had body bytes */
+    int has_body;     /* the request had body bytes */
+    const char *body; /* a POST's body (body_len bytes, not NUL-terminated) */
+    size_t body_len;
+    int form_body;               /* Content-Type: application/x-www-form-urlencoded */
     const char *host;            /* the Host header without surrounding blanks, NULL when absent */
     size_t host_len;             /* its length; over HTTP_MAX_HOST when it was too long to keep */
     int tag;                     /* the listener's, see http_server_listen */

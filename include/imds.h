@@ -48,6 +48,10 @@ struct imds_input {
     size_t identity_header_len;
     const char *legacy_secret; /* the `secret` header (App Service 2017-09-01), or NULL */
     size_t legacy_secret_len;
+    int is_post;
+    const char *body; /* a POST's body */
+    size_t body_len;
+    int form_body; /* Content-Type: application/x-www-form-urlencoded */
 };
 
 /* An object/principal id (GUID) or ARM resource id that names one of the served client ids. */
@@ -93,6 +97,13 @@ int imds_check_token_request(const struct imds_input *in, const struct imds_iden
 int imds_check_appservice_request(const struct imds_input *in, const struct imds_identities *ids,
                                   const char *secret, size_t secret_len, struct query *q,
                                   struct imds_token_req *out, struct imds_error *err);
+
+/* The Cloud Shell protocol (MSI_ENDPOINT alone): POST with Metadata: true and a form body
+ * (resource, and optionally client_id, msi_res_id and the other selectors), no api-version; the
+ * query string is not read. Host and X-Forwarded-For as for GET. */
+int imds_check_cloudshell_request(const struct imds_input *in, const struct imds_identities *ids,
+                                  struct query *q, struct imds_token_req *out,
+                                  struct imds_error *err);
 
 /* Resolves the identity a request selects (client_id, object_id/principal_id, msi_res_id/
  * mi_res_id/msi-res-id) to a served client id, or NULL ("Identity not found"). *several is set

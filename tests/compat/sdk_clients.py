@@ -106,6 +106,11 @@ def imds_env(ctx, port, host="127.0.0.1", **more):
     return client_env(ctx, AZURE_POD_IDENTITY_AUTHORITY_HOST=f"http://{host}:{port}", **more)
 
 
+def cloud_shell_env(ctx, port, path=harness.TOKEN_PATH, **more):
+    """MSI_ENDPOINT alone: the Cloud Shell protocol (a form POST with Metadata: true)."""
+    return client_env(ctx, _allow=("MSI_ENDPOINT",), MSI_ENDPOINT=f"http://127.0.0.1:{port}{path}", **more)
+
+
 def msi2017_env(ctx, port, secret, path="/msi/token", **more):
     """MSI_ENDPOINT + MSI_SECRET: App Service 2017-09-01, which today's SDKs call Azure ML."""
     return client_env(ctx, _allow=("MSI_ENDPOINT", "MSI_SECRET"), MSI_ENDPOINT=f"http://127.0.0.1:{port}{path}",

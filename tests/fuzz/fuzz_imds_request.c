@@ -29,7 +29,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                             .identity_header_len = (flags & 16) ? 6 : 5,
                             .has_body = (flags >> 6) & 1,
                             .host = (flags & 128) ? s : NULL,
-                            .host_len = n};
+                            .host_len = n,
+                            /* App Service 2017-09-01 when there is no X-IDENTITY-HEADER */
+                            .legacy_secret = (flags & 8) ? NULL : "secret",
+                            .legacy_secret_len = 6,
+                            /* a POST (Cloud Shell): the same bytes as its form body */
+                            .is_post = !(flags & 1),
+                            .body = s,
+                            .body_len = n,
+                            .form_body = (flags >> 4) & 1};
     struct imds_identities ids = {.default_client_id = "11111111-2222-3333-4444-555555555555",
                                   .allowed = allowed,
                                   .nallowed = 1,
@@ -41,6 +49,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct buf b;
     buf_init(&b, 1 << 20);
     int rc = (flags & 32) ? imds_check_appservice_request(&in, &ids, "secret", 6, &q, &tr, &err)
+             : in.is_post ? imds_check_cloudshell_request(&in, &ids, &q, &tr, &err)
                           : imds_check_token_request(&in, &ids, &q, &tr, &err);
     if (rc == 0) {
         if ((flags & 128) && !host_ok)
@@ -54,6 +63,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                           .not_before = 1999996400};
         if (imds_render_token(&b, &t, tr.client_id, tr.resource, tr.resource_len, 1999996500) < 0)
             __builtin_trap();
+        if (tr.msi2017 && imds_render_msi2017_token(&b, &t, tr.client_id, tr.resource,
+                                                    tr.resource_len, tr.msi2017_epoch) < 0)
+            __builtin_trap();
+        if (in.is_post && !(flags & 32) && (!in.form_body || !in.has_metadata_true))
+            __builtin_trap(); /* Cloud Shell needs both */
     } else {
         if (err.status < 400 || !err.error || !err.description)
             __builtin_trap();

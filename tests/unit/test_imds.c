@@ -369,6 +369,67 @@ static void t_appsvc(void **state)
     }
 }
 
+/* Cloud Shell: POST, Metadata, a form body */
+#define RESID_Q                                                                                    \
+    "%2Fsubscriptions%2Fs%2FresourceGroups%2Frg%2Fproviders%2FMicrosoft.ManagedIdentity%2F"        \
+    "userAssignedIdentities%2Fu"
+struct cs_row {
+    const char *name;
+    int is_post, metadata, form, xff;
+    const char *body;
+    const char *query; /* in the URL: never read */
+    int status;
+    const char *client_id;
+};
+
+static const struct cs_row cs_rows[] = {
+    {"good", 1, 1, 1, 0, "resource=https%3A%2F%2Fvault.azure.net", NULL, 0, DEF},
+    {"user-assigned client_id", 1, 1, 1, 0, "resource=r&client_id=" EXTRA, NULL, 0, EXTRA},
+    {"msi_res_id alias", 1, 1, 1, 0, "resource=r&msi_res_id=" RESID_Q, NULL, 0, EXTRA},
+    {"a valid api-version may come", 1, 1, 1, 0, "resource=r&api-version=2018-02-01", NULL, 0, DEF},
+    {"an invalid api-version may not", 1, 1, 1, 0, "resource=r&api-version=2017-01-01", NULL, 400,
+     NULL},
+    {"GET is not Cloud Shell", 0, 1, 1, 0, "resource=r", NULL, 405, NULL},
+    {"no Metadata", 1, 0, 1, 0, "resource=r", NULL, 400, NULL},
+    {"not a form", 1, 1, 0, 0, "resource=r", NULL, 400, NULL},
+    {"X-Forwarded-For", 1, 1, 1, 1, "resource=r", NULL, 400, NULL},
+    {"empty body", 1, 1, 1, 0, "", NULL, 400, NULL},
+    {"the URL's query is not read", 1, 1, 1, 0, "", "resource=r", 400, NULL},
+    {"duplicate", 1, 1, 1, 0, "resource=a&resource=b", NULL, 400, NULL},
+    {"two selectors", 1, 1, 1, 0, "resource=r&client_id=" EXTRA "&msi_res_id=" RESID_Q, NULL, 400,
+     NULL},
+    {"unknown identity", 1, 1, 1, 0, "resource=r&client_id=" UNKNOWN, NULL, 400, NULL},
+};
+
+static void t_cs(void **state)
+{
+    const struct cs_row *r = *state;
+    struct imds_input in = {.is_post = r->is_post,
+                            .is_get = !r->is_post,
+                            .has_metadata_true = r->metadata,
+                            .form_body = r->form,
+                            .has_xff = r->xff};
+    in.body_len = strlen(r->body);
+    in.body = tcopy(r->body, in.body_len);
+    in.has_body = in.body_len > 0;
+    if (r->query) {
+        in.query_len = strlen(r->query);
+        in.query = tcopy(r->query, in.query_len);
+    }
+    struct query *q = tmalloc(sizeof *q);
+    struct imds_token_req out = {0};
+    struct imds_error err = {0, NULL, NULL, -1};
+    int rc = imds_check_cloudshell_request(&in, &ids_aliases, q, &out, &err);
+    if (r->status == 0) {
+        assert_int_equal(rc, 0);
+        assert_string_equal(out.client_id, r->client_id);
+        assert_int_equal(out.msi2017, 0);
+    } else {
+        assert_int_equal(rc, -1);
+        assert_int_equal(err.status, r->status);
+    }
+}
+
 /* --allow-resource */
 struct res_row {
     const char *name;
@@ -996,6 +1057,7 @@ int main(void)
     ADD_ROWS("imds_check_appservice_request", appsvc_rows, t_appsvc);
     ADD_ROWS("imds_host_allowed", host_rows, t_host);
     ADD_ROWS("imds_resource_allowed", res_rows, t_res);
+    ADD_ROWS("imds_check_cloudshell_request", cs_rows, t_cs);
     ADD_ROWS("imds_resource_pattern_ok", pat_rows, t_pat);
     add("imds_host_allowed", "Host over IMDS_MAX_HOST", t_host_too_long, NULL);
     ADD_ROWS("token request check order", order_rows, t_order);
