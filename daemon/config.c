@@ -41,6 +41,10 @@ static const char USAGE[] =
     "  --identity-header-file PATH\n"
     "                          enable the App Service endpoint /msi/token, authenticated by\n"
     "                          the secret in PATH sent as X-IDENTITY-HEADER\n"
+    "  --identity-header-overlap SEC\n"
+    "                          a rotated secret replaces the old one, which is still\n"
+    "                          accepted this long (default 300)\n"
+
     "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
     "  --log-format FORMAT     logfmt (default) or json         [IMDSD_LOG_FORMAT]\n"
     "  --max-connections N     concurrent client connections (default 1024)\n"
@@ -77,6 +81,7 @@ enum {
     OPT_IDLE,
     OPT_ENTRA_TIMEOUT,
     OPT_GRACE,
+    OPT_OVERLAP,
     OPT_ADD_ADDRESS,
     OPT_PROBE,
     OPT_HELP,
@@ -102,6 +107,7 @@ static const struct option options[] = {
     {"idle-timeout", required_argument, NULL, OPT_IDLE},
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
     {"shutdown-grace", required_argument, NULL, OPT_GRACE},
+    {"identity-header-overlap", required_argument, NULL, OPT_OVERLAP},
     {"add-loopback-address", required_argument, NULL, OPT_ADD_ADDRESS},
     {"probe", required_argument, NULL, OPT_PROBE},
     {"help", no_argument, NULL, OPT_HELP},
@@ -351,6 +357,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     c->idle_timeout_s = 60;
     c->entra_timeout_s = 15;
     c->shutdown_grace_s = 5;
+    c->identity_header_overlap_s = 300;
     const char *v, *why = NULL;
     const char *authority = CONFIG_DEFAULT_AUTHORITY, *authority_src = "AZURE_AUTHORITY_HOST";
 
@@ -463,6 +470,10 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         case OPT_ENTRA_TIMEOUT:
             if (parse_uint(optarg, 1, 300, &c->entra_timeout_s) < 0)
                 ERR("--entra-timeout: invalid value '%s' (1 to 300 seconds)", optarg);
+            break;
+        case OPT_OVERLAP:
+            if (parse_uint(optarg, 0, 86400, &c->identity_header_overlap_s) < 0)
+                ERR("--identity-header-overlap: invalid value '%s' (0 to 86400 seconds)", optarg);
             break;
         case OPT_GRACE:
             if (parse_uint(optarg, 0, 60, &c->shutdown_grace_s) < 0)

@@ -31,6 +31,7 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
 {
     ep->tf = tf;
     ep->refused_hosts = 0;
+    ep->secrets = NULL;
     ep->loop = loop;
     ep->cfg = cfg;
     ep->cache = cache;
@@ -146,9 +147,11 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     struct query q;
     struct imds_token_req tr;
     struct imds_error err;
+    struct imds_secret secrets[2];
+    int nsecrets = ep->secrets ? secret_watch_get(ep->secrets, now_wall_ms(), secrets) : 0;
     /* IMDS's path also takes Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's */
-    int rc = appservice     ? imds_check_appservice_request(&in, &ep->ids, ep->cfg->identity_header,
-                                                            ep->cfg->identity_header_len, &q, &tr, &err)
+    int rc = appservice
+                 ? imds_check_appservice_request(&in, &ep->ids, secrets, nsecrets, &q, &tr, &err)
              : req->is_post ? imds_check_cloudshell_request(&in, &ep->ids, &q, &tr, &err)
                             : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
     if (rc < 0) {

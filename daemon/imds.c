@@ -304,7 +304,7 @@ int imds_secret_equal(const char *a, size_t alen, const char *b, size_t blen)
 }
 
 int imds_check_appservice_request(const struct imds_input *in, const struct imds_identities *ids,
-                                  const char *secret, size_t secret_len, struct query *q,
+                                  const struct imds_secret *secrets, int n, struct query *q,
                                   struct imds_token_req *out, struct imds_error *err)
 {
     if (check_request(in, ids, err) < 0)
@@ -317,7 +317,10 @@ int imds_check_appservice_request(const struct imds_input *in, const struct imds
                     "is missing");
     const char *given = legacy ? in->legacy_secret : in->identity_header;
     size_t given_len = legacy ? in->legacy_secret_len : in->identity_header_len;
-    if (!secret || !imds_secret_equal(given, given_len, secret, secret_len))
+    int match = 0;
+    for (int i = 0; i < n; i++) /* every one compared: the time does not tell which matched */
+        match |= imds_secret_equal(given, given_len, secrets[i].value, secrets[i].len);
+    if (!match)
         return fail(err, 401, "unauthorized_client",
                     legacy ? "The secret header is not valid" : "X-IDENTITY-HEADER is not valid");
     /* `secret` came with 2017-09-01; X-IDENTITY-HEADER with 2019-08-01 */

@@ -49,6 +49,8 @@ static void teardown(void *arg)
     d->cache = NULL;
     token_file_free(d->tf);
     d->tf = NULL;
+    secret_watch_free(d->ep.secrets);
+    d->ep.secrets = NULL;
     entra_free(d->entra);
     d->entra = NULL;
     sd_close();
@@ -77,6 +79,8 @@ static void on_signal(uv_signal_t *s, int signum)
     if (signum == SIGHUP) {
         sd_reloading();
         token_file_reload(d->tf);
+        if (d->ep.secrets)
+            secret_watch_reload(d->ep.secrets);
         sd_reloaded();
     } else
         stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -112,6 +116,9 @@ static int start(struct daemon *d)
     d->tf = token_file_new(&d->loop, c->token_file);
     d->cache = token_cache_new(&d->loop, c, d->entra, d->tf);
     endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
+    if (c->identity_header)
+        d->ep.secrets = secret_watch_new(&d->loop, c->identity_header_file, c->identity_header,
+                                         c->identity_header_len, c->identity_header_overlap_s);
     struct http_server_opts so = {c->max_connections, c->idle_timeout_s * 1000u};
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
     int passed = sd_listen(d->server, err, sizeof err); /* systemd's sockets replace --listen */
@@ -203,6 +210,7 @@ int main(int argc, char **argv)
         http_server_free(d.server);
         token_cache_free(d.cache);
         token_file_free(d.tf);
+        secret_watch_free(d.ep.secrets);
         entra_free(d.entra);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);

@@ -55,6 +55,7 @@ struct config {
     unsigned idle_timeout_s;
     unsigned entra_timeout_s;
     unsigned shutdown_grace_s;
+    unsigned identity_header_overlap_s; /* a replaced secret is still accepted this long */
     char add_address[16]; /* --add-loopback-address: the one-shot init mode, when not empty */
     int probe;            /* --probe: the one-shot exec probe of probe_at + probe_path */
     struct config_listen probe_at;

@@ -9,6 +9,7 @@
 #include "http_server.h"
 #include "imds.h"
 #include "token_cache.h"
+#include "secret_watch.h"
 #include "token_file.h"
 
 /* Listener tags (http_server_listen): what a listener serves. */
@@ -23,7 +24,8 @@ struct endpoints {
     struct token_cache *cache;
     struct token_file *tf;
     struct imds_identities ids;
-    uint64_t refused_hosts; /* token requests refused for their Host */
+    uint64_t refused_hosts;       /* token requests refused for their Host */
+    struct secret_watch *secrets; /* the App Service secret(s), NULL when off */
 };
 
 void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,

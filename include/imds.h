@@ -94,8 +94,13 @@ int imds_check_token_request(const struct imds_input *in, const struct imds_iden
  * IDENTITY_HEADER) sends it as X-IDENTITY-HEADER; 2017-09-01 (MSI_ENDPOINT + MSI_SECRET: Azure
  * ML and older App Service clients) as `secret`, with the identity as `clientid` too, and gets
  * out->msi2017 set. */
+struct imds_secret {
+    const char *value;
+    size_t len;
+};
+/* secrets: the n (1 or 2, during a rotation's overlap) values the header may have. */
 int imds_check_appservice_request(const struct imds_input *in, const struct imds_identities *ids,
-                                  const char *secret, size_t secret_len, struct query *q,
+                                  const struct imds_secret *secrets, int n, struct query *q,
                                   struct imds_token_req *out, struct imds_error *err);
 
 /* The Cloud Shell protocol (MSI_ENDPOINT alone): POST with Metadata: true and a form body

@@ -48,7 +48,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct imds_error err;
     struct buf b;
     buf_init(&b, 1 << 20);
-    int rc = (flags & 32) ? imds_check_appservice_request(&in, &ids, "secret", 6, &q, &tr, &err)
+    static const struct imds_secret secrets[2] = {{"secret", 6}, {"previous", 8}};
+    int rc = (flags & 32) ? imds_check_appservice_request(&in, &ids, secrets, 2, &q, &tr, &err)
              : in.is_post ? imds_check_cloudshell_request(&in, &ids, &q, &tr, &err)
                           : imds_check_token_request(&in, &ids, &q, &tr, &err);
     if (rc == 0) {

@@ -278,62 +278,74 @@ struct appsvc_row {
     const char *legacy; /* the 2017-09-01 `secret` header, NULL = absent */
     int metadata;       /* Metadata: true sent */
     int msi2017;        /* expected: 0, 1 (a date), 2 (epoch seconds) */
+    int one_secret;     /* only SECRET is valid (else PREVIOUS too: a rotation's overlap) */
 };
+
+#define PREVIOUS "previous-s3cret"
 
 #define Q17 "api-version=2017-09-01&resource=r"
 
 static const struct appsvc_row appsvc_rows[] = {
     {"good", 1, 0, SECRET, "api-version=2019-08-01&resource=https%3A%2F%2Fvault.azure.net", 0, NULL,
-     DEF, NULL, 0, 0},
+     DEF, NULL, 0, 0, 0},
     {"good, user-assigned by principal_id", 1, 0, SECRET,
      "api-version=2019-08-01&resource=r&principal_id=0b000000-0000-4000-8000-000000000001", 0, NULL,
-     EXTRA, NULL, 0, 0},
+     EXTRA, NULL, 0, 0, 0},
     {"missing header", 1, 0, NULL, "api-version=2019-08-01&resource=r", 401, "unauthorized_client",
-     NULL, NULL, 0, 0},
+     NULL, NULL, 0, 0, 0},
     {"wrong header", 1, 0, "s3cret-valuf", "api-version=2019-08-01&resource=r", 401,
-     "unauthorized_client", NULL, NULL, 0, 0},
+     "unauthorized_client", NULL, NULL, 0, 0, 0},
     {"header is a prefix of the secret", 1, 0, "s3cret", "api-version=2019-08-01&resource=r", 401,
-     "unauthorized_client", NULL, NULL, 0, 0},
+     "unauthorized_client", NULL, NULL, 0, 0, 0},
     {"secret is a prefix of the header", 1, 0, SECRET "x", "api-version=2019-08-01&resource=r", 401,
-     "unauthorized_client", NULL, NULL, 0, 0},
+     "unauthorized_client", NULL, NULL, 0, 0, 0},
     {"empty header", 1, 0, "", "api-version=2019-08-01&resource=r", 401, "unauthorized_client",
-     NULL, NULL, 0, 0},
+     NULL, NULL, 0, 0, 0},
     {"header checked before the query", 1, 0, "nope", "%zz", 401, "unauthorized_client", NULL, NULL,
-     0, 0},
+     0, 0, 0},
     {"old api-version", 1, 0, SECRET, "api-version=2018-02-01&resource=r", 400, "invalid_request",
-     NULL, NULL, 0, 0},
+     NULL, NULL, 0, 0, 0},
     {"no resource", 1, 0, SECRET, "api-version=2019-08-01", 400, "invalid_request", NULL, NULL, 0,
-     0},
+     0, 0},
     {"unknown client", 1, 0, SECRET, "api-version=2019-08-01&resource=r&client_id=" UNKNOWN, 400,
-     "invalid_request", NULL, NULL, 0, 0},
+     "invalid_request", NULL, NULL, 0, 0, 0},
     {"POST", 0, 0, SECRET, "api-version=2019-08-01&resource=r", 405, "method_not_allowed", NULL,
-     NULL, 0, 0},
+     NULL, 0, 0, 0},
     {"X-Forwarded-For", 1, 1, SECRET, "api-version=2019-08-01&resource=r", 400, "invalid_request",
-     NULL, NULL, 0, 0},
-    {"2017: secret header", 1, 0, NULL, Q17, 0, NULL, DEF, SECRET, 0, 1},
+     NULL, NULL, 0, 0, 0},
+    {"2017: secret header", 1, 0, NULL, Q17, 0, NULL, DEF, SECRET, 0, 1, 0},
     {"2017: Azure ML client (Metadata: true): epoch expires_on", 1, 0, NULL, Q17, 0, NULL, DEF,
-     SECRET, 1, 2},
-    {"2017: clientid", 1, 0, NULL, Q17 "&clientid=" EXTRA, 0, NULL, EXTRA, SECRET, 0, 1},
+     SECRET, 1, 2, 0},
+    {"2017: clientid", 1, 0, NULL, Q17 "&clientid=" EXTRA, 0, NULL, EXTRA, SECRET, 0, 1, 0},
     {"2017: clientid of an identity not served", 1, 0, NULL, Q17 "&clientid=" UNKNOWN, 400,
-     "invalid_request", NULL, SECRET, 0, 0},
+     "invalid_request", NULL, SECRET, 0, 0, 0},
     {"2017: clientid and client_id", 1, 0, NULL, Q17 "&clientid=" EXTRA "&client_id=" EXTRA, 400,
-     "invalid_request", NULL, SECRET, 0, 0},
+     "invalid_request", NULL, SECRET, 0, 0, 0},
     {"2017: empty clientid is the default", 1, 0, NULL, Q17 "&clientid=", 0, NULL, DEF, SECRET, 0,
-     1},
-    {"2017: wrong secret", 1, 0, NULL, Q17, 401, "unauthorized_client", NULL, "s3cret-valuf", 0, 0},
-    {"2017: empty secret", 1, 0, NULL, Q17, 401, "unauthorized_client", NULL, "", 0, 0},
+     1, 0},
+    {"2017: wrong secret", 1, 0, NULL, Q17, 401, "unauthorized_client", NULL, "s3cret-valuf", 0, 0,
+     0},
+    {"2017: empty secret", 1, 0, NULL, Q17, 401, "unauthorized_client", NULL, "", 0, 0, 0},
     {"2017: X-IDENTITY-HEADER wins over secret", 1, 0, SECRET, "api-version=2019-08-01&resource=r",
-     0, NULL, DEF, "wrong", 0, 0},
+     0, NULL, DEF, "wrong", 0, 0, 0},
     {"2017: a wrong X-IDENTITY-HEADER is not saved by a good secret", 1, 0, "wrong", Q17, 401,
-     "unauthorized_client", NULL, SECRET, 0, 0},
+     "unauthorized_client", NULL, SECRET, 0, 0, 0},
     {"2017: X-IDENTITY-HEADER needs 2019-08-01", 1, 0, SECRET, Q17, 400, "invalid_request", NULL,
-     NULL, 0, 0},
+     NULL, 0, 0, 0},
     {"2017: secret with 2019-08-01 answers in the 2019 shape", 1, 0, NULL,
-     "api-version=2019-08-01&resource=r", 0, NULL, DEF, SECRET, 0, 0},
+     "api-version=2019-08-01&resource=r", 0, NULL, DEF, SECRET, 0, 0, 0},
     {"2017: no other date before 2018", 1, 0, NULL, "api-version=2017-09-02&resource=r", 400,
-     "invalid_request", NULL, SECRET, 0, 0},
+     "invalid_request", NULL, SECRET, 0, 0, 0},
     {"2017: clientid means nothing in 2019-08-01", 1, 0, SECRET,
-     "api-version=2019-08-01&resource=r&clientid=" EXTRA, 0, NULL, DEF, NULL, 0, 0},
+     "api-version=2019-08-01&resource=r&clientid=" EXTRA, 0, NULL, DEF, NULL, 0, 0, 0},
+    {"rotation: the previous secret during its overlap", 1, 0, PREVIOUS,
+     "api-version=2019-08-01&resource=r", 0, NULL, DEF, NULL, 0, 0, 0},
+    {"rotation: the previous secret after its overlap", 1, 0, PREVIOUS,
+     "api-version=2019-08-01&resource=r", 401, "unauthorized_client", NULL, NULL, 0, 0, 1},
+    {"rotation: the previous secret as 2017's secret header", 1, 0, NULL, Q17, 0, NULL, DEF,
+     PREVIOUS, 0, 1, 0},
+    {"rotation: a prefix of the previous secret", 1, 0, "previous",
+     "api-version=2019-08-01&resource=r", 401, "unauthorized_client", NULL, NULL, 0, 0, 0},
 };
 
 static void t_appsvc(void **state)
@@ -354,9 +366,11 @@ static void t_appsvc(void **state)
     struct query *q = tmalloc(sizeof *q);
     struct imds_token_req out = {0};
     struct imds_error err = {0, NULL, NULL, -1};
-    char *secret = tcopy(SECRET, strlen(SECRET));
-    int rc =
-        imds_check_appservice_request(&in, &ids_aliases, secret, strlen(SECRET), q, &out, &err);
+    /* the current secret and, as during a rotation's overlap, the previous one */
+    struct imds_secret secrets[2] = {{tcopy(SECRET, strlen(SECRET)), strlen(SECRET)},
+                                     {tcopy(PREVIOUS, strlen(PREVIOUS)), strlen(PREVIOUS)}};
+    int rc = imds_check_appservice_request(&in, &ids_aliases, secrets, r->one_secret ? 1 : 2, q,
+                                           &out, &err);
     if (r->status == 0) {
         assert_int_equal(rc, 0);
         assert_string_equal(out.client_id, r->client_id);
@@ -665,7 +679,8 @@ static void t_order(void **state)
     assert_string_equal(err.error, r->error);
     assert_null(strstr(err.description, "unreachable")); /* the JS SDK's Docker Desktop test */
     /* the App Service protocol applies the same checks */
-    rc = imds_check_appservice_request(&in, &ids_default, "s", 1, q, &out, &err);
+    struct imds_secret one = {"s", 1};
+    rc = imds_check_appservice_request(&in, &ids_default, &one, 1, q, &out, &err);
     assert_int_equal(rc, -1);
     assert_int_equal(err.status, r->status);
 }

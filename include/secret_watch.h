@@ -1,0 +1,35 @@
+/* secret_watch.h - the App Service shared secret (--identity-header-file), followed as it rotates.
+ * A Kubernetes Secret volume is rewritten the way the kubelet writes the projected token (a new
+ * ..data directory swapped in); applications that read IDENTITY_HEADER from their environment keep
+ * the old value until they restart. So a new secret takes effect at once and the previous one
+ * stays valid for an overlap (--identity-header-overlap). */
+#ifndef IMDSD_SECRET_WATCH_H
+#define IMDSD_SECRET_WATCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "imds.h"
+
+#define SECRET_REREAD_MS 5000 /* the file is re-read this often (and on SIGHUP) */
+
+struct secret_watch;
+
+/* Starts following path, whose current content (already read and checked by the configuration)
+ * is secret. overlap_s: how long a replaced secret is still accepted. */
+struct secret_watch *secret_watch_new(uv_loop_t *loop, const char *path, const char *secret,
+                                      size_t len, unsigned overlap_s);
+/* The secrets a request may present now: the current one, then the previous one during its
+ * overlap. Returns how many (1 or 2) are in out (valid until control returns to the loop). */
+int secret_watch_get(const struct secret_watch *sw, int64_t now_ms, struct imds_secret out[2]);
+/* Reads the file again now (SIGHUP). */
+void secret_watch_reload(struct secret_watch *sw);
+/* Zeroes the secrets; frees once the handles have closed (the loop must run). */
+void secret_watch_free(struct secret_watch *sw);
+
+/* Pure: trims the file's bytes and checks them as config does. Returns the trimmed length and
+ * sets *start, or 0 with *why set. */
+size_t secret_watch_check(const char *buf, size_t n, size_t *start, const char **why);
+
+#endif
