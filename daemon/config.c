@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
+#include <grp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +45,9 @@ static const char USAGE[] =
     "  --identity-header-overlap SEC\n"
     "                          a rotated secret replaces the old one, which is still\n"
     "                          accepted this long (default 300)\n"
+    "  --arc-key-dir DIR       the Azure Arc challenge on the IMDS path: key files in DIR\n"
+    "                          (/var/opt/azcmagent/tokens for every SDK), readable by\n"
+    "  --arc-key-group GROUP   GROUP besides imdsd's user\n"
 
     "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
     "  --log-format FORMAT     logfmt (default) or json         [IMDSD_LOG_FORMAT]\n"
@@ -82,6 +86,8 @@ enum {
     OPT_ENTRA_TIMEOUT,
     OPT_GRACE,
     OPT_OVERLAP,
+    OPT_ARC_DIR,
+    OPT_ARC_GROUP,
     OPT_ADD_ADDRESS,
     OPT_PROBE,
     OPT_HELP,
@@ -108,6 +114,8 @@ static const struct option options[] = {
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
     {"shutdown-grace", required_argument, NULL, OPT_GRACE},
     {"identity-header-overlap", required_argument, NULL, OPT_OVERLAP},
+    {"arc-key-dir", required_argument, NULL, OPT_ARC_DIR},
+    {"arc-key-group", required_argument, NULL, OPT_ARC_GROUP},
     {"add-loopback-address", required_argument, NULL, OPT_ADD_ADDRESS},
     {"probe", required_argument, NULL, OPT_PROBE},
     {"help", no_argument, NULL, OPT_HELP},
@@ -358,6 +366,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     c->entra_timeout_s = 15;
     c->shutdown_grace_s = 5;
     c->identity_header_overlap_s = 300;
+    c->arc_gid = -1;
     const char *v, *why = NULL;
     const char *authority = CONFIG_DEFAULT_AUTHORITY, *authority_src = "AZURE_AUTHORITY_HOST";
 
@@ -471,6 +480,23 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             if (parse_uint(optarg, 1, 300, &c->entra_timeout_s) < 0)
                 ERR("--entra-timeout: invalid value '%s' (1 to 300 seconds)", optarg);
             break;
+        case OPT_ARC_DIR:
+            if (optarg[0] != '/' || strlen(optarg) > 200)
+                ERR("--arc-key-dir: '%s' is not an absolute path of at most 200 bytes", optarg);
+            set(&c->arc_key_dir, optarg);
+            break;
+        case OPT_ARC_GROUP: {
+            unsigned gid;
+            if (parse_uint(optarg, 0, 0x7fffffff, &gid) == 0) {
+                c->arc_gid = (long)gid;
+                break;
+            }
+            const struct group *g = getgrnam(optarg);
+            if (!g)
+                ERR("--arc-key-group: '%s' is neither a known group nor a number", optarg);
+            c->arc_gid = (long)g->gr_gid;
+            break;
+        }
         case OPT_OVERLAP:
             if (parse_uint(optarg, 0, 86400, &c->identity_header_overlap_s) < 0)
                 ERR("--identity-header-overlap: invalid value '%s' (0 to 86400 seconds)", optarg);
@@ -595,6 +621,7 @@ void config_free(struct config *c)
     }
     proxy_free(&c->proxy);
     free(c->identity_header_file);
+    free(c->arc_key_dir);
     if (c->identity_header) {
         secret_zero(c->identity_header, c->identity_header_len);
         free(c->identity_header);

@@ -32,6 +32,7 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
     ep->tf = tf;
     ep->refused_hosts = 0;
     ep->secrets = NULL;
+    ep->arc = NULL;
     ep->loop = loop;
     ep->cfg = cfg;
     ep->cache = cache;
@@ -122,6 +123,71 @@ static void on_token_abort(struct http_conn *c, void *arg)
     free(p);
 }
 
+/* ---- the Azure Arc challenge ----------------------------------------------------------------- */
+
+struct arc_wait {
+    struct http_conn *conn;
+    struct arc_challenge *ch;
+};
+
+static void on_arc_abort(struct http_conn *c, void *arg)
+{
+    (void)c;
+    struct arc_wait *w = arg;
+    arc_cancel(w->ch); /* its callback will not run */
+    free(w);
+}
+
+static void on_arc_key(void *arg, const char *path)
+{
+    struct arc_wait *w = arg;
+    struct http_conn *c = w->conn;
+    free(w);
+    if (!path) {
+        struct imds_error e = {503, "service_unavailable", "Cannot create the Azure Arc key file",
+                               5};
+        send_error(c, &e, SHAPE_IMDS);
+        return;
+    }
+    struct imds_error e = {401, "unauthorized_client",
+                           "Read the key file named in WWW-Authenticate and send its content as "
+                           "Authorization: Basic <key>",
+                           0};
+    char hdr[300];
+    snprintf(hdr, sizeof hdr, "WWW-Authenticate: Basic realm=%s\r\n", path);
+    struct buf *b = http_conn_scratch(c);
+    buf_reset(b);
+    imds_render_error(b, &e);
+    http_conn_respond(c, 401, hdr, b->data, b->len);
+}
+
+/* 1 when the request may go on; else it is answered (a challenge, or a wrong key). */
+static int arc_check(struct endpoints *ep, struct http_conn *c, const struct http_request *req)
+{
+    if (req->authorization) {
+        if (arc_verify(ep->arc, req->authorization, req->authorization_len))
+            return 1;
+        struct imds_error e = {401, "unauthorized_client",
+                               "The Authorization key is not valid (each key is good once, for a "
+                               "minute)",
+                               0};
+        send_error(c, &e, SHAPE_IMDS);
+        return 0;
+    }
+    struct arc_wait *w = xmalloc(sizeof *w);
+    w->conn = c;
+    w->ch = arc_challenge(ep->arc, on_arc_key, w);
+    if (!w->ch) {
+        free(w);
+        struct imds_error e = {503, "service_unavailable", "Cannot create the Azure Arc key file",
+                               5};
+        send_error(c, &e, SHAPE_IMDS);
+        return 0;
+    }
+    http_conn_on_abort(c, on_arc_abort, w);
+    return 0;
+}
+
 /* Both token protocols after validation: cache hit, Entra throttling, or a cache wait. */
 static void handle_token(struct endpoints *ep, struct http_conn *c, const struct http_request *req,
                          int appservice)
@@ -181,6 +247,8 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         send_error(c, &e, appservice);
         return;
     }
+    if (!appservice && ep->arc && !arc_check(ep, c, req))
+        return;
     if (appservice && tr.msi2017)
         appservice = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
     struct token *tok;

@@ -27,7 +27,7 @@ enum conn_state {
 
 static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
 
-enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_SECRET, H_HOST, H_CTYPE };
+enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_SECRET, H_AUTH, H_HOST, H_CTYPE };
 
 /* A connection starts "bare": an accepted socket with no libuv handle and no epoll registration.
  * serve_accepted reads the request at once and, when the answer is ready at once and the client
@@ -66,6 +66,8 @@ struct http_conn {
     size_t idval_len;
     char secval[HTTP_SECRET_HEADER_MAX]; /* `secret` (App Service 2017-09-01); zeroed likewise */
     size_t secval_len;
+    char authval[HTTP_SECRET_HEADER_MAX]; /* Authorization (the Azure Arc key); zeroed likewise */
+    size_t authval_len;
     char ctype[64]; /* Content-Type, enough to tell a form */
     size_t ctype_len;
     struct buf body;          /* a POST's body (Cloud Shell's form), up to HTTP_MAX_BODY */
@@ -408,6 +410,10 @@ static int on_message_begin(llhttp_t *p)
         secret_zero(c->secval, sizeof c->secval);
         c->secval_len = 0;
     }
+    if (c->authval_len) {
+        secret_zero(c->authval, sizeof c->authval);
+        c->authval_len = 0;
+    }
     return 0;
 }
 
@@ -468,6 +474,10 @@ static int on_header_field_complete(llhttp_t *p)
             c->hkind = H_SECRET;
             secret_zero(c->secval, sizeof c->secval);
             c->secval_len = 0;
+        } else if (strcasecmp(c->hname, "authorization") == 0) {
+            c->hkind = H_AUTH;
+            secret_zero(c->authval, sizeof c->authval);
+            c->authval_len = 0;
         } else if (strcasecmp(c->hname, "host") == 0) {
             if (c->req.host)
                 return cap(c, 400); /* two Host fields: RFC 9112 section 3.2 */
@@ -480,6 +490,17 @@ static int on_header_field_complete(llhttp_t *p)
     return 0;
 }
 
+/* the buffer and length of a secret-carrying header */
+static char *secret_buf(struct http_conn *c, enum header_kind k)
+{
+    return k == H_IDENTITY ? c->idval : k == H_SECRET ? c->secval : c->authval;
+}
+
+static size_t *secret_len(struct http_conn *c, enum header_kind k)
+{
+    return k == H_IDENTITY ? &c->idval_len : k == H_SECRET ? &c->secval_len : &c->authval_len;
+}
+
 static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
     struct http_conn *c = conn_of(p);
@@ -487,9 +508,9 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
         return -1;
     if (c->hkind == H_METADATA && c->hval_len + len < sizeof c->hval)
         memcpy(c->hval + c->hval_len, at, len);
-    if (c->hkind == H_IDENTITY || c->hkind == H_SECRET) {
-        char *v = c->hkind == H_IDENTITY ? c->idval : c->secval;
-        size_t *vlen = c->hkind == H_IDENTITY ? &c->idval_len : &c->secval_len;
+    if (c->hkind == H_IDENTITY || c->hkind == H_SECRET || c->hkind == H_AUTH) {
+        char *v = secret_buf(c, c->hkind);
+        size_t *vlen = secret_len(c, c->hkind);
         if (*vlen < HTTP_SECRET_HEADER_MAX) {
             size_t n = HTTP_SECRET_HEADER_MAX - *vlen;
             memcpy(v + *vlen, at, len < n ? len : n);
@@ -517,18 +538,21 @@ static int on_header_value_complete(llhttp_t *p)
     struct http_conn *c = conn_of(p);
     if (c->hkind == H_XFF) {
         c->req.has_xff = 1;
-    } else if (c->hkind == H_IDENTITY || c->hkind == H_SECRET) {
-        char *v = c->hkind == H_IDENTITY ? c->idval : c->secval;
-        size_t *vlen = c->hkind == H_IDENTITY ? &c->idval_len : &c->secval_len;
+    } else if (c->hkind == H_IDENTITY || c->hkind == H_SECRET || c->hkind == H_AUTH) {
+        char *v = secret_buf(c, c->hkind);
+        size_t *vlen = secret_len(c, c->hkind);
         while (*vlen && *vlen <= HTTP_SECRET_HEADER_MAX &&
                (v[*vlen - 1] == ' ' || v[*vlen - 1] == '\t'))
             (*vlen)--;
         if (c->hkind == H_IDENTITY) {
             c->req.identity_header = v;
             c->req.identity_header_len = *vlen;
-        } else {
+        } else if (c->hkind == H_SECRET) {
             c->req.legacy_secret = v;
             c->req.legacy_secret_len = *vlen;
+        } else {
+            c->req.authorization = v;
+            c->req.authorization_len = *vlen;
         }
     } else if (c->hkind == H_HOST) {
         size_t n = c->host_len < sizeof c->host ? c->host_len : sizeof c->host;
@@ -744,6 +768,7 @@ static void conn_free(struct http_conn *c)
     struct http_server *s = c->server;
     secret_zero(c->idval, sizeof c->idval);
     secret_zero(c->secval, sizeof c->secval);
+    secret_zero(c->authval, sizeof c->authval);
     buf_free(&c->url);
     buf_free(&c->pending);
     buf_free(&c->out);

@@ -51,6 +51,8 @@ static void teardown(void *arg)
     d->tf = NULL;
     secret_watch_free(d->ep.secrets);
     d->ep.secrets = NULL;
+    arc_free(d->ep.arc);
+    d->ep.arc = NULL;
     entra_free(d->entra);
     d->entra = NULL;
     sd_close();
@@ -116,6 +118,11 @@ static int start(struct daemon *d)
     d->tf = token_file_new(&d->loop, c->token_file);
     d->cache = token_cache_new(&d->loop, c, d->entra, d->tf);
     endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
+    if (c->arc_key_dir &&
+        !(d->ep.arc = arc_new(&d->loop, c->arc_key_dir, (gid_t)c->arc_gid, err, sizeof err))) {
+        log_fatal("%s", err);
+        return 2;
+    }
     if (c->identity_header)
         d->ep.secrets = secret_watch_new(&d->loop, c->identity_header_file, c->identity_header,
                                          c->identity_header_len, c->identity_header_overlap_s);
@@ -211,6 +218,7 @@ int main(int argc, char **argv)
         token_cache_free(d.cache);
         token_file_free(d.tf);
         secret_watch_free(d.ep.secrets);
+        arc_free(d.ep.arc);
         entra_free(d.entra);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);

@@ -56,6 +56,8 @@ struct config {
     unsigned entra_timeout_s;
     unsigned shutdown_grace_s;
     unsigned identity_header_overlap_s; /* a replaced secret is still accepted this long */
+    char *arc_key_dir;    /* --arc-key-dir: the Azure Arc challenge on the IMDS path, when set */
+    long arc_gid;         /* --arc-key-group, -1 when not given */
     char add_address[16]; /* --add-loopback-address: the one-shot init mode, when not empty */
     int probe;            /* --probe: the one-shot exec probe of probe_at + probe_path */
     struct config_listen probe_at;

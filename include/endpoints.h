@@ -9,6 +9,7 @@
 #include "http_server.h"
 #include "imds.h"
 #include "token_cache.h"
+#include "arc.h"
 #include "secret_watch.h"
 #include "token_file.h"
 
@@ -26,6 +27,7 @@ struct endpoints {
     struct imds_identities ids;
     uint64_t refused_hosts;       /* token requests refused for their Host */
     struct secret_watch *secrets; /* the App Service secret(s), NULL when off */
+    struct arc *arc;              /* the Azure Arc challenge on the IMDS path, NULL when off */
 };
 
 void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,

@@ -38,6 +38,8 @@ struct http_request {
     size_t identity_header_len;  /* its full length (only HTTP_SECRET_HEADER_MAX bytes kept) */
     const char *legacy_secret;   /* the `secret` header of App Service 2017-09-01, likewise */
     size_t legacy_secret_len;
+    const char *authorization; /* Authorization (the Azure Arc key), likewise */
+    size_t authorization_len;
 };
 
 /* Called once per complete request. The handler must eventually call http_conn_respond()

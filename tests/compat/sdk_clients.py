@@ -106,6 +106,12 @@ def imds_env(ctx, port, host="127.0.0.1", **more):
     return client_env(ctx, AZURE_POD_IDENTITY_AUTHORITY_HOST=f"http://{host}:{port}", **more)
 
 
+def arc_env(ctx, port, **more):
+    """IDENTITY_ENDPOINT + IMDS_ENDPOINT: the Azure Arc challenge protocol."""
+    return client_env(ctx, _allow=("IMDS_ENDPOINT",), IDENTITY_ENDPOINT=f"http://127.0.0.1:{port}{harness.TOKEN_PATH}",
+                      IMDS_ENDPOINT=f"http://127.0.0.1:{port}", **more)
+
+
 def cloud_shell_env(ctx, port, path=harness.TOKEN_PATH, **more):
     """MSI_ENDPOINT alone: the Cloud Shell protocol (a form POST with Metadata: true)."""
     return client_env(ctx, _allow=("MSI_ENDPOINT",), MSI_ENDPOINT=f"http://127.0.0.1:{port}{path}", **more)
@@ -123,14 +129,14 @@ def app_service_env(ctx, port, secret, path="/MSI/token", **more):
 
 # ---- running a client -----------------------------------------------------------------------------
 
-def _run(ctx, kind, argv, spec, env, netns, timeout, cwd=COMPAT):
+def _run(ctx, kind, argv, spec, env, netns, timeout, cwd=COMPAT, prefix=()):
     ctx.n += 1
     timeout = timeout or 30 * harness.SCALE
     base = os.path.join(ctx.tmp, f"{kind}-{ctx.n}")
     spec = dict(spec, log=True)
     with open(base + ".json", "w") as f:
         json.dump({"spec": spec, "env": env, "netns": netns.name if netns else None}, f, indent=1)
-    prefix = netns.prefix() if netns is not None else []
+    prefix = (netns.prefix() if netns is not None else []) + list(prefix)
     t0 = time.monotonic()
     with open(base + ".stderr", "w") as err:
         try:
@@ -159,11 +165,11 @@ def run_js(ctx, credential, scopes, env, options=None, netns=None, timeout=None)
     return _run(ctx, "js", [NODE, os.path.join(where, "js_client.mjs")], spec, env, netns, timeout, cwd=where)
 
 
-def run_py(ctx, credential, scopes, env, options=None, netns=None, timeout=None):
+def run_py(ctx, credential, scopes, env, options=None, netns=None, timeout=None, prefix=()):
     """Runs azure-identity's credential with options (keyword arguments), one get_token per scope;
-    returns one dict per scope (see py_client.py)."""
+    returns one dict per scope (see py_client.py). prefix: e.g. setpriv, to run as another user."""
     spec = {"credential": credential, "options": options or {}, "scopes": list(scopes)}
-    return _run(ctx, "py", [PY, os.path.join(COMPAT, "py_client.py")], spec, env, netns, timeout)
+    return _run(ctx, "py", [PY, os.path.join(COMPAT, "py_client.py")], spec, env, netns, timeout, prefix=prefix)
 
 
 # ---- packet capture of imdsd's port ---------------------------------------------------------------

@@ -1,0 +1,263 @@
+/* arc.c - key files for the Azure Arc challenge. Creating a file is file-system I/O, so it runs
+ * on libuv's thread pool; removing one uses uv_fs_unlink. Keys live in memory (ARC_MAX_KEYS at
+ * most, each used once and for ARC_KEY_TTL_MS at most) and on disk under names that carry this
+ * process's pid, so that a restarted imdsd removes what an earlier one left. */
+#include "arc.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "imds.h"
+#include "log.h"
+#include "util.h"
+
+struct arc_key {
+    char path[PATH_MAX];
+    char key[ARC_KEY_HEX + 1];
+    int64_t expires_ms;
+    int live;
+};
+
+struct arc {
+    uv_loop_t *loop;
+    char dir[PATH_MAX - 64];
+    gid_t gid;
+    struct arc_key keys[ARC_MAX_KEYS];
+    unsigned next; /* the slot the next key takes (the oldest when all are live) */
+    uv_timer_t sweep;
+    int closing, pending; /* challenges and unlinks in flight */
+};
+
+struct arc_challenge {
+    uv_work_t work;
+    struct arc *arc;
+    arc_done_cb *done;
+    void *arg;
+    int canceled, failed;
+    char path[PATH_MAX];
+    char key[ARC_KEY_HEX + 1];
+};
+
+/* after arc_free: once the timer has closed and nothing is in flight */
+static void maybe_free(struct arc *a)
+{
+    if (a->closing == 2 && a->pending == 0) {
+        secret_zero(a, sizeof *a);
+        free(a);
+    }
+}
+
+static void on_unlinked(uv_fs_t *req)
+{
+    struct arc *a = req->data;
+    uv_fs_req_cleanup(req);
+    free(req);
+    a->pending--;
+    maybe_free(a);
+}
+
+/* Forgets a key and removes its file (asynchronously). */
+static void drop(struct arc *a, struct arc_key *k)
+{
+    if (!k->live)
+        return;
+    k->live = 0;
+    secret_zero(k->key, sizeof k->key);
+    uv_fs_t *req = xcalloc(1, sizeof *req);
+    req->data = a;
+    a->pending++;
+    if (uv_fs_unlink(a->loop, req, k->path, on_unlinked) < 0) {
+        free(req);
+        a->pending--;
+    }
+}
+
+static void on_sweep(uv_timer_t *t)
+{
+    struct arc *a = t->data;
+    int64_t now = now_wall_ms();
+    for (unsigned i = 0; i < ARC_MAX_KEYS; i++)
+        if (a->keys[i].live && now >= a->keys[i].expires_ms)
+            drop(a, &a->keys[i]);
+}
+
+/* Removes imdsd-PID-*.key files whose process is gone (a crash, a kill -9). */
+static void remove_stale(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int pid;
+        char rest[64];
+        if (sscanf(e->d_name, "imdsd-%d-%63s", &pid, rest) != 2 || strlen(rest) < 5 ||
+            strcmp(rest + strlen(rest) - 4, ".key") != 0)
+            continue;
+        if (pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) && pid != getpid())
+            continue; /* another imdsd's, alive */
+        char p[PATH_MAX];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        unlink(p);
+    }
+    closedir(d);
+}
+
+struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size_t errlen)
+{
+    struct stat st;
+    if (strlen(dir) >= sizeof((struct arc *)0)->dir || dir[0] != '/') {
+        snprintf(err, errlen, "--arc-key-dir: '%s' is not an absolute path", dir);
+        return NULL;
+    }
+    if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "--arc-key-dir: '%s' is not a directory", dir);
+        return NULL;
+    }
+    if (access(dir, W_OK | X_OK) < 0) {
+        snprintf(err, errlen, "--arc-key-dir: '%s' is not writable: %s", dir, strerror(errno));
+        return NULL;
+    }
+    struct arc *a = xcalloc(1, sizeof *a);
+    a->loop = loop;
+    snprintf(a->dir, sizeof a->dir, "%s", dir);
+    a->gid = gid;
+    remove_stale(dir); /* at start-up, before the loop runs */
+    uv_timer_init(loop, &a->sweep);
+    a->sweep.data = a;
+    uv_timer_start(&a->sweep, on_sweep, 1000, 1000);
+    uv_unref((uv_handle_t *)&a->sweep);
+    return a;
+}
+
+/* ---- a challenge: the file is made on the thread pool ---------------------------------------- */
+
+static void make_key(uv_work_t *w)
+{
+    struct arc_challenge *ch = w->data;
+    int fd = open(ch->path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+    if (fd < 0) {
+        ch->failed = errno;
+        return;
+    }
+    /* the mode again (the umask may have taken bits), then the group that may read it */
+    if (fchmod(fd, 0640) < 0 ||
+        (ch->arc->gid != (gid_t)-1 && fchown(fd, (uid_t)-1, ch->arc->gid) < 0) ||
+        write(fd, ch->key, ARC_KEY_HEX) != ARC_KEY_HEX) {
+        ch->failed = errno ? errno : EIO;
+        close(fd);
+        unlink(ch->path);
+        return;
+    }
+    if (close(fd) < 0) {
+        ch->failed = errno;
+        unlink(ch->path);
+    }
+}
+
+static void made_key(uv_work_t *w, int status)
+{
+    struct arc_challenge *ch = w->data;
+    struct arc *a = ch->arc;
+    a->pending--;
+    if (status < 0 && !ch->failed)
+        ch->failed = ECANCELED;
+    if (!ch->failed && (ch->canceled || a->closing)) {
+        unlink(ch->path); /* nobody will read it (rare: a client gone during the write) */
+        ch->failed = ECANCELED;
+    }
+    if (!ch->failed) {
+        struct arc_key *k = &a->keys[a->next];
+        drop(a, k); /* the oldest, when ARC_MAX_KEYS are outstanding */
+        snprintf(k->path, sizeof k->path, "%s", ch->path);
+        memcpy(k->key, ch->key, sizeof k->key);
+        k->expires_ms = now_wall_ms() + ARC_KEY_TTL_MS;
+        k->live = 1;
+        a->next = (a->next + 1) % ARC_MAX_KEYS;
+    } else if (ch->failed != ECANCELED) {
+        log_warn("arc_key_failed", "dir=%s error=\"%s\"", a->dir, strerror(ch->failed));
+    }
+    if (!ch->canceled)
+        ch->done(ch->arg, ch->failed ? NULL : ch->path);
+    secret_zero(ch->key, sizeof ch->key);
+    free(ch);
+    maybe_free(a);
+}
+
+struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg)
+{
+    struct arc_challenge *ch = xcalloc(1, sizeof *ch);
+    unsigned char rnd[ARC_KEY_HEX / 2 + 8];
+    ch->arc = a;
+    ch->done = done;
+    ch->arg = arg;
+    ch->work.data = ch;
+    if (uv_random(NULL, NULL, rnd, sizeof rnd, 0, NULL) < 0) {
+        ch->failed = EIO;
+    } else {
+        for (int i = 0; i < ARC_KEY_HEX / 2; i++)
+            snprintf(ch->key + 2 * i, 3, "%02x", rnd[i]);
+        snprintf(ch->path, sizeof ch->path, "%s/imdsd-%d-%02x%02x%02x%02x%02x%02x%02x%02x.key",
+                 a->dir, (int)getpid(), rnd[32], rnd[33], rnd[34], rnd[35], rnd[36], rnd[37],
+                 rnd[38], rnd[39]);
+    }
+    secret_zero(rnd, sizeof rnd);
+    a->pending++;
+    if (ch->failed || uv_queue_work(a->loop, &ch->work, make_key, made_key) < 0) {
+        ch->failed = ch->failed ? ch->failed : EAGAIN;
+        ch->canceled = 1; /* the caller answers at once: no callback */
+        made_key(&ch->work, 0);
+        return NULL;
+    }
+    return ch;
+}
+
+void arc_cancel(struct arc_challenge *ch)
+{
+    if (ch)
+        ch->canceled = 1;
+}
+
+int arc_verify(struct arc *a, const char *auth, size_t len)
+{
+    static const char basic[] = "Basic ";
+    if (len < sizeof basic - 1 || strncasecmp(auth, basic, sizeof basic - 1) != 0)
+        return 0;
+    const char *v = auth + sizeof basic - 1;
+    size_t vlen = len - (sizeof basic - 1);
+    int64_t now = now_wall_ms();
+    struct arc_key *hit = NULL;
+    for (unsigned i = 0; i < ARC_MAX_KEYS; i++) { /* all compared: time tells nothing */
+        struct arc_key *k = &a->keys[i];
+        int eq = imds_secret_equal(v, vlen, k->key, ARC_KEY_HEX);
+        if (eq && k->live && now < k->expires_ms)
+            hit = k;
+    }
+    if (hit)
+        drop(a, hit); /* used once */
+    return hit != NULL;
+}
+
+static void on_sweep_closed(uv_handle_t *h)
+{
+    struct arc *a = h->data;
+    a->closing = 2;
+    maybe_free(a);
+}
+
+void arc_free(struct arc *a)
+{
+    if (!a)
+        return;
+    for (unsigned i = 0; i < ARC_MAX_KEYS; i++)
+        drop(a, &a->keys[i]);
+    a->closing = 1;
+    uv_close((uv_handle_t *)&a->sweep, on_sweep_closed);
+}

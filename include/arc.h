@@ -1,0 +1,35 @@
+/* arc.h - the Azure Arc challenge (--arc-key-dir): a token request on the IMDS path without
+ * Authorization gets 401 with WWW-Authenticate: Basic realm=<a new key file>; only a process that
+ * can read that file (its owner, and --arc-key-group) can answer with Authorization: Basic <key>.
+ * This authenticates local users on a shared VM or node, where anyone can reach loopback. */
+#ifndef IMDSD_ARC_H
+#define IMDSD_ARC_H
+
+#include <stddef.h>
+#include <sys/types.h>
+#include <uv.h>
+
+#define ARC_KEY_TTL_MS 60000 /* a key not used within this is removed */
+#define ARC_MAX_KEYS   256   /* more outstanding challenges drop the oldest key */
+#define ARC_KEY_HEX    64    /* the key: 32 random bytes as hex */
+
+struct arc;
+
+/* The directory must exist; key files are created there, mode 0640, group gid (-1: the
+ * process's). Removes key files a previous imdsd left behind. NULL with err on failure. */
+struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size_t errlen);
+
+struct arc_challenge;
+/* done(arg, path): the realm to send, or NULL when no key file could be made. */
+typedef void arc_done_cb(void *arg, const char *path);
+/* Makes a new key file off the loop; done is called from the loop unless arc_cancel(ch) is
+ * called first. Returns the handle to cancel with. */
+struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg);
+void arc_cancel(struct arc_challenge *ch);
+/* Whether the Authorization value (len bytes: "Basic <key>") answers a live challenge; the key
+ * is then used up and its file removed. Compared in constant time against every live key. */
+int arc_verify(struct arc *a, const char *auth, size_t len);
+/* Removes every key file; frees once the handles have closed. */
+void arc_free(struct arc *a);
+
+#endif

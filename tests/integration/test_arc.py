@@ -1,0 +1,79 @@
+"""The Azure Arc challenge (--arc-key-dir, --arc-key-group): on a shared VM every local user can
+reach loopback, so each token request first gets 401 with WWW-Authenticate: Basic realm=<a new key
+file> that only imdsd's user and the group can read; the answer Authorization: Basic <key> is good
+once, for a minute. The real Python and JavaScript clients (IDENTITY_ENDPOINT + IMDS_ENDPOINT) get
+tokens; a second Unix user outside the group gets none."""
+import os
+import sys
+
+import harness
+from harness import CLIENT_ID, request, token_url, unprivileged_prefix
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "compat"))
+import sdk_clients as sdk  # noqa: E402
+from sdk_clients import ARM, GRAPH, VAULT, check_tokens  # noqa: E402
+
+MIC = "ManagedIdentityCredential"
+GROUP = 65532          # may read the key files
+OUTSIDER = 65533       # may not
+
+
+def key_dir(ctx):
+    d = os.path.join(ctx.tmp, "arc-tokens")
+    os.makedirs(d)
+    os.chmod(d, 0o755)
+    return d
+
+
+def challenge(d):
+    r = request(d.port, token_url(), {"Metadata": "true"})
+    assert r.status == 401 and r.json["error"] == "unauthorized_client", r
+    realm = r.headers["www-authenticate"]
+    assert realm.startswith("Basic realm="), realm
+    return realm.split("=", 1)[1]
+
+
+def test_arc_challenge_rules(ctx):
+    kd = key_dir(ctx)
+    d = ctx.daemon(extra=["--arc-key-dir", kd, "--arc-key-group", str(GROUP)])
+    path = challenge(d)
+    st = os.stat(path)
+    assert os.path.dirname(path) == kd and path.endswith(".key"), path
+    assert st.st_mode & 0o777 == 0o640 and st.st_gid == GROUP, oct(st.st_mode)
+    key = open(path).read()
+    assert len(key) == 64 and key not in d.log(), "the key in the log"
+    # a wrong key: 401 and no new challenge; the right one: a token, once; the file is gone
+    r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + "0" * 64})
+    assert r.status == 401 and "www-authenticate" not in r.headers, r
+    r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + key})
+    harness.assert_token_ok(r)
+    harness.wait_for(lambda: not os.path.exists(path), 2, "the used key file removed")
+    r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + key})
+    assert r.status == 401, "a key was good twice"
+    # no Metadata: still IMDS's 400 first, and no key file for it
+    assert request(d.port, token_url()).status == 400
+    # a flood of challenges cannot fill the directory
+    for _ in range(300):
+        challenge(d)
+    assert len(os.listdir(kd)) <= 256, len(os.listdir(kd))
+    d.stop()
+    harness.wait_for(lambda: not os.listdir(kd), 3, "the key files removed at shutdown")
+
+
+def test_arc_real_clients_and_a_second_user(ctx):
+    kd = key_dir(ctx)
+    d = ctx.daemon(extra=["--arc-key-dir", kd, "--arc-key-group", str(GROUP)])
+    env = sdk.arc_env(ctx, d.port)
+    os.chmod(env["HOME"], 0o777)
+    res = sdk.run_py(ctx, MIC, [ARM, VAULT], env)
+    check_tokens(ctx, d.tenant, res, CLIENT_ID)
+    # a user in the group gets a token; a user outside it cannot read the key file: no token
+    ingroup = ["/usr/bin/setpriv", "--reuid=65534", f"--regid={GROUP}", "--clear-groups", "--inh-caps=-all",
+               "--bounding-set=-all"]
+    res = sdk.run_py(ctx, MIC, [GRAPH], env, prefix=ingroup)
+    check_tokens(ctx, d.tenant, res, CLIENT_ID)
+    res = sdk.run_py(ctx, MIC, ["https://storage.azure.com/.default"], env, prefix=unprivileged_prefix(OUTSIDER),
+                     timeout=sdk.fail_fast_timeout())
+    assert not res[0]["ok"] and res[0]["token"] is None, res
+    assert "ermission" in res[0]["error"]["message"] + str(res[0]["error"].get("cause")), res[0]["error"]
+    assert "https://storage.azure.com" not in [r["scope"].rstrip("/") for r in ctx.fake.records(d.tenant)]
