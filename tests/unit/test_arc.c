@@ -1,0 +1,165 @@
+/* test_arc.c - the Azure Arc key files on a real loop and a real directory, with the wall clock
+ * under the test's control (--wrap=now_wall_ms): a key is good once, for ARC_KEY_TTL_MS, in
+ * constant-time comparison with every live key; files are 0640 and removed after use, expiry and
+ * arc_free; at most ARC_MAX_KEYS are outstanding. */
+#include "unit.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "arc.h"
+
+static int64_t fake_now = 1700000000000;
+int64_t __real_now_wall_ms(void);
+int64_t __wrap_now_wall_ms(void);
+int64_t __wrap_now_wall_ms(void)
+{
+    return fake_now;
+}
+
+struct got {
+    char path[4096];
+    int calls;
+};
+
+static void on_key(void *arg, const char *path)
+{
+    struct got *g = arg;
+    g->calls++;
+    snprintf(g->path, sizeof g->path, "%s", path ? path : "");
+}
+
+static int files_in(const char *dir)
+{
+    DIR *d = opendir(dir);
+    int n = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        n += e->d_name[0] != '.';
+    if (d)
+        closedir(d);
+    return n;
+}
+
+static char *read_key(const char *path)
+{
+    static char key[ARC_KEY_HEX + 8];
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    size_t n = fread(key, 1, sizeof key - 1, f);
+    fclose(f);
+    key[n] = 0;
+    return key;
+}
+
+static int verify(struct arc *a, const char *key)
+{
+    char auth[ARC_KEY_HEX + 16];
+    snprintf(auth, sizeof auth, "Basic %s", key);
+    return arc_verify(a, auth, strlen(auth));
+}
+
+static void challenge(uv_loop_t *loop, struct arc *a, struct got *g)
+{
+    int before = g->calls;
+    assert_non_null(arc_challenge(a, on_key, g));
+    while (g->calls == before)
+        uv_run(loop, UV_RUN_ONCE);
+    assert_true(g->path[0] != 0);
+}
+
+static void t_keys(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/imdsd-arc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256];
+    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(a);
+    struct got g = {{0}, 0};
+
+    /* a file 0640 named *.key in the directory, holding 64 hex digits */
+    challenge(&loop, a, &g);
+    struct stat st;
+    assert_int_equal(stat(g.path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0640);
+    assert_int_equal(strncmp(g.path, dir, strlen(dir)), 0);
+    assert_string_equal(g.path + strlen(g.path) - 4, ".key");
+    char key[ARC_KEY_HEX + 1];
+    snprintf(key, sizeof key, "%s", read_key(g.path));
+    assert_int_equal(strlen(key), ARC_KEY_HEX);
+    assert_int_equal(strspn(key, "0123456789abcdef"), ARC_KEY_HEX);
+
+    /* wrong answers: another key, a prefix, no "Basic ", empty */
+    char wrong[ARC_KEY_HEX + 1];
+    memcpy(wrong, key, sizeof wrong);
+    wrong[0] = wrong[0] == 'a' ? 'b' : 'a';
+    assert_false(verify(a, wrong));
+    char prefix[ARC_KEY_HEX];
+    memcpy(prefix, key, ARC_KEY_HEX - 1);
+    prefix[ARC_KEY_HEX - 1] = 0;
+    assert_false(verify(a, prefix));
+    assert_false(arc_verify(a, key, ARC_KEY_HEX));
+    assert_false(arc_verify(a, "Basic ", 6));
+
+    /* right once ("basic" in any case), then never again; the file goes */
+    char auth[ARC_KEY_HEX + 16];
+    snprintf(auth, sizeof auth, "bAsIc %s", key);
+    assert_true(arc_verify(a, auth, strlen(auth)));
+    assert_false(verify(a, key));
+    for (int i = 0; i < 100 && access(g.path, F_OK) == 0; i++)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    assert_int_equal(access(g.path, F_OK), -1);
+
+    /* expiry: good until ARC_KEY_TTL_MS, not after */
+    challenge(&loop, a, &g);
+    snprintf(key, sizeof key, "%s", read_key(g.path));
+    fake_now += ARC_KEY_TTL_MS - 1;
+    char path2[4096];
+    struct got g2 = {{0}, 0};
+    challenge(&loop, a, &g2);
+    snprintf(path2, sizeof path2, "%s", g2.path);
+    char key2[ARC_KEY_HEX + 1];
+    snprintf(key2, sizeof key2, "%s", read_key(path2));
+    fake_now += 1;
+    assert_false(verify(a, key)); /* expired */
+    assert_true(verify(a, key2)); /* younger: still good */
+
+    /* at most ARC_MAX_KEYS outstanding: the oldest go */
+    for (int i = 0; i < ARC_MAX_KEYS + 20; i++)
+        challenge(&loop, a, &g);
+    for (int i = 0; i < 1000 && files_in(dir) > ARC_MAX_KEYS; i++)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    assert_true(files_in(dir) <= ARC_MAX_KEYS + 1); /* + the expired one until the sweep */
+
+    /* arc_free removes every file */
+    arc_free(a);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(files_in(dir), 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rmdir(dir);
+}
+
+static void t_bad_dir(void **state)
+{
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256];
+    assert_null(arc_new(&loop, "relative/dir", (gid_t)-1, err, sizeof err));
+    assert_non_null(strstr(err, "--arc-key-dir"));
+    assert_null(arc_new(&loop, "/nonexistent/imdsd", (gid_t)-1, err, sizeof err));
+    assert_non_null(strstr(err, "'/nonexistent/imdsd' is not a directory"));
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+int main(void)
+{
+    add("arc", "keys: once, expiry, bound, removal", t_keys, NULL);
+    add("arc", "a bad directory", t_bad_dir, NULL);
+    return _cmocka_run_group_tests("arc", tests, ntests, NULL, NULL);
+}
