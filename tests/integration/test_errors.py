@@ -100,11 +100,16 @@ def test_unknown_paths_404(ctx):
 
 
 def test_non_get_405(ctx):
+    """Methods other than GET get 405; POST is the Cloud Shell protocol (test_cloud_shell.py), which
+    without its form body is a 400."""
     d = ctx.daemon()
-    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
         r = request(d.port, token_url(), {"Metadata": "true"}, method=method)
         assert r.status == 405, f"{method}: {r!r}"
         assert_json_error(r, 405)
+    r = request(d.port, token_url(), {"Metadata": "true"}, method="POST")
+    assert_json_error(r, 400, "invalid_request",
+                      "A POST token request needs an application/x-www-form-urlencoded body")
     assert ctx.fake.calls(d.tenant) == 0
 
 

@@ -299,3 +299,20 @@ def test_make_install(tmp_path):
                        timeout=60, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
                                         "MANPATH": str(dest / "usr/local/share/man")})
     assert v.returncode == 0 and v.stdout == "" and v.stderr == "", v.stdout + v.stderr
+
+
+def test_arc_dropin_hardening(tmp_path):
+    """systemd/imdsd-arc.conf (the Azure Arc challenge on a VM: a fixed user, a group, a writable
+    key directory) on top of the shipped service: still at most 1.5, and the drop-in is applied."""
+    root = tmp_path / "root"
+    unitdir = root / "etc/systemd/system"
+    (unitdir / "imdsd.service.d").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "systemd", "imdsd.service"), unitdir / "imdsd.service")
+    shutil.copy(os.path.join(ROOT, "systemd", "imdsd-arc.conf"), unitdir / "imdsd.service.d" / "arc.conf")
+    p = subprocess.run([ANALYZE, "security", "--offline=true", f"--root={root}", "imdsd.service"],
+                       capture_output=True, text=True, timeout=30)
+    m = re.search(r"Overall exposure level for imdsd\.service: (\d+\.\d+)", p.stdout)
+    assert m, p.stdout[-2000:] + p.stderr
+    assert float(m.group(1)) <= 1.5, p.stdout
+    assert re.search(r"✗ PrivateUsers=", p.stdout), "the drop-in was not applied"
+    assert re.search(r"✓ User=/DynamicUser=\s+Service runs under a static non-root user", p.stdout), p.stdout
