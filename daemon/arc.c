@@ -63,20 +63,26 @@ static void on_unlinked(uv_fs_t *req)
     maybe_free(a);
 }
 
-/* Forgets a key and removes its file (asynchronously). */
+/* Removes a key file without blocking the loop. */
+static void remove_file(struct arc *a, const char *path)
+{
+    uv_fs_t *req = xcalloc(1, sizeof *req);
+    req->data = a;
+    a->pending++;
+    if (uv_fs_unlink(a->loop, req, path, on_unlinked) < 0) {
+        free(req);
+        a->pending--;
+    }
+}
+
+/* Forgets a key and removes its file. */
 static void drop(struct arc *a, struct arc_key *k)
 {
     if (!k->live)
         return;
     k->live = 0;
     secret_zero(k->key, sizeof k->key);
-    uv_fs_t *req = xcalloc(1, sizeof *req);
-    req->data = a;
-    a->pending++;
-    if (uv_fs_unlink(a->loop, req, k->path, on_unlinked) < 0) {
-        free(req);
-        a->pending--;
-    }
+    remove_file(a, k->path);
 }
 
 static void on_sweep(uv_timer_t *t)
@@ -170,7 +176,7 @@ static void made_key(uv_work_t *w, int status)
     if (status < 0 && !ch->failed)
         ch->failed = ECANCELED;
     if (!ch->failed && (ch->canceled || a->closing)) {
-        unlink(ch->path); /* nobody will read it (rare: a client gone during the write) */
+        remove_file(a, ch->path); /* nobody will read it: the client went away meanwhile */
         ch->failed = ECANCELED;
     }
     if (!ch->failed) {
