@@ -53,6 +53,8 @@ static const char USAGE[] =
     "  --log-format FORMAT     logfmt (default) or json         [IMDSD_LOG_FORMAT]\n"
     "  --max-connections N     concurrent client connections (default 1024)\n"
     "  --idle-timeout SEC      close connections without a complete request (default 60)\n"
+    "  --header-timeout SEC    a request must arrive whole within this (default 10)\n"
+
     "  --entra-timeout SEC     longest wait for a token that is not cached, retries included\n"
     "                          (default 15)\n"
     "  --shutdown-grace SEC    on SIGTERM, time given to requests in flight (default 5)\n"
@@ -83,6 +85,7 @@ enum {
     OPT_LOG_FORMAT,
     OPT_MAX_CONN,
     OPT_IDLE,
+    OPT_HEADER_TIMEOUT,
     OPT_ENTRA_TIMEOUT,
     OPT_GRACE,
     OPT_OVERLAP,
@@ -111,6 +114,7 @@ static const struct option options[] = {
     {"log-format", required_argument, NULL, OPT_LOG_FORMAT},
     {"max-connections", required_argument, NULL, OPT_MAX_CONN},
     {"idle-timeout", required_argument, NULL, OPT_IDLE},
+    {"header-timeout", required_argument, NULL, OPT_HEADER_TIMEOUT},
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
     {"shutdown-grace", required_argument, NULL, OPT_GRACE},
     {"identity-header-overlap", required_argument, NULL, OPT_OVERLAP},
@@ -363,6 +367,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     c->log_level = LOG_INFO;
     c->max_connections = 1024;
     c->idle_timeout_s = 60;
+    c->header_timeout_s = 10;
     c->entra_timeout_s = 15;
     c->shutdown_grace_s = 5;
     c->identity_header_overlap_s = 300;
@@ -471,6 +476,10 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         case OPT_MAX_CONN:
             if (parse_uint(optarg, 1, 65536, &c->max_connections) < 0)
                 ERR("--max-connections: invalid value '%s' (1 to 65536)", optarg);
+            break;
+        case OPT_HEADER_TIMEOUT:
+            if (parse_uint(optarg, 1, 3600, &c->header_timeout_s) < 0)
+                ERR("--header-timeout: invalid value '%s' (1 to 3600 seconds)", optarg);
             break;
         case OPT_IDLE:
             if (parse_uint(optarg, 1, 3600, &c->idle_timeout_s) < 0)

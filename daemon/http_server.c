@@ -40,9 +40,11 @@ struct http_conn {
     uv_tcp_t tcp;
     uv_timer_t timer; /* idle check; runs all the time, see on_timeout */
     int fd;
-    int bare;             /* no libuv handles yet: fd is the socket */
-    int tag;              /* the listener's */
-    uint64_t last_active; /* loop time of the last response, or of the accept */
+    int bare;               /* no libuv handles yet: fd is the socket */
+    int tag;                /* the listener's */
+    uint64_t last_active;   /* loop time of the last response, or of the accept */
+    uint64_t request_start; /* loop time of a request's first byte, while it is arriving */
+    int arriving;           /* part of a request is in: on_message_begin ran, not complete */
     uv_write_t wreq;
     struct http_server *server;
     struct http_conn *prev, *next;
@@ -108,6 +110,7 @@ struct http_server {
     int freeing;
     llhttp_settings_t settings;
     uint64_t rejected;
+    uint64_t evicted;
     uint64_t accept_failed;
     int reserve_fd; /* closed to accept and drop a connection when out of descriptors */
     /* graceful shutdown */
@@ -121,6 +124,7 @@ static char read_buf[65536]; /* one loop, one reader at a time */
 
 static void conn_close(struct http_conn *c);
 static void drive(struct http_conn *c);
+static void watch_arrival(struct http_conn *c);
 static void respond(struct http_conn *c, int status, const char *content_type,
                     const char *extra_headers, const char *body, size_t len);
 static void on_drained(uv_timer_t *t);
@@ -233,6 +237,7 @@ static void on_write(uv_write_t *w, int status)
     set_nodelay(c);
     drive(c);
     update_reading(c);
+    watch_arrival(c);
 }
 
 /* Appends the decimal form of v at p; returns the end. */
@@ -399,6 +404,8 @@ static int on_message_begin(llhttp_t *p)
     c->host_len = 0;
     c->headers_done = 0;
     c->endpoint = EP_OTHER;
+    c->arriving = 1;
+    c->request_start = uv_now(c->server->loop);
     c->ctype_len = 0;
     buf_reset(&c->body);
     memset(&c->req, 0, sizeof c->req);
@@ -596,6 +603,7 @@ static int on_headers_complete(llhttp_t *p)
 static int on_message_complete(llhttp_t *p)
 {
     struct http_conn *c = conn_of(p);
+    c->arriving = 0;
     c->req.method = llhttp_method_name((llhttp_method_t)p->method);
     c->req.tag = c->tag;
     c->req.is_get = p->method == HTTP_GET;
@@ -751,16 +759,40 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 static void on_timeout(uv_timer_t *t)
 {
     struct http_conn *c = t->data;
-    uint64_t idle = c->server->opts.idle_timeout_ms,
-             quiet = uv_now(c->server->loop) - c->last_active;
+    uint64_t now = uv_now(c->server->loop), idle = c->server->opts.idle_timeout_ms,
+             quiet = now - c->last_active, left = quiet < idle ? idle - quiet : 0;
     if (c->state == CONN_HANDLING)
         return;
-    if (quiet < idle) {
-        uv_timer_start(t, on_timeout, idle - quiet, idle);
+    if (c->state == CONN_READING && c->arriving) { /* the header deadline, if sooner */
+        uint64_t hdr = c->server->opts.header_timeout_ms, since = now - c->request_start;
+        if (since >= hdr) {
+            log_debug("http_header_timeout", "after_ms=%llu", (unsigned long long)since);
+            conn_close(c);
+            return;
+        }
+        if (hdr - since < left)
+            left = hdr - since;
+    }
+    if (left > 0) {
+        uv_timer_start(t, on_timeout, left, idle);
         return;
     }
     log_debug("http_idle_timeout", "state=%s", state_names[c->state]);
     conn_close(c);
+}
+
+/* A request is still arriving when a read ends: make sure the timer fires by its header
+ * deadline (complete requests, the common case, never get here). */
+static void watch_arrival(struct http_conn *c)
+{
+    if (c->bare || c->state != CONN_READING || !c->arriving)
+        return;
+    uint64_t due = c->request_start + c->server->opts.header_timeout_ms;
+    if (uv_timer_get_due_in(&c->timer) + uv_now(c->server->loop) > due) {
+        uint64_t now = uv_now(c->server->loop);
+        uv_timer_start(&c->timer, on_timeout, due > now ? due - now : 0,
+                       c->server->opts.idle_timeout_ms);
+    }
 }
 
 static void conn_free(struct http_conn *c)
@@ -830,9 +862,38 @@ static void drop_one(struct http_server *s, int lfd)
     s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
+/* At --max-connections, room for a new connection: the longest-idle keep-alive connection
+ * goes first (nginx frees idle keep-alive connections the same way), else the request that has
+ * been arriving longest. A connection whose request is being answered is never taken. */
+static int make_room(struct http_server *s)
+{
+    struct http_conn *idle = NULL, *arriving = NULL;
+    /* the list runs from the newest connection to the oldest: on a tie, the older one goes */
+    for (struct http_conn *c = s->conns; c; c = c->next) {
+        if (c->state != CONN_READING || c->in_drive)
+            continue;
+        if (!c->arriving && !c->pending.len) {
+            if (!idle || c->last_active <= idle->last_active)
+                idle = c;
+        } else if (!arriving || c->request_start <= arriving->request_start) {
+            arriving = c;
+        }
+    }
+    struct http_conn *v = idle ? idle : arriving;
+    if (!v)
+        return -1;
+    metrics.connections_evicted++;
+    if ((s->evicted++ % 1000) == 0)
+        log_warn("http_connection_evicted", "max_connections=%u state=%s evicted_total=%llu",
+                 s->opts.max_connections, idle ? "idle" : "arriving",
+                 (unsigned long long)s->evicted);
+    conn_close(v);
+    return 0;
+}
+
 static void serve_accepted(struct http_server *s, int fd, int tag)
 {
-    if (s->nconns >= s->opts.max_connections) {
+    if (s->nconns >= s->opts.max_connections && make_room(s) < 0) {
         close(fd);
         metrics.connections_refused++;
         if ((s->rejected++ % 1000) == 0)
@@ -870,12 +931,16 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
         parse_direct(c, read_buf, (size_t)n);
     else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
         conn_close(c);
-    if (!c->bare)
+    if (!c->bare) {
+        watch_arrival(c);
         return;
+    }
     if (c->state == CONN_CLOSING)
         conn_free(c);
     else if (conn_attach(c) < 0)
         conn_close(c); /* attached or not, the handles are set up: they free c */
+    else
+        watch_arrival(c);
 }
 
 /* One connection per wake-up, like nginx without multi_accept: the poll is level-triggered, so

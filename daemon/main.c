@@ -126,7 +126,8 @@ static int start(struct daemon *d)
     if (c->identity_header)
         d->ep.secrets = secret_watch_new(&d->loop, c->identity_header_file, c->identity_header,
                                          c->identity_header_len, c->identity_header_overlap_s);
-    struct http_server_opts so = {c->max_connections, c->idle_timeout_s * 1000u};
+    struct http_server_opts so = {c->max_connections, c->idle_timeout_s * 1000u,
+                                  c->header_timeout_s * 1000u};
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
     int passed = sd_listen(d->server, err, sizeof err); /* systemd's sockets replace --listen */
     if (passed < 0) {

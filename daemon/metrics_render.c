@@ -191,6 +191,12 @@ static void render_http(struct buf *b, struct http_server *server)
     }
     head(b, "imdsd_http_connections", "gauge", "Client connections open.");
     buf_printf(b, "imdsd_http_connections %u\n", server ? http_server_connections(server) : 0);
+    head(
+        b, "imdsd_http_connections_evicted_total", "counter",
+        "Idle keep-alive connections, then requests still arriving, closed at --max-connections to "
+        "admit new ones.");
+    buf_printf(b, "imdsd_http_connections_evicted_total %llu\n",
+               (unsigned long long)metrics.connections_evicted);
     head(b, "imdsd_http_connections_refused_total", "counter",
          "Client connections closed at once: at --max-connections or out of descriptors.");
     buf_printf(b, "imdsd_http_connections_refused_total %llu\n",

@@ -53,6 +53,7 @@ struct config {
     enum log_format log_format;
     unsigned max_connections;
     unsigned idle_timeout_s;
+    unsigned header_timeout_s; /* a request still arriving after this is dropped */
     unsigned entra_timeout_s;
     unsigned shutdown_grace_s;
     unsigned identity_header_overlap_s; /* a replaced secret is still accepted this long */

@@ -51,6 +51,7 @@ typedef void http_abort_cb(struct http_conn *c, void *arg);
 struct http_server_opts {
     unsigned max_connections;
     unsigned idle_timeout_ms;
+    unsigned header_timeout_ms; /* a request still arriving after this is dropped */
 };
 
 struct http_server;

@@ -4,6 +4,7 @@ import os
 import resource
 import select
 import socket
+import threading
 import time
 
 import harness
@@ -157,30 +158,57 @@ def test_active_keepalive_not_idled_out(ctx):
 
 
 def test_max_connections(ctx):
+    """At --max-connections a new connection is admitted by closing the longest-idle keep-alive
+    connection; one whose request is being answered is never taken, so when all are busy the new
+    one is refused (closed or 503)."""
     d = ctx.daemon(extra=["--max-connections", "4"])
     conns = [http.client.HTTPConnection("127.0.0.1", d.port, timeout=5 * ctx.scale) for _ in range(4)]
     try:
         for c in conns:
             assert request(d.port, "/healthz", conn=c).status == 200
-        for i in range(6):
-            got, closed = raw_exchange(d.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2,
-                                       one_response=True)
-            r = parse_raw(got)
-            assert (r is None and closed) or (r is not None and r.status == 503), \
-                f"connection {5 + i} over --max-connections 4 got {got[:80]!r} closed={closed}"
-        socks = [c.sock for c in conns]
-        for c, s in zip(conns, socks):
-            assert request(d.port, "/healthz", conn=c).status == 200, "an existing connection was disturbed"
-            assert c.sock is s, "an existing connection was closed"
-        conns.pop().close()
-        def slot_free():
-            got, _ = raw_exchange(d.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=2)
-            r = parse_raw(got)
-            return r is not None and r.status == 200
-        wait_for(slot_free, 3, "a new connection to be served after one was closed", interval=0.2)
+            time.sleep(0.01)   # conns[0] is the longest idle
+        got, closed = raw_exchange(d.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2, one_response=True)
+        r = parse_raw(got)
+        assert r is not None and r.status == 200, f"a new connection at the limit was not admitted: {got[:80]!r}"
+        # the longest-idle one was closed for it; the others still work
+        try:
+            evicted = request(d.port, "/healthz", conn=conns[0]).status != 200
+        except (OSError, http.client.HTTPException):
+            evicted = True
+        assert evicted, "the longest-idle keep-alive connection was not the one closed"
+        for c in conns[2:]:
+            assert request(d.port, "/healthz", conn=c).status == 200, "a newer idle connection was closed"
     finally:
         for c in conns:
             c.close()
+    # every connection busy (their token requests held at the stand-in Entra): no room
+    tenant = ctx.tenant("gate-maxconn")
+    busy = ctx.daemon(tenant, extra=["--max-connections", "4"])
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(get_token(busy.port, timeout=20 * ctx.scale).status))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: ctx.fake.gated("maxconn") >= 1 and len(open_conns(busy)) >= 4, 5, "4 requests being answered")
+    got, closed = raw_exchange(busy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2, one_response=True)
+    r = parse_raw(got)
+    assert (r is None and closed) or (r is not None and r.status == 503), f"a busy connection was evicted: {got[:80]!r}"
+    ctx.fake.release("maxconn")
+    for t in threads:
+        t.join()
+    assert results == [200] * 4, results
+
+
+def open_conns(d):
+    """The daemon's established TCP connections on its port (from /proc/net/tcp)."""
+    port = f"{d.port:04X}"
+    out = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[1].endswith(":" + port) and parts[3] == "01":
+                out.append(parts[2])
+    return out
 
 
 def test_client_disconnects_mid_fetch(ctx):
