@@ -12,15 +12,70 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* A strict check of the one shape log_to_json writes: a flat object whose values are strings or
+ * integers (independent of json.c, whose reader caps the token count below what a long line has).
+ */
+static const char *string_end(const char *p, const char *end)
+{
+    if (p >= end || *p++ != '"')
+        return NULL;
+    while (p < end && *p != '"') {
+        if (*p == '\\') {
+            if (++p >= end)
+                return NULL;
+            if (*p == 'u') {
+                for (int i = 1; i <= 4; i++)
+                    if (p + i >= end || !strchr("0123456789abcdefABCDEF", p[i]) || !p[i])
+                        return NULL;
+                p += 4;
+            } else if (!strchr("\"\\/bfnrt", *p) || !*p) {
+                return NULL;
+            }
+        } else if ((unsigned char)*p < 0x20) {
+            return NULL;
+        }
+        p++;
+    }
+    return p < end ? p + 1 : NULL;
+}
+
+static const char *int_end(const char *p, const char *end)
+{
+    if (p < end && *p == '-')
+        p++;
+    if (p >= end || *p < '0' || *p > '9')
+        return NULL;
+    if (*p == '0')
+        return p + 1;
+    while (p < end && *p >= '0' && *p <= '9')
+        p++;
+    return p;
+}
+
 static void check(const char *out, size_t len)
 {
     for (size_t i = 0; i < len; i++)
         if (out[i] < 0x20 || out[i] >= 0x7f)
             __builtin_trap();
-    struct json_obj o;
-    if (json_parse_object(&o, out, len) != 0)
+    const char *p = out, *end = out + len;
+    if (p >= end || *p++ != '{')
         __builtin_trap();
-    json_obj_free(&o);
+    if (p < end && *p == '}' && p + 1 == end)
+        return;
+    for (;;) {
+        if (!(p = string_end(p, end)) || p >= end || *p++ != ':')
+            __builtin_trap();
+        const char *v = p < end && *p == '"'                        ? string_end(p, end)
+                        : end - p >= 4 && memcmp(p, "true", 4) == 0 ? p + 4 /* truncated */
+                                                                    : int_end(p, end);
+        if (!v || v >= end)
+            __builtin_trap();
+        p = v;
+        if (*p == '}' && p + 1 == end)
+            return;
+        if (*p++ != ',')
+            __builtin_trap();
+    }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

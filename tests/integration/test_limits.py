@@ -182,18 +182,19 @@ def test_max_connections(ctx):
         for c in conns:
             c.close()
     # every connection busy (their token requests held at the stand-in Entra): no room
-    tenant = ctx.tenant("gate-maxconn")
+    gate = f"mc{os.getpid()}n{harness.unique()}"   # a gate of this test's own: released gates stay open
+    tenant = ctx.tenant(f"gate-{gate}")
     busy = ctx.daemon(tenant, extra=["--max-connections", "4"])
     results = []
     threads = [threading.Thread(target=lambda: results.append(get_token(busy.port, timeout=20 * ctx.scale).status))
                for _ in range(4)]
     for t in threads:
         t.start()
-    wait_for(lambda: ctx.fake.gated("maxconn") >= 1 and len(open_conns(busy)) >= 4, 5, "4 requests being answered")
+    wait_for(lambda: ctx.fake.gated(gate) >= 1 and len(open_conns(busy)) >= 4, 5, "4 requests being answered")
     got, closed = raw_exchange(busy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2, one_response=True)
     r = parse_raw(got)
     assert (r is None and closed) or (r is not None and r.status == 503), f"a busy connection was evicted: {got[:80]!r}"
-    ctx.fake.release("maxconn")
+    ctx.fake.release(gate)
     for t in threads:
         t.join()
     assert results == [200] * 4, results
