@@ -296,6 +296,23 @@ static int valid_tenant(const char *t)
     return 1;
 }
 
+size_t config_check_secret(const char *buf, size_t n, size_t *start, const char **why)
+{
+    size_t s = 0;
+    while (n > 0 && isspace((unsigned char)buf[n - 1]))
+        n--;
+    while (s < n && isspace((unsigned char)buf[s]))
+        s++;
+    *start = s;
+    /* n counts leading blanks too: the callers read CONFIG_MAX_SECRET + 2 bytes at most, so a
+     * longer file can never pass as a cut secret */
+    *why = n == s ? "is empty" : n > CONFIG_MAX_SECRET ? "holds more than 255 bytes" : NULL;
+    for (size_t i = s; i < n && !*why; i++)
+        if ((unsigned char)buf[i] < 0x20 || (unsigned char)buf[i] >= 0x7f)
+            *why = "holds characters that cannot be sent in an HTTP header";
+    return *why ? 0 : n - s;
+}
+
 int config_load_identity_header(struct config *c, char *err, size_t errlen)
 {
     char buf[CONFIG_MAX_SECRET + 2];
@@ -308,25 +325,18 @@ int config_load_identity_header(struct config *c, char *err, size_t errlen)
     size_t n = fread(buf, 1, sizeof buf, f);
     int rerr = ferror(f);
     fclose(f);
-    size_t start = 0;
-    while (n > 0 && isspace((unsigned char)buf[n - 1]))
-        n--;
-    while (start < n && isspace((unsigned char)buf[start]))
-        start++;
-    const char *why = rerr                    ? "cannot be read"
-                      : n == start            ? "is empty"
-                      : n > CONFIG_MAX_SECRET ? "holds more than 255 bytes"
-                                              : NULL;
-    for (size_t i = start; i < n && !why; i++)
-        if ((unsigned char)buf[i] < 0x20 || (unsigned char)buf[i] >= 0x7f)
-            why = "holds characters that cannot be sent in an HTTP header";
+    size_t start;
+    const char *why;
+    size_t len = config_check_secret(buf, n, &start, &why);
+    if (rerr)
+        why = "cannot be read";
     if (why) {
         secret_zero(buf, sizeof buf);
         snprintf(err, errlen, "--identity-header-file: '%s' %s", c->identity_header_file, why);
         return -1;
     }
-    c->identity_header = xstrndup(buf + start, n - start);
-    c->identity_header_len = n - start;
+    c->identity_header = xstrndup(buf + start, len);
+    c->identity_header_len = len;
     secret_zero(buf, sizeof buf);
     return 0;
 }

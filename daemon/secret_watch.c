@@ -4,7 +4,6 @@
  * seconds more cost nothing, and a poll survives every way the file can be replaced. */
 #include "secret_watch.h"
 
-#include <ctype.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,21 +42,6 @@ static void maybe_free(struct secret_watch *sw)
     }
 }
 
-size_t secret_watch_check(const char *buf, size_t n, size_t *start, const char **why)
-{
-    size_t s = 0;
-    while (n > 0 && isspace((unsigned char)buf[n - 1]))
-        n--;
-    while (s < n && isspace((unsigned char)buf[s]))
-        s++;
-    *start = s;
-    *why = n == s ? "is empty" : n - s > CONFIG_MAX_SECRET ? "holds more than 255 bytes" : NULL;
-    for (size_t i = s; i < n && !*why; i++)
-        if ((unsigned char)buf[i] < 0x20 || (unsigned char)buf[i] >= 0x7f)
-            *why = "holds characters that cannot be sent in an HTTP header";
-    return *why ? 0 : n - s;
-}
-
 static void problem(struct secret_watch *sw, const char *why)
 {
     if (sw->last_problem != why)
@@ -73,9 +57,9 @@ static void finish(struct secret_watch *sw, ssize_t n)
     if (!sw->closing && n >= 0) {
         size_t start;
         const char *why;
-        size_t len = secret_watch_check(sw->rbuf, (size_t)n, &start, &why);
+        size_t len = config_check_secret(sw->rbuf, (size_t)n, &start, &why);
         if (!len) {
-            problem(sw, (size_t)n > CONFIG_MAX_SECRET ? "holds more than 255 bytes" : why);
+            problem(sw, why);
         } else if (len != sw->cur_len || memcmp(sw->rbuf + start, sw->cur, len) != 0) {
             char oldfp[13], newfp[13];
             fingerprint(sw->cur, sw->cur_len, oldfp);

@@ -78,6 +78,10 @@ void config_free(struct config *c);
 
 /* Reads the --identity-header-file secret into c; 0 or -1 with a one-line reason in err. */
 int config_load_identity_header(struct config *c, char *err, size_t errlen);
+/* Pure: trims the secret file's n bytes and checks them (not empty, at most CONFIG_MAX_SECRET
+ * bytes, sendable in an HTTP header). Returns the trimmed length and sets *start, or 0 with *why
+ * set. The start-up read and secret_watch's re-reads both use it. */
+size_t config_check_secret(const char *buf, size_t n, size_t *start, const char **why);
 /* Parses "ADDR:PORT" / "[v6]:PORT" into l; returns 0 or -1. */
 int config_parse_listen(const char *s, struct config_listen *l);
 /* Writes l as "ADDR:PORT" / "[v6]:PORT" into out; returns out. */

@@ -28,8 +28,4 @@ void secret_watch_reload(struct secret_watch *sw);
 /* Zeroes the secrets; frees once the handles have closed (the loop must run). */
 void secret_watch_free(struct secret_watch *sw);
 
-/* Pure: trims the file's bytes and checks them as config does. Returns the trimmed length and
- * sets *start, or 0 with *why set. */
-size_t secret_watch_check(const char *buf, size_t n, size_t *start, const char **why);
-
 #endif
