@@ -22,27 +22,30 @@ EXPECTED_FILES = {"imdsd": 0o755, "etc/passwd": 0o644, "etc/group": 0o644,
 
 
 def archive_layers(path):
-    """{name: TarInfo} of every layer in the oci-archive at path, and the manifest's digest."""
+    """Of the oci-archive at path: {name: TarInfo} of every layer's members, the manifest's digest,
+    the image config, and {name: bytes} of the regular files."""
     with tarfile.open(path) as outer:
         def blob(digest):
             return outer.extractfile("blobs/sha256/" + digest.split(":", 1)[1]).read()
         index = json.loads(outer.extractfile("index.json").read())
         mdesc = index["manifests"][0]
         manifest = json.loads(blob(mdesc["digest"]))
-        members = {}
+        members, contents = {}, {}
         for layer in manifest["layers"]:
             data = blob(layer["digest"])
             assert "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
             with tarfile.open(fileobj=io.BytesIO(data)) as lt:
                 for m in lt.getmembers():
                     members[m.name.lstrip("./")] = m
-        return members, mdesc["digest"], json.loads(blob(manifest["config"]["digest"]))
+                    if m.isfile():
+                        contents[m.name.lstrip("./")] = lt.extractfile(m).read()
+        return members, mdesc["digest"], json.loads(blob(manifest["config"]["digest"])), contents
 
 
 def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     img = podman.require_image()
     assert img["Size"] <= MAX_SIZE, f"image is {img['Size']} bytes, over {MAX_SIZE}"
-    members, digest, config = archive_layers(podman.ARCHIVE)
+    members, digest, config, contents = archive_layers(podman.ARCHIVE)
     files = {n: m.mode & 0o7777 for n, m in members.items() if m.isfile()}
     assert files == EXPECTED_FILES, f"image files {files}"
     assert not any(m.issym() or m.islnk() for m in members.values()), "links in the image"
@@ -60,7 +63,7 @@ def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     # the binary: static, position independent, full RELRO, stripped
     tmp = os.path.join(ctx.tmp, "imdsd")
     with open(tmp, "wb") as f:
-        f.write(extract(podman.ARCHIVE, "imdsd"))
+        f.write(contents["imdsd"])
     hdr = subprocess.run(["readelf", "-lhd", "-S", tmp], capture_output=True, text=True).stdout
     assert "DYN (Position-Independent Executable" in hdr or "Type:                              DYN" in hdr, hdr[:600]
     assert "INTERP" not in hdr and "NEEDED" not in hdr, "the binary needs a dynamic loader or libraries"
@@ -74,23 +77,10 @@ def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     assert p.returncode != 0 and "no such file" in p.stderr.lower() or "not found" in p.stderr.lower(), p.stderr
 
 
-def extract(archive, name):
-    with tarfile.open(archive) as outer:
-        index = json.loads(outer.extractfile("index.json").read())
-        manifest = json.loads(outer.extractfile("blobs/sha256/" + index["manifests"][0]["digest"][7:]).read())
-        for layer in manifest["layers"]:
-            data = outer.extractfile("blobs/sha256/" + layer["digest"][7:]).read()
-            with tarfile.open(fileobj=io.BytesIO(data)) as lt:
-                for m in lt.getmembers():
-                    if m.name.lstrip("./") == name:
-                        return lt.extractfile(m).read()
-    raise AssertionError(f"{name} not in the image")
-
-
 def test_same_commit_same_digest(ctx):
     """The sources copied elsewhere and built again without podman's cache: the same image digest."""
     podman.require_image()
-    _, digest, config = archive_layers(podman.ARCHIVE)
+    _, digest, config, _ = archive_layers(podman.ARCHIVE)
     labels = config["config"]["Labels"]
     src = os.path.join(ctx.tmp, "elsewhere", "imdsd-src")
     for part in ("Makefile", "VERSION", "daemon", "include", "container", "tests/deps.sh"):
@@ -105,7 +95,7 @@ def test_same_commit_same_digest(ctx):
                        capture_output=True, text=True, env=podman.ENV)
     try:
         assert p.returncode == 0, p.stderr[-2000:]
-        _, digest2, _ = archive_layers(os.path.join(src, "build", f"imdsd-{podman.VERSION}.oci.tar"))
+        _, digest2, _, _ = archive_layers(os.path.join(src, "build", f"imdsd-{podman.VERSION}.oci.tar"))
         assert digest2 == digest, f"rebuilt elsewhere: {digest2}, make image: {digest}"
     finally:
         podman.run("rmi", tag, check=False)
@@ -164,12 +154,7 @@ def start_sidecar(ctx, ns, tok, fake, tenant, host, podman_args):
     env_args, args = sidecar_args(ctx, tenant, host, fake)
     c = Container(ctx, ns, args, ["-v", f"{tok.root}:{TOKEN_DIR}:ro"] + env_args + list(podman_args))
 
-    def up():
-        try:
-            return request(8000, "/healthz", timeout=1, netns=ns).status == 200
-        except OSError:
-            return False
-    wait_for(up, 10, f"/healthz of {c.name}: {c.logs()[-800:]}")
+    wait_for(lambda: healthy(8000, ns), 10, f"/healthz of {c.name}: {c.logs()[-800:]}")
     return c
 
 
@@ -205,7 +190,7 @@ def test_image_resolves_entra_through_resolv_conf(ctx):
     env_args, args = sidecar_args(ctx, tenant, "unknown.entra.test", fake)
     bad = Container(ctx, ns, args + ["--listen", "127.0.0.1:8002"],
                     ["-v", f"{tok.root}:{TOKEN_DIR}:ro", "--dns", "127.0.0.53"] + env_args)
-    wait_for(lambda: _ok(8002, ns), 10, "/healthz of the second container")
+    wait_for(lambda: healthy(8002, ns), 10, "/healthz of the second container")
     r = get_token(8002, netns=ns)
     assert r.status in (500, 503) and "error" in r.json, r
     with open(log) as f:
@@ -213,7 +198,8 @@ def test_image_resolves_entra_through_resolv_conf(ctx):
     assert tok.content not in c.logs() + bad.logs() and r.json.get("access_token") is None
 
 
-def _ok(port, ns):
+def healthy(port, ns):
+    """imdsd answers /healthz on port inside ns."""
     try:
         return request(port, "/healthz", timeout=1, netns=ns).status == 200
     except OSError:
