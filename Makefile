@@ -107,7 +107,17 @@ FUZZ_SECONDS ?= 10
 build/fuzz/%: tests/fuzz/%.c $(FUZZ_LIBSRC) $(wildcard include/*.h)
 	@mkdir -p $(@D)
 	$(if $(Q),@echo "  CLANG   $@")
-	$(Q)clang $(CPPFLAGS) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -o $@ $< $(FUZZ_LIBSRC) -lmbedcrypto
+	$(Q)clang $(CPPFLAGS) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -o $@ $< $(FUZZ_LIBSRC) $(FUZZ_EXTRA_$*) -lmbedcrypto $(FUZZ_LIBS_$*)
+
+# fuzz_http: the request path as wired, through a socket and the loop
+FUZZ_EXTRA_fuzz_http = daemon/http_server.c daemon/endpoints.c daemon/token_cache.c daemon/refresh.c daemon/metrics.c daemon/metrics_render.c build/fuzz/libllhttp.a
+FUZZ_LIBS_fuzz_http = -luv
+build/fuzz/fuzz_http: $(FUZZ_EXTRA_fuzz_http)
+build/fuzz/libllhttp.a:
+	@mkdir -p $(@D)/llhttp
+	$(Q)for f in api http llhttp; do \
+	    clang $(CPPFLAGS) -g -O1 -fsanitize=fuzzer-no-link,address,undefined -w -c -o $(@D)/llhttp/$$f.o $(LLHTTP_SRC)/$$f.c || exit 1; done
+	$(Q)ar rcs $@ $(@D)/llhttp/*.o
 
 fuzz: $(FUZZ_TARGETS)
 

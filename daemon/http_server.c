@@ -139,6 +139,10 @@ static const char *status_text(int status)
         return "OK";
     case 400:
         return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
     case 404:
         return "Not Found";
     case 405:
@@ -941,6 +945,11 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
         conn_close(c); /* attached or not, the handles are set up: they free c */
     else
         watch_arrival(c);
+}
+
+void http_server_adopt(struct http_server *s, int fd, int tag)
+{
+    serve_accepted(s, fd, tag);
 }
 
 /* One connection per wake-up, like nginx without multi_accept: the poll is level-triggered, so

@@ -66,6 +66,9 @@ int http_server_listen(struct http_server *s, const char *host, int port, int ta
  * or not open), -EPROTOTYPE (not SOCK_STREAM over IPv4 or IPv6), -EINVAL (not listening) or
  * another negative errno. */
 int http_server_listen_fd(struct http_server *s, int fd, int tag);
+/* Serves fd, a connected stream socket (non-blocking, close-on-exec), as if accepted from a
+ * listener with tag: the fuzz target feeds the whole request path through it. Takes fd. */
+void http_server_adopt(struct http_server *s, int fd, int tag);
 /* Graceful stop: closes the listeners and idle connections at once, lets requests being handled
  * finish (their connections close after the response), and after grace_ms answers those still
  * pending with 503 JSON. Calls drained(arg) once, from the loop, when no connection is left. */
