@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <llhttp.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -112,6 +113,10 @@ struct http_server {
     uint64_t rejected;
     uint64_t evicted;
     uint64_t accept_failed;
+    /* connections allocated (closed ones too, until their handles have closed), the most of them
+     * since memory was last given back, and whether a flood is ebbing */
+    unsigned live, high;
+    int ebbing;
     int reserve_fd; /* closed to accept and drop a connection when out of descriptors */
     /* graceful shutdown */
     int draining;
@@ -119,6 +124,9 @@ struct http_server {
     void (*drained)(void *arg);
     void *drained_arg;
 };
+
+#define TRIM_AFTER 128 /* connections: a flood, after which memory is given back */
+#define TRIM_LOW   8   /* connections: the flood is over */
 
 static char read_buf[65536]; /* one loop, one reader at a time */
 
@@ -812,6 +820,15 @@ static void conn_free(struct http_conn *c)
     buf_free(&c->body);
     free(c);
     s->open_handles--;
+    /* As a flood (hundreds of connections) ebbs, give the heap's free pages back to the system
+     * each time a quarter is left: malloc keeps them otherwise, and the RSS would stay at the
+     * flood's peak. */
+    s->live--;
+    if ((s->high >= TRIM_AFTER || s->ebbing) && s->live <= s->high / 4) {
+        malloc_trim(0);
+        s->ebbing = s->live > TRIM_LOW; /* again at the next quarter, down to a few */
+        s->high = s->live;
+    }
     maybe_free_server(s);
 }
 
@@ -918,6 +935,8 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
         s->conns->prev = c;
     s->conns = c;
     s->nconns++;
+    if (++s->live > s->high)
+        s->high = s->live;
     buf_init(&c->url, HTTP_MAX_URL);
     buf_init(&c->pending, HTTP_MAX_PENDING);
     buf_init(&c->out, 1 << 20);

@@ -25,11 +25,14 @@ def rss_kib(pid):
 
 
 def sdk_gets_token_fast(ctx, d, env, scopes):
+    times = []
     for scope in scopes:
         res = sdk.run_py(ctx, "ManagedIdentityCredential", [scope], env)
         check_tokens(ctx, d.tenant, res, harness.CLIENT_ID)
         # the client's own time for the call (process start-up excluded)
         assert res[0]["elapsed_ms"] < 1000 * ctx.scale, f"{scope}: {res[0]['elapsed_ms']} ms under pressure"
+        times.append(res[0]["elapsed_ms"])
+    return times
 
 
 def test_keep_alive_leak_and_half_sent_burst(ctx):
@@ -82,3 +85,54 @@ def test_keep_alive_leak_and_half_sent_burst(ctx):
 
 
 test_keep_alive_leak_and_half_sent_burst.timeout = 120
+
+
+def test_default_limit_1100_connections(ctx):
+    """The issue's own measurement at the defaults (--max-connections 1024, --header-timeout 10 s):
+    1100 leaked keep-alive connections, then 1100 half-sent requests. Before, every new connection
+    was reset until the idle timeout freed slots and a Python SDK client gave up after 12 s."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    d = ctx.daemon()
+    env = sdk.imds_env(ctx, d.port)
+    assert harness.get_token(d.port).status == 200
+    measure = not harness.VALGRIND and not harness.LABEL
+    base = rss_kib(d.pid) if measure else 0
+    n = 1100
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", d.port))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            socks.append(s)
+        for s in socks[-50:]:
+            s.settimeout(5 * ctx.scale)
+            s.recv(4096)  # the last ones were admitted and answered
+        t_idle = sdk_gets_token_fast(ctx, d, env, [ARM, "https://vault.azure.net/.default"])
+        peak_idle = rss_kib(d.pid) if measure else 0
+        for s in socks:
+            s.close()
+        socks = []
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", d.port))
+            s.sendall(b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            socks.append(s)
+        time.sleep(0.2 * ctx.scale)
+        t_half = sdk_gets_token_fast(ctx, d, env, ["https://storage.azure.com/.default", ARM])
+        peak_half = rss_kib(d.pid) if measure else 0
+    finally:
+        for s in socks:
+            s.close()
+    assert harness.request(d.port, "/healthz").status == 200
+    if measure:
+        bound = 1024 * 8  # KiB: 8 KiB per connection at most
+        assert max(peak_idle, peak_half) - base <= bound, f"RSS {base} -> {peak_idle}/{peak_half} KiB"
+        wait_for(lambda: rss_kib(d.pid) <= base + 512, 10, f"RSS back near {base} KiB")
+        print(f"pressure at 1024: RSS {base} KiB at start, {peak_idle} KiB with 1100 leaked keep-alive, "
+              f"{peak_half} KiB with 1100 half-sent, {rss_kib(d.pid)} KiB after; SDK token in {t_idle} ms "
+              f"(keep-alive flood), {t_half} ms (half-sent flood)")
+
+
+test_default_limit_1100_connections.timeout = 180
