@@ -179,6 +179,45 @@ build/loadgen: tests/bench/loadgen.c
 
 .PHONY: bench bench-smoke
 
+# ---- make coverage: line coverage of daemon/ (llvm source-based coverage, tests/coverage.sh) ----
+# Every unit test, and every fuzz target replaying its committed corpus tests/fuzz/corpus/NAME
+# (linked with tests/fuzz/replay.c instead of libFuzzer), built with clang's instrumentation in
+# build/cov/. Writes build/cov/report.txt (per file of daemon/), build/cov/html/index.html,
+# build/cov/fuzz.txt (each fuzz target's corpus alone), then the pure modules' line coverage
+# against COVERAGE_MIN. A report: it fails if a test fails, on a module below COVERAGE_MIN only
+# with COVERAGE_STRICT=1 (make check runs it, not strict).
+COVERAGE_PURE   ?= json form imds entra_msg jwt refresh proxy config
+COVERAGE_MIN    ?= 90
+COVERAGE_STRICT ?= 0
+LLVM_PROFDATA   ?= $(shell clang -print-prog-name=llvm-profdata)
+LLVM_COV        ?= $(shell clang -print-prog-name=llvm-cov)
+COV_CFLAGS       = $(BASE) -O0 -fprofile-instr-generate -fcoverage-mapping
+$(eval $(call variant,COV,build/cov,$(COV_CFLAGS),))
+build/cov/%: override CC = clang
+# A fuzz target as the fuzz section builds it: FUZZ_CFLAGS without the sanitizers, FUZZ_LIBSRC and
+# FUZZ_EXTRA_<target>, FUZZ_LIBS_<target>; daemon/ sources as the objects the unit tests link, no
+# build/fuzz/ libraries (sanitized; libimdsd.a has llhttp), from libimdsd.a whatever else it uses.
+COV_FUZZ        := $(patsubst build/fuzz/%,build/cov/fuzz/%,$(FUZZ_TARGETS))
+COV_FUZZ_CFLAGS  = $(filter-out -fsanitize% -fno-sanitize% -O%,$(FUZZ_CFLAGS)) $(COV_CFLAGS)
+cov_fuzz_src     = $(filter-out build/fuzz/%,$(FUZZ_LIBSRC) $(FUZZ_EXTRA_$(1)))
+cov_fuzz_lib     = $(patsubst daemon/%.c,build/cov/obj/%.o,$(call cov_fuzz_src,$(1)))
+$(foreach t,$(COV_FUZZ),$(eval $(t): $(call cov_fuzz_lib,$(notdir $(t)))))
+
+build/cov/fuzz/%: tests/fuzz/%.c tests/fuzz/replay.c build/cov/libimdsd.a \
+                  $(wildcard include/*.h)
+	@mkdir -p $(@D)
+	$(if $(Q),@echo "  CLANG   $@")
+	$(Q)clang $(CPPFLAGS) $(COV_FUZZ_CFLAGS) -Wall -Wextra -Werror -o $@ $< tests/fuzz/replay.c \
+	    $(call cov_fuzz_lib,$*) build/cov/libimdsd.a $(LIBS) -lmbedcrypto $(FUZZ_LIBS_$*)
+
+coverage: $(COV_UNITS) $(COV_FUZZ) $(COV_OBJS) build/cov/obj/main.o
+	$(Q)LLVM_PROFDATA=$(LLVM_PROFDATA) LLVM_COV=$(LLVM_COV) COVERAGE_PURE="$(COVERAGE_PURE)" \
+	    COVERAGE_MIN=$(COVERAGE_MIN) COVERAGE_STRICT=$(COVERAGE_STRICT) \
+	    tests/coverage.sh "$(COV_UNITS)" "$(COV_FUZZ)" "$(COV_OBJS) build/cov/obj/main.o" "$(SRCS)"
+
+.PHONY: coverage
+# ---- end of make coverage ------------------------------------------------------------------------
+
 # ---- the container image (container/Containerfile, podman) --------------------------------------
 # make image: localhost/imdsd:VERSION in podman's store and build/imdsd-VERSION.oci.tar to push.
 #   make image IMAGE_SOURCE=https://git.example.com/platform/imdsd   sets the source label

@@ -204,6 +204,10 @@ int config_set_authority(struct config *c, const char *url, const char **why)
         if (hlen >= sizeof hbuf)
             goto badhost;
         memcpy(hbuf, host + 1, hlen);
+        hbuf[hlen] = 0;
+        struct in6_addr a6;
+        if (inet_pton(AF_INET6, hbuf, &a6) != 1)
+            goto badhost; /* brackets hold an IPv6 address, nothing else */
         if (close + 1 < hend) {
             if (close[1] != ':')
                 goto badhost;
@@ -399,7 +403,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     const char *env_format = getenv_fn("IMDSD_LOG_FORMAT");
     int level_flag = 0, format_flag = 0;
 
-    optind = 1;
+    optind = 0; /* glibc: a full restart, nothing kept from an earlier argv (tests parse many) */
     opterr = 0;
     int opt, li = -1;
     while ((opt = getopt_long(argc, argv, ":", options, &li)) != -1) {
@@ -546,6 +550,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         case ':':
             ERR("%s: missing value", argv[optind - 1]);
         default:
+            if (optopt > 0 && optopt < OPT_LISTEN) /* "-x", perhaps inside "-xy" */
+                ERR("-%c: unknown option (see --help)", optopt);
             ERR("%s: unknown option (see --help)", argv[optind - 1]);
         }
     }

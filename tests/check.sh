@@ -1,6 +1,7 @@
 #!/bin/sh
-# make check: lint, unit tests (plain, ASan+UBSan, valgrind), a short fuzz of each target, the
-# integration suite against the real binary (plain, ASan+UBSan, and valgrind for the modules in
+# make check: lint, unit tests (plain, ASan+UBSan, valgrind), make coverage (a report: it fails
+# only if a test fails under it), a short fuzz of each target, the integration suite against the
+# real binary (plain, ASan+UBSan, and valgrind for the modules in
 # tests/integration/conftest.py VALGRIND_MODULES, or every module with --full), the bench smoke.
 # Ends with one "check: N passed, N failed" line. Expects the builds (make check-build).
 set -u
@@ -34,6 +35,10 @@ step() {
 }
 step "lint (clang-format)" sh -c 'make --no-print-directory lint && echo "lint: 1 passed, 0 failed" || echo "lint: 0 passed, 1 failed"'
 step "unit tests (plain, asan, valgrind)" tests/run-unit.sh build build/asan build/debug
+step "coverage (a report: build/cov/report.txt, fuzz.txt, html/; full output build/coverage.log)" sh -c '
+    if make --no-print-directory coverage >build/coverage.log 2>&1; then r="1 passed, 0 failed"
+    else tail -n 30 build/coverage.log; r="0 passed, 1 failed"; fi
+    grep -E "^TOTAL|^coverage: [0-9]|PASS$|below target" build/coverage.log; echo "coverage: $r"'
 step "fuzz smoke (seed corpora + ${FUZZ_SECONDS:-10} s per target)" make --no-print-directory fuzz-smoke
 step "integration (plain, asan+ubsan, valgrind${full:+ for every module}; $jobs at a time)" \
     $PY -m pytest tests/integration -q -n "$jobs" $full --durations=8 --junitxml=build/integration.xml

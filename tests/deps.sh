@@ -5,11 +5,12 @@
 set -eu
 # compiling build/imdsd
 BUILD="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev"
-# testing: cmocka (unit), clang + its runtime (ASan, libFuzzer), valgrind; python3-azure, the real
-# azure-identity that test_sdk_python.py runs; iproute2, network namespaces for the SDKs' IMDS probe;
+# testing: cmocka (unit), clang + its runtime (ASan, libFuzzer, profiling), llvm (llvm-profdata and
+# llvm-cov for make coverage), valgrind; python3-azure, the real azure-identity that
+# test_sdk_python.py runs; iproute2, network namespaces for the SDKs' IMDS probe;
 # pytest with -n (xdist) and per-test timeouts for the integration suite; wrk, nginx, util-linux
 # (taskset) and strace for make bench / the bench smoke; openssl and curl for make demo.
-TEST="libcmocka-dev python3 openssl curl valgrind ca-certificates clang libclang-rt-14-dev python3-azure
+TEST="libcmocka-dev python3 openssl curl valgrind ca-certificates clang libclang-rt-14-dev llvm python3-azure
       iproute2 python3-pytest python3-pytest-xdist python3-pytest-timeout wrk nginx util-linux strace"
 # make image and the pod tests: podman as root with runc (Debian's crun refuses these machines'
 # cgroup layout; container/containers.conf selects runc), the pause image's catatonit, pod

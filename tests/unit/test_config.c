@@ -1,4 +1,5 @@
-/* test_config.c - config_parse (fake getenv + argv), config_parse_listen, config_set_authority.
+/* test_config.c - config_parse (fake getenv + argv), config_parse_listen, config_set_authority,
+ * config_check_secret and config_load_identity_header (temporary files in /tmp).
  * config_free() runs after every case, including the error ones, so valgrind sees no leak. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -63,6 +64,13 @@ static const char *fake_getenv(const char *name)
 #define ENV_BASE ENV_ID, "AZURE_FEDERATED_TOKEN_FILE", TOKEN_FILE
 #define ENV_ALL  ENV_BASE, "AZURE_AUTHORITY_HOST", PUBLIC
 
+/* long values for the length limits */
+#define X10  "xxxxxxxxxx"
+#define X50  X10 X10 X10 X10 X10
+#define X250 X50 X50 X50 X50 X50
+
+#define RID "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/uai/app"
+
 /* ---- config_parse ---------------------------------------------------------------------------- */
 
 struct cfg_row {
@@ -85,11 +93,23 @@ struct cfg_row {
     int defaults;            /* check every default value */
     const char *add_address; /* the one-shot init mode: only this is set */
     const char *probe;       /* the exec probe: "HOST PORT PATH" */
-    /* CONFIG_ERROR: substrings of err */
+    unsigned header_timeout;
+    int grace, overlap, log_format; /* 0 = not checked, else VAL(value) */
+    const char *arc_key_dir;
+    long arc_gid; /* 0 = not checked, else VAL(gid) */
+    int naliases;
+    const char *alias_key, *alias_client; /* the last alias */
+    const char *ih_file;                  /* --identity-header-file (read later, not here) */
+    int nresources;
+    int proxy;              /* 0 = not checked, 1 = direct (no proxy), 2 = through proxy_desc */
+    const char *proxy_desc; /* proxy_describe() */
+    /* CONFIG_ERROR: substrings of err, and one it must not hold (a password) */
     const char *err_in[2];
+    const char *err_out;
 };
 
 #define LVL(l) ((l) + 1)
+#define VAL(v) ((v) + 1)
 
 static const struct cfg_row cfg_rows[] = {
     {.name = "env only",
@@ -460,6 +480,214 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--allow-client-id", CID2, "--client-id", CID3, "--listen", "bad", NULL},
      .rc = CONFIG_ERROR,
      .err_in = {"--listen", "bad"}},
+    {.name = "--header-timeout, --shutdown-grace, --identity-header-overlap at their bounds",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--header-timeout", "3600", "--shutdown-grace", "0", "--identity-header-overlap",
+              "86400", NULL},
+     .rc = CONFIG_OK,
+     .header_timeout = 3600,
+     .grace = VAL(0),
+     .overlap = VAL(86400)},
+    {.name = "--shutdown-grace 60, --identity-header-overlap 0",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--shutdown-grace", "60", "--identity-header-overlap", "0", NULL},
+     .rc = CONFIG_OK,
+     .grace = VAL(60),
+     .overlap = VAL(0)},
+    {.name = "--header-timeout 3601",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--header-timeout", "3601", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--header-timeout", "'3601'"}},
+    {.name = "--shutdown-grace 61",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--shutdown-grace", "61", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--shutdown-grace", "'61'"}},
+    {.name = "--identity-header-overlap 86401",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-header-overlap", "86401", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--identity-header-overlap", "'86401'"}},
+    {.name = "--identity-header-overlap 1h",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-header-overlap", "1h", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--identity-header-overlap", "'1h'"}},
+    {.name = "--log-format json",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--log-format", "json", NULL},
+     .rc = CONFIG_OK,
+     .log_format = VAL(LOG_FORMAT_JSON)},
+    {.name = "IMDSD_LOG_FORMAT from env",
+     .env = {ENV_ALL, "IMDSD_LOG_FORMAT", "JSON", NULL},
+     .rc = CONFIG_OK,
+     .log_format = VAL(LOG_FORMAT_JSON)},
+    {.name = "valid --log-format overrides a bad IMDSD_LOG_FORMAT",
+     .env = {ENV_ALL, "IMDSD_LOG_FORMAT", "xml", NULL},
+     .argv = {"--log-format", "logfmt", NULL},
+     .rc = CONFIG_OK,
+     .log_format = VAL(LOG_FORMAT_LOGFMT)},
+    {.name = "--log-format invalid",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--log-format", "xml", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--log-format", "'xml'"}},
+    {.name = "IMDSD_LOG_FORMAT invalid",
+     .env = {ENV_ALL, "IMDSD_LOG_FORMAT", "syslog", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"IMDSD_LOG_FORMAT", "'syslog'"}},
+    {.name = "--arc-key-dir and a numeric --arc-key-group",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--arc-key-dir", "/var/opt/azcmagent/tokens", "--arc-key-group", "1234", NULL},
+     .rc = CONFIG_OK,
+     .arc_key_dir = "/var/opt/azcmagent/tokens",
+     .arc_gid = VAL(1234)},
+    {.name = "--arc-key-group by name",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--arc-key-group", "root", NULL},
+     .rc = CONFIG_OK,
+     .arc_gid = VAL(0)},
+    {.name = "--arc-key-group unknown",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--arc-key-group", "no-such-group-imdsd", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--arc-key-group", "'no-such-group-imdsd'"}},
+    {.name = "--arc-key-dir relative",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--arc-key-dir", "tokens", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--arc-key-dir", "'tokens'"}},
+    {.name = "--arc-key-dir of 201 bytes",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--arc-key-dir", "/" X50 X50 X50 X50, NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--arc-key-dir", "at most 200 bytes"}},
+    {.name = "--arc-key-dir of 200 bytes",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--arc-key-dir", "/" X50 X50 X50 X10 X10 X10 X10 "xxxxxxxxx", NULL},
+     .rc = CONFIG_OK,
+     .arc_key_dir = "/" X50 X50 X50 X10 X10 X10 X10 "xxxxxxxxx"},
+    {.name = "--identity-alias: an object id and a resource id",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--allow-client-id", CID2, "--identity-alias", CID3 "=" CID, "--identity-alias",
+              RID "=" CID2, NULL},
+     .rc = CONFIG_OK,
+     .naliases = 2,
+     .alias_key = RID,
+     .alias_client = CID2},
+    {.name = "--identity-alias: the client id in capitals",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-alias", CID3 "=0A1B2C3D-0000-4000-8000-00000000000A", NULL},
+     .rc = CONFIG_OK,
+     .naliases = 1,
+     .alias_key = CID3},
+    {.name = "--identity-alias without '='",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-alias", CID3, NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--identity-alias", "not ID=CLIENT_ID"}},
+    {.name = "--identity-alias: client id not a GUID",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-alias", CID3 "=my-app", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--identity-alias", "'" CID3 "=my-app'"}},
+    {.name = "--identity-alias: key neither a GUID nor a resource id",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-alias", "my-app=" CID, NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--identity-alias", "'my-app' is neither"}},
+    {.name = "--identity-alias: a client id it does not serve",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--allow-client-id", CID2, "--identity-alias", RID "=" CID3, NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--identity-alias", "'" CID3 "' is neither --client-id"}},
+    {.name = "--identity-header-file is only noted",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-header-file", "/nonexistent/secret", NULL},
+     .rc = CONFIG_OK,
+     .ih_file = "/nonexistent/secret"},
+    {.name = "--allow-resource twice",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--allow-resource", "https://vault.azure.net", "--allow-resource",
+              "https://storage.azure.com/", NULL},
+     .rc = CONFIG_OK,
+     .nresources = 2},
+    {.name = "HTTPS_PROXY",
+     .env = {ENV_ALL, "HTTPS_PROXY", "http://proxy.example:3128", NULL},
+     .rc = CONFIG_OK,
+     .proxy = 2,
+     .proxy_desc = "http://proxy.example:3128"},
+    {.name = "HTTPS_PROXY wins over https_proxy",
+     .env = {ENV_ALL, "https_proxy", "http://lower.example:1", "HTTPS_PROXY",
+             "http://upper.example:2", NULL},
+     .rc = CONFIG_OK,
+     .proxy = 2,
+     .proxy_desc = "http://upper.example:2"},
+    {.name = "empty HTTPS_PROXY: https_proxy",
+     .env = {ENV_ALL, "HTTPS_PROXY", "", "https_proxy", "lower.example:8080", NULL},
+     .rc = CONFIG_OK,
+     .proxy = 2,
+     .proxy_desc = "http://lower.example:8080"},
+    {.name = "NO_PROXY exempts the authority",
+     .env = {ENV_ALL, "HTTPS_PROXY", "http://proxy.example:3128", "NO_PROXY",
+             "localhost,.microsoftonline.com", NULL},
+     .rc = CONFIG_OK,
+     .proxy = 1},
+    {.name = "empty NO_PROXY: no_proxy exempts the authority",
+     .env = {ENV_ALL, "HTTPS_PROXY", "http://proxy.example:3128", "NO_PROXY", "", "no_proxy",
+             "login.microsoftonline.com:443", NULL},
+     .rc = CONFIG_OK,
+     .proxy = 1},
+    {.name = "NO_PROXY for other hosts",
+     .env = {ENV_ALL, "HTTPS_PROXY", "http://proxy.example:3128", "NO_PROXY",
+             "localhost,login.microsoftonline.com:8443", NULL},
+     .rc = CONFIG_OK,
+     .proxy = 2,
+     .proxy_desc = "http://proxy.example:3128"},
+    {.name = "no HTTPS_PROXY: NO_PROXY alone changes nothing",
+     .env = {ENV_ALL, "NO_PROXY", "*", NULL},
+     .rc = CONFIG_OK,
+     .proxy = 1},
+    {.name = "HTTPS_PROXY invalid: named, password not shown",
+     .env = {ENV_ALL, "HTTPS_PROXY", "https://user:hunter2@proxy.example:3128", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"HTTPS_PROXY", "user:***@proxy.example"},
+     .err_out = "hunter2"},
+    {.name = "https_proxy invalid: named",
+     .env = {ENV_ALL, "https_proxy", "socks5://proxy.example:1080", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"https_proxy", "'socks5://proxy.example:1080'"}},
+    {.name = "--tenant-id empty",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--tenant-id", "", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--tenant-id", "''"}},
+    {.name = "--tenant-id a domain of 253 bytes",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--tenant-id", X250 ".io", NULL},
+     .rc = CONFIG_OK,
+     .tenant_id = X250 ".io"},
+    {.name = "--tenant-id a domain of 254 bytes",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--tenant-id", X250 ".com", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--tenant-id", "is not a GUID or domain name"}},
+    {.name = "--probe address too long",
+     .env = {NULL},
+     .argv = {"--probe", "[" X50 X10 X10 "]:80", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--probe", "want IP:PORT"}},
+    {.name = "--probe path of 64 bytes",
+     .env = {NULL},
+     .argv = {"--probe", "127.0.0.1:8000/" X50 X10 "xxx", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--probe", "want IP:PORT"}},
+    {.name = "--probe path of 63 bytes",
+     .env = {NULL},
+     .argv = {"--probe", "127.0.0.1:8000/" X50 X10 "xx", NULL},
+     .rc = CONFIG_OK,
+     .probe = "127.0.0.1 8000 /" X50 X10 "xx"},
 };
 
 static int argv_len(const char *const *a)
@@ -481,7 +709,7 @@ static void t_cfg(void **state)
     argv[argc] = NULL;
     fake_env = r->env;
     struct config *cp = tconfig();
-    char err[256] = "";
+    char err[512] = ""; /* as main.c's */
     int rc = config_parse(cp, argc, argv, fake_getenv, err, sizeof err);
     const struct config c = *cp;
     if (rc != r->rc)
@@ -550,6 +778,34 @@ static void t_cfg(void **state)
             assert_int_equal(c.idle_timeout_s, r->idle);
         if (r->entra_timeout)
             assert_int_equal(c.entra_timeout_s, r->entra_timeout);
+        if (r->header_timeout)
+            assert_int_equal(c.header_timeout_s, r->header_timeout);
+        if (r->grace)
+            assert_int_equal(c.shutdown_grace_s, r->grace - 1);
+        if (r->overlap)
+            assert_int_equal(c.identity_header_overlap_s, r->overlap - 1);
+        if (r->log_format)
+            assert_int_equal(c.log_format, r->log_format - 1);
+        if (r->arc_key_dir)
+            assert_string_equal(c.arc_key_dir, r->arc_key_dir);
+        if (r->arc_gid)
+            assert_int_equal(c.arc_gid, r->arc_gid - 1);
+        if (r->naliases) {
+            assert_int_equal(c.naliases, r->naliases);
+            assert_string_equal(c.aliases[c.naliases - 1].key, r->alias_key);
+            if (r->alias_client)
+                assert_string_equal(c.aliases[c.naliases - 1].client_id, r->alias_client);
+        }
+        if (r->ih_file) {
+            assert_string_equal(c.identity_header_file, r->ih_file);
+            assert_null(c.identity_header); /* config_load_identity_header reads it */
+        }
+        if (r->nresources)
+            assert_int_equal(c.nallowed_resources, r->nresources);
+        if (r->proxy) {
+            assert_int_equal(c.use_proxy, r->proxy == 2);
+            assert_string_equal(proxy_describe(&c.proxy), r->proxy == 2 ? r->proxy_desc : "");
+        }
         if (r->defaults) {
             assert_string_equal(c.ca_file, CONFIG_DEFAULT_CA_FILE);
             assert_int_equal(c.log_level, LOG_INFO);
@@ -561,6 +817,16 @@ static void t_cfg(void **state)
             assert_int_equal(c.max_connections, 1024);
             assert_int_equal(c.idle_timeout_s, 60);
             assert_int_equal(c.entra_timeout_s, 15);
+            assert_int_equal(c.header_timeout_s, 10);
+            assert_int_equal(c.shutdown_grace_s, 5);
+            assert_int_equal(c.identity_header_overlap_s, 300);
+            assert_int_equal(c.log_format, LOG_FORMAT_LOGFMT);
+            assert_null(c.arc_key_dir);
+            assert_int_equal(c.arc_gid, -1);
+            assert_int_equal(c.naliases, 0);
+            assert_int_equal(c.nallowed_resources, 0);
+            assert_null(c.identity_header_file);
+            assert_int_equal(c.use_proxy, 0);
         }
     } else if (rc == CONFIG_ERROR) {
         assert_true(err[0] != 0);
@@ -570,6 +836,10 @@ static void t_cfg(void **state)
                 print_error("err '%s' lacks '%s'\n", err, r->err_in[i]);
                 fail();
             }
+        if (r->err_out && strstr(err, r->err_out)) {
+            print_error("err '%s' holds '%s'\n", err, r->err_out);
+            fail();
+        }
     }
     config_free(cp);
     assert_null(cp->client_id);
@@ -716,9 +986,18 @@ static const struct auth_row auth_rows[] = {
     {"empty IPv6 host", "https://[]:8443", -1, NULL, NULL, NULL, NULL, "host"},
     {"unterminated IPv6", "https://[::1:8443", -1, NULL, NULL, NULL, NULL, NULL},
     {"junk after IPv6", "https://[::1]x", -1, NULL, NULL, NULL, NULL, "host"},
+    {"not an IPv6 address in brackets", "https://[xxxx::1:22]", -1, NULL, NULL, NULL, NULL, "host"},
+    {"a name in brackets", "https://[login.example.com]:443", -1, NULL, NULL, NULL, NULL, "host"},
+    {"IPv4 in brackets", "https://[127.0.0.1]", -1, NULL, NULL, NULL, NULL, "host"},
+    {"IPv4-mapped IPv6", "https://[::ffff:127.0.0.1]:8443", 0, "https://[::ffff:127.0.0.1]:8443",
+     "::ffff:127.0.0.1", "8443", "", NULL},
     {"userinfo", "https://user@host", -1, NULL, NULL, NULL, NULL, "host"},
     {"space in host", "https://ho st", -1, NULL, NULL, NULL, NULL, "host"},
     {"query in path", "https://host/p?x=1", -1, NULL, NULL, NULL, NULL, NULL},
+    {"host of 255 bytes", "https://" X250 "x.com/", 0, "https://" X250 "x.com", X250 "x.com", "443",
+     "", NULL},
+    {"host of 256 bytes", "https://" X250 "xx.com/", -1, NULL, NULL, NULL, NULL, "host"},
+    {"IPv6 host of 256 bytes", "https://[" X250 "::1:22]:443", -1, NULL, NULL, NULL, NULL, "host"},
     {"fragment in path", "https://host/p#f", -1, NULL, NULL, NULL, NULL, NULL},
     /* Keep these last: a read past the end aborts the ASan build here. */
     {"scheme only https://", "https://", -1, NULL, NULL, NULL, NULL, "host"},
@@ -764,6 +1043,193 @@ static void t_auth_twice(void **state)
     assert_string_equal(c->authority, "https://b.example"); /* unchanged on error */
 }
 
+/* ---- the lists' limits: N times is fine, N + 1 is refused naming N ------------------------ */
+
+struct limit_row {
+    const char *name;
+    const char *flag;
+    const char *pre, *post; /* the i-th value: pre, i and post; pre alone when post is NULL */
+    int max;
+    size_t count; /* offsetof the int in struct config that counts them */
+    int extra;    /* entries the config adds (the default --listen) */
+    const char *err_in;
+};
+
+static const struct limit_row limit_rows[] = {
+    {"--allow-client-id", "--allow-client-id", CID2, NULL, CONFIG_MAX_CLIENT_IDS,
+     offsetof(struct config, nallowed), 0, "--allow-client-id: at most 32 identities"},
+    {"--identity-alias", "--identity-alias", "/subscriptions/", "=" CID, CONFIG_MAX_ALIASES,
+     offsetof(struct config, naliases), 0, "--identity-alias: at most 64 aliases"},
+    {"--allow-resource", "--allow-resource", "https://r", ".example", CONFIG_MAX_RESOURCES,
+     offsetof(struct config, nallowed_resources), 0, "--allow-resource: at most 32 resources"},
+    {"--allow-host", "--allow-host", "h", ".example", CONFIG_MAX_HOSTS,
+     offsetof(struct config, nallowed_hosts), 0, "--allow-host: at most 16 names"},
+    {"--health-listen with the default --listen", "--health-listen", "127.0.0.1:", "",
+     CONFIG_MAX_LISTEN - 1, offsetof(struct config, nlisten), 1,
+     "--health-listen: at most 7 addresses with the default --listen"},
+};
+
+static void t_limit(void **state)
+{
+    const struct limit_row *r = *state;
+    static char vals[2 * 70][80];
+    static const char *const env[] = {ENV_ALL, NULL};
+    fake_env = env;
+    for (int n = r->max; n <= r->max + 1; n++) {
+        char *argv[2 * 70 + 2];
+        int argc = 0;
+        argv[argc++] = (char *)"imdsd";
+        for (int i = 0; i < n; i++) {
+            if (r->post)
+                snprintf(vals[i], sizeof vals[i], "%s%d%s", r->pre, 9000 + i, r->post);
+            else
+                snprintf(vals[i], sizeof vals[i], "%s", r->pre);
+            argv[argc++] = (char *)r->flag;
+            argv[argc++] = vals[i];
+        }
+        argv[argc] = NULL;
+        struct config *c = tconfig();
+        char err[512] = "";
+        int rc = config_parse(c, argc, argv, fake_getenv, err, sizeof err);
+        if (n == r->max) {
+            if (rc != CONFIG_OK)
+                print_error("%d times: %s\n", n, err);
+            assert_int_equal(rc, CONFIG_OK);
+            int count;
+            memcpy(&count, (const char *)c + r->count, sizeof count);
+            assert_int_equal(count, n + r->extra);
+        } else {
+            assert_int_equal(rc, CONFIG_ERROR);
+            if (!strstr(err, r->err_in)) {
+                print_error("err '%s' lacks '%s'\n", err, r->err_in);
+                fail();
+            }
+        }
+    }
+}
+
+/* ---- config_check_secret: the X-IDENTITY-HEADER secret as read from its file ------------- */
+
+struct secret_row {
+    const char *name;
+    const char *in;
+    size_t n; /* 0: strlen(in) */
+    size_t len, start;
+    const char *why_in; /* NULL: accepted */
+};
+
+#define S255 X250 "sssss"
+
+static const struct secret_row secret_rows[] = {
+    {"plain", "s3cret", 0, 6, 0, NULL},
+    {"trailing newline", "s3cret\n", 0, 6, 0, NULL},
+    {"surrounding blanks", " \t s3cret \r\n", 0, 6, 3, NULL},
+    {"inner space kept", "s3 cret", 0, 7, 0, NULL},
+    {"printable ASCII", "!~\"'\\", 0, 5, 0, NULL},
+    {"255 bytes", S255 "\n", 0, 255, 0, NULL},
+    {"256 bytes", S255 "s", 0, 0, 0, "more than 255 bytes"},
+    {"255 bytes after a blank: the blank counts", " " S255, 0, 0, 0, "more than 255 bytes"},
+    {"empty", "", 0, 0, 0, "is empty"},
+    {"whitespace only", " \n\t\r\n", 0, 0, 0, "is empty"},
+    {"control character",
+     "s3\x01"
+     "cret",
+     0, 0, 0, "cannot be sent in an HTTP header"},
+    {"NUL inside", "s3\0cret", 7, 0, 0, "cannot be sent in an HTTP header"},
+    {"DEL", "s3cret\x7f", 0, 0, 0, "cannot be sent in an HTTP header"},
+    {"UTF-8", "caf\xc3\xa9", 0, 0, 0, "cannot be sent in an HTTP header"},
+};
+
+static void t_secret(void **state)
+{
+    const struct secret_row *r = *state;
+    size_t n = r->n ? r->n : strlen(r->in);
+    size_t start = 99;
+    const char *why = "unset";
+    size_t len = config_check_secret(tcopy(r->in, n), n, &start, &why);
+    if (!r->why_in) {
+        if (why)
+            print_error("refused: %s\n", why);
+        assert_null(why);
+        assert_int_equal(len, r->len);
+        assert_int_equal(start, r->start);
+    } else {
+        assert_int_equal(len, 0);
+        assert_non_null(why);
+        if (!strstr(why, r->why_in)) {
+            print_error("why '%s' lacks '%s'\n", why, r->why_in);
+            fail();
+        }
+    }
+}
+
+/* ---- config_load_identity_header: the file read at start-up ---------------------------------- */
+
+struct ihf_row {
+    const char *name;
+    const char *content; /* NULL: no such file; "/": a directory */
+    const char *secret;  /* NULL: refused */
+    const char *err_in;
+};
+
+static const struct ihf_row ihf_rows[] = {
+    {"secret with a newline", "s3cret-value\n", "s3cret-value", NULL},
+    {"255 bytes", S255, S255, NULL},
+    {"longer than 255 bytes", S255 S255, NULL, "holds more than 255 bytes"},
+    {"empty file", "", NULL, "is empty"},
+    {"control character", "s3cret\x1b[0m", NULL, "cannot be sent in an HTTP header"},
+    {"no such file", NULL, NULL, "cannot read"},
+    {"a directory", "/", NULL, "cannot be read"},
+};
+
+static void path_release(void *p)
+{
+    unlink(p);
+    rmdir(p);
+    free(p);
+}
+
+static void t_ihf(void **state)
+{
+    const struct ihf_row *r = *state;
+    char *path = strdup("/tmp/imdsd-test-config-XXXXXX");
+    assert_non_null(path);
+    if (r->content && strcmp(r->content, "/") == 0) {
+        assert_non_null(mkdtemp(path));
+    } else {
+        int fd = mkstemp(path);
+        assert_true(fd >= 0);
+        size_t n = r->content ? strlen(r->content) : 0;
+        assert_int_equal(write(fd, r->content ? r->content : "", n), (ssize_t)n);
+        close(fd);
+        if (!r->content)
+            unlink(path);
+    }
+    defer(path_release, path);
+    struct config *c = tconfig();
+    c->identity_header_file = strdup(path);
+    char err[512] = "";
+    int rc = config_load_identity_header(c, err, sizeof err);
+    if (r->secret) {
+        if (rc != 0)
+            print_error("%s\n", err);
+        assert_int_equal(rc, 0);
+        assert_int_equal(c->identity_header_len, strlen(r->secret));
+        assert_memory_equal(c->identity_header, r->secret, strlen(r->secret));
+    } else {
+        assert_int_equal(rc, -1);
+        assert_null(c->identity_header);
+        assert_non_null(strstr(err, "--identity-header-file"));
+        assert_non_null(strstr(err, path));
+        if (!strstr(err, r->err_in)) {
+            print_error("err '%s' lacks '%s'\n", err, r->err_in);
+            fail();
+        }
+        if (r->content && strlen(r->content) > 1)
+            assert_null(strstr(err, r->content)); /* the secret is never shown */
+    }
+}
+
 int main(void)
 {
     ADD_ROWS("config_parse_listen", listen_rows, t_listen);
@@ -771,5 +1237,8 @@ int main(void)
     ADD_ROWS("config_parse exit", exit_rows, t_exit);
     add("config_set_authority", "twice on one config", t_auth_twice, NULL);
     ADD_ROWS("config_set_authority", auth_rows, t_auth);
+    ADD_ROWS("config_parse limits", limit_rows, t_limit);
+    ADD_ROWS("config_check_secret", secret_rows, t_secret);
+    ADD_ROWS("config_load_identity_header", ihf_rows, t_ihf);
     return _cmocka_run_group_tests("config", tests, ntests, NULL, NULL);
 }
