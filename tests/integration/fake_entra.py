@@ -5,8 +5,11 @@ POST /<tenant>/oauth2/v2.0/token   checks the client-credentials + jwt-bearer fo
 POST /_control  {"tenant": T, "script": [behaviour, ...], "token_file": PATH, "default": behaviour}
                 (all but tenant optional; "default": null goes back to the name's behaviour)
 POST /_control  {"release": NAME} opens gate NAME (see gate-NAME); {"gated": NAME} -> {"waiting": n}
+POST /_control  {"tenant": T, "chaos": {"p": 0.2, "kinds": [behaviour, ...], "ok": behaviour, "seed": n}}
+                chaos mode for T ("chaos": null ends it), see below
 GET  /_stats    {"calls": {tenant: n}, "accepted": n, "tls_failures": n, "issued": n,
-                 "inflight": {tenant: n}, "max_inflight": {tenant: n}}
+                 "inflight": {tenant: n}, "max_inflight": {tenant: n},
+                 "behaviours": {tenant: {behaviour: n}}}
 
 The behaviour of a token request is the next scripted one for its tenant, else the tenant's
 default: the one set with "default" if any, else the part of the tenant name before the first "."
@@ -16,9 +19,14 @@ most there ever were at once.
 Behaviours: ok[-expN][-refN][-padN], aadsts-<code>, http500, http503, http429, garbage, big, reset,
 truncated, slow-<seconds>, gate-<name>, nojson-token. -padN makes the access token N bytes longer;
 gate-<name> holds the answer until a /_control "release" of that name (60 s at most), then is ok.
-Every token request appends one JSON line to --log.
+Chaos mode (the soak test): a token request of T that no script answers gets, with probability p,
+one of "kinds" picked uniformly, else "ok"; the picks come from random.Random(seed), so a seed
+gives the same sequence of picks (which request gets which pick depends on timing). A slow-N or
+gate-NAME pick then answers as "ok" does (say ok-exp20), not as plain ok.
+Every token request appends one JSON line to --log (with the sha256, jti and iat of the
+client_assertion it presented, and "chaos": true when chaos mode picked its behaviour).
 """
-import argparse, base64, hashlib, json, os, re, socket, ssl, struct, sys, threading, time, uuid
+import argparse, base64, hashlib, json, os, random, re, socket, ssl, struct, sys, threading, time, uuid
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -49,8 +57,10 @@ AADSTS = {
     90055: (429, "temporarily_unavailable", "TenantThrottlingError - There are too many incoming requests."),
 }
 LOCK = threading.Lock()
-STATE = {"calls": {}, "accepted": 0, "tls_failures": 0, "issued": 0, "inflight": {}, "max_inflight": {}}
+STATE = {"calls": {}, "accepted": 0, "tls_failures": 0, "issued": 0, "inflight": {}, "max_inflight": {},
+         "behaviours": {}}
 SCRIPTS, TOKEN_FILES, DEFAULTS = {}, {}, {}
+CHAOS = {}   # tenant -> {"p", "kinds", "ok", "rng"}
 GATES, GATE_WAITING = {}, {}   # name -> threading.Event; name -> requests held at it now
 
 
@@ -185,11 +195,21 @@ class Handler(BaseHTTPRequestHandler):
             if "gated" in req:
                 with LOCK:
                     return self.send(200, {"ok": True, "waiting": GATE_WAITING.get(req["gated"], 0)})
+            chaos = req.get("chaos")
             bad = [b for b in list(req.get("script") or []) + [req.get("default") or "ok"]
+                   + (list(chaos.get("kinds") or []) + [chaos.get("ok") or "ok"] if chaos else [])
                    if not BEHAVIOUR_RE.match(b)]
             if bad:
                 return self.send(400, {"error": "unknown behaviour", "behaviours": bad})
+            if chaos and not (0 <= float(chaos.get("p", 0)) <= 1 and chaos.get("kinds")):
+                return self.send(400, {"error": "chaos needs 0 <= p <= 1 and at least one kind"})
             with LOCK:
+                if chaos:
+                    CHAOS[req["tenant"]] = {"p": float(chaos["p"]), "kinds": list(chaos["kinds"]),
+                                            "ok": chaos.get("ok") or "ok",
+                                            "rng": random.Random(chaos.get("seed"))}
+                elif "chaos" in req:
+                    CHAOS.pop(req["tenant"], None)
                 if "script" in req:
                     SCRIPTS[req["tenant"]] = list(req["script"])
                 if "token_file" in req:
@@ -219,19 +239,31 @@ class Handler(BaseHTTPRequestHandler):
             default = tenant.split(".", 1)[0]
             default = DEFAULTS.get(tenant) or (default if BEHAVIOUR_RE.match(default) else "ok")
             behaviour = queue.pop(0) if queue else default
+            chaos, ok = (None if queue else CHAOS.get(tenant)), "ok"
+            if chaos:
+                ok = chaos["ok"]
+                behaviour = chaos["kinds"][chaos["rng"].randrange(len(chaos["kinds"]))] \
+                    if chaos["rng"].random() < chaos["p"] else ok
+            per = STATE["behaviours"].setdefault(tenant, {})
+            per[behaviour] = per.get(behaviour, 0) + 1
             token_file = TOKEN_FILES.get(tenant, self.server.token_file)
         fields, problems, code, extra = check_form(self.headers, body, tenant, token_file)
+        assertion = jwt_claims(fields.get("client_assertion", ""))
         rec = {"time": time.time(), "tenant": tenant, "client_id": fields.get("client_id"),
                "scope": fields.get("scope"), "grant_type": fields.get("grant_type"),
                "client_assertion_type": fields.get("client_assertion_type"),
                "assertion_sha256": hashlib.sha256(fields.get("client_assertion", "").encode()).hexdigest(),
+               "assertion_jti": assertion.get("jti") if isinstance(assertion, dict) else None,
+               "assertion_iat": assertion.get("iat") if isinstance(assertion, dict) else None,
                "fields": sorted(fields), "form_ok": not problems, "problems": problems,
                "behaviour": behaviour, "conn": self.conn_id, "access_token": None}
+        if chaos:
+            rec["chaos"] = True
         if code is not None:
             reply = self.aadsts(code, tenant=tenant, scope=fields.get("scope"), client_id=fields.get("client_id"),
                                 grant_type=fields.get("grant_type"), **extra)
         else:
-            reply = self.behave(behaviour, tenant, fields, rec)
+            reply = self.behave(behaviour, tenant, fields, rec, ok)
         rec["status"] = "reset" if reply.get("mode") == "reset" else reply["status"]
         with LOCK, open(self.server.log_path, "a") as f:   # logged before the daemon can see the answer
             f.write(json.dumps(rec) + "\n")
@@ -241,13 +273,14 @@ class Handler(BaseHTTPRequestHandler):
             print(f"fake_entra: conn {self.conn_id}: write failed: {e!r}", file=sys.stderr, flush=True)
             self.close_connection = True
 
-    def behave(self, behaviour, tenant, fields, rec):
-        """The reply for a valid form under behaviour; records the issued token in rec."""
+    def behave(self, behaviour, tenant, fields, rec, ok="ok"):
+        """The reply for a valid form under behaviour; records the issued token in rec. A slow-N or
+        gate-NAME behaviour answers as ok does after its wait."""
         resource = fields["scope"][: -len("/.default")]
         claims = jwt_claims(fields["client_assertion"])
         if behaviour.startswith("slow-"):
             time.sleep(float(behaviour[5:]))
-            behaviour = "ok"
+            behaviour = ok
         if behaviour.startswith("gate-"):
             name = behaviour[5:]
             with LOCK:
@@ -255,7 +288,7 @@ class Handler(BaseHTTPRequestHandler):
             gate(name).wait(60)
             with LOCK:
                 GATE_WAITING[name] -= 1
-            behaviour = "ok"
+            behaviour = ok
         if behaviour.startswith("ok"):
             exp = int((re.search(r"-exp(\d+)", behaviour) or [0, 3599])[1])
             with LOCK:
