@@ -119,6 +119,13 @@ build/fuzz/libllhttp.a:
 	    clang $(CPPFLAGS) -g -O1 -fsanitize=fuzzer-no-link,address,undefined -w -c -o $(@D)/llhttp/$$f.o $(LLHTTP_SRC)/$$f.c || exit 1; done
 	$(Q)ar rcs $@ $(@D)/llhttp/*.o
 
+# fuzz_config: config.c and the proxy URL parser it calls; fuzz_proxy: proxy.c and the parser of
+# the proxy's answer to CONNECT (llhttp)
+FUZZ_EXTRA_fuzz_config = daemon/config.c daemon/proxy.c
+build/fuzz/fuzz_config: $(FUZZ_EXTRA_fuzz_config)
+FUZZ_EXTRA_fuzz_proxy = daemon/proxy.c daemon/proxy_answer.c build/fuzz/libllhttp.a
+build/fuzz/fuzz_proxy: $(FUZZ_EXTRA_fuzz_proxy)
+
 fuzz: $(FUZZ_TARGETS)
 
 # Replays each seed corpus, then fuzzes each target for FUZZ_SECONDS (kept short in make check).
@@ -194,7 +201,7 @@ soak: build/imdsd
 # build/cov/fuzz.txt (each fuzz target's corpus alone), then the pure modules' line coverage
 # against COVERAGE_MIN. A report: it fails if a test fails, on a module below COVERAGE_MIN only
 # with COVERAGE_STRICT=1 (make check runs it, not strict).
-COVERAGE_PURE   ?= json form imds entra_msg jwt refresh proxy config
+COVERAGE_PURE   ?= json form imds entra_msg jwt refresh proxy proxy_answer config
 COVERAGE_MIN    ?= 90
 COVERAGE_STRICT ?= 0
 LLVM_PROFDATA   ?= $(shell clang -print-prog-name=llvm-profdata)

@@ -12,6 +12,7 @@
 #include "buf.h"
 #include "log.h"
 #include "proxy.h"
+#include "proxy_answer.h"
 #include "tls.h"
 #include "util.h"
 
@@ -19,17 +20,16 @@
 #define IMDSD_VERSION "0.0.0"
 #endif
 
-#define HTTPS_READ_BUF_SIZE    16384        /* one uv_read's worth of ciphertext */
-#define HTTPS_PLAIN_CHUNK      4096         /* plaintext decrypted per tls_conn_read() */
-#define HTTPS_MAX_REQUEST      (512 * 1024) /* serialized request: head + body */
-#define HTTPS_HEADER_NAME_MAX  32           /* longer response header names are never ours */
-#define HTTPS_RETRY_AFTER_MAX  64           /* Retry-After values are truncated to this */
-#define HTTPS_ERR_MAX          256
-#define HTTPS_LOG_REASON_MAX   320
-#define HTTPS_ADDR_MAX         64
-#define HTTPS_PORT_MAX         65535
-#define HTTPS_PROXY_REASON_MAX 64  /* the proxy's reason phrase is truncated to this */
-#define HTTPS_VIA_MAX          600 /* " proxy=<description>" for log lines */
+#define HTTPS_READ_BUF_SIZE   16384        /* one uv_read's worth of ciphertext */
+#define HTTPS_PLAIN_CHUNK     4096         /* plaintext decrypted per tls_conn_read() */
+#define HTTPS_MAX_REQUEST     (512 * 1024) /* serialized request: head + body */
+#define HTTPS_HEADER_NAME_MAX 32           /* longer response header names are never ours */
+#define HTTPS_RETRY_AFTER_MAX 64           /* Retry-After values are truncated to this */
+#define HTTPS_ERR_MAX         256
+#define HTTPS_LOG_REASON_MAX  320
+#define HTTPS_ADDR_MAX        64
+#define HTTPS_PORT_MAX        65535
+#define HTTPS_VIA_MAX         600 /* " proxy=<description>" for log lines */
 /* target, target, then "Proxy-Authorization: ", its value, "\r\n" (or three empty strings) */
 #define HTTPS_CONNECT_FMT "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s%s%s\r\n"
 
@@ -107,11 +107,8 @@ struct https_conn {
     size_t retry_after_len;
 
     /* The proxy's answer to CONNECT. */
-    llhttp_t tparser;
-    size_t tunnel_bytes;
-    int proxy_status;
-    char proxy_reason[HTTPS_PROXY_REASON_MAX + 1];
-    size_t proxy_reason_len;
+    struct proxy_answer answer;
+    int proxy_status; /* its status when it refused */
 };
 
 struct https_write {
@@ -726,34 +723,6 @@ static void conn_handshake(struct https_conn *conn)
 
 /* ---- the tunnel through the proxy --------------------------------------------------------- */
 
-static int on_tunnel_status(llhttp_t *p, const char *at, size_t len)
-{
-    struct https_conn *conn = p->data;
-    size_t room = HTTPS_PROXY_REASON_MAX - conn->proxy_reason_len;
-    if (len > room)
-        len = room;
-    memcpy(conn->proxy_reason + conn->proxy_reason_len, at, len);
-    conn->proxy_reason_len += len;
-    conn->proxy_reason[conn->proxy_reason_len] = 0;
-    return 0;
-}
-
-static int on_tunnel_headers_complete(llhttp_t *p)
-{
-    struct https_conn *conn = p->data;
-    if (p->status_code < 200) { /* interim 1xx: the real answer follows */
-        conn->proxy_reason_len = 0;
-        conn->proxy_reason[0] = 0;
-        return 1;
-    }
-    return 2; /* no body: stop here with HPE_PAUSED_UPGRADE, the tunnel (if any) begins */
-}
-
-static const llhttp_settings_t https_tunnel_settings = {
-    .on_status = on_tunnel_status,
-    .on_headers_complete = on_tunnel_headers_complete,
-};
-
 /* Starts the TLS handshake with the origin (over the tunnel, if any). early: bytes of the TLS
  * stream that arrived with the proxy's answer. */
 static void conn_start_tls(struct https_conn *conn, const char *early, size_t n)
@@ -781,12 +750,8 @@ static void conn_tunnel_start(struct https_conn *conn)
     const char *auth_name = c->proxy_auth ? "Proxy-Authorization: " : "";
     const char *auth_end = c->proxy_auth ? "\r\n" : "";
     conn->state = CONN_TUNNEL;
-    conn->tunnel_bytes = 0;
     conn->proxy_status = 0;
-    conn->proxy_reason_len = 0;
-    conn->proxy_reason[0] = 0;
-    llhttp_init(&conn->tparser, HTTP_RESPONSE, &https_tunnel_settings);
-    conn->tparser.data = conn;
+    proxy_answer_init(&conn->answer, HTTPS_PROXY_RESPONSE_MAX);
     /* Sized up front and written once, so that no copy of the credentials is left behind by a
      * reallocation; conn_send zeroes the buffer once it is written. */
     int n = snprintf(NULL, 0, HTTPS_CONNECT_FMT, c->connect_target, c->connect_target, auth_name,
@@ -811,37 +776,23 @@ static void conn_tunnel_input(struct https_conn *conn, const char *data, size_t 
     struct https_client *c = conn->c;
     char why[HTTPS_ERR_MAX];
     char q[HTTPS_LOG_REASON_MAX];
-    size_t allowed = HTTPS_PROXY_RESPONSE_MAX - conn->tunnel_bytes;
-    size_t feed = n < allowed ? n : allowed;
+    size_t used;
 
-    conn->tunnel_bytes += feed;
-    llhttp_errno_t e = feed ? llhttp_execute(&conn->tparser, data, feed) : HPE_OK;
-    if (e == HPE_PAUSED_UPGRADE) {
-        int status = conn->tparser.status_code;
-        size_t used = (size_t)(llhttp_get_error_pos(&conn->tparser) - data);
-        if (status < 200 || status > 299) {
-            conn->proxy_status = status;
-            snprintf(why, sizeof why, "proxy answered CONNECT with %d %s", status,
-                     conn->proxy_reason);
-            conn_fail(conn, HTTPS_E_PROXY, "https_proxy_refused", why);
-            return;
-        }
+    switch (proxy_answer_feed(&conn->answer, data, n, &used, why, sizeof why)) {
+    case PROXY_ANSWER_MORE:
+        return;
+    case PROXY_ANSWER_OPEN:
         log_debug("https_tunnel_open", "host=%s port=%s conn=%" PRIu64 "%s status=%d reason=%s",
-                  c->host, c->port, conn->id, c->via, status,
-                  quote(q, sizeof q, conn->proxy_reason));
+                  c->host, c->port, conn->id, c->via, conn->answer.status,
+                  quote(q, sizeof q, conn->answer.reason));
         /* Whatever followed the answer already belongs to the origin's TLS stream. */
         conn_start_tls(conn, data + used, n - used);
         return;
-    }
-    if (e != HPE_OK) {
-        const char *r = llhttp_get_error_reason(&conn->tparser);
-        snprintf(why, sizeof why, "invalid answer to CONNECT: %s: %s", llhttp_errno_name(e),
-                 r ? r : "");
-        conn_fail(conn, HTTPS_E_PROXY, "https_proxy_bad_response", why);
+    case PROXY_ANSWER_REFUSED:
+        conn->proxy_status = conn->answer.status;
+        conn_fail(conn, HTTPS_E_PROXY, "https_proxy_refused", why);
         return;
-    }
-    if (feed < n) {
-        snprintf(why, sizeof why, "answer to CONNECT over %d bytes", HTTPS_PROXY_RESPONSE_MAX);
+    default:
         conn_fail(conn, HTTPS_E_PROXY, "https_proxy_bad_response", why);
     }
 }

@@ -340,13 +340,18 @@ const char *proxy_redact(const char *url, char *out, size_t outlen)
         out[0] = 0;
         return out;
     }
-    /* a scheme only counts before the authority could have ended: "user:pw@host/?u=http://x"
-     * has none, and its password must still be masked */
-    const char *start = strstr(url, "://");
-    if (!start || start > url + strcspn(url, "@/?#"))
-        start = url;
-    else
-        start += 3;
+    /* a scheme only counts as a scheme name ("http", "svc+x") at the start (blanks aside):
+     * "user:pw@host/?u=http://x", "user:p://w@host" and "=p://w@host" have none, and their
+     * passwords must still be masked */
+    const char *start = url, *q = url;
+    while (is_space(*q))
+        q++;
+    if (is_alpha(*q)) {
+        while (is_alpha(*q) || is_digit(*q) || *q == '+' || *q == '-' || *q == '.')
+            q++;
+        if (strncmp(q, "://", 3) == 0)
+            start = q + 3;
+    }
     const char *at = strrchr(start, '@');
     const char *colon = at ? memchr(start, ':', (size_t)(at - start)) : NULL;
     if (!colon)

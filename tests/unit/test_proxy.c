@@ -12,6 +12,7 @@
 #include <mbedtls/base64.h>
 
 #include "proxy.h"
+#include "proxy_answer.h"
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define MAX_TESTS    256
@@ -273,6 +274,10 @@ static const struct redact_row redact_rows[] = {
     {"empty", "", ""},
     {"no scheme, '://' later in the value", "svc:Hunter2pw@proxy.example:3128/?next=http://x",
      "svc:***@proxy.example:3128/?next=http://x"},
+    {"no scheme, '://' inside the password", "user:p://w@proxy:3128", "user:***@proxy:3128"},
+    {"':' before '://'", "a:b://u:pw@proxy", "a:***@proxy"},
+    {"invalid scheme before '://'", "=p://w@proxy:3128", "=p:***@proxy:3128"},
+    {"blanks before the scheme", " http://u:pw@proxy", " http://u:***@proxy"},
     {"control characters kept off the line", "http://u:p@proxy\n:3128", "http://u:***@proxy?:3128"},
 };
 
@@ -394,6 +399,95 @@ static void t_bypass_long_entries(void **state)
     assert_int_equal(proxy_bypass("example.com", NULL, "443"), 0);
 }
 
+/* ---- proxy_answer: the proxy's answer to CONNECT ------------------------------------------ */
+
+#define OK_200 "HTTP/1.1 200 Connection established\r\n\r\n"
+
+struct answer_row {
+    const char *name;
+    const char *in;
+    size_t max;   /* the cap; 0 = 8192 */
+    size_t chunk; /* fed this many bytes at a time; 0 = all at once */
+    int want;     /* the last result */
+    int status;   /* OPEN and REFUSED */
+    const char *reason;
+    size_t tail;     /* OPEN: bytes after the answer that belong to the tunnel */
+    const char *why; /* REFUSED and BAD: the start of why */
+};
+
+static const struct answer_row answer_rows[] = {
+    {"200 in one read", OK_200, 0, 0, PROXY_ANSWER_OPEN, 200, "Connection established", 0, NULL},
+    {"200 a byte at a time", OK_200, 0, 1, PROXY_ANSWER_OPEN, 200, "Connection established", 0,
+     NULL},
+    {"tunnel bytes after the answer", OK_200 "\x16\x03\x01", 0, 0, PROXY_ANSWER_OPEN, 200,
+     "Connection established", 3, NULL},
+    {"headers are skipped", "HTTP/1.1 200 OK\r\nVia: 1.1 squid\r\nContent-Length: 0\r\n\r\n", 0, 7,
+     PROXY_ANSWER_OPEN, 200, "OK", 0, NULL},
+    {"HTTP/1.0", "HTTP/1.0 200 OK\r\n\r\n", 0, 0, PROXY_ANSWER_OPEN, 200, "OK", 0, NULL},
+    {"any 2xx opens", "HTTP/1.1 204 No Content\r\n\r\n", 0, 0, PROXY_ANSWER_OPEN, 204, "No Content",
+     0, NULL},
+    {"interim 100 skipped", "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Tunnel\r\n\r\nTLS", 0, 0,
+     PROXY_ANSWER_OPEN, 200, "Tunnel", 3, NULL},
+    {"interim 100 skipped, in pieces", "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Tunnel\r\n\r\n",
+     0, 5, PROXY_ANSWER_OPEN, 200, "Tunnel", 0, NULL},
+    {"reason truncated",
+     "HTTP/1.1 200 "
+     "0123456789012345678901234567890123456789012345678901234567890123XYZ\r\n\r\n",
+     0, 0, PROXY_ANSWER_OPEN, 200,
+     "0123456789012345678901234567890123456789012345678901234567890123", 0, NULL},
+    {"407 refused",
+     "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n\r\n", 0, 0,
+     PROXY_ANSWER_REFUSED, 407, "Proxy Authentication Required", 0,
+     "proxy answered CONNECT with 407 Proxy Authentication Required"},
+    {"403 refused in pieces", "HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\nnope!", 0, 3,
+     PROXY_ANSWER_REFUSED, 403, "Forbidden", 0, "proxy answered CONNECT with 403 Forbidden"},
+    {"502 refused", "HTTP/1.1 502 Bad Gateway\r\n\r\n", 0, 0, PROXY_ANSWER_REFUSED, 502,
+     "Bad Gateway", 0, "proxy answered CONNECT with 502 Bad Gateway"},
+    {"3xx refused", "HTTP/1.1 301 Moved\r\nLocation: /\r\n\r\n", 0, 0, PROXY_ANSWER_REFUSED, 301,
+     "Moved", 0, "proxy answered CONNECT with 301 Moved"},
+    {"not HTTP", "SSH-2.0-OpenSSH_9.2\r\n", 0, 0, PROXY_ANSWER_BAD, 0, NULL, 0,
+     "invalid answer to CONNECT: HPE_"},
+    {"bad status code", "HTTP/1.1 2x0 OK\r\n\r\n", 0, 0, PROXY_ANSWER_BAD, 0, NULL, 0,
+     "invalid answer to CONNECT: HPE_"},
+    {"incomplete", "HTTP/1.1 200 OK\r\nVia: x\r\n", 0, 0, PROXY_ANSWER_MORE, 0, NULL, 0, NULL},
+    {"nothing yet", "", 0, 0, PROXY_ANSWER_MORE, 0, NULL, 0, NULL},
+    {"over the cap", "HTTP/1.1 200 OK\r\nVia: 1.1 a-very-long-proxy-name.example\r\n\r\n", 32, 0,
+     PROXY_ANSWER_BAD, 0, NULL, 0, "answer to CONNECT over 32 bytes"},
+    {"over the cap in pieces", "HTTP/1.1 200 OK\r\nVia: 1.1 a-very-long-proxy-name.example\r\n\r\n",
+     32, 10, PROXY_ANSWER_BAD, 0, NULL, 0, "answer to CONNECT over 32 bytes"},
+    {"exactly the cap, tunnel bytes after it", "HTTP/1.1 200 OK\r\n\r\nTLS", 19, 0,
+     PROXY_ANSWER_OPEN, 200, "OK", 3, NULL},
+};
+
+static void t_answer(void **state)
+{
+    const struct answer_row *r = *state;
+    struct proxy_answer a;
+    char why[256] = "";
+    size_t n = strlen(r->in), used = 12345, off = 0;
+    int rc = PROXY_ANSWER_MORE;
+    proxy_answer_init(&a, r->max ? r->max : 8192);
+    do {
+        size_t k = r->chunk && n - off > r->chunk ? r->chunk : n - off;
+        rc = proxy_answer_feed(&a, r->in + off, k, &used, why, sizeof why);
+        if (rc == PROXY_ANSWER_OPEN)
+            used += off;
+        off += k;
+    } while (rc == PROXY_ANSWER_MORE && off < n);
+    assert_int_equal(rc, r->want);
+    if (rc == PROXY_ANSWER_OPEN || rc == PROXY_ANSWER_REFUSED) {
+        assert_int_equal(a.status, r->status);
+        assert_string_equal(a.reason, r->reason);
+        assert_int_equal(a.reason_len, strlen(r->reason));
+    }
+    if (rc == PROXY_ANSWER_OPEN) {
+        assert_int_equal(used, n - r->tail);
+        assert_int_equal(off, n); /* every byte fed */
+    }
+    if (r->why && strncmp(why, r->why, strlen(r->why)) != 0)
+        fail_msg("why \"%s\" does not start with \"%s\"", why, r->why);
+}
+
 int main(void)
 {
     ADD_ROWS("proxy_parse ok", good_rows, t_good);
@@ -405,5 +499,6 @@ int main(void)
     add("proxy_redact", "truncation and NULL", t_redact_truncates, NULL);
     ADD_ROWS("proxy_bypass", bypass_rows, t_bypass);
     add("proxy_bypass", "over-long entries and NULL host", t_bypass_long_entries, NULL);
+    ADD_ROWS("proxy_answer", answer_rows, t_answer);
     return _cmocka_run_group_tests("proxy", tests, ntests, NULL, NULL);
 }
