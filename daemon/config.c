@@ -302,28 +302,41 @@ static int valid_tenant(const char *t)
 
 size_t config_check_secret(const char *buf, size_t n, size_t *start, const char **why)
 {
-    size_t s = 0;
+    size_t s = 0, whole = n;
     while (n > 0 && isspace((unsigned char)buf[n - 1]))
         n--;
     while (s < n && isspace((unsigned char)buf[s]))
         s++;
     *start = s;
-    /* n counts leading blanks too: the callers read CONFIG_MAX_SECRET + 2 bytes at most, so a
-     * longer file can never pass as a cut secret */
-    *why = n == s ? "is empty" : n > CONFIG_MAX_SECRET ? "holds more than 255 bytes" : NULL;
+    /* n counts leading blanks too, and a file of CONFIG_SECRET_READ bytes or more is too long
+     * whatever its first bytes hold (blanks, say), so that it never passes as a cut secret */
+    *why = whole >= CONFIG_SECRET_READ ? "holds more than 255 bytes"
+           : n == s                    ? "is empty"
+           : n > CONFIG_MAX_SECRET     ? "holds more than 255 bytes"
+                                       : NULL;
     for (size_t i = s; i < n && !*why; i++)
         if ((unsigned char)buf[i] < 0x20 || (unsigned char)buf[i] >= 0x7f)
             *why = "holds characters that cannot be sent in an HTTP header";
     return *why ? 0 : n - s;
 }
 
+/* err is one line: the values it quotes, from argv or the environment, may hold control
+ * characters */
+static void one_line(char *err, size_t errlen)
+{
+    for (char *p = err; errlen && *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
+}
+
 int config_load_identity_header(struct config *c, char *err, size_t errlen)
 {
-    char buf[CONFIG_MAX_SECRET + 2];
+    char buf[CONFIG_SECRET_READ];
     FILE *f = fopen(c->identity_header_file, "re");
     if (!f) {
         snprintf(err, errlen, "--identity-header-file: cannot read '%s': %s",
                  c->identity_header_file, strerror(errno));
+        one_line(err, errlen);
         return -1;
     }
     size_t n = fread(buf, 1, sizeof buf, f);
@@ -337,6 +350,7 @@ int config_load_identity_header(struct config *c, char *err, size_t errlen)
     if (why) {
         secret_zero(buf, sizeof buf);
         snprintf(err, errlen, "--identity-header-file: '%s' %s", c->identity_header_file, why);
+        one_line(err, errlen);
         return -1;
     }
     c->identity_header = xstrndup(buf + start, len);
@@ -348,6 +362,7 @@ int config_load_identity_header(struct config *c, char *err, size_t errlen)
 #define ERR(...)                                                                                   \
     do {                                                                                           \
         snprintf(err, errlen, __VA_ARGS__);                                                        \
+        one_line(err, errlen);                                                                     \
         return CONFIG_ERROR;                                                                       \
     } while (0)
 
@@ -426,6 +441,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             set(&c->tenant_id, optarg);
             break;
         case OPT_TOKEN_FILE:
+            if (!*optarg) /* a path is never empty (an empty variable counts as not set) */
+                ERR("--token-file: empty path");
             set(&c->token_file, optarg);
             break;
         case OPT_AUTHORITY:
@@ -433,6 +450,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             authority_src = "--authority-host";
             break;
         case OPT_CA_FILE:
+            if (!*optarg) /* a path is never empty (an empty variable counts as not set) */
+                ERR("--ca-file: empty path");
             set(&c->ca_file, optarg);
             break;
         case OPT_ALLOW:
@@ -475,6 +494,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
             c->allowed_hosts[c->nallowed_hosts++] = xstrdup(optarg);
             break;
         case OPT_IDENTITY_HEADER_FILE:
+            if (!*optarg) /* a path is never empty (an empty variable counts as not set) */
+                ERR("--identity-header-file: empty path");
             set(&c->identity_header_file, optarg);
             break;
         case OPT_LOG_LEVEL:
@@ -550,7 +571,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         case ':':
             ERR("%s: missing value", argv[optind - 1]);
         default:
-            if (optopt > 0 && optopt < OPT_LISTEN) /* "-x", perhaps inside "-xy" */
+            if (optopt != 0 && optopt < OPT_LISTEN) /* "-x", perhaps inside "-xy" */
                 ERR("-%c: unknown option (see --help)", optopt);
             ERR("%s: unknown option (see --help)", argv[optind - 1]);
         }

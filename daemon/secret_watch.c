@@ -29,7 +29,7 @@ struct secret_watch {
     ssize_t nread;            /* the read's result, kept across the close */
     int handles;              /* the timer, until closed */
     const char *last_problem; /* logged once until the file is good again */
-    char rbuf[CONFIG_MAX_SECRET + 2];
+    char rbuf[CONFIG_SECRET_READ];
 };
 
 static void start_read(struct secret_watch *sw);

@@ -18,6 +18,8 @@
 #define CONFIG_DEFAULT_LISTEN    "127.0.0.1:8000"
 #define CONFIG_DEFAULT_AUTHORITY "https://login.microsoftonline.com/"
 #define CONFIG_DEFAULT_CA_FILE   "/etc/ssl/certs/ca-certificates.crt"
+/* bytes of the secret's file read, at most: a file this long or longer is refused */
+#define CONFIG_SECRET_READ (CONFIG_MAX_SECRET + 3)
 
 struct config_listen {
     char host[64]; /* numeric IPv4 or IPv6 address, no brackets */
@@ -80,7 +82,8 @@ void config_free(struct config *c);
 int config_load_identity_header(struct config *c, char *err, size_t errlen);
 /* Pure: trims the secret file's n bytes and checks them (not empty, at most CONFIG_MAX_SECRET
  * bytes, sendable in an HTTP header). Returns the trimmed length and sets *start, or 0 with *why
- * set. The start-up read and secret_watch's re-reads both use it. */
+ * set. The start-up read and secret_watch's re-reads both use it, reading at most
+ * CONFIG_SECRET_READ bytes: n == CONFIG_SECRET_READ is a file too long to hold a secret. */
 size_t config_check_secret(const char *buf, size_t n, size_t *start, const char **why);
 /* Parses "ADDR:PORT" / "[v6]:PORT" into l; returns 0 or -1. */
 int config_parse_listen(const char *s, struct config_listen *l);

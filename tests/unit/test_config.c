@@ -470,6 +470,32 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--listen", NULL},
      .rc = CONFIG_ERROR,
      .err_in = {"--listen", NULL}},
+    {.name = "unknown short option inside a cluster: named, not the argument before it",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--tenant-id", TENANT, "-xy", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"-x: unknown option", NULL},
+     .err_out = TENANT},
+    {.name = "control characters in a value: err stays one line",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--client-id", "my\napp\x1b[31m\r", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--client-id", "'my?app?[31m?' is not a GUID"}},
+    {.name = "--token-file empty",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--token-file", "", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--token-file: empty path", NULL}},
+    {.name = "--ca-file empty",
+     .env = {ENV_ALL, "IMDSD_CA_FILE", "/etc/ca.pem", NULL},
+     .argv = {"--ca-file=", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--ca-file: empty path", NULL}},
+    {.name = "--identity-header-file empty",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--identity-header-file", "", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--identity-header-file: empty path", NULL}},
     {.name = "unexpected positional argument",
      .env = {ENV_ALL, NULL},
      .argv = {"surprise", NULL},
@@ -847,6 +873,21 @@ static void t_cfg(void **state)
     assert_int_equal(cp->nallowed, 0);
 }
 
+/* config_parse again after a refused "-xy": nothing of the first argv is left in getopt. */
+static void t_reparse(void **state)
+{
+    (void)state;
+    static const char *const env[] = {ENV_ALL, NULL};
+    char *argv1[] = {(char *)"imdsd", (char *)"-xy", NULL};
+    char *argv2[] = {(char *)"imdsd", (char *)"--log-level", (char *)"debug", NULL};
+    char err[512] = "";
+    fake_env = env;
+    assert_int_equal(config_parse(tconfig(), 2, argv1, fake_getenv, err, sizeof err), CONFIG_ERROR);
+    err[0] = 0;
+    if (config_parse(tconfig(), 3, argv2, fake_getenv, err, sizeof err) != CONFIG_OK)
+        fail_msg("second config_parse: %s", err);
+}
+
 /* --help / --version: CONFIG_EXIT, output on stdout. */
 struct exit_row {
     const char *name;
@@ -1119,6 +1160,9 @@ struct secret_row {
 };
 
 #define S255 X250 "sssss"
+#define B10  "          "
+#define B50  B10 B10 B10 B10 B10
+#define B250 B50 B50 B50 B50 B50
 
 static const struct secret_row secret_rows[] = {
     {"plain", "s3cret", 0, 6, 0, NULL},
@@ -1128,6 +1172,9 @@ static const struct secret_row secret_rows[] = {
     {"printable ASCII", "!~\"'\\", 0, 5, 0, NULL},
     {"255 bytes", S255 "\n", 0, 255, 0, NULL},
     {"256 bytes", S255 "s", 0, 0, 0, "more than 255 bytes"},
+    {"255 bytes and CRLF: one byte less than read", S255 "\r\n", 0, 255, 0, NULL},
+    {"as much as is read: too long, blanks or not", "s3cret" B250 "\n\n", 0, 0, 0,
+     "more than 255 bytes"},
     {"255 bytes after a blank: the blank counts", " " S255, 0, 0, 0, "more than 255 bytes"},
     {"empty", "", 0, 0, 0, "is empty"},
     {"whitespace only", " \n\t\r\n", 0, 0, 0, "is empty"},
@@ -1176,6 +1223,9 @@ static const struct ihf_row ihf_rows[] = {
     {"secret with a newline", "s3cret-value\n", "s3cret-value", NULL},
     {"255 bytes", S255, S255, NULL},
     {"longer than 255 bytes", S255 S255, NULL, "holds more than 255 bytes"},
+    {"255 bytes and CRLF", S255 "\r\n", S255, NULL},
+    {"a secret, blanks, then more: never cut", "s3cret" B250 "\ntail", NULL,
+     "holds more than 255 bytes"},
     {"empty file", "", NULL, "is empty"},
     {"control character", "s3cret\x1b[0m", NULL, "cannot be sent in an HTTP header"},
     {"no such file", NULL, NULL, "cannot read"},
@@ -1235,6 +1285,7 @@ int main(void)
     ADD_ROWS("config_parse_listen", listen_rows, t_listen);
     ADD_ROWS("config_parse", cfg_rows, t_cfg);
     ADD_ROWS("config_parse exit", exit_rows, t_exit);
+    add("config_parse", "again after a refused \"-xy\"", t_reparse, NULL);
     add("config_set_authority", "twice on one config", t_auth_twice, NULL);
     ADD_ROWS("config_set_authority", auth_rows, t_auth);
     ADD_ROWS("config_parse limits", limit_rows, t_limit);
