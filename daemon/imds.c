@@ -38,6 +38,39 @@ enum imds_route imds_route(const char *path, size_t len)
     return ROUTE_NOT_FOUND;
 }
 
+/* Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above U+10FFFF. */
+static int utf8_valid(const char *p, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)p, *end = s + n;
+    while (s < end) {
+        unsigned c = *s++;
+        if (c < 0x80)
+            continue;
+        int more = c >= 0xc2 && c <= 0xdf   ? 1
+                   : c >= 0xe0 && c <= 0xef ? 2
+                   : c >= 0xf0 && c <= 0xf4 ? 3
+                                            : -1;
+        if (more < 0 || end - s < more)
+            return 0;
+        unsigned lo = 0x80, hi = 0xbf; /* the second byte's range */
+        if (c == 0xe0)
+            lo = 0xa0; /* overlong */
+        else if (c == 0xed)
+            hi = 0x9f; /* surrogates */
+        else if (c == 0xf0)
+            lo = 0x90; /* overlong */
+        else if (c == 0xf4)
+            hi = 0x8f; /* above U+10FFFF */
+        if (s[0] < lo || s[0] > hi)
+            return 0;
+        for (int i = 1; i < more; i++)
+            if (s[i] < 0x80 || s[i] > 0xbf)
+                return 0;
+        s += more;
+    }
+    return 1;
+}
+
 static int fail(struct imds_error *err, int status, const char *code, const char *desc)
 {
     err->status = status;
@@ -167,6 +200,8 @@ static int check_query(const struct imds_input *in, const struct imds_identities
         return fail(err, 400, "invalid_request", "Required query variable 'resource' is missing");
     if (res->val_len > IMDS_MAX_RESOURCE)
         return fail(err, 400, "invalid_request", "Query variable 'resource' is too long");
+    if (!utf8_valid(res->val, res->val_len)) /* it is echoed in the JSON body */
+        return fail(err, 400, "invalid_request", "Query variable 'resource' is not valid UTF-8");
     int several;
     const char *selected = imds_select_identity(q, ids, &several);
     out->msi2017 = msi2017_ok && api && strcmp(api->val, "2019-08-01") < 0;

@@ -112,6 +112,7 @@ static const struct imds_identities ids_aliases = {.default_client_id = DEF,
 
 #define MD_MISSING  "Required metadata header not specified"
 #define RES_MISSING "Required query variable 'resource' is missing"
+#define UTF8_BAD    "Query variable 'resource' is not valid UTF-8"
 #define NOT_FOUND   "Identity not found"
 
 struct check_row {
@@ -201,6 +202,20 @@ static const struct check_row check_rows[] = {
     {"ok: plus and %20 in resource", G(API "&resource=a+b%20c"), 0, NULL, NULL, NULL, "a b c", DEF},
     {"ok: resource with UTF-8", G(API "&resource=%E2%9C%93"), 0, NULL, NULL, NULL, "\xE2\x9C\x93",
      DEF},
+    {"ok: resource with a 4-byte character", G(API "&resource=a%F0%9F%94%91"), 0, NULL, NULL, NULL,
+     "a\xF0\x9F\x94\x91", DEF},
+    {"a byte that is not UTF-8", G(API "&resource=a%FFb"), 400, "invalid_request", UTF8_BAD, NULL,
+     NULL, NULL},
+    {"a cut UTF-8 character", G(API "&resource=a%E2%9C"), 400, "invalid_request", UTF8_BAD, NULL,
+     NULL, NULL},
+    {"an overlong '/'", G(API "&resource=a%C0%AF"), 400, "invalid_request", UTF8_BAD, NULL, NULL,
+     NULL},
+    {"an overlong 3-byte form", G(API "&resource=%E0%80%AF"), 400, "invalid_request", UTF8_BAD,
+     NULL, NULL, NULL},
+    {"a surrogate", G(API "&resource=%ED%A0%80"), 400, "invalid_request", UTF8_BAD, NULL, NULL,
+     NULL},
+    {"above U+10FFFF", G(API "&resource=%F4%90%80%80"), 400, "invalid_request", UTF8_BAD, NULL,
+     NULL, NULL},
     {"ok: explicit default", G(OK_Q "&client_id=" DEF), 0, NULL, NULL, NULL,
      "https://management.azure.com/", DEF},
     {"ok: explicit default in upper case", G(OK_Q "&client_id=" DEF_UPPER), 0, NULL, NULL, NULL,
