@@ -41,7 +41,13 @@ EOF
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*')
     ft=$(grep -o 'ft: [0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*')
     corpus=$(find "$work" -type f | wc -l)
-    if [ "$rc" -eq 0 ]; then result=ok; else result="FAIL($rc)"; status=1; fi
+    # 72: libFuzzer stopped by SIGINT (its -interrupted_exitcode), the run cut short, not a find
+    if [ "$rc" -eq 0 ]; then result=ok; elif [ "$rc" -eq 72 ] && grep -q 'run interrupted' "$log"; then
+        result=interrupted
+    else
+        result="FAIL($rc)"
+        status=1
+    fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$rev" "fuzz_$name" "$cpu" \
         "${execs:-0}" "${cov:-0}" "${ft:-0}" "$corpus" "$result" >>"$ledger"
     echo "fuzz_$name: $result, ${cpu} CPU s, ${execs:-0} execs, cov ${cov:-0}"
