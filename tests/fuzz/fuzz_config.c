@@ -35,18 +35,9 @@
 #include "log.h"
 #include "proxy.h"
 
+#include "fuzz_check.h"
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-/* the checks themselves are not what is fuzzed: no coverage feedback from them (and faster) */
-#define NOCOV __attribute__((no_sanitize("coverage")))
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "fuzz_config: %s:%d: %s\n", __FILE__, __LINE__, #cond);                \
-            __builtin_trap();                                                                      \
-        }                                                                                          \
-    } while (0)
 
 #define MAX_ARGS   32
 #define MAX_ENV    64

@@ -28,20 +28,11 @@
 #include "json.h"
 #include "token.h"
 
+#include "fuzz_check.h"
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "fuzz_json_writer: %s:%d: %s\n", __FILE__, __LINE__, #cond);           \
-            __builtin_trap();                                                                      \
-        }                                                                                          \
-    } while (0)
-
 #define MAX_MEMBERS 8
-
-/* the checks themselves are not what is fuzzed: no coverage feedback from them (and faster) */
-#define NOCOV __attribute__((no_sanitize("coverage")))
 
 /* ---- a strict RFC 8259 reader, independent of json.c ------------------------------------- */
 

@@ -27,18 +27,9 @@
 #include "proxy.h"
 #include "proxy_answer.h"
 
+#include "fuzz_check.h"
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-/* the checks themselves are not what is fuzzed: no coverage feedback from them (and faster) */
-#define NOCOV __attribute__((no_sanitize("coverage")))
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "fuzz_proxy: %s:%d: %s\n", __FILE__, __LINE__, #cond);                 \
-            __builtin_trap();                                                                      \
-        }                                                                                          \
-    } while (0)
 
 #define FIELD_MAX 4096
 

@@ -24,6 +24,26 @@ def rss_kib(pid):
         return int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
 
 
+def keep_alive_flood(port, n):
+    """An application that leaks keep-alive connections: n of them, one request each, never closed."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        socks.append(s)
+    return socks
+
+
+def half_sent_flood(port, n):
+    """A burst of n requests whose headers never finish."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        socks.append(s)
+    return socks
+
+
 def sdk_gets_token_fast(ctx, d, env, scopes):
     times = []
     for scope in scopes:
@@ -42,23 +62,16 @@ def test_keep_alive_leak_and_half_sent_burst(ctx):
     measure = not harness.VALGRIND and not harness.LABEL   # ASan keeps freed memory in quarantine
     base = rss_kib(d.pid) if measure else 0
     # 1. a leaking client: FLOOD keep-alive connections, one request each, never closed
-    leaked = []
-    for _ in range(FLOOD):
-        s = socket.create_connection(("127.0.0.1", d.port))
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    leaked = keep_alive_flood(d.port, FLOOD)
+    for s in leaked:
         s.settimeout(5 * ctx.scale)
         s.recv(4096)
-        leaked.append(s)
     sdk_gets_token_fast(ctx, d, env, [ARM, "https://vault.azure.net/.default", "https://graph.microsoft.com/.default"])
     peak = rss_kib(d.pid) if measure else 0
     for s in leaked:
         s.close()
     # 2. a burst of half-sent requests (headers never finished)
-    half = []
-    for _ in range(FLOOD):
-        s = socket.create_connection(("127.0.0.1", d.port))
-        s.sendall(b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        half.append(s)
+    half = half_sent_flood(d.port, FLOOD)
     time.sleep(0.2 * ctx.scale)
     sdk_gets_token_fast(ctx, d, env, ["https://storage.azure.com/.default", ARM])
     # the header deadline closes what is left of the burst
@@ -103,10 +116,7 @@ def test_default_limit_1100_connections(ctx):
     n = 1100
     socks = []
     try:
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", d.port))
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            socks.append(s)
+        socks = keep_alive_flood(d.port, n)
         for s in socks[-50:]:
             s.settimeout(5 * ctx.scale)
             s.recv(4096)  # the last ones were admitted and answered
@@ -114,11 +124,7 @@ def test_default_limit_1100_connections(ctx):
         peak_idle = rss_kib(d.pid) if measure else 0
         for s in socks:
             s.close()
-        socks = []
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", d.port))
-            s.sendall(b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            socks.append(s)
+        socks = half_sent_flood(d.port, n)
         time.sleep(0.2 * ctx.scale)
         t_half = sdk_gets_token_fast(ctx, d, env, ["https://storage.azure.com/.default", ARM])
         peak_half = rss_kib(d.pid) if measure else 0
