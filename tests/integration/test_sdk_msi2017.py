@@ -68,7 +68,9 @@ def test_msi2017_default_and_user_assigned(ctx):
         check_tokens(ctx, d.tenant, res, CLIENT_ID)
         for e, r in zip(check_wire(cap), res):   # the client turned the date into the same instant
             got = r["expires_on"] if lang == "py" else r["expiresOnTimestamp"] // 1000
-            assert got == expiry_of(e), (lang, got, e.response.json["expires_on"])
+            # msal-node may count the instant from expires_in on its own clock: a second either way
+            slack = 0 if lang == "py" else 1
+            assert abs(got - expiry_of(e)) <= slack, (lang, got, e.response.json["expires_on"])
             assert (lang == "js") == (e.header("Metadata") is not None), e.raw_request()
         cap = sdk.Capture(ctx, d.port)
         opts = {"client_id": OTHER_ID} if lang == "py" else {"clientId": OTHER_ID}
