@@ -36,13 +36,36 @@ static uv_loop_t loop;
 
 /* ---- stand-ins: Entra, the token file, the identity-header file ---------------------------- */
 
+/* A stand-in answers from the loop on its next turn, like the real ones, and a cancel drops the
+ * answer: the timer is closed, so it never touches a request its owner has freed. */
+static void free_handle(uv_handle_t *h)
+{
+    free(h);
+}
+
+static void later(uv_timer_cb cb, void *req)
+{
+    uv_timer_t *t = malloc(sizeof *t);
+    uv_timer_init(&loop, t);
+    t->data = req;
+    uv_timer_start(t, cb, 0, 0);
+}
+
+static void drop_if_for(uv_handle_t *h, void *req)
+{
+    if (h->type == UV_TIMER && h->data == req && !uv_is_closing(h))
+        uv_close(h, free_handle);
+}
+
+static void cancel_later(void *req)
+{
+    uv_walk(&loop, drop_if_for, req);
+}
+
 static void on_entra_timer(uv_timer_t *t)
 {
     struct entra_fetch *f = t->data;
-    uv_close((uv_handle_t *)t, (uv_close_cb)free);
-    if (!f->active)
-        return;
-    f->active = 0;
+    uv_close((uv_handle_t *)t, free_handle);
     struct entra_result r;
     if (flags & 0x10) {
         static const char body[] =
@@ -65,17 +88,13 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, c
     (void)e, (void)assertion, (void)assertion_len;
     f->client_id = client_id;
     f->resource = resource;
-    f->active = 1;
-    uv_timer_t *t = malloc(sizeof *t);
-    uv_timer_init(&loop, t);
-    t->data = f;
-    uv_timer_start(t, on_entra_timer, 0, 0);
+    later(on_entra_timer, f);
     return 0;
 }
 
 void entra_cancel(struct entra_fetch *f)
 {
-    f->active = 0; /* the timer still runs and frees itself */
+    cancel_later(f);
 }
 
 static void status_of(struct token_file_status *st)
@@ -96,10 +115,7 @@ void token_file_status(struct token_file *tf, int64_t now, struct token_file_sta
 static void on_file_timer(uv_timer_t *t)
 {
     struct token_file_waiter *w = t->data;
-    uv_close((uv_handle_t *)t, (uv_close_cb)free);
-    if (!w->linked)
-        return;
-    w->linked = 0;
+    uv_close((uv_handle_t *)t, free_handle);
     struct token_file_status st;
     status_of(&st);
     w->cb(w->arg, &st, st.state == TOKEN_OK ? "a.b.c.d" : NULL, st.state == TOKEN_OK ? 7 : 0);
@@ -108,16 +124,12 @@ static void on_file_timer(uv_timer_t *t)
 void token_file_get(struct token_file *tf, struct token_file_waiter *w)
 {
     w->tf = tf;
-    w->linked = 1;
-    uv_timer_t *t = malloc(sizeof *t);
-    uv_timer_init(&loop, t);
-    t->data = w;
-    uv_timer_start(t, on_file_timer, 0, 0);
+    later(on_file_timer, w);
 }
 
 void token_file_cancel(struct token_file_waiter *w)
 {
-    w->linked = 0;
+    cancel_later(w);
 }
 
 int secret_watch_get(const struct secret_watch *sw, int64_t now_ms, struct imds_secret out[2])
