@@ -799,12 +799,11 @@ static void watch_arrival(struct http_conn *c)
 {
     if (c->bare || c->state != CONN_READING || !c->arriving)
         return;
-    uint64_t due = c->request_start + c->server->opts.header_timeout_ms;
-    if (uv_timer_get_due_in(&c->timer) + uv_now(c->server->loop) > due) {
-        uint64_t now = uv_now(c->server->loop);
+    uint64_t now = uv_now(c->server->loop),
+             due = c->request_start + c->server->opts.header_timeout_ms;
+    if (now + uv_timer_get_due_in(&c->timer) > due)
         uv_timer_start(&c->timer, on_timeout, due > now ? due - now : 0,
                        c->server->opts.idle_timeout_ms);
-    }
 }
 
 static void conn_free(struct http_conn *c)

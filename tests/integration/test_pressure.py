@@ -24,24 +24,24 @@ def rss_kib(pid):
         return int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
 
 
-def keep_alive_flood(port, n):
-    """An application that leaks keep-alive connections: n of them, one request each, never closed."""
+def flood(port, n, request):
+    """n connections that each send request (one byte string) and are kept open."""
     socks = []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        s.sendall(request)
         socks.append(s)
     return socks
+
+
+def keep_alive_flood(port, n):
+    """An application that leaks keep-alive connections: n of them, one request each, never closed."""
+    return flood(port, n, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 
 
 def half_sent_flood(port, n):
     """A burst of n requests whose headers never finish."""
-    socks = []
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        socks.append(s)
-    return socks
+    return flood(port, n, b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: 127.0.0.1\r\n")
 
 
 def sdk_gets_token_fast(ctx, d, env, scopes):
