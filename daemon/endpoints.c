@@ -50,8 +50,10 @@ static void send_error(struct http_conn *c, const struct imds_error *err, int ap
     struct buf *b = http_conn_scratch(c);
     char hdr[48] = "";
     /* 4xx are the clients' business (SDK probes send no Metadata header on purpose) */
-    if (err->status >= 500)
-        log_info("request_failed", "status=%d error=%s", err->status, err->error);
+    static uint64_t failed; /* one loop: every 5xx answered, for the log's sampling */
+    if (err->status >= 500 && log_sampled(&failed))
+        log_info("request_failed", "status=%d error=%s failed_total=%llu", err->status, err->error,
+                 (unsigned long long)failed);
     else
         log_debug("request_rejected", "status=%d error=%s", err->status, err->error);
     buf_reset(b);
@@ -221,7 +223,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
              : req->is_post ? imds_check_cloudshell_request(&in, &ep->ids, &q, &tr, &err)
                             : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
     if (rc < 0) {
-        if (err.status == 403 && (ep->refused_hosts++ % 1000) == 0) {
+        if (err.status == 403 && log_sampled(&ep->refused_hosts)) {
             char host[80];
             log_quote(host, sizeof host, req->host, req->host_len);
             log_warn("request_host_refused", "host=%s refused_total=%llu", host,
@@ -234,7 +236,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
                                ep->cfg->nallowed_resources)) {
         /* least privilege: what real IMDS answers for a resource it will not issue, before any
          * exchange (an application tricked into fetching URLs gets nothing more) */
-        if ((metrics.resources_refused++ % 1000) == 0) {
+        if (log_sampled(&metrics.resources_refused)) {
             char res[160];
             log_warn("resource_refused", "client_id=%s resource=%s refused_total=%llu",
                      tr.client_id, log_quote(res, sizeof res, tr.resource, tr.resource_len),

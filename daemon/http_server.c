@@ -903,7 +903,7 @@ static int make_room(struct http_server *s)
     if (!v)
         return -1;
     metrics.connections_evicted++;
-    if ((s->evicted++ % 1000) == 0)
+    if (log_sampled(&s->evicted))
         log_warn("http_connection_evicted", "max_connections=%u state=%s evicted_total=%llu",
                  s->opts.max_connections, idle ? "idle" : "arriving",
                  (unsigned long long)s->evicted);
@@ -916,7 +916,7 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
     if (s->nconns >= s->opts.max_connections && make_room(s) < 0) {
         close(fd);
         metrics.connections_refused++;
-        if ((s->rejected++ % 1000) == 0)
+        if (log_sampled(&s->rejected))
             log_warn("http_connection_limit", "max_connections=%u rejected_total=%llu",
                      s->opts.max_connections, (unsigned long long)s->rejected);
         return;
@@ -989,7 +989,7 @@ static void on_listen_ready(uv_poll_t *p, int status, int events)
     int err = errno;
     if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ECONNABORTED)
         return;
-    if ((s->accept_failed++ % 1000) == 0)
+    if (log_sampled(&s->accept_failed))
         log_warn("http_accept_failed", "error=\"%s\" failed_total=%llu", strerror(err),
                  (unsigned long long)s->accept_failed);
     if (err == EMFILE || err == ENFILE)

@@ -4,6 +4,7 @@
 #define IMDSD_LOG_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_OFF };
 
@@ -30,6 +31,15 @@ void log_msg(enum log_level level, const char *event, const char *fmt, ...)
 #define log_info(ev, ...)  log_msg(LOG_INFO, ev, __VA_ARGS__)
 #define log_warn(ev, ...)  log_msg(LOG_WARN, ev, __VA_ARGS__)
 #define log_error(ev, ...) log_msg(LOG_ERROR, ev, __VA_ARGS__)
+
+/* For an event that a client can cause at will (a refused request, a failed challenge, an evicted
+ * connection): counts it in *count and says whether to log it, the first and then one in
+ * LOG_SAMPLE_EVERY, so that a flood costs a few lines. The line should carry the count. */
+#define LOG_SAMPLE_EVERY 1000
+static inline int log_sampled(uint64_t *count)
+{
+    return (*count)++ % LOG_SAMPLE_EVERY == 0;
+}
 
 /* Why imdsd cannot start, after the configuration was read: "imdsd: TEXT" on stderr, or with
  * --log-format json an event=fatal line with error=TEXT. */
