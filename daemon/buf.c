@@ -24,6 +24,8 @@ static int reserve(struct buf *b, size_t extra)
     size_t cap = b->cap ? b->cap : 256;
     while (cap < need)
         cap *= 2;
+    if (b->max < (size_t)-1 && cap > b->max + 1)
+        cap = b->max + 1; /* never more than the cap can use (need is no more than that) */
     /* not realloc: it would leave the old copy in freed memory, and buffers hold secrets */
     char *data = xmalloc(cap);
     if (b->data) {

@@ -52,6 +52,8 @@ static const char USAGE[] =
     "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
     "  --log-format FORMAT     logfmt (default) or json         [IMDSD_LOG_FORMAT]\n"
     "  --max-connections N     concurrent client connections (default 1024)\n"
+    "  --max-health-connections N\n"
+    "                          the same for --health-listen, a pool of its own (default 64)\n"
     "  --idle-timeout SEC      close connections without a complete request (default 60)\n"
     "  --header-timeout SEC    a request must arrive whole within this (default 10)\n"
 
@@ -84,6 +86,7 @@ enum {
     OPT_LOG_LEVEL,
     OPT_LOG_FORMAT,
     OPT_MAX_CONN,
+    OPT_MAX_HEALTH_CONN,
     OPT_IDLE,
     OPT_HEADER_TIMEOUT,
     OPT_ENTRA_TIMEOUT,
@@ -113,6 +116,7 @@ static const struct option options[] = {
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"log-format", required_argument, NULL, OPT_LOG_FORMAT},
     {"max-connections", required_argument, NULL, OPT_MAX_CONN},
+    {"max-health-connections", required_argument, NULL, OPT_MAX_HEALTH_CONN},
     {"idle-timeout", required_argument, NULL, OPT_IDLE},
     {"header-timeout", required_argument, NULL, OPT_HEADER_TIMEOUT},
     {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
@@ -395,6 +399,7 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     memset(c, 0, sizeof *c);
     c->log_level = LOG_INFO;
     c->max_connections = 1024;
+    c->max_health_connections = 64;
     c->idle_timeout_s = 60;
     c->header_timeout_s = 10;
     c->entra_timeout_s = 15;
@@ -511,6 +516,10 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         case OPT_MAX_CONN:
             if (parse_uint(optarg, 1, 65536, &c->max_connections) < 0)
                 ERR("--max-connections: invalid value '%s' (1 to 65536)", optarg);
+            break;
+        case OPT_MAX_HEALTH_CONN:
+            if (parse_uint(optarg, 1, 65536, &c->max_health_connections) < 0)
+                ERR("--max-health-connections: invalid value '%s' (1 to 65536)", optarg);
             break;
         case OPT_HEADER_TIMEOUT:
             if (parse_uint(optarg, 1, 3600, &c->header_timeout_s) < 0)

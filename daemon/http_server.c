@@ -45,7 +45,11 @@ struct http_conn {
     int tag;                /* the listener's */
     uint64_t last_active;   /* loop time of the last response, or of the accept */
     uint64_t request_start; /* loop time of a request's first byte, while it is arriving */
+    uint64_t handle_start;  /* loop time the handler got the request (CONN_HANDLING) */
+    uint64_t stall_start;   /* loop time an answer was queued that the socket did not take */
     int arriving;           /* part of a request is in: on_message_begin ran, not complete */
+    unsigned pool;          /* the listener tag's connection pool */
+    size_t held;            /* storage of url, body, pending and out, counted in server->held */
     uv_write_t wreq;
     struct http_server *server;
     struct http_conn *prev, *next;
@@ -87,8 +91,7 @@ struct http_conn {
     void *abort_arg;
     /* bytes received while a request is being handled (pipelining) */
     struct buf pending;
-    struct buf out;
-    struct buf scratch;
+    struct buf out; /* the part of an answer the socket did not take at once */
 };
 
 struct http_listener {
@@ -107,12 +110,20 @@ struct http_server {
     struct http_listener *listeners;
     struct http_conn *conns;
     unsigned nconns;
+    unsigned pool_conns[HTTP_POOLS];
+    size_t held, budget; /* bytes kept for clients (see http_server_opts.buffer_budget) */
+    /* one buffer for every body rendered: a handler renders and answers in one go (respond copies
+     * what the socket does not take), so no connection needs one of its own */
+    struct buf scratch;
     unsigned open_handles; /* listeners + connections not yet closed */
     int freeing;
     llhttp_settings_t settings;
     uint64_t rejected;
     uint64_t evicted;
+    uint64_t shed; /* closed to stay within the buffer budget */
     uint64_t accept_failed;
+    uv_timer_t accept_pause; /* out of descriptors: listeners rest, see on_listen_ready */
+    int paused;
     /* connections allocated (closed ones too, until their handles have closed), the most of them
      * since memory was last given back, and whether a flood is ebbing */
     unsigned live, high;
@@ -137,6 +148,100 @@ static void respond(struct http_conn *c, int status, const char *content_type,
                     const char *extra_headers, const char *body, size_t len);
 static void on_drained(uv_timer_t *t);
 static void maybe_free_server(struct http_server *s);
+static void update_reading(struct http_conn *c);
+
+/* ---- what connections keep for their clients --------------------------------------------- */
+
+/* Re-counts the storage of c's buffers into the server's total (after they may have changed). */
+static void account(struct http_conn *c)
+{
+    size_t held = c->url.cap + c->body.cap + c->pending.cap + c->out.cap;
+    c->server->held = c->server->held - c->held + held;
+    c->held = held;
+}
+
+/* Gives back what c keeps for its client (c is closing, or its request is over). */
+static void release_buffers(struct http_conn *c)
+{
+    buf_free(&c->url);
+    buf_free(&c->body);
+    buf_free(&c->pending);
+    buf_free(&c->out);
+    account(c);
+}
+
+/* The connection, other than keep, whose kept bytes have waited longest: an answer its client
+ * has not taken in (the oldest stall first), else a request still arriving (the oldest first).
+ * Input pipelined behind a request being answered is not taken: the client is waiting for that
+ * answer, and the bytes are bounded by reading no more while the budget is spent (on_alloc). */
+static struct http_conn *stalest(struct http_server *s, const struct http_conn *keep)
+{
+    struct http_conn *best = NULL;
+    int best_rank = 0;
+    uint64_t best_t = 0;
+    for (struct http_conn *c = s->conns; c; c = c->next) {
+        int rank;
+        uint64_t t;
+        if (c == keep || c->in_drive || !c->held)
+            continue;
+        if (c->state == CONN_WRITING)
+            rank = 2, t = c->stall_start;
+        else if (c->state == CONN_READING && c->arriving)
+            rank = 1, t = c->request_start;
+        else
+            continue;
+        if (rank > best_rank || (rank == best_rank && t <= best_t))
+            best = c, best_rank = rank, best_t = t;
+    }
+    return best;
+}
+
+/* Keeps server->held within the budget by closing the stalest holders other than c. Returns -1
+ * when that is not enough: c must then give up what it holds. */
+static int within_budget(struct http_conn *c)
+{
+    struct http_server *s = c->server;
+    while (s->held > s->budget) {
+        struct http_conn *v = stalest(s, c);
+        if (!v)
+            return -1;
+        metrics.connections_shed++;
+        if (log_sampled(&s->shed))
+            log_warn("http_buffer_budget", "budget_bytes=%zu closed=%s shed_total=%llu", s->budget,
+                     v->state == CONN_WRITING ? "stalled_answer" : "arriving",
+                     (unsigned long long)s->shed);
+        conn_close(v); /* gives its buffers back at once */
+    }
+    return 0;
+}
+
+/* After c's parser or its pipelined input took more storage: within the budget, or c gives up
+ * what it cannot keep. A request still arriving cannot be kept: c closes. Pipelined requests
+ * behind a complete one are dropped and c closes after answering it, with Connection: close: a
+ * client retries what a closed connection did not answer (RFC 9112, section 9.3.2). Returns -1
+ * when c closed. */
+static int keep_within_budget(struct http_conn *c)
+{
+    account(c);
+    if (within_budget(c) == 0)
+        return 0;
+    metrics.connections_shed++;
+    if (log_sampled(&c->server->shed))
+        log_warn("http_buffer_budget", "budget_bytes=%zu closed=%s shed_total=%llu",
+                 c->server->budget, c->arriving ? "arriving" : "pipelined",
+                 (unsigned long long)c->server->shed);
+    if (c->arriving) {
+        conn_close(c);
+        return -1;
+    }
+    if (!c->pending.len)
+        return 0; /* nothing of c's to give up: the budget is held by requests being answered */
+    buf_free(&c->pending);
+    account(c);
+    c->close_after_write = 1;
+    update_reading(c);
+    return 0;
+}
 
 /* ---- response writing -------------------------------------------------------------------- */
 
@@ -215,10 +320,13 @@ static int conn_attach(struct http_conn *c)
 }
 
 /* Reads while the client may still send and there is room to keep what it sends: a client
- * pipelining faster than its requests are answered waits in its socket. */
+ * pipelining faster than its requests are answered waits in its socket. Nothing is read while an
+ * answer waits for the client to take it in: what it sends meanwhile stays in its socket, so a
+ * client that never reads costs its answer and no more. */
 static void update_reading(struct http_conn *c)
 {
-    int want = !c->peer_eof && c->pending.len < HTTP_MAX_PENDING;
+    int want = !c->peer_eof && !c->close_after_write && c->state != CONN_WRITING &&
+               c->pending.len < HTTP_MAX_PENDING;
     if (c->bare || c->state == CONN_CLOSING || want == c->reading)
         return;
     if (!want)
@@ -238,7 +346,10 @@ static void on_write(uv_write_t *w, int status)
         conn_close(c);
         return;
     }
-    buf_reset(&c->out);
+    if (c->out.cap) {
+        buf_free(&c->out); /* an answer the socket took in more than one go: rare, give it back */
+        account(c);
+    }
     c->state = CONN_READING;
     c->last_active = uv_now(c->server->loop);
     llhttp_resume(&c->parser);
@@ -295,6 +406,13 @@ static void respond(struct http_conn *c, int status, const char *content_type,
     c->abort_cb = NULL;
     c->state = CONN_WRITING;
     metrics_request(c->endpoint, status);
+    /* the request is over: a long URL or a body is not kept for a connection's next request */
+    if (c->url.cap > 1024 || c->body.cap) {
+        if (c->url.cap > 1024)
+            buf_free(&c->url);
+        buf_free(&c->body);
+        account(c);
+    }
     /* a client that never reads its response is dropped like an idle one */
     c->last_active = uv_now(c->server->loop);
     if (c->server->draining)
@@ -356,9 +474,16 @@ static void respond(struct http_conn *c, int status, const char *content_type,
         return;
     }
     set_nodelay(c);
+    c->stall_start = uv_now(c->server->loop);
     uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
-    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0)
+    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0) {
         conn_close(c);
+        return;
+    }
+    update_reading(c);
+    account(c);
+    if (within_budget(c) < 0)
+        conn_close(c); /* no other holder to close: this answer is the one that does not fit */
 }
 
 void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg)
@@ -369,7 +494,7 @@ void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg)
 
 struct buf *http_conn_scratch(struct http_conn *c)
 {
-    return &c->scratch;
+    return &c->server->scratch;
 }
 
 void http_conn_count_as(struct http_conn *c, unsigned endpoint)
@@ -387,6 +512,11 @@ unsigned http_server_connections(const struct http_server *s)
     return s->nconns;
 }
 
+size_t http_server_buffered(const struct http_server *s)
+{
+    return s->held;
+}
+
 /* Answers a request that never reached the handler (parse error, cap) and closes. */
 static void reject(struct http_conn *c, int status, const char *desc)
 {
@@ -394,9 +524,10 @@ static void reject(struct http_conn *c, int status, const char *desc)
     log_info("http_reject", "status=%d reason=\"%s\"", status, desc);
     c->state = CONN_HANDLING;
     c->close_after_write = 1;
-    buf_reset(&c->scratch);
-    imds_render_error(&c->scratch, &e);
-    http_conn_respond(c, status, NULL, c->scratch.data, c->scratch.len);
+    struct buf *b = http_conn_scratch(c);
+    buf_reset(b);
+    imds_render_error(b, &e);
+    http_conn_respond(c, status, NULL, b->data, b->len);
 }
 
 /* ---- llhttp callbacks -------------------------------------------------------------------- */
@@ -650,7 +781,7 @@ static void dispatch(struct http_conn *c)
         return;
     }
     c->state = CONN_HANDLING;
-    buf_reset(&c->scratch);
+    c->handle_start = uv_now(c->server->loop);
     c->server->handler(c, &c->req, c->server->arg);
 }
 
@@ -705,10 +836,16 @@ static void drive(struct http_conn *c)
     while (c->state == CONN_READING && c->pending.len) {
         int complete;
         buf_consume(&c->pending, feed(c, c->pending.data, c->pending.len, &complete));
+        if (c->state == CONN_READING && keep_within_budget(c) < 0)
+            break; /* closed */
         if (complete)
             dispatch(c);
     }
     c->in_drive = 0;
+    if (!c->pending.len && c->pending.cap && c->state != CONN_CLOSING) {
+        buf_free(&c->pending); /* pipelining is rare: give the storage back */
+        account(c);
+    }
     if (c->state == CONN_READING && c->peer_eof)
         conn_close(c); /* every complete request the client sent is answered */
 }
@@ -723,6 +860,8 @@ static void parse_direct(struct http_conn *c, const char *data, size_t len)
         conn_close(c);
         return;
     }
+    if (c->state == CONN_READING && keep_within_budget(c) < 0)
+        return;
     if (complete)
         dispatch(c); /* a synchronous response goes on to the kept rest through drive() */
 }
@@ -733,7 +872,15 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
 {
     (void)suggested;
     struct http_conn *c = h->data;
+    struct http_server *s = c->server;
     size_t room = HTTP_MAX_PENDING - c->pending.len;
+    /* what goes to pending (behind a request being answered) also waits for the budget: with
+     * none left, reading stops (UV_ENOBUFS) until the request is answered (on_write) */
+    if (c->state != CONN_READING || c->pending.len) {
+        size_t left = s->held < s->budget ? s->budget - s->held : 0;
+        if (left < room)
+            room = left;
+    }
     *b = uv_buf_init(read_buf, (unsigned)(room < sizeof read_buf ? room : sizeof read_buf));
 }
 
@@ -760,9 +907,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         return;
     if (c->state == CONN_READING && !c->pending.len && !c->in_drive)
         parse_direct(c, b->base, (size_t)nread);
-    else if (buf_append(&c->pending, b->base, (size_t)nread) == 0) /* fits: see on_alloc */
+    else if (buf_append(&c->pending, b->base, (size_t)nread) == 0) { /* fits: see on_alloc */
+        account(c);
         drive(c);
+    }
     update_reading(c);
+    watch_arrival(c); /* every request has the header deadline, not only a connection's first */
 }
 
 /* The idle timer is not touched per request (timer heap operations showed in profiles): it
@@ -812,11 +962,7 @@ static void conn_free(struct http_conn *c)
     secret_zero(c->idval, sizeof c->idval);
     secret_zero(c->secval, sizeof c->secval);
     secret_zero(c->authval, sizeof c->authval);
-    buf_free(&c->url);
-    buf_free(&c->pending);
-    buf_free(&c->out);
-    buf_free(&c->scratch);
-    buf_free(&c->body);
+    release_buffers(c); /* done by conn_close; a bare connection's too */
     free(c);
     s->open_handles--;
     /* As a flood (hundreds of connections) ebbs, give the heap's free pages back to the system
@@ -857,6 +1003,8 @@ static void conn_close(struct http_conn *c)
     if (c->next)
         c->next->prev = c->prev;
     s->nconns--;
+    s->pool_conns[c->pool]--;
+    release_buffers(c); /* at once: the budget counts on it (a canceled write does not read out) */
     if (c->bare) {
         close(c->fd); /* serve_accepted frees c once it is off the stack */
     } else {
@@ -868,63 +1016,131 @@ static void conn_close(struct http_conn *c)
 }
 
 /* Out of descriptors: the pending connection would wake the loop forever. Give back the spare
- * descriptor, accept the connection with it and close it, then take the spare again. */
-static void drop_one(struct http_server *s, int lfd)
+ * descriptor, accept the connection with it and close it (its client learns at once), then take
+ * the spare again. A thread-pool open can take the descriptor in between, and the spare is then
+ * lost: returns -1 when no connection could be dropped, and the listeners rest instead. */
+static int drop_one(struct http_server *s, int lfd)
 {
-    if (s->reserve_fd < 0)
-        return;
-    close(s->reserve_fd);
-    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd >= 0) {
-        close(fd);
-        metrics.connections_refused++;
-    }
-    s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-}
-
-/* At --max-connections, room for a new connection: the longest-idle keep-alive connection
- * goes first (nginx frees idle keep-alive connections the same way), else the request that has
- * been arriving longest. A connection whose request is being answered is never taken. */
-static int make_room(struct http_server *s)
-{
-    struct http_conn *idle = NULL, *arriving = NULL;
-    /* the list runs from the newest connection to the oldest: on a tie, the older one goes */
-    for (struct http_conn *c = s->conns; c; c = c->next) {
-        if (c->state != CONN_READING || c->in_drive)
-            continue;
-        if (!c->arriving && !c->pending.len) {
-            if (!idle || c->last_active <= idle->last_active)
-                idle = c;
-        } else if (!arriving || c->request_start <= arriving->request_start) {
-            arriving = c;
+    int dropped = 0;
+    if (s->reserve_fd >= 0) {
+        close(s->reserve_fd);
+        int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd >= 0) {
+            close(fd);
+            metrics.connections_refused++;
+            dropped = 1;
         }
     }
-    struct http_conn *v = idle ? idle : arriving;
+    s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    return dropped ? 0 : -1;
+}
+
+#define ACCEPT_PAUSE_MS 100 /* listeners rest this long when out of descriptors */
+
+static void on_accept_pause_over(uv_timer_t *t);
+
+/* Out of descriptors with no spare: stop polling the listeners for ACCEPT_PAUSE_MS (nginx does the
+ * same), so that a backlog that cannot be accepted does not spin the loop; descriptors come back
+ * as connections close. */
+static void pause_accepting(struct http_server *s)
+{
+    if (s->paused)
+        return;
+    s->paused = 1;
+    for (struct http_listener *l = s->listeners; l; l = l->next)
+        uv_poll_stop(&l->poll);
+    uv_timer_start(&s->accept_pause, on_accept_pause_over, ACCEPT_PAUSE_MS, 0);
+}
+
+/* A request waiting for its answer is closed to make room: it gets a 503 if its socket takes one
+ * at once (its client knows to retry), and its handler its abort callback. */
+#define HTTP_WAIT_EVICT_MS 1000
+
+static void close_waiting(struct http_conn *c)
+{
+    static const char answer[] =
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+        "Content-Length: 93\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        "{\"error\":\"service_unavailable\",\"error_description\":\"imdsd is at its connection "
+        "limit; "
+        "retry\"}";
+    if (c->abort_cb) {
+        http_abort_cb *cb = c->abort_cb;
+        c->abort_cb = NULL;
+        cb(c, c->abort_arg);
+    }
+    metrics_request(c->endpoint, 503);
+    uv_buf_t b = uv_buf_init((char *)answer, sizeof answer - 1);
+    (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    conn_close(c);
+}
+
+/* At a pool's --max-connections, room for a new connection, taken from that pool. First a
+ * connection that is doing nothing for anyone: a keep-alive connection idle, or one whose answer
+ * its client does not take in (stalled), whichever has made no progress longest (nginx frees idle
+ * keep-alive connections the same way). Then the request that has been arriving longest. Last,
+ * the request that has been waiting longest for its answer (from Entra), once it has waited
+ * HTTP_WAIT_EVICT_MS: a burst of requests does not displace itself. So a client that opens
+ * connections and never reads, or never finishes a request, only ever displaces its own kind, and
+ * a new client always gets in. */
+static int make_room(struct http_server *s, unsigned pool)
+{
+    struct http_conn *still = NULL, *arriving = NULL, *waiting = NULL;
+    uint64_t still_t = 0, now = uv_now(s->loop);
+    /* the list runs from the newest connection to the oldest: on a tie, the older one goes */
+    for (struct http_conn *c = s->conns; c; c = c->next) {
+        if (c->pool != pool || c->in_drive || c->bare)
+            continue;
+        if (c->state == CONN_WRITING ||
+            (c->state == CONN_READING && !c->arriving && !c->pending.len)) {
+            uint64_t t = c->state == CONN_WRITING ? c->stall_start : c->last_active;
+            if (!still || t <= still_t)
+                still = c, still_t = t;
+        } else if (c->state == CONN_READING) {
+            if (!arriving || c->request_start <= arriving->request_start)
+                arriving = c;
+        } else if (c->state == CONN_HANDLING && now - c->handle_start >= HTTP_WAIT_EVICT_MS) {
+            if (!waiting || c->handle_start <= waiting->handle_start)
+                waiting = c;
+        }
+    }
+    struct http_conn *v = still ? still : arriving ? arriving : waiting;
     if (!v)
         return -1;
     metrics.connections_evicted++;
     if (log_sampled(&s->evicted))
-        log_warn("http_connection_evicted", "max_connections=%u state=%s evicted_total=%llu",
-                 s->opts.max_connections, idle ? "idle" : "arriving",
+        log_warn("http_connection_evicted",
+                 "max_connections=%u listener=%u state=%s evicted_total=%llu",
+                 s->opts.max_connections[pool], pool,
+                 v->state == CONN_WRITING ? "stalled"
+                 : v == still             ? "idle"
+                 : v == arriving          ? "arriving"
+                                          : "waiting",
                  (unsigned long long)s->evicted);
-    conn_close(v);
+    if (v == waiting)
+        close_waiting(v);
+    else
+        conn_close(v);
     return 0;
 }
 
 static void serve_accepted(struct http_server *s, int fd, int tag)
 {
-    if (s->nconns >= s->opts.max_connections && make_room(s) < 0) {
+    unsigned pool = tag >= 0 && tag < HTTP_POOLS ? (unsigned)tag : 0;
+    if (s->pool_conns[pool] >= s->opts.max_connections[pool] && make_room(s, pool) < 0) {
         close(fd);
         metrics.connections_refused++;
         if (log_sampled(&s->rejected))
-            log_warn("http_connection_limit", "max_connections=%u rejected_total=%llu",
-                     s->opts.max_connections, (unsigned long long)s->rejected);
+            log_warn("http_connection_limit", "max_connections=%u listener=%u rejected_total=%llu",
+                     s->opts.max_connections[pool], pool, (unsigned long long)s->rejected);
         return;
     }
     struct http_conn *c = xcalloc(1, sizeof *c);
     c->server = s;
     c->fd = fd;
     c->tag = tag;
+    c->pool = pool;
+    s->pool_conns[pool]++;
     c->bare = 1;
     c->endpoint = EP_OTHER;
     c->tcp.data = c->timer.data = c->wreq.data = c;
@@ -939,7 +1155,6 @@ static void serve_accepted(struct http_server *s, int fd, int tag)
     buf_init(&c->url, HTTP_MAX_URL);
     buf_init(&c->pending, HTTP_MAX_PENDING);
     buf_init(&c->out, 1 << 20);
-    buf_init(&c->scratch, 1 << 20);
     buf_init(&c->body, HTTP_MAX_BODY);
     llhttp_init(&c->parser, HTTP_REQUEST, &s->settings);
     c->parser.data = c;
@@ -992,8 +1207,17 @@ static void on_listen_ready(uv_poll_t *p, int status, int events)
     if (log_sampled(&s->accept_failed))
         log_warn("http_accept_failed", "error=\"%s\" failed_total=%llu", strerror(err),
                  (unsigned long long)s->accept_failed);
-    if (err == EMFILE || err == ENFILE)
-        drop_one(s, l->fd);
+    if ((err == EMFILE || err == ENFILE) && drop_one(s, l->fd) < 0)
+        pause_accepting(
+            s); /* a backlog that cannot be taken would wake the loop at once, forever */
+}
+
+static void on_accept_pause_over(uv_timer_t *t)
+{
+    struct http_server *s = t->data;
+    s->paused = 0;
+    for (struct http_listener *l = s->listeners; l; l = l->next)
+        uv_poll_start(&l->poll, UV_READABLE, on_listen_ready);
 }
 
 int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
@@ -1004,7 +1228,11 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     s->opts = *o;
     uv_timer_init(loop, &s->grace);
     s->grace.data = s;
-    s->open_handles = 1; /* the grace timer */
+    uv_timer_init(loop, &s->accept_pause);
+    s->accept_pause.data = s;
+    s->open_handles = 2; /* the grace and accept-pause timers */
+    s->budget = o->buffer_budget ? o->buffer_budget : HTTP_BUFFER_BUDGET;
+    buf_init(&s->scratch, 1 << 20);
     s->handler = handler;
     s->arg = arg;
     s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -1022,9 +1250,19 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     return 0;
 }
 
+/* Socket buffers of the connections a listener accepts (they inherit the listener's). Linux
+ * grows them up to 4 MiB each by default, and a client that never reads gets both filled: about
+ * 4.5 MiB of kernel memory per connection, charged to imdsd's memory cgroup. Requests (12 KiB at
+ * most) and answers (a few KiB) need far less; fixed sizes bound a connection's socket memory. */
+#define HTTP_SOCKET_BUFFER 8192 /* asked for; the kernel doubles it for its own overhead */
+
 /* Polls the listening socket fd (owned from here on: closed with the listener, or now on error). */
 static int add_listener(struct http_server *s, int fd, int tag)
 {
+    int size = HTTP_SOCKET_BUFFER;
+    /* best effort: without it, connections only cost more kernel memory */
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
     struct http_listener *l = xcalloc(1, sizeof *l);
     l->server = s;
     l->fd = fd;
@@ -1113,6 +1351,7 @@ static void maybe_free_server(struct http_server *s)
     if (s->freeing && s->open_handles == 0) {
         if (s->reserve_fd >= 0)
             close(s->reserve_fd);
+        buf_free(&s->scratch);
         free(s);
     }
 }
@@ -1140,9 +1379,9 @@ static void on_grace(uv_timer_t *t)
             cb(c, c->abort_arg);
         }
         log_info("http_shutdown_abort", "reason=grace_period_over");
-        buf_reset(&c->scratch);
-        imds_render_error(&c->scratch, &e);
-        http_conn_respond(c, e.status, NULL, c->scratch.data, c->scratch.len);
+        buf_reset(&s->scratch);
+        imds_render_error(&s->scratch, &e);
+        http_conn_respond(c, e.status, NULL, s->scratch.data, s->scratch.len);
     }
     /* what is left is a client that does not read its answer (or the 503 just queued) */
     while (s->conns) {
@@ -1198,6 +1437,7 @@ void http_server_free(struct http_server *s)
     while (s->conns)
         conn_close(s->conns);
     uv_close((uv_handle_t *)&s->grace, on_grace_closed);
+    uv_close((uv_handle_t *)&s->accept_pause, on_grace_closed);
     s->open_handles--;
     maybe_free_server(s);
 }

@@ -109,7 +109,7 @@ static int start(struct daemon *d)
 {
     char err[512];
     const struct config *c = &d->cfg;
-    raise_fd_limit(c->max_connections);
+    raise_fd_limit(c->max_connections + c->max_health_connections);
     metrics.start_time_s = now_wall_ms() / 1000;
     if (entra_new(&d->entra, &d->loop, c, err, sizeof err) < 0) {
         log_fatal("%s", err);
@@ -126,8 +126,10 @@ static int start(struct daemon *d)
     if (c->identity_header)
         d->ep.secrets = secret_watch_new(&d->loop, c->identity_header_file, c->identity_header,
                                          c->identity_header_len, c->identity_header_overlap_s);
-    struct http_server_opts so = {c->max_connections, c->idle_timeout_s * 1000u,
-                                  c->header_timeout_s * 1000u};
+    struct http_server_opts so = {.idle_timeout_ms = c->idle_timeout_s * 1000u,
+                                  .header_timeout_ms = c->header_timeout_s * 1000u};
+    so.max_connections[LISTENER_TOKENS] = c->max_connections;
+    so.max_connections[LISTENER_HEALTH] = c->max_health_connections;
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
     int passed = sd_listen(d->server, err, sizeof err); /* systemd's sockets replace --listen */
     if (passed < 0) {

@@ -193,10 +193,18 @@ static void render_http(struct buf *b, struct http_server *server)
     buf_printf(b, "imdsd_http_connections %u\n", server ? http_server_connections(server) : 0);
     head(
         b, "imdsd_http_connections_evicted_total", "counter",
-        "Idle keep-alive connections, then requests still arriving, closed at --max-connections to "
-        "admit new ones.");
+        "Connections closed at a listener's connection limit to admit new ones: idle or stalled "
+        "(the client does not read), then requests still arriving, then requests waiting longest.");
     buf_printf(b, "imdsd_http_connections_evicted_total %llu\n",
                (unsigned long long)metrics.connections_evicted);
+    head(b, "imdsd_http_buffered_bytes", "gauge",
+         "Bytes kept for clients: requests arriving, pipelined input, answers not yet taken in.");
+    buf_printf(b, "imdsd_http_buffered_bytes %zu\n", server ? http_server_buffered(server) : 0);
+    head(b, "imdsd_http_connections_shed_total", "counter",
+         "Connections closed, or their pipelined input dropped, to keep buffered bytes within "
+         "the budget.");
+    buf_printf(b, "imdsd_http_connections_shed_total %llu\n",
+               (unsigned long long)metrics.connections_shed);
     head(b, "imdsd_http_connections_refused_total", "counter",
          "Client connections closed at once: at --max-connections or out of descriptors.");
     buf_printf(b, "imdsd_http_connections_refused_total %llu\n",

@@ -54,6 +54,7 @@ struct config {
     enum log_level log_level;
     enum log_format log_format;
     unsigned max_connections;
+    unsigned max_health_connections; /* --health-listen's pool */
     unsigned idle_timeout_s;
     unsigned header_timeout_s; /* a request still arriving after this is dropped */
     unsigned entra_timeout_s;

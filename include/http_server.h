@@ -11,9 +11,11 @@
 #define HTTP_MAX_HEADER_BYTES  8192  /* request line + headers -> 431 */
 #define HTTP_MAX_HEADERS       64    /* more header fields -> 431 */
 #define HTTP_MAX_BODY          4096  /* request body -> 413 */
-#define HTTP_MAX_PENDING       65536 /* pipelined bytes buffered while a request is handled */
-#define HTTP_SECRET_HEADER_MAX 256   /* X-IDENTITY-HEADER value kept for the handler */
-#define HTTP_MAX_HOST          300   /* Host value kept for the handler */
+#define HTTP_MAX_PENDING       65535 /* pipelined bytes kept on one connection (64 KiB stored) */
+#define HTTP_POOLS             2     /* listener tags, each with a connection pool of its own */
+#define HTTP_BUFFER_BUDGET     (2u << 20) /* default opts.buffer_budget */
+#define HTTP_SECRET_HEADER_MAX 256        /* X-IDENTITY-HEADER value kept for the handler */
+#define HTTP_MAX_HOST          300        /* Host value kept for the handler */
 
 struct http_conn;
 
@@ -49,17 +51,25 @@ typedef void http_handler_cb(struct http_conn *c, const struct http_request *req
 typedef void http_abort_cb(struct http_conn *c, void *arg);
 
 struct http_server_opts {
-    unsigned max_connections;
+    /* per listener tag: the listeners with one tag share a pool of this many connections, so that
+     * a flood on one (the health listener, which may face the pod network) cannot take the other's
+     */
+    unsigned max_connections[HTTP_POOLS];
     unsigned idle_timeout_ms;
     unsigned header_timeout_ms; /* a request still arriving after this is dropped */
+    /* bytes kept for clients across all connections beyond the connections themselves: requests
+     * arriving (URL, body), input pipelined behind a request, answers a client has not taken in.
+     * Past it the connections holding the most-stale of these are closed. 0: HTTP_BUFFER_BUDGET */
+    size_t buffer_budget;
 };
 
 struct http_server;
 
 int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
                     http_handler_cb *handler, void *arg);
-/* Binds and listens on host:port (numeric). Every request from it carries tag (req->tag), so the
- * handler can tell listeners apart. Returns 0 or a negative libuv error. */
+/* Binds and listens on host:port (numeric). Every request from it carries tag (req->tag, below
+ * HTTP_POOLS), so the handler can tell listeners apart; its connections count against
+ * opts.max_connections[tag]. Returns 0 or a negative libuv error. */
 int http_server_listen(struct http_server *s, const char *host, int port, int tag);
 /* The same on fd, a listening socket passed by systemd (socket activation): made non-blocking and
  * close-on-exec, and owned by the server once this returns 0. Returns 0, -ENOTSOCK (not a socket,
@@ -94,5 +104,7 @@ void http_conn_count_as(struct http_conn *c, unsigned endpoint);
 struct http_server *http_conn_server(struct http_conn *c);
 /* Client connections open now. */
 unsigned http_server_connections(const struct http_server *s);
+/* Bytes kept for clients now (see opts.buffer_budget). */
+size_t http_server_buffered(const struct http_server *s);
 
 #endif

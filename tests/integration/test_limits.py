@@ -159,8 +159,9 @@ def test_active_keepalive_not_idled_out(ctx):
 
 def test_max_connections(ctx):
     """At --max-connections a new connection is admitted by closing the longest-idle keep-alive
-    connection; one whose request is being answered is never taken, so when all are busy the new
-    one is refused (closed or 503)."""
+    connection. When all are waiting for their answers, a new one is refused until the oldest has
+    waited a second; then that one is answered 503 (Retry-After: 1, which SDKs retry) and closed
+    to admit it."""
     d = ctx.daemon(extra=["--max-connections", "4"])
     conns = [http.client.HTTPConnection("127.0.0.1", d.port, timeout=5 * ctx.scale) for _ in range(4)]
     try:
@@ -194,10 +195,15 @@ def test_max_connections(ctx):
     got, closed = raw_exchange(busy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2, one_response=True)
     r = parse_raw(got)
     assert (r is None and closed) or (r is not None and r.status == 503), f"a busy connection was evicted: {got[:80]!r}"
+    time.sleep(1.2)   # the oldest has waited past a second now
+    got, closed = raw_exchange(busy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2, one_response=True)
+    r = parse_raw(got)
+    assert r is not None and r.status == 200, f"not admitted once the oldest waited a second: {got[:80]!r}"
     ctx.fake.release(gate)
     for t in threads:
         t.join()
-    assert results == [200] * 4, results
+    assert sorted(results) == [200, 200, 200, 503], results
+    assert "state=waiting" in busy.log()
 
 
 def open_conns(d):
