@@ -89,7 +89,7 @@ struct cfg_row {
     const char *allowed0;
     int nhosts;
     const char *host1;
-    unsigned max_conn, idle, entra_timeout;
+    unsigned max_conn, max_health_conn, idle, entra_timeout;
     int defaults;            /* check every default value */
     const char *add_address; /* the one-shot init mode: only this is set */
     const char *probe;       /* the exec probe: "HOST PORT PATH" */
@@ -242,9 +242,11 @@ static const struct cfg_row cfg_rows[] = {
      .host1 = "imds.example.internal"},
     {.name = "numeric limits",
      .env = {ENV_ALL, NULL},
-     .argv = {"--max-connections", "10", "--idle-timeout", "5", "--entra-timeout", "300", NULL},
+     .argv = {"--max-connections", "10", "--idle-timeout", "5", "--entra-timeout", "300",
+              "--max-health-connections", "3", NULL},
      .rc = CONFIG_OK,
      .max_conn = 10,
+     .max_health_conn = 3,
      .idle = 5,
      .entra_timeout = 300},
     /* errors: each names the setting and shows the value */
@@ -345,6 +347,16 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--max-connections", "65537", NULL},
      .rc = CONFIG_ERROR,
      .err_in = {"--max-connections", "65537"}},
+    {.name = "--max-health-connections 0",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--max-health-connections", "0", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--max-health-connections", "'0'"}},
+    {.name = "--max-health-connections 65537",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--max-health-connections", "65537", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--max-health-connections", "65537"}},
     {.name = "--max-connections 10x",
      .env = {ENV_ALL, NULL},
      .argv = {"--max-connections", "10x", NULL},
@@ -800,6 +812,8 @@ static void t_cfg(void **state)
             assert_string_equal(c.allowed_hosts[1], r->host1);
         if (r->max_conn)
             assert_int_equal(c.max_connections, r->max_conn);
+        if (r->max_health_conn)
+            assert_int_equal(c.max_health_connections, r->max_health_conn);
         if (r->idle)
             assert_int_equal(c.idle_timeout_s, r->idle);
         if (r->entra_timeout)
@@ -841,6 +855,7 @@ static void t_cfg(void **state)
             assert_int_equal(c.nallowed, 0);
             assert_int_equal(c.nallowed_hosts, 0);
             assert_int_equal(c.max_connections, 1024);
+            assert_int_equal(c.max_health_connections, 64);
             assert_int_equal(c.idle_timeout_s, 60);
             assert_int_equal(c.entra_timeout_s, 15);
             assert_int_equal(c.header_timeout_s, 10);
