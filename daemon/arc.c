@@ -21,7 +21,7 @@
 struct arc_key {
     char path[PATH_MAX];
     char key[ARC_KEY_HEX + 1];
-    int64_t expires_ms;
+    uint64_t expires_ms; /* monotonic: a wall clock stepped back must not extend a key */
     int live;
 };
 
@@ -88,7 +88,7 @@ static void drop(struct arc *a, struct arc_key *k)
 static void on_sweep(uv_timer_t *t)
 {
     struct arc *a = t->data;
-    int64_t now = now_wall_ms();
+    uint64_t now = now_ms();
     for (unsigned i = 0; i < ARC_MAX_KEYS; i++)
         if (a->keys[i].live && now >= a->keys[i].expires_ms)
             drop(a, &a->keys[i]);
@@ -184,7 +184,7 @@ static void made_key(uv_work_t *w, int status)
         drop(a, k); /* the oldest, when ARC_MAX_KEYS are outstanding */
         snprintf(k->path, sizeof k->path, "%s", ch->path);
         memcpy(k->key, ch->key, sizeof k->key);
-        k->expires_ms = now_wall_ms() + ARC_KEY_TTL_MS;
+        k->expires_ms = now_ms() + ARC_KEY_TTL_MS;
         k->live = 1;
         a->next = (a->next + 1) % ARC_MAX_KEYS;
     } else if (ch->failed != ECANCELED) {
@@ -238,7 +238,7 @@ int arc_verify(struct arc *a, const char *auth, size_t len)
         return 0;
     const char *v = auth + sizeof basic - 1;
     size_t vlen = len - (sizeof basic - 1);
-    int64_t now = now_wall_ms();
+    uint64_t now = now_ms();
     struct arc_key *hit = NULL;
     for (unsigned i = 0; i < ARC_MAX_KEYS; i++) { /* all compared: time tells nothing */
         struct arc_key *k = &a->keys[i];

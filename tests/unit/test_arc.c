@@ -1,7 +1,8 @@
-/* test_arc.c - the Azure Arc key files on a real loop and a real directory, with the wall clock
- * under the test's control (--wrap=now_wall_ms): a key is good once, for ARC_KEY_TTL_MS, in
- * constant-time comparison with every live key; files are 0640 and removed after use, expiry and
- * arc_free; at most ARC_MAX_KEYS are outstanding. */
+/* test_arc.c - the Azure Arc key files on a real loop and a real directory, with both clocks
+ * under the test's control (--wrap=now_ms,--wrap=now_wall_ms): a key is good once, for
+ * ARC_KEY_TTL_MS of the monotonic clock whatever the wall clock does, in constant-time comparison
+ * with every live key; files are 0640 and removed after use, expiry and arc_free; at most
+ * ARC_MAX_KEYS are outstanding. */
 #include "unit.h"
 
 #include <dirent.h>
@@ -11,12 +12,17 @@
 
 #include "arc.h"
 
-static int64_t fake_now = 1700000000000;
-int64_t __real_now_wall_ms(void);
+static uint64_t fake_now = 5000000; /* the monotonic clock: counts from boot */
+static int64_t fake_wall = 1700000000000;
+uint64_t __wrap_now_ms(void);
+uint64_t __wrap_now_ms(void)
+{
+    return fake_now;
+}
 int64_t __wrap_now_wall_ms(void);
 int64_t __wrap_now_wall_ms(void)
 {
-    return fake_now;
+    return fake_wall;
 }
 
 struct got {
@@ -144,6 +150,40 @@ static void t_keys(void **state)
     rmdir(dir);
 }
 
+/* Validity runs on the monotonic clock: a wall clock stepped back an hour (NTP, an operator) does
+ * not keep a key good past ARC_KEY_TTL_MS, and one stepped forward does not cut a key short. */
+static void t_wall_clock(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/imdsd-arc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256];
+    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(a);
+    struct got g = {{0}, 0};
+    char key[ARC_KEY_HEX + 1];
+
+    challenge(&loop, a, &g);
+    snprintf(key, sizeof key, "%s", read_key(g.path));
+    fake_wall -= 3600 * 1000;
+    fake_now += ARC_KEY_TTL_MS;
+    assert_false(verify(a, key)); /* a minute has passed, whatever the wall clock says */
+
+    challenge(&loop, a, &g);
+    snprintf(key, sizeof key, "%s", read_key(g.path));
+    fake_wall += 2 * 3600 * 1000;
+    fake_now += 1;
+    assert_true(verify(a, key)); /* a millisecond old */
+
+    arc_free(a);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(files_in(dir), 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rmdir(dir);
+}
+
 static void t_bad_dir(void **state)
 {
     (void)state;
@@ -160,6 +200,7 @@ static void t_bad_dir(void **state)
 int main(void)
 {
     add("arc", "keys: once, expiry, bound, removal", t_keys, NULL);
+    add("arc", "the wall clock stepped does not move expiry", t_wall_clock, NULL);
     add("arc", "a bad directory", t_bad_dir, NULL);
     return _cmocka_run_group_tests("arc", tests, ntests, NULL, NULL);
 }
