@@ -28,7 +28,7 @@ struct arc_key {
 struct arc {
     uv_loop_t *loop;
     char dir[PATH_MAX - 64];
-    gid_t gid;
+    gid_t gid; /* the key files' group: --arc-key-group, else the process's */
     struct arc_key keys[ARC_MAX_KEYS];
     unsigned next; /* the slot the next key takes (the oldest when all are live) */
     uv_timer_t sweep;
@@ -127,6 +127,22 @@ struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size
         snprintf(err, errlen, "--arc-key-dir: '%s' is not a directory", dir);
         return NULL;
     }
+    /* Whoever may write the directory may unlink or replace key files, and its owner may chmod
+     * it: only root and imdsd's own user and group may (a sticky bit does not stop a writer from
+     * planting names). */
+    if (st.st_uid != 0 && st.st_uid != geteuid()) {
+        snprintf(err, errlen,
+                 "--arc-key-dir: '%s' is owned by uid %u: it must be root's or imdsd's (uid %u)",
+                 dir, (unsigned)st.st_uid, (unsigned)geteuid());
+        return NULL;
+    }
+    if ((st.st_mode & S_IWOTH) || ((st.st_mode & S_IWGRP) && st.st_gid != getegid())) {
+        snprintf(err, errlen,
+                 "--arc-key-dir: '%s' (mode %04o, gid %u) is writable by other users: make it 0755 "
+                 "or 0750",
+                 dir, (unsigned)(st.st_mode & 07777), (unsigned)st.st_gid);
+        return NULL;
+    }
     if (access(dir, W_OK | X_OK) < 0) {
         snprintf(err, errlen, "--arc-key-dir: '%s' is not writable: %s", dir, strerror(errno));
         return NULL;
@@ -134,7 +150,8 @@ struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size
     struct arc *a = xcalloc(1, sizeof *a);
     a->loop = loop;
     snprintf(a->dir, sizeof a->dir, "%s", dir);
-    a->gid = gid;
+    /* always set: a setgid directory would otherwise give its own group read access */
+    a->gid = gid != (gid_t)-1 ? gid : getegid();
     remove_stale(dir); /* at start-up, before the loop runs */
     uv_timer_init(loop, &a->sweep);
     a->sweep.data = a;
@@ -153,9 +170,9 @@ static void make_key(uv_work_t *w)
         ch->failed = errno;
         return;
     }
-    /* the mode again (the umask may have taken bits), then the group that may read it */
-    if (fchmod(fd, 0640) < 0 ||
-        (ch->arc->gid != (gid_t)-1 && fchown(fd, (uid_t)-1, ch->arc->gid) < 0) ||
+    /* the mode again (the umask may have taken bits), then the group that may read it: set
+     * even when it is ours, since a setgid directory gives new files the directory's group */
+    if (fchmod(fd, 0640) < 0 || fchown(fd, (uid_t)-1, ch->arc->gid) < 0 ||
         write(fd, ch->key, ARC_KEY_HEX) != ARC_KEY_HEX) {
         ch->failed = errno ? errno : EIO;
         close(fd);

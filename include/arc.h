@@ -15,8 +15,11 @@
 
 struct arc;
 
-/* The directory must exist; key files are created there, mode 0640, group gid (-1: the
- * process's). Removes key files a previous imdsd left behind. NULL with err on failure. */
+/* The directory must exist, belong to root or imdsd's user, and be writable by nobody else: not
+ * by others, and by its group only when that is imdsd's own (effective) group. Key files are
+ * created there, mode 0640, group gid (-1: the process's effective group, set explicitly: a
+ * setgid directory's group never applies). Removes key files a previous imdsd left behind. NULL
+ * with err (one line naming --arc-key-dir and the directory) on failure. */
 struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size_t errlen);
 
 struct arc_challenge;

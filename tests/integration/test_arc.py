@@ -7,7 +7,7 @@ import os
 import sys
 
 import harness
-from harness import CLIENT_ID, request, token_url, unprivileged_prefix
+from harness import CLIENT_ID, free_port, request, token_url, unprivileged_prefix
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "compat"))
 import sdk_clients as sdk  # noqa: E402
@@ -78,3 +78,24 @@ def test_arc_real_clients_and_a_second_user(ctx):
     assert not res[0]["ok"] and res[0]["token"] is None, res
     assert "ermission" in res[0]["error"]["message"] + str(res[0]["error"].get("cause")), res[0]["error"]
     assert "https://storage.azure.com" not in [r["scope"].rstrip("/") for r in ctx.fake.records(d.tenant)]
+
+
+def test_arc_key_dir_writers_and_group(ctx):
+    """A key directory others can write is refused at start-up (exit 2, one line naming the setting
+    and the directory); a setgid directory's group does not become the key files' group."""
+    kd = key_dir(ctx)
+    args = ctx.daemon_args(ctx.tenant("ok"), ctx.token(), free_port(), extra=["--arc-key-dir", kd])
+    for uid, gid, mode in ((0, 0, 0o777), (0, 0, 0o1777), (0, 100, 0o775), (1234, 0, 0o755)):
+        os.chown(kd, uid, gid)
+        os.chmod(kd, mode)
+        rc, out, err = ctx.run(args, timeout=5)
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert rc == 2 and len(lines) == 1, (rc, err)
+        assert lines[0].startswith(f"imdsd: --arc-key-dir: '{kd}' "), lines[0]
+        assert not os.listdir(kd)
+    # drwxr-sr-x root:users: without --arc-key-group the key file is imdsd's group, not users
+    os.chown(kd, 0, 100)
+    os.chmod(kd, 0o2755)
+    d = ctx.daemon(extra=["--arc-key-dir", kd])
+    st = os.stat(challenge(d))
+    assert st.st_gid == os.getegid() and st.st_mode & 0o777 == 0o640, (st.st_gid, oct(st.st_mode))

@@ -184,6 +184,91 @@ static void t_wall_clock(void **state)
     rmdir(dir);
 }
 
+static gid_t file_gid(const char *path)
+{
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    return st.st_gid;
+}
+
+/* The key file's group is set, never inherited: in a setgid directory whose group is another
+ * (users, 100), a key file without --arc-key-group still gets imdsd's group; with it, that one. */
+static void t_setgid_dir(void **state)
+{
+    (void)state;
+    if (geteuid() != 0)
+        skip(); /* chown to another group */
+    char dir[] = "/tmp/imdsd-arc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(chown(dir, 0, 100), 0);
+    assert_int_equal(chmod(dir, 02755), 0);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256];
+    struct got g = {{0}, 0};
+    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(a);
+    challenge(&loop, a, &g);
+    assert_int_equal(file_gid(g.path), getegid()); /* not 100 */
+    arc_free(a);
+    a = arc_new(&loop, dir, 65532, err, sizeof err);
+    assert_non_null(a);
+    challenge(&loop, a, &g);
+    assert_int_equal(file_gid(g.path), 65532);
+    arc_free(a);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(files_in(dir), 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rmdir(dir);
+}
+
+/* arc_new with dir's owner and mode set: NULL with err naming the setting and the directory, or
+ * an arc (freed at once) when want is NULL. */
+static void dir_check(const char *dir, uid_t uid, gid_t gid, mode_t mode, const char *want)
+{
+    assert_int_equal(chown(dir, uid, gid), 0);
+    assert_int_equal(chmod(dir, mode), 0);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256] = "";
+    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    if (want) {
+        assert_null(a);
+        char head[128];
+        snprintf(head, sizeof head, "--arc-key-dir: '%s' ", dir);
+        assert_int_equal(strncmp(err, head, strlen(head)), 0);
+        assert_non_null(strstr(err, want));
+        assert_null(strchr(err, '\n'));
+    } else {
+        assert_non_null(a);
+        arc_free(a);
+        uv_run(&loop, UV_RUN_DEFAULT);
+    }
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+/* A key directory others can write to is refused at start-up: a writer may unlink or plant files
+ * among the keys. World-writable (sticky or not), group-writable by a group that is not imdsd's,
+ * owned by another user; root's or imdsd's, written by imdsd's own group at most, is fine. */
+static void t_dir_writers(void **state)
+{
+    (void)state;
+    if (geteuid() != 0)
+        skip();
+    char dir[] = "/tmp/imdsd-arc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    dir_check(dir, 0, 0, 0777, "(mode 0777, gid 0) is writable by other users");
+    dir_check(dir, 0, 0, 01777, "(mode 1777, gid 0) is writable by other users");
+    dir_check(dir, 0, 100, 0775, "(mode 0775, gid 100) is writable by other users");
+    dir_check(dir, 0, 100, 02775, "is writable by other users");
+    dir_check(dir, 1234, 0, 0755, "is owned by uid 1234");
+    dir_check(dir, 0, 0, 0755, NULL);
+    dir_check(dir, 0, getegid(), 0775, NULL); /* imdsd's own group */
+    dir_check(dir, 0, 100, 02750, NULL);      /* read by another group: its files' group is set */
+    dir_check(dir, 0, 0, 0700, NULL);
+    rmdir(dir);
+}
+
 static void t_bad_dir(void **state)
 {
     (void)state;
@@ -201,6 +286,8 @@ int main(void)
 {
     add("arc", "keys: once, expiry, bound, removal", t_keys, NULL);
     add("arc", "the wall clock stepped does not move expiry", t_wall_clock, NULL);
+    add("arc", "a setgid directory's group is not the key files'", t_setgid_dir, NULL);
+    add("arc", "a directory others can write is refused", t_dir_writers, NULL);
     add("arc", "a bad directory", t_bad_dir, NULL);
     return _cmocka_run_group_tests("arc", tests, ntests, NULL, NULL);
 }
