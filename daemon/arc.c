@@ -1,16 +1,17 @@
 /* arc.c - key files for the Azure Arc challenge. Creating a file is file-system I/O, so it runs
  * on libuv's thread pool; removing one uses uv_fs_unlink. Keys live in memory (ARC_MAX_KEYS at
  * most, each used once and for ARC_KEY_TTL_MS at most) and on disk under names that carry this
- * process's pid, so that a restarted imdsd removes what an earlier one left. */
+ * instance's random id, next to a lock file it holds while it lives, so that a restarted imdsd
+ * removes what a dead one left and never what a live one sharing the directory made. */
 #include "arc.h"
 
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -28,7 +29,9 @@ struct arc_key {
 struct arc {
     uv_loop_t *loop;
     char dir[PATH_MAX - 64];
-    gid_t gid; /* the key files' group: --arc-key-group, else the process's */
+    gid_t gid;               /* the key files' group: --arc-key-group, else the process's */
+    char id[ARC_ID_HEX + 1]; /* this instance, in every file name it makes */
+    int lock_fd;             /* imdsd-ID.lock, flock()ed while this instance lives */
     struct arc_key keys[ARC_MAX_KEYS];
     unsigned next; /* the slot the next key takes (the oldest when all are live) */
     uv_timer_t sweep;
@@ -45,10 +48,20 @@ struct arc_challenge {
     char key[ARC_KEY_HEX + 1];
 };
 
+static void lock_path(char *out, size_t n, const char *dir, const char *id)
+{
+    snprintf(out, n, "%s/imdsd-%s.lock", dir, id);
+}
+
 /* after arc_free: once the timer has closed and nothing is in flight */
 static void maybe_free(struct arc *a)
 {
     if (a->closing == 2 && a->pending == 0) {
+        /* the lock goes last: until every key file is gone, they are a live instance's */
+        char p[PATH_MAX];
+        lock_path(p, sizeof p, a->dir, a->id);
+        unlink(p);
+        close(a->lock_fd);
         secret_zero(a, sizeof *a);
         free(a);
     }
@@ -94,26 +107,126 @@ static void on_sweep(uv_timer_t *t)
             drop(a, &a->keys[i]);
 }
 
-/* Removes imdsd-PID-*.key files whose process is gone (a crash, a kill -9). */
-static void remove_stale(const char *dir)
+/* ---- instances: whose key files a starting imdsd may remove --------------------------------- */
+
+/* A pid cannot tell instances apart (two containers sharing the directory are both pid 1, and a
+ * pid is reused), and a process that died by SIGKILL removed nothing. So each instance holds an
+ * flock() on imdsd-ID.lock, which the kernel drops however it ends, and names its key files
+ * imdsd-ID-RANDOM.key: a key file is a dead instance's when its lock is absent or can be taken. */
+
+/* 'k' for a key file name imdsd-ID-*.key, 'l' for a lock imdsd-ID.lock (ID: 1 to ARC_ID_HEX hex
+ * digits, copied to id; an older imdsd's pid reads as one), 0 for any other name. */
+static int parse_name(const char *name, char id[ARC_ID_HEX + 1])
 {
-    DIR *d = opendir(dir);
+    if (strncmp(name, "imdsd-", 6) != 0)
+        return 0;
+    const char *p = name + 6;
+    size_t n = strspn(p, "0123456789abcdef");
+    if (n == 0 || n > ARC_ID_HEX)
+        return 0;
+    memcpy(id, p, n);
+    id[n] = 0;
+    p += n;
+    size_t len = strlen(p);
+    if (strcmp(p, ".lock") == 0)
+        return 'l';
+    return p[0] == '-' && len > 5 && strcmp(p + len - 4, ".key") == 0 ? 'k' : 0;
+}
+
+struct verdict {
+    char id[ARC_ID_HEX + 1];
+    int live;
+    int fd; /* a dead instance's lock file, held until its key files are gone; else -1 */
+};
+
+/* Whether instance id is alive: its lock file exists and someone holds its flock, or it cannot be
+ * opened to tell (another user's): its files are then left alone. */
+static int instance_live(const char *dir, const char *id, int *fd)
+{
+    char p[PATH_MAX];
+    lock_path(p, sizeof p, dir, id);
+    *fd = open(p, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (*fd < 0)
+        return errno != ENOENT; /* no lock: it died before or after it had one (or is older) */
+    if (flock(*fd, LOCK_EX | LOCK_NB) == 0)
+        return 0;
+    close(*fd);
+    *fd = -1;
+    return 1;
+}
+
+/* Removes the key files and the lock files of instances that are gone (a crash, a kill -9). */
+static void remove_stale(struct arc *a)
+{
+    DIR *d = opendir(a->dir);
     if (!d)
         return;
+    struct verdict *v = NULL;
+    size_t nv = 0, cap = 0;
     struct dirent *e;
+    char p[PATH_MAX];
     while ((e = readdir(d))) {
-        int pid;
-        char rest[64];
-        if (sscanf(e->d_name, "imdsd-%d-%63s", &pid, rest) != 2 || strlen(rest) < 5 ||
-            strcmp(rest + strlen(rest) - 4, ".key") != 0)
+        char id[ARC_ID_HEX + 1];
+        int kind = parse_name(e->d_name, id);
+        if (!kind || strcmp(id, a->id) == 0)
             continue;
-        if (pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) && pid != getpid())
-            continue; /* another imdsd's, alive */
-        char p[PATH_MAX];
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        unlink(p);
+        size_t i = 0;
+        while (i < nv && strcmp(v[i].id, id) != 0)
+            i++;
+        if (i == nv) { /* asked once per instance, when its first file turns up */
+            if (nv == cap)
+                v = xrealloc(v, (cap = cap ? 2 * cap : 8) * sizeof *v);
+            snprintf(v[i].id, sizeof v[i].id, "%s", id);
+            v[i].live = instance_live(a->dir, id, &v[i].fd);
+            nv++;
+        }
+        if (kind == 'k' && !v[i].live)
+            unlinkat(dirfd(d), e->d_name, 0);
     }
     closedir(d);
+    /* the dead instances' locks last: should this process die meanwhile, the next start still
+     * finds what is left */
+    for (size_t i = 0; i < nv; i++) {
+        if (v[i].fd < 0)
+            continue;
+        lock_path(p, sizeof p, a->dir, v[i].id);
+        unlink(p);
+        close(v[i].fd);
+    }
+    free(v);
+}
+
+/* A new random id and its lock file, created and flock()ed. A starting imdsd that opens the file
+ * between the two takes the lock, reads the instance as dead and removes the file: the lock then
+ * fails, or holds a file that no longer has the name, and a new id is tried. */
+static int take_id(struct arc *a, char *err, size_t errlen)
+{
+    char p[PATH_MAX];
+    for (int tries = 0; tries < 5; tries++) {
+        unsigned char rnd[ARC_ID_HEX / 2];
+        if (uv_random(NULL, NULL, rnd, sizeof rnd, 0, NULL) < 0)
+            break;
+        for (int i = 0; i < ARC_ID_HEX / 2; i++)
+            snprintf(a->id + 2 * i, 3, "%02x", rnd[i]);
+        lock_path(p, sizeof p, a->dir, a->id);
+        int fd = open(p, O_RDONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            if (errno == EEXIST)
+                continue;
+            snprintf(err, errlen, "--arc-key-dir: '%s': cannot create a lock file: %s", a->dir,
+                     strerror(errno));
+            return -1;
+        }
+        struct stat mine, named;
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0 && fstat(fd, &mine) == 0 && stat(p, &named) == 0 &&
+            mine.st_dev == named.st_dev && mine.st_ino == named.st_ino) {
+            a->lock_fd = fd;
+            return 0;
+        }
+        close(fd);
+    }
+    snprintf(err, errlen, "--arc-key-dir: '%s': cannot take a lock file", a->dir);
+    return -1;
 }
 
 struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size_t errlen)
@@ -152,7 +265,11 @@ struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size
     snprintf(a->dir, sizeof a->dir, "%s", dir);
     /* always set: a setgid directory would otherwise give its own group read access */
     a->gid = gid != (gid_t)-1 ? gid : getegid();
-    remove_stale(dir); /* at start-up, before the loop runs */
+    if (take_id(a, err, errlen) < 0) {
+        free(a);
+        return NULL;
+    }
+    remove_stale(a); /* at start-up, before the loop runs; ours are live from now on */
     uv_timer_init(loop, &a->sweep);
     a->sweep.data = a;
     uv_timer_start(&a->sweep, on_sweep, 1000, 1000);
@@ -227,9 +344,9 @@ struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg)
     } else {
         for (int i = 0; i < ARC_KEY_HEX / 2; i++)
             snprintf(ch->key + 2 * i, 3, "%02x", rnd[i]);
-        snprintf(ch->path, sizeof ch->path, "%s/imdsd-%d-%02x%02x%02x%02x%02x%02x%02x%02x.key",
-                 a->dir, (int)getpid(), rnd[32], rnd[33], rnd[34], rnd[35], rnd[36], rnd[37],
-                 rnd[38], rnd[39]);
+        snprintf(ch->path, sizeof ch->path, "%s/imdsd-%s-%02x%02x%02x%02x%02x%02x%02x%02x.key",
+                 a->dir, a->id, rnd[32], rnd[33], rnd[34], rnd[35], rnd[36], rnd[37], rnd[38],
+                 rnd[39]);
     }
     secret_zero(rnd, sizeof rnd);
     a->pending++;

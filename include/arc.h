@@ -12,14 +12,18 @@
 #define ARC_KEY_TTL_MS 60000 /* a key not used within this is removed */
 #define ARC_MAX_KEYS   256   /* more outstanding challenges drop the oldest key */
 #define ARC_KEY_HEX    64    /* the key: 32 random bytes as hex */
+#define ARC_ID_HEX     16    /* an instance's id in its file names: 8 random bytes as hex */
 
 struct arc;
 
 /* The directory must exist, belong to root or imdsd's user, and be writable by nobody else: not
  * by others, and by its group only when that is imdsd's own (effective) group. Key files are
  * created there, mode 0640, group gid (-1: the process's effective group, set explicitly: a
- * setgid directory's group never applies). Removes key files a previous imdsd left behind. NULL
- * with err (one line naming --arc-key-dir and the directory) on failure. */
+ * setgid directory's group never applies), named imdsd-ID-RANDOM.key, ID being this instance's;
+ * it holds an flock() on imdsd-ID.lock (0600) until arc_free has removed its files. Removes the
+ * files of instances that are gone (lock free or absent, whatever their pid was), never those of
+ * a live one sharing the directory. NULL with err (one line naming --arc-key-dir and the
+ * directory) on failure. */
 struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size_t errlen);
 
 struct arc_challenge;

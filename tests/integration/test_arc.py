@@ -4,6 +4,7 @@ file> that only imdsd's user and the group can read; the answer Authorization: B
 once, for a minute. The real Python and JavaScript clients (IDENTITY_ENDPOINT + IMDS_ENDPOINT) get
 tokens; a second Unix user outside the group gets none."""
 import os
+import signal
 import sys
 
 import harness
@@ -14,6 +15,7 @@ import sdk_clients as sdk  # noqa: E402
 from sdk_clients import ARM, GRAPH, VAULT, check_tokens  # noqa: E402
 
 MIC = "ManagedIdentityCredential"
+PIDNS = ["/usr/bin/unshare", "--pid", "--fork", "--kill-child"]   # imdsd as pid 1, like a container's
 GROUP = 65532          # may read the key files
 OUTSIDER = 65533       # may not
 
@@ -56,7 +58,8 @@ def test_arc_challenge_rules(ctx):
     for _ in range(300):
         challenge(d)
     # (the oldest key's file is removed off the loop: wait for it)
-    harness.wait_for(lambda: len(os.listdir(kd)) <= 256, 3, "at most 256 key files")
+    harness.wait_for(lambda: len([f for f in os.listdir(kd) if f.endswith(".key")]) <= 256, 3,
+                     "at most 256 key files")
     d.stop()
     harness.wait_for(lambda: not os.listdir(kd), 3, "the key files removed at shutdown")
 
@@ -99,3 +102,50 @@ def test_arc_key_dir_writers_and_group(ctx):
     d = ctx.daemon(extra=["--arc-key-dir", kd])
     st = os.stat(challenge(d))
     assert st.st_gid == os.getegid() and st.st_mode & 0o777 == 0o640, (st.st_gid, oct(st.st_mode))
+
+
+def inner_pid(d):
+    """The pid (outside) of the imdsd that PIDNS started, checked to be pid 1 inside its namespace."""
+    with open(f"/proc/{d.pid}/task/{d.pid}/children") as f:
+        kids = f.read().split()
+    assert len(kids) == 1, kids
+    nspid = [l.split()[1:] for l in open(f"/proc/{kids[0]}/status") if l.startswith("NSpid:")][0]
+    assert nspid[-1] == "1", nspid
+    return int(kids[0])
+
+
+def stop_inner(d, sig):
+    """unshare does not pass SIGTERM on: signal the imdsd inside, then reap unshare."""
+    os.kill(inner_pid(d), sig)
+    rc = d.proc.wait(10 * harness.SCALE)
+    d.stopped = True
+    d.logf.close()
+    if sig == signal.SIGTERM:
+        harness.check_tool_output(d.log(), d.vg_log())
+        assert rc == 0, f"{d.name} exited with {rc}"
+
+
+def test_arc_instances_share_a_key_dir(ctx):
+    """Two imdsd that are both pid 1 (two containers) on one key directory: the second start leaves
+    the first's live key files; a killed one's files go at the next start, a live one's stay."""
+    kd = key_dir(ctx)
+    extra = ["--arc-key-dir", kd]
+    d1 = ctx.daemon(extra=extra, prefix=PIDNS)
+    inner_pid(d1)
+    path1, path1b = challenge(d1), challenge(d1)
+    d2 = ctx.daemon(extra=extra, prefix=PIDNS)
+    path2 = challenge(d2)
+    assert os.path.exists(path1) and os.path.exists(path1b), sorted(os.listdir(kd))
+    r = request(d1.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(path1).read()})
+    harness.assert_token_ok(r)
+    stop_inner(d1, signal.SIGKILL)                 # a crash: path1b stays behind
+    assert os.path.exists(path1b)
+    d3 = ctx.daemon(extra=extra, prefix=PIDNS)
+    assert not os.path.exists(path1b), "a dead instance's key file left"
+    assert os.path.exists(path2), "a live instance's key file removed"
+    r = request(d2.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(path2).read()})
+    harness.assert_token_ok(r)
+    challenge(d3)
+    stop_inner(d2, signal.SIGTERM)
+    stop_inner(d3, signal.SIGTERM)
+    assert not os.listdir(kd), sorted(os.listdir(kd))

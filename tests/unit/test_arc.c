@@ -6,7 +6,10 @@
 #include "unit.h"
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -269,6 +272,112 @@ static void t_dir_writers(void **state)
     rmdir(dir);
 }
 
+static int exists(const char *dir, const char *name)
+{
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    return access(p, F_OK) == 0;
+}
+
+static void touch(const char *dir, const char *name)
+{
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    int fd = open(p, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    assert_true(fd >= 0);
+    close(fd);
+}
+
+/* A child process with its own arc in dir: writes its key file's path to fd, then waits to be
+ * killed (a crash: nothing is cleaned up). */
+static pid_t instance_in_child(const char *dir, int fd)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        uv_loop_t loop;
+        uv_loop_init(&loop);
+        char err[256];
+        struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+        struct got g = {{0}, 0};
+        if (a && arc_challenge(a, on_key, &g))
+            while (g.calls == 0)
+                uv_run(&loop, UV_RUN_ONCE);
+        if (write(fd, g.path, strlen(g.path) + 1) < 0)
+            _exit(1);
+        for (;;)
+            pause();
+    }
+    return pid;
+}
+
+/* Two instances on one directory, in one process (the same pid, as two containers' pid 1s are):
+ * the second start leaves the first's live key files alone. The files of dead instances go: one
+ * killed with SIGKILL, one whose lock file is left unlocked, an older imdsd's pid-named ones; a
+ * live child's stay until it dies; names that are not imdsd's are never touched. */
+static void t_instances(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/imdsd-arc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256];
+    struct got ga = {{0}, 0}, gb = {{0}, 0};
+    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(a);
+    challenge(&loop, a, &ga);
+    struct arc *b = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(b);
+    assert_int_equal(access(ga.path, F_OK), 0); /* a's key survived b's start */
+    challenge(&loop, b, &gb);
+    assert_int_equal(files_in(dir), 4); /* two keys, two locks */
+
+    /* a dead instance's lock and key, an older imdsd's key, and files that are not imdsd's */
+    touch(dir, "imdsd-0123456789abcdef.lock");
+    touch(dir, "imdsd-0123456789abcdef-0011223344556677.key");
+    touch(dir, "imdsd-4242-0011223344556677.key");
+    touch(dir, "imdsd-fedcba9876543210-0011223344556677.key"); /* its lock is gone */
+    touch(dir, "other.key");
+    touch(dir, "imdsd-xyz.lock");
+    /* a live instance in another process, then the same killed */
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t child = instance_in_child(dir, fds[1]);
+    char cpath[4096] = "";
+    assert_true(read(fds[0], cpath, sizeof cpath) > 0);
+    close(fds[0]);
+    close(fds[1]);
+    assert_true(cpath[0] == '/');
+    struct arc *c = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(c);
+    assert_int_equal(access(cpath, F_OK), 0); /* the child lives: its key stays */
+    assert_false(exists(dir, "imdsd-0123456789abcdef.lock"));
+    assert_false(exists(dir, "imdsd-0123456789abcdef-0011223344556677.key"));
+    assert_false(exists(dir, "imdsd-4242-0011223344556677.key"));
+    assert_false(exists(dir, "imdsd-fedcba9876543210-0011223344556677.key"));
+    assert_true(exists(dir, "other.key") && exists(dir, "imdsd-xyz.lock"));
+    assert_int_equal(access(ga.path, F_OK), 0);
+    assert_int_equal(access(gb.path, F_OK), 0);
+    kill(child, SIGKILL);
+    assert_int_equal(waitpid(child, NULL, 0), child);
+    struct arc *d = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(d);
+    assert_int_equal(access(cpath, F_OK), -1);  /* dead now: its key and lock are gone */
+    assert_int_equal(files_in(dir), 4 + 2 + 2); /* 4 locks, the keys of a and b, not imdsd's */
+
+    arc_free(a);
+    arc_free(b);
+    arc_free(c);
+    arc_free(d);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(files_in(dir), 2);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    unlink(strcat(strcpy(cpath, dir), "/other.key"));
+    unlink(strcat(strcpy(cpath, dir), "/imdsd-xyz.lock"));
+    rmdir(dir);
+}
+
 static void t_bad_dir(void **state)
 {
     (void)state;
@@ -288,6 +397,7 @@ int main(void)
     add("arc", "the wall clock stepped does not move expiry", t_wall_clock, NULL);
     add("arc", "a setgid directory's group is not the key files'", t_setgid_dir, NULL);
     add("arc", "a directory others can write is refused", t_dir_writers, NULL);
+    add("arc", "instances sharing a directory", t_instances, NULL);
     add("arc", "a bad directory", t_bad_dir, NULL);
     return _cmocka_run_group_tests("arc", tests, ntests, NULL, NULL);
 }
