@@ -17,6 +17,7 @@
 
 #include "imds.h"
 #include "log.h"
+#include "metrics.h"
 #include "util.h"
 
 struct arc_key {
@@ -33,7 +34,9 @@ struct arc {
     char id[ARC_ID_HEX + 1]; /* this instance, in every file name it makes */
     int lock_fd;             /* imdsd-ID.lock, flock()ed while this instance lives */
     struct arc_key keys[ARC_MAX_KEYS];
-    unsigned next; /* the slot the next key takes (the oldest when all are live) */
+    unsigned making;      /* challenges admitted whose key is not made yet: they hold a slot */
+    uint64_t second_ms;   /* when the current second of ARC_MAX_PER_S began (monotonic) */
+    unsigned this_second; /* challenges admitted in it */
     uv_timer_t sweep;
     int closing, pending; /* challenges and unlinks in flight */
 };
@@ -307,20 +310,26 @@ static void made_key(uv_work_t *w, int status)
     struct arc_challenge *ch = w->data;
     struct arc *a = ch->arc;
     a->pending--;
+    a->making--;
     if (status < 0 && !ch->failed)
         ch->failed = ECANCELED;
     if (!ch->failed && (ch->canceled || a->closing)) {
         remove_file(a, ch->path); /* nobody will read it: the client went away meanwhile */
         ch->failed = ECANCELED;
     }
+    struct arc_key *k = NULL;
+    for (unsigned i = 0; !ch->failed && !k && i < ARC_MAX_KEYS; i++)
+        if (!a->keys[i].live)
+            k = &a->keys[i]; /* there is one: admit counted this key in making */
+    if (!ch->failed && !k) {
+        remove_file(a, ch->path);
+        ch->failed = ENOSPC;
+    }
     if (!ch->failed) {
-        struct arc_key *k = &a->keys[a->next];
-        drop(a, k); /* the oldest, when ARC_MAX_KEYS are outstanding */
         snprintf(k->path, sizeof k->path, "%s", ch->path);
         memcpy(k->key, ch->key, sizeof k->key);
         k->expires_ms = now_ms() + ARC_KEY_TTL_MS;
         k->live = 1;
-        a->next = (a->next + 1) % ARC_MAX_KEYS;
     } else if (ch->failed != ECANCELED) {
         log_warn("arc_key_failed", "dir=%s error=\"%s\"", a->dir, strerror(ch->failed));
     }
@@ -331,8 +340,42 @@ static void made_key(uv_work_t *w, int status)
     maybe_free(a);
 }
 
-struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg)
+/* Whether a new challenge may have a key: a slot (ARC_MAX_KEYS count the live keys and the keys
+ * being made; expired ones are dropped here) and room in this second's ARC_MAX_PER_S. Refused
+ * before any allocation or file: a flood costs a scan of the slots per request, and it can never
+ * push out a key that a slower client is about to read. */
+static int admit(struct arc *a)
 {
+    uint64_t now = now_ms();
+    if (now - a->second_ms >= 1000) {
+        a->second_ms = now;
+        a->this_second = 0;
+    }
+    unsigned live = 0;
+    for (unsigned i = 0; i < ARC_MAX_KEYS; i++) {
+        struct arc_key *k = &a->keys[i];
+        if (k->live && now >= k->expires_ms)
+            drop(a, k);
+        live += k->live;
+    }
+    const char *why = live + a->making >= ARC_MAX_KEYS  ? "max_keys"
+                      : a->this_second >= ARC_MAX_PER_S ? "max_per_second"
+                                                        : NULL;
+    if (!why) {
+        a->this_second++;
+        return 1;
+    }
+    if (log_sampled(&metrics.arc_challenges_refused))
+        log_warn("arc_challenge_refused", "reason=%s live=%u making=%u refused_total=%llu", why,
+                 live, a->making, (unsigned long long)metrics.arc_challenges_refused);
+    return 0;
+}
+
+struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg, int *refused)
+{
+    *refused = !admit(a);
+    if (*refused)
+        return NULL;
     struct arc_challenge *ch = xcalloc(1, sizeof *ch);
     unsigned char rnd[ARC_KEY_HEX / 2 + 8];
     ch->arc = a;
@@ -350,6 +393,7 @@ struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg)
     }
     secret_zero(rnd, sizeof rnd);
     a->pending++;
+    a->making++;
     if (ch->failed || uv_queue_work(a->loop, &ch->work, make_key, made_key) < 0) {
         ch->failed = ch->failed ? ch->failed : EAGAIN;
         ch->canceled = 1; /* the caller answers at once: no callback */

@@ -3,12 +3,15 @@ reach loopback, so each token request first gets 401 with WWW-Authenticate: Basi
 file> that only imdsd's user and the group can read; the answer Authorization: Basic <key> is good
 once, for a minute. The real Python and JavaScript clients (IDENTITY_ENDPOINT + IMDS_ENDPOINT) get
 tokens; a second Unix user outside the group gets none."""
+import http.client
 import os
 import signal
 import sys
+import threading
+import time
 
 import harness
-from harness import CLIENT_ID, free_port, request, token_url, unprivileged_prefix
+from harness import CLIENT_ID, free_port, log_events, request, token_url, unprivileged_prefix
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "compat"))
 import sdk_clients as sdk  # noqa: E402
@@ -54,12 +57,7 @@ def test_arc_challenge_rules(ctx):
     assert r.status == 401, "a key was good twice"
     # no Metadata: still IMDS's 400 first, and no key file for it
     assert request(d.port, token_url()).status == 400
-    # a flood of challenges cannot fill the directory
-    for _ in range(300):
-        challenge(d)
-    # (the oldest key's file is removed off the loop: wait for it)
-    harness.wait_for(lambda: len([f for f in os.listdir(kd) if f.endswith(".key")]) <= 256, 3,
-                     "at most 256 key files")
+    # (a flood of challenges: test_arc_flood)
     d.stop()
     harness.wait_for(lambda: not os.listdir(kd), 3, "the key files removed at shutdown")
 
@@ -149,3 +147,85 @@ def test_arc_instances_share_a_key_dir(ctx):
     stop_inner(d2, signal.SIGTERM)
     stop_inner(d3, signal.SIGTERM)
     assert not os.listdir(kd), sorted(os.listdir(kd))
+
+
+def key_files(kd):
+    return [f for f in os.listdir(kd) if f.endswith(".key")]
+
+
+def flood(port, seconds=None, count=None):
+    """Challenges on one keep-alive connection as fast as Python sends them, for seconds or count
+    requests; returns ({status: n}, requests per second). Every refusal is checked: 429, Retry-After
+    1, IMDS's JSON error."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    got, n, t0 = {}, 0, time.monotonic()
+    while (count is None or n < count) and (seconds is None or time.monotonic() - t0 < seconds):
+        conn.request("GET", token_url(), headers={"Metadata": "true"})
+        r = conn.getresponse()
+        body = r.read()
+        got[r.status] = got.get(r.status, 0) + 1
+        n += 1
+        if r.status == 429:
+            assert r.getheader("Retry-After") == "1" and b'"error":"too_many_requests"' in body, (r.headers, body)
+        else:
+            assert r.status == 401 and r.getheader("WWW-Authenticate", "").startswith("Basic realm="), r.status
+    conn.close()
+    return got, n / (time.monotonic() - t0)
+
+
+def test_arc_flood(ctx):
+    """A local flood of challenges (no key ever read) cannot push out a slower client's key: past 100
+    new keys a second, and once 256 keys are live, challenges get 429 with Retry-After: 1, counted in
+    imdsd_arc_challenges_refused_total and logged once per 1000. The victim reads its key after the
+    flood and still gets its token."""
+    kd = key_dir(ctx)
+    hp = free_port()
+    d = ctx.daemon(extra=["--arc-key-dir", kd, "--health-listen", f"127.0.0.1:{hp}"], log_level="info")
+    victim = challenge(d)
+    got, rate = flood(d.port, seconds=3.5)
+    print(f"flood: {sum(got.values())} challenges at {rate:.0f}/s: {got}; {len(key_files(kd))} key files")
+    assert os.path.exists(victim), "the flood took the victim's key"
+    r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(victim).read()})
+    harness.assert_token_ok(r)
+    assert got.get(401, 0) + 1 <= 256 and got.get(401, 0) + 1 >= 255, got   # 100 a second, then full
+    assert got.get(429, 0) > 1000 and len(key_files(kd)) <= 256, got
+    # every slot live: every challenge refused, the file count stays
+    more, _ = flood(d.port, count=2000)
+    assert more.get(401, 0) <= 1 and len(key_files(kd)) <= 256, more
+    refused = got.get(429, 0) + more.get(429, 0)
+    text = request(hp, "/metrics").body.decode()
+    assert f"\nimdsd_arc_challenges_refused_total {refused}\n" in text, \
+        [l for l in text.splitlines() if "arc" in l]
+    lines = log_events(d.log(), "arc_challenge_refused")
+    assert len(lines) == (refused + 999) // 1000, (len(lines), refused)
+    assert lines[-1]["refused_total"] == str((len(lines) - 1) * 1000 + 1), lines[-1]
+    assert lines[0]["reason"] == "max_per_second" and lines[-1]["reason"] == "max_keys", lines
+
+
+def test_arc_sdk_retries_a_refused_challenge(ctx):
+    """The real Python client, refused while every slot holds a live key, retries after Retry-After
+    and gets its token once keys are used and slots free up."""
+    kd = key_dir(ctx)
+    d = ctx.daemon(extra=["--arc-key-dir", kd, "--arc-key-group", str(GROUP)])
+    paths = []
+    while len(paths) < 256:
+        r = request(d.port, token_url(), {"Metadata": "true"})
+        if r.status == 401:
+            paths.append(r.headers["www-authenticate"].split("=", 1)[1])
+        else:
+            assert r.status == 429, r
+            time.sleep(0.05)
+    env = sdk.arc_env(ctx, d.port)
+    refusals = lambda: len([e for e in log_events(d.log(), "request_rejected") if e["status"] == "429"])  # noqa: E731
+    before = refusals()
+    res = []
+    t = threading.Thread(target=lambda: res.append(sdk.run_py(ctx, MIC, [ARM], env)))
+    t.start()
+    harness.wait_for(lambda: refusals() > before, 10, "the client's challenge refused")
+    for p in paths[:5]:     # five clients answer their challenges: five slots free
+        r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(p).read()})
+        harness.assert_token_ok(r)
+    t.join(60)
+    assert res, "the client did not finish"
+    check_tokens(ctx, d.tenant, res[0], CLIENT_ID)
+    assert res[0][0]["process_seconds"] >= 0.9, res[0]   # it waited out a Retry-After

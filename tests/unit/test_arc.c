@@ -2,7 +2,8 @@
  * under the test's control (--wrap=now_ms,--wrap=now_wall_ms): a key is good once, for
  * ARC_KEY_TTL_MS of the monotonic clock whatever the wall clock does, in constant-time comparison
  * with every live key; files are 0640 and removed after use, expiry and arc_free; at most
- * ARC_MAX_KEYS are outstanding. */
+ * ARC_MAX_KEYS are outstanding and ARC_MAX_PER_S made a second, and a flood beyond is refused
+ * without touching a live key. */
 #include "unit.h"
 
 #include <dirent.h>
@@ -14,6 +15,7 @@
 #include <uv.h>
 
 #include "arc.h"
+#include "metrics.h"
 
 static uint64_t fake_now = 5000000; /* the monotonic clock: counts from boot */
 static int64_t fake_wall = 1700000000000;
@@ -72,8 +74,9 @@ static int verify(struct arc *a, const char *key)
 
 static void challenge(uv_loop_t *loop, struct arc *a, struct got *g)
 {
-    int before = g->calls;
-    assert_non_null(arc_challenge(a, on_key, g));
+    int before = g->calls, refused = -1;
+    assert_non_null(arc_challenge(a, on_key, g, &refused));
+    assert_int_equal(refused, 0);
     while (g->calls == before)
         uv_run(loop, UV_RUN_ONCE);
     assert_true(g->path[0] != 0);
@@ -138,14 +141,104 @@ static void t_keys(void **state)
     assert_false(verify(a, key)); /* expired */
     assert_true(verify(a, key2)); /* younger: still good */
 
-    /* at most ARC_MAX_KEYS outstanding: the oldest go */
-    for (int i = 0; i < ARC_MAX_KEYS + 20; i++)
-        challenge(&loop, a, &g);
-    for (int i = 0; i < 1000 && files_in(dir) > ARC_MAX_KEYS + 1; i++)
-        uv_run(&loop, UV_RUN_ONCE);
-    assert_true(files_in(dir) <= ARC_MAX_KEYS + 1); /* + the expired one until the sweep */
-
+    /* (at most ARC_MAX_KEYS outstanding: t_flood) */
     /* arc_free removes every file */
+    arc_free(a);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(files_in(dir), 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rmdir(dir);
+}
+
+/* One challenge: 1 when admitted (the key is then made, into g), 0 when refused. */
+static int try_challenge(uv_loop_t *loop, struct arc *a, struct got *g)
+{
+    int before = g->calls, refused = -1;
+    struct arc_challenge *ch = arc_challenge(a, on_key, g, &refused);
+    assert_true(refused == 0 || refused == 1);
+    assert_int_equal(ch == NULL, refused); /* a refusal has no callback */
+    while (ch && g->calls == before)
+        uv_run(loop, UV_RUN_ONCE);
+    return ch != NULL;
+}
+
+static int key_files(const char *dir)
+{
+    DIR *d = opendir(dir);
+    int n = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        n += strlen(e->d_name) > 4 && strcmp(e->d_name + strlen(e->d_name) - 4, ".key") == 0;
+    if (d)
+        closedir(d);
+    return n;
+}
+
+/* A flood of challenges (any local user can send one) fills the slots and is then refused: it
+ * never drops the key a slower client was given first, which stays good for its whole lifetime.
+ * Past ARC_MAX_PER_S a second, challenges are refused too; keys being made hold their slots;
+ * a key used or expired frees its slot; every refusal is counted. */
+static void t_flood(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/imdsd-arc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256];
+    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(a);
+    uint64_t refused0 = metrics.arc_challenges_refused;
+    fake_now += 1000; /* a new second */
+    struct got victim = {{0}, 0}, g = {{0}, 0};
+    challenge(&loop, a, &victim);
+    char vkey[ARC_KEY_HEX + 1];
+    snprintf(vkey, sizeof vkey, "%s", read_key(victim.path));
+
+    /* ARC_MAX_PER_S a second: the victim's and 99 more; then refusals until the next second */
+    int made = 1;
+    while (made < 2 * ARC_MAX_PER_S && try_challenge(&loop, a, &g))
+        made++;
+    assert_int_equal(made, ARC_MAX_PER_S);
+    assert_false(try_challenge(&loop, a, &g));
+    assert_int_equal(metrics.arc_challenges_refused - refused0, 2);
+    /* the next seconds until every slot is live, then the flood is refused, however long */
+    for (int s = 0; made < ARC_MAX_KEYS && s < ARC_MAX_KEYS; s++) {
+        fake_now += 1000;
+        while (made < ARC_MAX_KEYS && try_challenge(&loop, a, &g))
+            made++;
+    }
+    uint64_t before = metrics.arc_challenges_refused;
+    int flood = 0;
+    for (int s = 0; s < 5; s++, fake_now += 1000)
+        for (int i = 0; i < 2000; i++)
+            flood += try_challenge(&loop, a, &g);
+    assert_int_equal(key_files(dir), ARC_MAX_KEYS);
+    assert_true(verify(a, vkey)); /* 5 s and 10,000 challenges later */
+    assert_int_equal(flood, 0);
+    assert_int_equal(metrics.arc_challenges_refused - before, 5 * 2000);
+    assert_true(try_challenge(&loop, a, &g)); /* its slot is free again */
+    assert_false(try_challenge(&loop, a, &g));
+
+    /* keys expire: their slots are free, the files go */
+    fake_now += ARC_KEY_TTL_MS;
+    assert_true(try_challenge(&loop, a, &g));
+    for (int i = 0; i < 1000 && key_files(dir) > 1; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(key_files(dir), 1);
+
+    /* keys being made hold their slots: a burst before the loop runs is bounded alike */
+    fake_now += ARC_KEY_TTL_MS; /* the last one expires too */
+    struct got burst = {{0}, 0};
+    int admitted = 0, refused = 0;
+    for (int s = 0; s < 4; s++, fake_now += 1000)
+        for (int i = 0; i < ARC_MAX_PER_S; i++)
+            admitted += arc_challenge(a, on_key, &burst, &refused) != NULL;
+    assert_int_equal(admitted, ARC_MAX_KEYS);
+    while (burst.calls < ARC_MAX_KEYS)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(key_files(dir), ARC_MAX_KEYS);
+
     arc_free(a);
     uv_run(&loop, UV_RUN_DEFAULT);
     assert_int_equal(files_in(dir), 0);
@@ -300,7 +393,8 @@ static pid_t instance_in_child(const char *dir, int fd)
         char err[256];
         struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
         struct got g = {{0}, 0};
-        if (a && arc_challenge(a, on_key, &g))
+        int refused;
+        if (a && arc_challenge(a, on_key, &g, &refused))
             while (g.calls == 0)
                 uv_run(&loop, UV_RUN_ONCE);
         if (write(fd, g.path, strlen(g.path) + 1) < 0)
@@ -394,6 +488,7 @@ static void t_bad_dir(void **state)
 int main(void)
 {
     add("arc", "keys: once, expiry, bound, removal", t_keys, NULL);
+    add("arc", "a flood is refused, a live key never dropped", t_flood, NULL);
     add("arc", "the wall clock stepped does not move expiry", t_wall_clock, NULL);
     add("arc", "a setgid directory's group is not the key files'", t_setgid_dir, NULL);
     add("arc", "a directory others can write is refused", t_dir_writers, NULL);
