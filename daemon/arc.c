@@ -20,8 +20,11 @@
 #include "metrics.h"
 #include "util.h"
 
+/* a key file's name: imdsd-ID-RANDOM.key */
+#define KEY_NAME_MAX (sizeof "imdsd--.key" + ARC_ID_HEX + 16)
+
 struct arc_key {
-    char path[PATH_MAX];
+    char name[KEY_NAME_MAX]; /* in the directory (not the path: 256 slots stay 40 KiB) */
     char key[ARC_KEY_HEX + 1];
     uint64_t expires_ms; /* monotonic: a wall clock stepped back must not extend a key */
     int live;
@@ -98,7 +101,9 @@ static void drop(struct arc *a, struct arc_key *k)
         return;
     k->live = 0;
     secret_zero(k->key, sizeof k->key);
-    remove_file(a, k->path);
+    char p[PATH_MAX];
+    snprintf(p, sizeof p, "%s/%s", a->dir, k->name);
+    remove_file(a, p);
 }
 
 static void on_sweep(uv_timer_t *t)
@@ -326,7 +331,7 @@ static void made_key(uv_work_t *w, int status)
         ch->failed = ENOSPC;
     }
     if (!ch->failed) {
-        snprintf(k->path, sizeof k->path, "%s", ch->path);
+        snprintf(k->name, sizeof k->name, "%s", ch->path + strlen(a->dir) + 1);
         memcpy(k->key, ch->key, sizeof k->key);
         k->expires_ms = now_ms() + ARC_KEY_TTL_MS;
         k->live = 1;

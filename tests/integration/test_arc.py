@@ -149,6 +149,11 @@ def test_arc_instances_share_a_key_dir(ctx):
     assert not os.listdir(kd), sorted(os.listdir(kd))
 
 
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
+
+
 def key_files(kd):
     return [f for f in os.listdir(kd) if f.endswith(".key")]
 
@@ -182,8 +187,13 @@ def test_arc_flood(ctx):
     hp = free_port()
     d = ctx.daemon(extra=["--arc-key-dir", kd, "--health-listen", f"127.0.0.1:{hp}"], log_level="info")
     victim = challenge(d)
+    rss0, cpu0 = rss_kib(d.pid), harness.cpu_seconds(d.pid)
     got, rate = flood(d.port, seconds=3.5)
-    print(f"flood: {sum(got.values())} challenges at {rate:.0f}/s: {got}; {len(key_files(kd))} key files")
+    rss1, cpu = rss_kib(d.pid), harness.cpu_seconds(d.pid) - cpu0
+    print(f"flood: {sum(got.values())} challenges at {rate:.0f}/s: {got}; {len(key_files(kd))} key files; "
+          f"imdsd {cpu:.2f} s CPU, RSS {rss0} -> {rss1} KiB")
+    if not harness.LABEL and not harness.VALGRIND:   # a refusal allocates nothing that stays
+        assert rss1 - rss0 < 256, (rss0, rss1)
     assert os.path.exists(victim), "the flood took the victim's key"
     r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(victim).read()})
     harness.assert_token_ok(r)
