@@ -212,11 +212,10 @@ def test_arc_flood(ctx):
     assert lines[0]["reason"] == "max_per_second" and lines[-1]["reason"] == "max_keys", lines
 
 
-def test_arc_sdk_retries_a_refused_challenge(ctx):
-    """The real Python client, refused while every slot holds a live key, retries after Retry-After
-    and gets its token once keys are used and slots free up."""
-    kd = key_dir(ctx)
-    d = ctx.daemon(extra=["--arc-key-dir", kd, "--arc-key-group", str(GROUP)])
+def refused_then_freed(d, run_client):
+    """Fills every key slot (at 100 a second), runs run_client() in a thread, and once its challenge
+    has been refused, answers five of the filling challenges so that five slots free up; returns
+    what run_client returned."""
     paths = []
     while len(paths) < 256:
         r = request(d.port, token_url(), {"Metadata": "true"})
@@ -225,17 +224,25 @@ def test_arc_sdk_retries_a_refused_challenge(ctx):
         else:
             assert r.status == 429, r
             time.sleep(0.05)
-    env = sdk.arc_env(ctx, d.port)
     refusals = lambda: len([e for e in log_events(d.log(), "request_rejected") if e["status"] == "429"])  # noqa: E731
     before = refusals()
     res = []
-    t = threading.Thread(target=lambda: res.append(sdk.run_py(ctx, MIC, [ARM], env)))
+    t = threading.Thread(target=lambda: res.append(run_client()))
     t.start()
     harness.wait_for(lambda: refusals() > before, 10, "the client's challenge refused")
-    for p in paths[:5]:     # five clients answer their challenges: five slots free
+    for p in paths[:5]:
         r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(p).read()})
         harness.assert_token_ok(r)
     t.join(60)
     assert res, "the client did not finish"
-    check_tokens(ctx, d.tenant, res[0], CLIENT_ID)
-    assert res[0][0]["process_seconds"] >= 0.9, res[0]   # it waited out a Retry-After
+    return res[0]
+
+
+def test_arc_sdk_retries_a_refused_challenge(ctx):
+    """The real Python client, refused while every slot holds a live key, retries after Retry-After
+    and gets its token once keys are used and slots free up."""
+    kd = key_dir(ctx)
+    d = ctx.daemon(extra=["--arc-key-dir", kd, "--arc-key-group", str(GROUP)])
+    res = refused_then_freed(d, lambda: sdk.run_py(ctx, MIC, [ARM], sdk.arc_env(ctx, d.port)))
+    check_tokens(ctx, d.tenant, res, CLIENT_ID)
+    assert res[0]["process_seconds"] >= 0.9, res   # it waited out a Retry-After
