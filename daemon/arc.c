@@ -24,7 +24,7 @@
 #define KEY_NAME_MAX (sizeof "imdsd--.key" + ARC_ID_HEX + 16)
 
 struct arc_key {
-    char name[KEY_NAME_MAX]; /* in the directory (not the path: 256 slots stay 40 KiB) */
+    char name[KEY_NAME_MAX]; /* in the directory (not the path: the 256 slots take 32 KiB) */
     char key[ARC_KEY_HEX + 1];
     uint64_t expires_ms; /* monotonic: a wall clock stepped back must not extend a key */
     int live;
