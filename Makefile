@@ -35,8 +35,8 @@ LLHTTP_SRCS = $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c $(LLHTTP_SRC)/llhttp.c
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 # test_buf searches every block freed for what the buffers held
 UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
-# test_arc sets the wall clock
-UNIT_LDFLAGS_test_arc = -Wl,--wrap=now_wall_ms
+# test_arc sets the monotonic clock (keys expire by it) and the wall clock (to show they do not)
+UNIT_LDFLAGS_test_arc = -Wl,--wrap=now_ms,--wrap=now_wall_ms
 
 # Anything that compiles first checks the build packages, and names the missing ones in one line
 # (demo, check, check-full and bench install them first, then build in a new make).

@@ -178,12 +178,18 @@ static int arc_check(struct endpoints *ep, struct http_conn *c, const struct htt
     }
     struct arc_wait *w = xmalloc(sizeof *w);
     w->conn = c;
-    w->ch = arc_challenge(ep->arc, on_arc_key, w);
+    int refused;
+    w->ch = arc_challenge(ep->arc, on_arc_key, w, &refused);
     if (!w->ch) {
         free(w);
-        struct imds_error e = {503, "service_unavailable", "Cannot create the Azure Arc key file",
-                               5};
-        send_error(c, &e, SHAPE_IMDS);
+        /* a flood of challenges (any local user may send one): what IMDS answers when it
+         * throttles, which the SDKs retry after Retry-After */
+        struct imds_error busy = {429, "too_many_requests",
+                                  "Too many Azure Arc challenges are outstanding; retry later",
+                                  ARC_RETRY_AFTER_S};
+        struct imds_error fail = {503, "service_unavailable",
+                                  "Cannot create the Azure Arc key file", 5};
+        send_error(c, refused ? &busy : &fail, SHAPE_IMDS);
         return 0;
     }
     http_conn_on_abort(c, on_arc_abort, w);

@@ -146,9 +146,9 @@ const char *token_state_name(enum token_state s)
 }
 
 /* the Azure Arc challenge is off (ep.arc is NULL): none of these may run */
-struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg)
+struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg, int *refused)
 {
-    (void)a, (void)done, (void)arg;
+    (void)a, (void)done, (void)arg, (void)refused;
     __builtin_trap();
 }
 
