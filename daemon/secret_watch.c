@@ -19,7 +19,7 @@ struct secret_watch {
     unsigned overlap_s;
     char cur[CONFIG_MAX_SECRET + 1], prev[CONFIG_MAX_SECRET + 1];
     size_t cur_len, prev_len;
-    int64_t prev_until_ms;
+    uint64_t prev_until_ms; /* now_ms(), monotonic: a duration, not a date */
     uv_timer_t timer;
     uv_fs_t req;
     int fd;
@@ -67,7 +67,7 @@ static void finish(struct secret_watch *sw, ssize_t n)
             secret_zero(sw->prev, sizeof sw->prev);
             memcpy(sw->prev, sw->cur, sw->cur_len);
             sw->prev_len = sw->cur_len;
-            sw->prev_until_ms = now_wall_ms() + (int64_t)sw->overlap_s * 1000;
+            sw->prev_until_ms = now_ms() + (uint64_t)sw->overlap_s * 1000u;
             secret_zero(sw->cur, sizeof sw->cur);
             memcpy(sw->cur, sw->rbuf + start, len);
             sw->cur_len = len;
@@ -163,11 +163,11 @@ struct secret_watch *secret_watch_new(uv_loop_t *loop, const char *path, const c
     return sw;
 }
 
-int secret_watch_get(const struct secret_watch *sw, int64_t now_ms, struct imds_secret out[2])
+int secret_watch_get(const struct secret_watch *sw, struct imds_secret out[2])
 {
     out[0].value = sw->cur;
     out[0].len = sw->cur_len;
-    if (sw->prev_len && now_ms < sw->prev_until_ms) {
+    if (sw->prev_len && now_ms() < sw->prev_until_ms) {
         out[1].value = sw->prev;
         out[1].len = sw->prev_len;
         return 2;

@@ -21,8 +21,10 @@ struct secret_watch;
 struct secret_watch *secret_watch_new(uv_loop_t *loop, const char *path, const char *secret,
                                       size_t len, unsigned overlap_s);
 /* The secrets a request may present now: the current one, then the previous one during its
- * overlap. Returns how many (1 or 2) are in out (valid until control returns to the loop). */
-int secret_watch_get(const struct secret_watch *sw, int64_t now_ms, struct imds_secret out[2]);
+ * overlap. Returns how many (1 or 2) are in out (valid until control returns to the loop). The
+ * overlap is counted on the monotonic clock (now_ms), read here rather than passed in: a wall
+ * clock stepped back by NTP or an operator must not keep a rotated-out secret valid longer. */
+int secret_watch_get(const struct secret_watch *sw, struct imds_secret out[2]);
 /* Reads the file again now (SIGHUP). */
 void secret_watch_reload(struct secret_watch *sw);
 /* Zeroes the secrets; frees once the handles have closed (the loop must run). */
