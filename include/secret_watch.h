@@ -1,8 +1,10 @@
 /* secret_watch.h - the App Service shared secret (--identity-header-file), followed as it rotates.
  * A Kubernetes Secret volume is rewritten the way the kubelet writes the projected token (a new
  * ..data directory swapped in); applications that read IDENTITY_HEADER from their environment keep
- * the old value until they restart. So a new secret takes effect at once and the previous one
- * stays valid for an overlap (--identity-header-overlap). */
+ * the old value until they restart. So a new secret takes effect as soon as it is read (twice,
+ * below) and the previous one stays valid for an overlap (--identity-header-overlap). A changed
+ * file is taken only once it reads the same SECRET_SETTLE_MS later: never a file caught
+ * half-written. */
 #ifndef IMDSD_SECRET_WATCH_H
 #define IMDSD_SECRET_WATCH_H
 
@@ -13,6 +15,9 @@
 #include "imds.h"
 
 #define SECRET_REREAD_MS 5000 /* the file is re-read this often (and on SIGHUP) */
+/* a change is taken when a read this much later finds the same: a rotation takes effect within
+ * SECRET_REREAD_MS + SECRET_SETTLE_MS (about SECRET_SETTLE_MS after a SIGHUP) */
+#define SECRET_SETTLE_MS 1000
 
 struct secret_watch;
 

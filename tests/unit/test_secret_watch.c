@@ -1,7 +1,9 @@
 /* test_secret_watch.c - the --identity-header-file follower on a real loop and a real file, with
  * both clocks under the test's control (--wrap=now_ms,--wrap=now_wall_ms) and its log captured
  * (fd 2): the previous secret's overlap is counted on the monotonic clock, so a wall clock stepped
- * either way neither extends nor cuts it. */
+ * either way neither extends nor cuts it; a file caught half-written (truncated, then written in
+ * two steps) is never taken, and the previous secret keeps its overlap; a file that turns empty,
+ * too long, unreadable or missing keeps the current secret, logged once, by length only. */
 #include "unit.h"
 
 #include <fcntl.h>
@@ -11,6 +13,7 @@
 
 #include "log.h"
 #include "secret_watch.h"
+#include "util.h"
 
 static uint64_t fake_mono = 5000000;
 static int64_t fake_wall = 1700000000000;
@@ -32,6 +35,7 @@ int64_t __wrap_now_wall_ms(void)
 struct fx {
     char dir[32], path[64], log[64];
     uv_loop_t loop;
+    uv_timer_t alive; /* the watch's timers do not keep a loop running: in imdsd the server does */
     struct secret_watch *sw;
     int saved_stderr;
 };
@@ -51,6 +55,7 @@ static void fx_free(void *arg)
 {
     struct fx *f = arg;
     secret_watch_free(f->sw);
+    uv_close((uv_handle_t *)&f->alive, NULL);
     uv_run(&f->loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&f->loop), 0);
     /* the captured log back on the real stderr: run-unit.sh shows it when a test fails */
@@ -70,6 +75,11 @@ static void fx_free(void *arg)
     free(f);
 }
 
+static void never(uv_timer_t *t)
+{
+    (void)t;
+}
+
 static struct fx *fx_new(const char *secret, unsigned overlap_s)
 {
     struct fx *f = calloc(1, sizeof *f);
@@ -87,6 +97,8 @@ static struct fx *fx_new(const char *secret, unsigned overlap_s)
     close(fd);
     log_min_level = LOG_DEBUG;
     uv_loop_init(&f->loop);
+    uv_timer_init(&f->loop, &f->alive);
+    assert_int_equal(uv_timer_start(&f->alive, never, 3600 * 1000, 0), 0);
     f->sw = secret_watch_new(&f->loop, f->path, secret, strlen(secret), overlap_s);
     return defer(fx_free, f);
 }
@@ -118,6 +130,182 @@ static void wait_current(struct fx *f, const char *s)
         usleep(1000);
     }
     assert_true(is_current(f, s));
+}
+
+/* The log so far (static: valid until the next call). */
+static const char *log_text(struct fx *f)
+{
+    static char text[1 << 16];
+    fflush(stderr);
+    FILE *l = fopen(f->log, "r");
+    assert_non_null(l);
+    size_t n = fread(text, 1, sizeof text - 1, l);
+    fclose(l);
+    text[n] = 0;
+    return text;
+}
+
+static int count(const char *text, const char *needle)
+{
+    int n = 0;
+    for (const char *p = text; (p = strstr(p, needle)); p++)
+        n++;
+    return n;
+}
+
+/* Runs the loop until the log holds needle (n times), checking on every turn that the current
+ * secret is still cur and that old is still accepted. */
+static void pump_until_log(struct fx *f, const char *needle, int n, const char *cur,
+                           const char *old)
+{
+    for (int i = 0; i < 5000 && count(log_text(f), needle) < n; i++) {
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+        assert_true(is_current(f, cur));
+        if (old)
+            assert_true(accepts(f, old, NULL));
+        usleep(1000);
+    }
+    assert_int_equal(count(log_text(f), needle), n);
+}
+
+/* Runs the loop until s is current, checking on every turn that never is. */
+static void pump_until_current(struct fx *f, const char *s, const char *never)
+{
+    for (int i = 0; i < 5000 && !is_current(f, s); i++) {
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+        assert_false(accepts(f, never, NULL));
+        usleep(1000);
+    }
+    assert_true(is_current(f, s));
+}
+
+static void t_half_written(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(A, 300);
+
+    /* truncated, the first 11 bytes written, and a read sees just that */
+    int fd = open(f->path, O_WRONLY | O_TRUNC);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, B, 11), 11);
+    secret_watch_reload(f->sw);
+    pump_until_log(f, "event=identity_header_changed", 1, A, NULL);
+    assert_non_null(strstr(log_text(f), " bytes=11 "));
+    /* the rest: B is taken, the fragment never, and A keeps its overlap */
+    assert_int_equal(write(fd, B + 11, strlen(B) - 11), (ssize_t)strlen(B) - 11);
+    close(fd);
+    pump_until_current(f, B, "secret-B-98");
+    int n;
+    assert_true(accepts(f, A, &n));
+    assert_int_equal(n, 2);
+    assert_int_equal(count(log_text(f), "event=identity_header_rotated"), 1);
+
+    /* truncated to nothing and seen so: not "empty", not a rotation, until C is written */
+    fd = open(f->path, O_WRONLY | O_TRUNC);
+    assert_true(fd >= 0);
+    secret_watch_reload(f->sw);
+    pump_until_log(f, " bytes=0 ", 1, B, A);
+    assert_int_equal(write(fd, C, strlen(C)), (ssize_t)strlen(C));
+    close(fd);
+    pump_until_current(f, C, "");
+    assert_true(accepts(f, B, &n)); /* the previous one is B, whose overlap begins now */
+    assert_int_equal(n, 2);
+    const char *text = log_text(f);
+    assert_int_equal(count(text, "event=identity_header_rotated"), 2);
+    assert_null(strstr(text, "identity_header_unusable"));
+    assert_null(strstr(text, "secret-"));
+}
+
+/* One bad file: made, then read until its problem is logged; the current secret stays. */
+struct bad {
+    const char *name;
+    const char *content; /* NULL: see make */
+    int make;            /* 1: a directory, 2: no file at all */
+    const char *reason;
+    const char *bytes; /* " bytes=N " logged, or NULL: none */
+};
+
+static const struct bad bad_rows[] = {
+    {"empty", "", 0, "is empty", " bytes=0 "},
+    {"blank", " \n\t \n", 0, "is empty", " bytes=5 "},
+    {"too long", NULL, 0, "holds more than 255 bytes", NULL},
+    {"a control character", "secret-X\001yz", 0, "holds characters that cannot be sent",
+     " bytes=11 "},
+    {"a directory", NULL, 1, "cannot be read", NULL},
+    {"missing", NULL, 2, "cannot be opened", NULL},
+};
+
+static void t_bad_file(void **state)
+{
+    const struct bad *r = *state;
+    struct fx *f = fx_new(A, 300);
+    char fpA[13], want[64];
+    fingerprint(A, strlen(A), fpA);
+    if (r->make == 1) {
+        assert_int_equal(unlink(f->path), 0);
+        assert_int_equal(mkdir(f->path, 0700), 0);
+    } else if (r->make == 2) {
+        assert_int_equal(unlink(f->path), 0);
+    } else if (r->content) {
+        write_file(f->path, r->content);
+    } else {
+        char big[400];
+        memset(big, 'x', sizeof big - 1);
+        big[sizeof big - 1] = 0;
+        write_file(f->path, big);
+    }
+    secret_watch_reload(f->sw);
+    pump_until_log(f, "event=identity_header_unusable", 1, A, NULL);
+    const char *text = log_text(f);
+    snprintf(want, sizeof want, "reason=\"%s", r->reason);
+    assert_non_null(strstr(text, want));
+    assert_non_null(strstr(text, "action=keep_current"));
+    snprintf(want, sizeof want, "current_fp=%s", fpA);
+    assert_non_null(strstr(text, want));
+    if (r->bytes)
+        assert_non_null(strstr(text, r->bytes));
+    else
+        assert_null(strstr(strstr(text, "event=identity_header_unusable"), " bytes="));
+    assert_null(strstr(text, "secret-"));
+    assert_null(strstr(text, "xxxx"));
+    int n;
+    assert_true(accepts(f, A, &n));
+    assert_int_equal(n, 1);
+}
+
+/* Runs the loop for ms milliseconds. */
+static void pump_ms(struct fx *f, int ms)
+{
+    uint64_t end = uv_hrtime() + (uint64_t)ms * 1000000u;
+    while (uv_hrtime() < end) {
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+        usleep(1000);
+    }
+}
+
+static void t_bad_once(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(A, 300);
+    write_file(f->path, "");
+    secret_watch_reload(f->sw);
+    pump_until_log(f, "event=identity_header_unusable", 1, A, NULL);
+    /* read again and again while it stays so: logged once */
+    secret_watch_reload(f->sw);
+    pump_ms(f, 2 * SECRET_SETTLE_MS + 200);
+    int changes = count(log_text(f), "event=identity_header_changed");
+    assert_int_equal(changes, 1); /* the same problem again is no change */
+    assert_int_equal(count(log_text(f), "event=identity_header_unusable"), 1);
+    /* good again (the same secret: at once, nothing logged), then bad again: logged again */
+    write_file(f->path, A);
+    secret_watch_reload(f->sw);
+    pump_ms(f, 100);
+    write_file(f->path, "\n");
+    secret_watch_reload(f->sw);
+    pump_until_log(f, "event=identity_header_unusable", 2, A, NULL);
+    const char *text = log_text(f);
+    assert_int_equal(count(text, "event=identity_header_changed"), changes + 1);
+    assert_null(strstr(text, "identity_header_rotated"));
 }
 
 static void t_clock_steps(void **state)
@@ -158,5 +346,8 @@ static void t_clock_steps(void **state)
 int main(void)
 {
     add("secret_watch", "the overlap ignores wall clock steps", t_clock_steps, NULL);
+    add("secret_watch", "a half-written file is never taken", t_half_written, NULL);
+    ADD_ROWS("secret_watch: a bad file keeps the secret", bad_rows, t_bad_file);
+    add("secret_watch", "a bad file is logged once until good again", t_bad_once, NULL);
     return _cmocka_run_group_tests("secret_watch", tests, ntests, NULL, NULL);
 }
