@@ -7,7 +7,10 @@
  * "echo new > file" truncates and then writes, and a read in between finds it empty or cut. So a
  * change is taken only once a read at least SECRET_SETTLE_MS later finds the same (the same
  * secret, or the same problem); until then the current secret stays, and with it the previous
- * one's overlap. The kubelet's ..data swap is atomic: it settles at the first confirming read. */
+ * one's overlap. The kubelet's ..data swap is atomic: it settles at the first confirming read.
+ * The start-up value was read once, by the configuration: until a read SECRET_SETTLE_MS later
+ * confirms it, it may be such a cut, and it gets no overlap when the file then turns out to hold
+ * a secret that begins with it. */
 #include "secret_watch.h"
 
 #include <fcntl.h>
@@ -26,6 +29,8 @@ struct secret_watch {
     char cur[CONFIG_MAX_SECRET + 1], prev[CONFIG_MAX_SECRET + 1];
     size_t cur_len, prev_len;
     uint64_t prev_until_ms; /* now_ms(), monotonic: a duration, not a date */
+    int cur_confirmed;      /* read again SECRET_SETTLE_MS after it was first read */
+    uint64_t cur_seen_ms;   /* uv_now when the start-up value was read (at the latest) */
     /* a change seen by one read and not yet confirmed: a secret (pend_why NULL) or a problem */
     int pending;
     char pend[CONFIG_MAX_SECRET + 1];
@@ -63,7 +68,8 @@ static int same_why(const char *a, const char *b)
 
 static void drop_pending(struct secret_watch *sw)
 {
-    uv_timer_stop(&sw->settle);
+    if (sw->pending) /* else the timer may be confirming the start-up value */
+        uv_timer_stop(&sw->settle);
     secret_zero(sw->pend, sizeof sw->pend);
     sw->pend_len = 0;
     sw->pend_why = NULL;
@@ -98,15 +104,20 @@ static void rotate(struct secret_watch *sw, const char *secret, size_t len)
     char oldfp[13], newfp[13];
     fingerprint(sw->cur, sw->cur_len, oldfp);
     fingerprint(secret, len, newfp);
+    /* an unconfirmed start-up value that the new secret begins with was the configuration's read
+     * of a file half-written: never a secret, so no overlap */
+    int cut = !sw->cur_confirmed && sw->cur_len < len && memcmp(secret, sw->cur, sw->cur_len) == 0;
+    unsigned valid_s = cut ? 0 : sw->overlap_s;
     secret_zero(sw->prev, sizeof sw->prev);
     memcpy(sw->prev, sw->cur, sw->cur_len);
-    sw->prev_len = sw->cur_len;
-    sw->prev_until_ms = now_ms() + (uint64_t)sw->overlap_s * 1000u;
+    sw->prev_len = cut ? 0 : sw->cur_len;
+    sw->prev_until_ms = now_ms() + (uint64_t)valid_s * 1000u;
     secret_zero(sw->cur, sizeof sw->cur);
     memcpy(sw->cur, secret, len);
     sw->cur_len = len;
-    log_info("identity_header_rotated", "fp=%s bytes=%zu previous_fp=%s previous_valid_s=%u", newfp,
-             len, oldfp, sw->overlap_s);
+    sw->cur_confirmed = 1; /* it was read twice */
+    log_info("identity_header_rotated", "fp=%s bytes=%zu previous_fp=%s previous_valid_s=%u%s",
+             newfp, len, oldfp, valid_s, cut ? " previous=\"cut at start-up\"" : "");
     sw->last_problem = NULL;
 }
 
@@ -125,6 +136,8 @@ static void judge(struct secret_watch *sw, ssize_t n, const char *why)
     if (!why && len == sw->cur_len && memcmp(got, sw->cur, len) == 0) {
         drop_pending(sw); /* back to the current secret: what was pending did not last */
         sw->last_problem = NULL;
+        if (sw->read_start_ms - sw->cur_seen_ms >= SECRET_SETTLE_MS)
+            sw->cur_confirmed = 1;
         return;
     }
     if (why && same_why(why, sw->last_problem)) {
@@ -248,6 +261,8 @@ struct secret_watch *secret_watch_new(uv_loop_t *loop, const char *path, const c
     uv_timer_start(&sw->timer, on_timer, SECRET_REREAD_MS, SECRET_REREAD_MS);
     uv_unref((uv_handle_t *)&sw->timer); /* never what keeps the loop running */
     uv_unref((uv_handle_t *)&sw->settle);
+    sw->cur_seen_ms = uv_now(loop);
+    uv_timer_start(&sw->settle, on_settle, SECRET_SETTLE_MS, 0); /* confirms the start-up value */
     return sw;
 }
 

@@ -80,7 +80,8 @@ static void never(uv_timer_t *t)
     (void)t;
 }
 
-static struct fx *fx_new(const char *secret, unsigned overlap_s)
+/* The file holds content; the configuration's start-up read found secret. */
+static struct fx *fx_new_read(const char *content, const char *secret, unsigned overlap_s)
 {
     struct fx *f = calloc(1, sizeof *f);
     assert_non_null(f);
@@ -88,7 +89,7 @@ static struct fx *fx_new(const char *secret, unsigned overlap_s)
     assert_non_null(mkdtemp(f->dir));
     snprintf(f->path, sizeof f->path, "%s/identity-header", f->dir);
     snprintf(f->log, sizeof f->log, "%s/log", f->dir);
-    write_file(f->path, secret);
+    write_file(f->path, content);
     fflush(stderr);
     f->saved_stderr = dup(2);
     int fd = open(f->log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -101,6 +102,11 @@ static struct fx *fx_new(const char *secret, unsigned overlap_s)
     assert_int_equal(uv_timer_start(&f->alive, never, 3600 * 1000, 0), 0);
     f->sw = secret_watch_new(&f->loop, f->path, secret, strlen(secret), overlap_s);
     return defer(fx_free, f);
+}
+
+static struct fx *fx_new(const char *secret, unsigned overlap_s)
+{
+    return fx_new_read(secret, secret, overlap_s);
 }
 
 /* Whether s is one of the secrets a request may present now; n: how many there are. */
@@ -179,6 +185,16 @@ static void pump_until_current(struct fx *f, const char *s, const char *never)
     assert_true(is_current(f, s));
 }
 
+/* Runs the loop for ms milliseconds. */
+static void pump_ms(struct fx *f, int ms)
+{
+    uint64_t end = uv_hrtime() + (uint64_t)ms * 1000000u;
+    while (uv_hrtime() < end) {
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+        usleep(1000);
+    }
+}
+
 static void t_half_written(void **state)
 {
     (void)state;
@@ -214,6 +230,54 @@ static void t_half_written(void **state)
     assert_int_equal(count(text, "event=identity_header_rotated"), 2);
     assert_null(strstr(text, "identity_header_unusable"));
     assert_null(strstr(text, "secret-"));
+}
+
+static void t_startup_cut(void **state)
+{
+    (void)state;
+    /* the configuration read B half-written; the first confirming read finds all of it */
+    struct fx *f = fx_new_read(B "\n", "secret-B-98", 300);
+    pump_until_current(f, B, A);
+    int n;
+    assert_false(accepts(f, "secret-B-98", &n));
+    assert_int_equal(n, 1);
+    assert_non_null(strstr(log_text(f), "previous_valid_s=0 previous=\"cut at start-up\""));
+    /* B is confirmed (read twice): a real rotation gives it its overlap */
+    write_file(f->path, C);
+    secret_watch_reload(f->sw);
+    pump_until_current(f, C, A);
+    assert_true(accepts(f, B, &n));
+    assert_int_equal(n, 2);
+}
+
+static void t_startup_cut_reread(void **state)
+{
+    (void)state;
+    /* a SIGHUP at once reads the same cut: too soon to confirm it */
+    struct fx *f = fx_new("secret-B-98", 300);
+    secret_watch_reload(f->sw);
+    pump_ms(f, 100);
+    write_file(f->path, B);
+    secret_watch_reload(f->sw);
+    pump_until_current(f, B, A);
+    int n;
+    assert_false(accepts(f, "secret-B-98", &n));
+    assert_int_equal(n, 1);
+}
+
+static void t_startup_confirmed(void **state)
+{
+    (void)state;
+    /* a start-up value confirmed by a read a second later keeps its overlap even when the next
+     * secret begins with it */
+    struct fx *f = fx_new("secret-B-98", 300);
+    pump_ms(f, SECRET_SETTLE_MS + 200);
+    write_file(f->path, B);
+    secret_watch_reload(f->sw);
+    pump_until_current(f, B, A);
+    int n;
+    assert_true(accepts(f, "secret-B-98", &n));
+    assert_int_equal(n, 2);
 }
 
 /* One bad file: made, then read until its problem is logged; the current secret stays. */
@@ -271,16 +335,6 @@ static void t_bad_file(void **state)
     int n;
     assert_true(accepts(f, A, &n));
     assert_int_equal(n, 1);
-}
-
-/* Runs the loop for ms milliseconds. */
-static void pump_ms(struct fx *f, int ms)
-{
-    uint64_t end = uv_hrtime() + (uint64_t)ms * 1000000u;
-    while (uv_hrtime() < end) {
-        uv_run(&f->loop, UV_RUN_NOWAIT);
-        usleep(1000);
-    }
 }
 
 static void t_bad_once(void **state)
@@ -347,6 +401,10 @@ int main(void)
 {
     add("secret_watch", "the overlap ignores wall clock steps", t_clock_steps, NULL);
     add("secret_watch", "a half-written file is never taken", t_half_written, NULL);
+    add("secret_watch", "a start-up value cut short gets no overlap", t_startup_cut, NULL);
+    add("secret_watch", "a start-up value read again at once is not confirmed",
+        t_startup_cut_reread, NULL);
+    add("secret_watch", "a confirmed start-up value keeps its overlap", t_startup_confirmed, NULL);
     ADD_ROWS("secret_watch: a bad file keeps the secret", bad_rows, t_bad_file);
     add("secret_watch", "a bad file is logged once until good again", t_bad_once, NULL);
     return _cmocka_run_group_tests("secret_watch", tests, ntests, NULL, NULL);
