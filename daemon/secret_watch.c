@@ -235,7 +235,9 @@ static void start_read(struct secret_watch *sw)
     sw->busy = 1;
     sw->read_start_ms = uv_now(sw->loop);
     sw->req.data = sw;
-    if (uv_fs_open(sw->loop, &sw->req, sw->path, O_RDONLY | O_CLOEXEC, 0, on_open) < 0)
+    /* O_NONBLOCK: a FIFO put at the path would block a thread-pool thread in open() for good */
+    if (uv_fs_open(sw->loop, &sw->req, sw->path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0,
+                   on_open) < 0)
         finish(sw, -1, "cannot be opened");
 }
 

@@ -54,6 +54,9 @@ static void write_file(const char *path, const char *content)
 static void fx_free(void *arg)
 {
     struct fx *f = arg;
+    int fd = open(f->path, O_WRONLY | O_NONBLOCK); /* frees a reader stuck opening a FIFO */
+    if (fd >= 0)
+        close(fd);
     secret_watch_free(f->sw);
     uv_close((uv_handle_t *)&f->alive, NULL);
     uv_run(&f->loop, UV_RUN_DEFAULT);
@@ -284,7 +287,7 @@ static void t_startup_confirmed(void **state)
 struct bad {
     const char *name;
     const char *content; /* NULL: see make */
-    int make;            /* 1: a directory, 2: no file at all */
+    int make;            /* 1: a directory, 2: no file at all, 3: a FIFO */
     const char *reason;
     const char *bytes; /* " bytes=N " logged, or NULL: none */
 };
@@ -297,6 +300,7 @@ static const struct bad bad_rows[] = {
      " bytes=11 "},
     {"a directory", NULL, 1, "cannot be read", NULL},
     {"missing", NULL, 2, "cannot be opened", NULL},
+    {"a FIFO", NULL, 3, "cannot be read", NULL}, /* pread: ESPIPE */
 };
 
 static void t_bad_file(void **state)
@@ -310,6 +314,9 @@ static void t_bad_file(void **state)
         assert_int_equal(mkdir(f->path, 0700), 0);
     } else if (r->make == 2) {
         assert_int_equal(unlink(f->path), 0);
+    } else if (r->make == 3) {
+        assert_int_equal(unlink(f->path), 0);
+        assert_int_equal(mkfifo(f->path, 0600), 0);
     } else if (r->content) {
         write_file(f->path, r->content);
     } else {
