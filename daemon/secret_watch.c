@@ -30,7 +30,7 @@ struct secret_watch {
     size_t cur_len, prev_len;
     uint64_t prev_until_ms; /* now_ms(), monotonic: a duration, not a date */
     int cur_confirmed;      /* read again SECRET_SETTLE_MS after it was first read */
-    uint64_t cur_seen_ms;   /* uv_now when the start-up value was read (at the latest) */
+    uint64_t cur_seen_ms;   /* uv_now at secret_watch_new: after the configuration read it */
     /* a change seen by one read and not yet confirmed: a secret (pend_why NULL) or a problem */
     int pending;
     char pend[CONFIG_MAX_SECRET + 1];
