@@ -37,6 +37,8 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
 # test_arc sets the monotonic clock (keys expire by it) and the wall clock (to show they do not)
 UNIT_LDFLAGS_test_arc = -Wl,--wrap=now_ms,--wrap=now_wall_ms
+# test_secret_watch sets both clocks, the monotonic one and the wall clock
+UNIT_LDFLAGS_test_secret_watch = -Wl,--wrap=now_ms,--wrap=now_wall_ms
 
 # Anything that compiles first checks the build packages, and names the missing ones in one line
 # (demo, check, check-full and bench install them first, then build in a new make).

@@ -222,7 +222,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     struct imds_token_req tr;
     struct imds_error err;
     struct imds_secret secrets[2];
-    int nsecrets = ep->secrets ? secret_watch_get(ep->secrets, now_wall_ms(), secrets) : 0;
+    int nsecrets = ep->secrets ? secret_watch_get(ep->secrets, secrets) : 0;
     /* IMDS's path also takes Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's */
     int rc = appservice
                  ? imds_check_appservice_request(&in, &ep->ids, secrets, nsecrets, &q, &tr, &err)

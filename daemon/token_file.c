@@ -20,6 +20,8 @@ struct read_job {
     uv_work_t work;
     struct token_file *tf; /* NULL once the token_file is freed */
     char *path;
+    int prev_err;     /* the previous read's result (1: none yet) ... */
+    char prev_fp[13]; /* ... and its content's fingerprint */
     /* results */
     int err;
     char *content;
@@ -44,6 +46,7 @@ struct token_file {
     struct token_file_waiter *serving; /* being called back, see serve */
     int reread;                        /* another read is wanted after the one in flight */
     struct token_file_status st;
+    int last_err; /* the last read's error (0, -errno, 1: not read yet); its content is st.fp */
     int freeing;
 };
 
@@ -117,15 +120,15 @@ void token_file_classify(int err, const char *tok, size_t len, int64_t now,
 /* ---- on the thread pool -------------------------------------------------------------------- */
 
 /* The directory to watch: the first ancestor holding "..data" (the kubelet's volume root), else
- * the file's directory, else the nearest ancestor that exists. */
-static void find_watch_dir(const char *path, char *out)
+ * the file's directory, else the nearest ancestor that exists. Returns 1 for the first. */
+static int find_watch_dir(const char *path, char *out)
 {
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s", path);
     char *slash = strrchr(dir, '/');
     if (!slash) {
         strcpy(out, ".");
-        return;
+        return 0;
     }
     *slash = 0;
     if (!dir[0])
@@ -137,7 +140,7 @@ static void find_watch_dir(const char *path, char *out)
         snprintf(probe, sizeof probe, "%s/..data", dir);
         if (lstat(probe, &sb) == 0 && S_ISLNK(sb.st_mode)) {
             snprintf(out, PATH_MAX, "%s", dir);
-            return;
+            return 1;
         }
         char *s = strrchr(dir, '/');
         if (!s || s == dir)
@@ -149,12 +152,12 @@ static void find_watch_dir(const char *path, char *out)
         struct stat sb;
         if (stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode)) {
             snprintf(out, PATH_MAX, "%s", dir);
-            return;
+            return 0;
         }
         char *s = strrchr(dir, '/');
         if (!s || s == dir) {
             strcpy(out, "/");
-            return;
+            return 0;
         }
         *s = 0;
     }
@@ -177,19 +180,21 @@ static void first_component(const char *path, const char *dir, char *out)
     out[k] = 0;
 }
 
-static void read_work(uv_work_t *w)
+/* One read of path: *err 0 and the trimmed content (NUL-terminated, malloc'd) in *content, or
+ * *err < 0 and *content NULL. */
+static void read_once(const char *path, int *err, char **content, size_t *clen)
 {
-    struct read_job *j = w->data;
-    find_watch_dir(j->path, j->watch_dir);
-    first_component(j->path, j->watch_dir, j->watch_child);
-    int fd = open(j->path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    *err = 0;
+    *content = NULL;
+    *clen = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) {
-        j->err = -errno;
+        *err = -errno;
         return;
     }
     struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        j->err = -EISDIR;
+        *err = -EISDIR;
         close(fd);
         return;
     }
@@ -200,12 +205,12 @@ static void read_work(uv_work_t *w)
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
-            j->err = n < 0 ? -errno : 0;
+            *err = n < 0 ? -errno : 0;
             break;
         }
         len += (size_t)n;
         if (len > TOKEN_FILE_MAX_BYTES) {
-            j->err = -EFBIG;
+            *err = -EFBIG;
             break;
         }
     }
@@ -215,26 +220,77 @@ static void read_work(uv_work_t *w)
         start++;
     while (len > start && strchr(" \t\r\n", buf[len - 1]))
         len--;
-    if (!j->err && len == start)
-        j->err = -ENODATA;
-    if (j->err) {
+    if (!*err && len == start)
+        *err = -ENODATA;
+    if (*err) {
         secret_zero(buf, TOKEN_FILE_MAX_BYTES + 1);
         free(buf);
         return;
     }
     memmove(buf, buf + start, len - start);
-    j->len = len - start;
-    secret_zero(buf + j->len, len - j->len); /* the tail the move left behind */
-    buf[j->len] = 0;
-    j->content = buf;
+    *clen = len - start;
+    secret_zero(buf + *clen, len - *clen); /* the tail the move left behind */
+    buf[*clen] = 0;
+    *content = buf;
+}
+
+static void free_content(char *content, size_t len)
+{
+    if (content) {
+        secret_zero(content, len);
+        free(content);
+    }
+}
+
+/* Whether the job's read differs from err/content/len (or, fp non-NULL, from the content whose
+ * fingerprint is fp). */
+static int read_differs(const struct read_job *j, int err, const char *content, size_t len,
+                        const char *fp)
+{
+    if (j->err != err)
+        return 1;
+    if (j->err)
+        return 0;
+    if (fp) {
+        char mine[13];
+        fingerprint(j->content, j->len, mine);
+        return strcmp(mine, fp) != 0;
+    }
+    return j->len != len || memcmp(j->content, content, len) != 0;
+}
+
+static void read_work(uv_work_t *w)
+{
+    struct read_job *j = w->data;
+    int atomic = find_watch_dir(j->path, j->watch_dir);
+    first_component(j->path, j->watch_dir, j->watch_child);
+    read_once(j->path, &j->err, &j->content, &j->len);
+    /* A file rewritten in place (truncated, then written) can be read in between: empty, or a JWT
+     * cut in its signature that still decodes and that Entra rejects as a permanent error (held
+     * PERMANENT_ERROR_HOLD_MS). So a read that differs from the previous one counts once a read
+     * TOKEN_FILE_SETTLE_MS later finds the same (a few times at most, then the last read counts).
+     * The kubelet's ..data swap is atomic: no wait there. */
+    if (atomic || !read_differs(j, j->prev_err, NULL, 0, j->prev_fp))
+        return;
+    for (int i = 0; i < TOKEN_FILE_SETTLE_TRIES; i++) {
+        int err;
+        char *content;
+        size_t len;
+        usleep(TOKEN_FILE_SETTLE_MS * 1000);
+        read_once(j->path, &err, &content, &len);
+        int same = !read_differs(j, err, content, len, NULL);
+        free_content(j->content, j->len);
+        j->err = err;
+        j->content = content;
+        j->len = len;
+        if (same)
+            return;
+    }
 }
 
 static void job_free(struct read_job *j)
 {
-    if (j->content) {
-        secret_zero(j->content, j->len);
-        free(j->content);
-    }
+    free_content(j->content, j->len);
     free(j->path);
     free(j);
 }
@@ -316,7 +372,8 @@ static void read_done(uv_work_t *w, int status)
     }
     tf->job = NULL;
     struct token_file_status old = tf->st;
-    token_file_classify(status < 0 ? status : j->err, j->content, j->len, now_epoch(), &tf->st);
+    tf->last_err = status < 0 ? status : j->err;
+    token_file_classify(tf->last_err, j->content, j->len, now_epoch(), &tf->st);
     log_status(tf, &old);
     /* a change between this read and a new watch would go unseen until the periodic re-read */
     if (set_watch(tf, j->watch_dir, j->watch_child))
@@ -342,6 +399,8 @@ static void start_read(struct token_file *tf)
     struct read_job *j = xcalloc(1, sizeof *j);
     j->tf = tf;
     j->path = xstrdup(tf->path);
+    j->prev_err = tf->last_err;
+    memcpy(j->prev_fp, tf->st.fp, sizeof j->prev_fp);
     j->work.data = j;
     tf->current = tf->next;
     tf->next = NULL;
@@ -386,6 +445,7 @@ struct token_file *token_file_new(uv_loop_t *loop, const char *path)
     tf->path = path;
     log_quote(tf->qpath, sizeof tf->qpath, path, strlen(path));
     tf->st.state = TOKEN_UNKNOWN;
+    tf->last_err = 1;
     snprintf(tf->st.reason, sizeof tf->st.reason, "token file not read yet");
     uv_fs_event_init(loop, &tf->event);
     uv_timer_init(loop, &tf->debounce);

@@ -18,6 +18,10 @@
 #define TOKEN_FILE_REREAD_MS    (60 * 1000) /* safety net for missed events */
 #define TOKEN_FILE_DEBOUNCE_MS  10          /* coalesce the burst of events one rotation makes */
 #define TOKEN_FILE_NBF_LEEWAY_S 60          /* clock skew tolerated on nbf */
+/* a plain file's changed content counts once a read this much later finds the same (a file
+ * rewritten in place can be read half-written), TOKEN_FILE_SETTLE_TRIES times at most */
+#define TOKEN_FILE_SETTLE_MS    50
+#define TOKEN_FILE_SETTLE_TRIES 4
 
 enum token_state {
     TOKEN_OK,
