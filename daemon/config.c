@@ -3,11 +3,14 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <grp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "imds.h"
 #include "util.h"
@@ -336,16 +339,36 @@ static void one_line(char *err, size_t errlen)
 int config_load_identity_header(struct config *c, char *err, size_t errlen)
 {
     char buf[CONFIG_SECRET_READ];
-    FILE *f = fopen(c->identity_header_file, "re");
-    if (!f) {
+    /* not stdio: its buffer would keep a copy of the secret in freed memory. O_NONBLOCK: a FIFO
+     * (or a device) at the path must not hang the start-up; only a regular file is read. */
+    int fd = open(c->identity_header_file, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0) {
         snprintf(err, errlen, "--identity-header-file: cannot read '%s': %s",
                  c->identity_header_file, strerror(errno));
         one_line(err, errlen);
         return -1;
     }
-    size_t n = fread(buf, 1, sizeof buf, f);
-    int rerr = ferror(f);
-    fclose(f);
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        snprintf(err, errlen, "--identity-header-file: '%s' is not a regular file",
+                 c->identity_header_file);
+        one_line(err, errlen);
+        return -1;
+    }
+    size_t n = 0;
+    int rerr = 0;
+    while (n < sizeof buf) {
+        ssize_t r = read(fd, buf + n, sizeof buf - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            rerr = 1;
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+    }
+    close(fd);
     size_t start;
     const char *why;
     size_t len = config_check_secret(buf, n, &start, &why);
