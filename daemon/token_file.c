@@ -227,6 +227,7 @@ static void read_work(uv_work_t *w)
     secret_zero(buf + j->len, len - j->len); /* the tail the move left behind */
     buf[j->len] = 0;
     j->content = buf;
+    secret_zero_registers(); /* the move's */
 }
 
 static void job_free(struct read_job *j)
@@ -312,6 +313,7 @@ static void read_done(uv_work_t *w, int status)
     struct token_file *tf = j->tf;
     if (!tf) { /* the token_file was freed meanwhile */
         job_free(j);
+        secret_zero_registers();
         return;
     }
     tf->job = NULL;
@@ -331,6 +333,8 @@ static void read_done(uv_work_t *w, int status)
     struct token_file_status st = tf->st;
     serve(tf, batch, &st, j->content, j->len);
     job_free(j);
+    /* the token went through them: its parsing, and a waiter's exchange (form, request, record) */
+    secret_zero_registers();
 }
 
 static void start_read(struct token_file *tf)
