@@ -27,6 +27,11 @@ LIBS     = -luv -lmbedtls -lmbedx509 -lmbedcrypto
 REL_CFLAGS  = $(BASE) -O2 -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIE
 REL_LDFLAGS = -pie -Wl,-z,relro,-z,now
 ASAN_CFLAGS = $(BASE) -O1 -fsanitize=address,undefined -fno-sanitize-recover=all
+# Every variant binds its symbols at start-up. With lazy binding, the first call of each library
+# function goes through glibc's resolver, which saves the whole vector register state (XSAVEC) on
+# the stack: registers that still hold the last bytes a memcpy moved, such as the tail of the
+# service-account token in an Entra request, end up in stack memory nobody clears.
+NOW_LDFLAGS = -Wl,-z,now
 DBG_CFLAGS  = $(BASE) -O1
 
 SRCS     := $(wildcard daemon/*.c)
@@ -88,8 +93,8 @@ $(1)_UNITS := $$(patsubst tests/unit/%.c,$(2)/unit/%,$$(UNIT_SRCS))
 endef
 
 $(eval $(call variant,REL,build,$(REL_CFLAGS),$(REL_LDFLAGS)))
-$(eval $(call variant,ASAN,build/asan,$(ASAN_CFLAGS),-fsanitize=address,undefined))
-$(eval $(call variant,DBG,build/debug,$(DBG_CFLAGS),))
+$(eval $(call variant,ASAN,build/asan,$(ASAN_CFLAGS),$(NOW_LDFLAGS)))
+$(eval $(call variant,DBG,build/debug,$(DBG_CFLAGS),$(NOW_LDFLAGS)))
 
 # The image's binary: static-pie (the image has no libc), hardened like the release build,
 # stripped, and the same bytes from the same sources wherever the checkout is.
@@ -209,7 +214,7 @@ COVERAGE_STRICT ?= 0
 LLVM_PROFDATA   ?= $(shell clang -print-prog-name=llvm-profdata)
 LLVM_COV        ?= $(shell clang -print-prog-name=llvm-cov)
 COV_CFLAGS       = $(BASE) -O0 -fprofile-instr-generate -fcoverage-mapping
-$(eval $(call variant,COV,build/cov,$(COV_CFLAGS),))
+$(eval $(call variant,COV,build/cov,$(COV_CFLAGS),$(NOW_LDFLAGS)))
 build/cov/%: override CC = clang
 # A fuzz target as the fuzz section builds it: FUZZ_CFLAGS without the sanitizers, FUZZ_LIBSRC and
 # FUZZ_EXTRA_<target>, FUZZ_LIBS_<target>; daemon/ sources as the objects the unit tests link, no

@@ -530,7 +530,9 @@ static int conn_flush(struct https_conn *conn)
  * done (https_client_send relies on that). */
 static int conn_write_request(struct https_conn *conn)
 {
-    if (tls_conn_write(conn->tls, conn->reqbuf.data, conn->reqbuf.len) != TLS_OK)
+    enum tls_status st = tls_conn_write(conn->tls, conn->reqbuf.data, conn->reqbuf.len);
+    secret_zero_registers(); /* mbedTLS copied the request (a secret's carrier) into its record */
+    if (st != TLS_OK)
         return HTTPS_E_TLS;
     return conn_flush(conn) < 0 ? HTTPS_E_IO : 0;
 }

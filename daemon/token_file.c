@@ -232,6 +232,7 @@ static void read_once(const char *path, int *err, char **content, size_t *clen)
     secret_zero(buf + *clen, len - *clen); /* the tail the move left behind */
     buf[*clen] = 0;
     *content = buf;
+    secret_zero_registers(); /* the move's */
 }
 
 static void free_content(char *content, size_t len)
@@ -259,9 +260,8 @@ static int read_differs(const struct read_job *j, int err, const char *content, 
     return j->len != len || memcmp(j->content, content, len) != 0;
 }
 
-static void read_work(uv_work_t *w)
+static void read_settled(struct read_job *j)
 {
-    struct read_job *j = w->data;
     int atomic = find_watch_dir(j->path, j->watch_dir);
     first_component(j->path, j->watch_dir, j->watch_child);
     read_once(j->path, &j->err, &j->content, &j->len);
@@ -286,6 +286,12 @@ static void read_work(uv_work_t *w)
         if (same)
             return;
     }
+}
+
+static void read_work(uv_work_t *w)
+{
+    read_settled(w->data);
+    secret_zero_registers(); /* the comparisons' */
 }
 
 static void job_free(struct read_job *j)
@@ -368,6 +374,7 @@ static void read_done(uv_work_t *w, int status)
     struct token_file *tf = j->tf;
     if (!tf) { /* the token_file was freed meanwhile */
         job_free(j);
+        secret_zero_registers();
         return;
     }
     tf->job = NULL;
@@ -388,6 +395,8 @@ static void read_done(uv_work_t *w, int status)
     struct token_file_status st = tf->st;
     serve(tf, batch, &st, j->content, j->len);
     job_free(j);
+    /* the token went through them: its parsing, and a waiter's exchange (form, request, record) */
+    secret_zero_registers();
 }
 
 static void start_read(struct token_file *tf)

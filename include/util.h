@@ -15,6 +15,9 @@ char *xstrndup(const char *s, size_t n);
 void secret_zero(void *p, size_t n);
 /* Zeroes then frees a NUL-terminated secret string (NULL is fine). */
 void secret_free_str(char *s);
+/* Zeroes the calling thread's vector registers, where memcpy, memchr and the like leave the last
+ * bytes they moved (a secret's, too) until other code happens to overwrite them. */
+void secret_zero_registers(void);
 
 /* Writes the first 6 bytes of SHA-256(p) as 12 hex digits + NUL: a log-safe fingerprint. */
 void fingerprint(const void *p, size_t n, char out[13]);
