@@ -5,7 +5,10 @@
  * before it returns. These tests drive the cache with the token file and Entra replaced by
  * scripted fakes (this file defines token_file_get, entra_fetch, ... so the linker does not take
  * token_file.o and entra.o from the library), and let callbacks re-enter the cache the way the
- * HTTP server does. They run under ASan and valgrind too, where a use after free is reported. */
+ * HTTP server does. They run under ASan and valgrind too, where a use after free is reported.
+ *
+ * The monotonic clock is wrapped (-Wl,--wrap=now_ms,--wrap=now_wall_ms): it runs in real time
+ * (the loop's timers do too) with a skew a test may set, to make one lookup older than another. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,6 +25,22 @@
 #include "util.h"
 
 #define CLIENT "11111111-2222-3333-4444-555555555555"
+
+/* ---- the clocks ------------------------------------------------------------------------------ */
+
+static int64_t mono_skew; /* added to the real monotonic clock */
+uint64_t __real_now_ms(void);
+uint64_t __wrap_now_ms(void);
+uint64_t __wrap_now_ms(void)
+{
+    return __real_now_ms() + (uint64_t)mono_skew;
+}
+int64_t __real_now_wall_ms(void);
+int64_t __wrap_now_wall_ms(void);
+int64_t __wrap_now_wall_ms(void)
+{
+    return __real_now_wall_ms();
+}
 
 /* ---- fakes for token_file and entra ---------------------------------------------------------- */
 
@@ -71,7 +90,8 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, c
         abort();
     f->client_id = client_id;
     f->resource = resource;
-    f->sent_ms = now_wall_ms();
+    f->sent_mono_ms = (int64_t)now_ms();
+    f->sent_wall_ms = now_wall_ms();
     f->active = 1;
     fetches[nfetches++] = f;
     return 0;
@@ -156,7 +176,7 @@ static void on_done(struct token_cache_waiter *w, const struct token *tok,
         struct token *tk;
         struct entra_result e;
         t->then_rc = token_cache_get(cache, t->then ? &t->then->w : NULL, CLIENT, t->then_resource,
-                                     strlen(t->then_resource), now_wall_ms(), &tk, &e);
+                                     strlen(t->then_resource), &tk, &e);
     }
 }
 
@@ -171,12 +191,34 @@ static struct twaiter *tw(void)
     return t;
 }
 
-static enum cache_result get(const char *resource, struct twaiter *t, int64_t now)
+/* A lookup; *tokp and *errp, when not NULL, receive what the cache gave. */
+static enum cache_result get_r(const char *resource, struct twaiter *t, struct token **tokp,
+                               struct entra_result *errp)
 {
-    struct token *tok;
+    struct token *tok = NULL;
     struct entra_result err;
-    return token_cache_get(cache, t ? &t->w : NULL, CLIENT, resource, strlen(resource), now, &tok,
-                           &err);
+    memset(&err, 0, sizeof err);
+    enum cache_result rc =
+        token_cache_get(cache, t ? &t->w : NULL, CLIENT, resource, strlen(resource), &tok, &err);
+    if (tokp)
+        *tokp = tok;
+    if (errp)
+        *errp = err;
+    return rc;
+}
+
+static enum cache_result get(const char *resource, struct twaiter *t)
+{
+    return get_r(resource, t, NULL, NULL);
+}
+
+/* A lookup made ago_ms earlier: the least recently used entry is the one evicted. */
+static enum cache_result get_ago(const char *resource, struct twaiter *t, int64_t ago_ms)
+{
+    mono_skew -= ago_ms;
+    enum cache_result rc = get(resource, t);
+    mono_skew += ago_ms;
+    return rc;
 }
 
 static int setup(void **state)
@@ -184,6 +226,7 @@ static int setup(void **state)
     (void)state;
     log_min_level = LOG_WARN;
     nreads = nfetches = double_links = nwaiters = 0;
+    mono_skew = 0;
     memset(&cfg, 0, sizeof cfg);
     cfg.entra_timeout_s = 15;
     assert_int_equal(uv_loop_init(&loop), 0);
@@ -216,14 +259,14 @@ static void run_for(uint64_t ms)
     uv_run(&loop, UV_RUN_NOWAIT);
 }
 
-/* Creates n entries holding a permanent error (idle, evictable), used at now. */
-static void fill(const char *prefix, int n, int64_t now)
+/* Creates n entries holding a permanent error (idle, evictable), used now. */
+static void fill(const char *prefix, int n)
 {
     char res[64];
     for (int i = 0; i < n; i++) {
         snprintf(res, sizeof res, "https://%s%d.example/", prefix, i);
         struct twaiter *t = tw();
-        assert_int_equal(get(res, t, now), CACHE_WAIT);
+        assert_int_equal(get(res, t), CACHE_WAIT);
         finish_read();
         finish_fetch(res, ENTRA_PERMANENT, 500011);
         assert_int_equal(t->called, 1);
@@ -238,18 +281,17 @@ static void fill(const char *prefix, int n, int64_t now)
 static void t_pipelined_request_evicts_entry_being_answered(void **state)
 {
     (void)state;
-    int64_t now = now_wall_ms();
     struct twaiter *t = tw();
     t->then_resource = "https://n.example/";
     t->then = tw();
-    assert_int_equal(get("https://t.example/", t, now - 10), CACHE_WAIT);
+    assert_int_equal(get_ago("https://t.example/", t, 10), CACHE_WAIT);
     finish_read();
-    fill("fill", CACHE_MAX_ENTRIES - 1, now);
+    fill("fill", CACHE_MAX_ENTRIES - 1);
     finish_fetch("https://t.example/", ENTRA_OK, 0);
     assert_int_equal(t->called, 1);
     assert_true(t->ok);
     assert_int_equal(t->then_rc, CACHE_WAIT); /* room was made by evicting another entry */
-    assert_int_equal(get("https://t.example/", NULL, now_wall_ms()), CACHE_HIT);
+    assert_int_equal(get("https://t.example/", NULL), CACHE_HIT);
     assert_int_equal(nreads, 1); /* N's attempt started */
     finish_read();
     finish_fetch("https://n.example/", ENTRA_OK, 0);
@@ -267,7 +309,7 @@ static void t_same_key_request_from_failure_callback(void **state)
     struct twaiter *t = tw();
     t->then_resource = k;
     t->then = tw();
-    assert_int_equal(get(k, t, now_wall_ms()), CACHE_WAIT);
+    assert_int_equal(get(k, t), CACHE_WAIT);
     finish_read();
     finish_fetch(k, ENTRA_TRANSIENT, 700024); /* re-reads the token file */
     finish_read();
@@ -288,7 +330,7 @@ static void t_same_key_request_from_failure_callback(void **state)
     char res[64];
     for (int i = 0; i < CACHE_MAX_EXCHANGES; i++) {
         snprintf(res, sizeof res, "https://slot%d.example/", i);
-        assert_int_equal(get(res, tw(), now_wall_ms()), CACHE_WAIT);
+        assert_int_equal(get(res, tw()), CACHE_WAIT);
     }
     assert_int_equal(nreads, CACHE_MAX_EXCHANGES);
 }
@@ -318,22 +360,21 @@ static void t_tick_callback_evicts_next_entry(void **state)
         if (bucket_of(CLIENT, a) == bucket_of(CLIENT, b))
             break;
     }
-    int64_t now = now_wall_ms();
     struct twaiter *tb = tw();
-    assert_int_equal(get(b, tb, now - 1000), CACHE_WAIT); /* the least recently used */
+    assert_int_equal(get_ago(b, tb, 1000), CACHE_WAIT); /* the least recently used */
     finish_read();
     finish_fetch(b, ENTRA_PERMANENT, 500011);
     struct twaiter *ta = tw();
     ta->then_resource = "https://new.example/";
     ta->then = tw();
-    assert_int_equal(get(a, ta, now), CACHE_WAIT); /* heads b's chain; Entra never answers */
+    assert_int_equal(get(a, ta), CACHE_WAIT); /* heads b's chain; Entra never answers */
     finish_read();
-    fill("fill", CACHE_MAX_ENTRIES - 2, now);
+    fill("fill", CACHE_MAX_ENTRIES - 2);
     run_for(1500);
     assert_int_equal(ta->called, 1);
     assert_false(ta->ok);
     assert_int_equal(ta->then_rc, CACHE_WAIT);
-    assert_int_equal(get(b, NULL, now_wall_ms()), CACHE_WAIT); /* b was evicted */
+    assert_int_equal(get(b, NULL), CACHE_WAIT); /* b was evicted */
 }
 
 /* A callback that cancels another waiter of the same answer: that one is never called. */
@@ -342,8 +383,8 @@ static void t_callback_cancels_other_waiter(void **state)
     (void)state;
     const char *k = "https://k.example/";
     struct twaiter *t1 = tw(), *t2 = tw();
-    assert_int_equal(get(k, t1, now_wall_ms()), CACHE_WAIT);
-    assert_int_equal(get(k, t2, now_wall_ms()), CACHE_WAIT);
+    assert_int_equal(get(k, t1), CACHE_WAIT);
+    assert_int_equal(get(k, t2), CACHE_WAIT);
     /* waiters are answered newest first: t2 runs first and cancels t1 */
     t2->abort = t1;
     finish_read();
@@ -359,7 +400,7 @@ static void t_callback_gets_the_token_it_was_given(void **state)
     const char *k = "https://k.example/";
     struct twaiter *t = tw();
     t->then_resource = k;
-    assert_int_equal(get(k, t, now_wall_ms()), CACHE_WAIT);
+    assert_int_equal(get(k, t), CACHE_WAIT);
     finish_read();
     finish_fetch(k, ENTRA_OK, 0);
     assert_true(t->ok);
