@@ -7,8 +7,9 @@
  * token_file.o and entra.o from the library), and let callbacks re-enter the cache the way the
  * HTTP server does. They run under ASan and valgrind too, where a use after free is reported.
  *
- * The monotonic clock is wrapped (-Wl,--wrap=now_ms,--wrap=now_wall_ms): it runs in real time
- * (the loop's timers do too) with a skew a test may set, to make one lookup older than another. */
+ * The clocks are wrapped (-Wl,--wrap=now_ms,--wrap=now_wall_ms): they run in real time, with a
+ * skew a test may set (the loop's timers run in real time too), or frozen at values a test steps,
+ * to show that a wall clock stepped either way changes no validity window. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -21,25 +22,37 @@
 #include <uv.h>
 
 #include "log.h"
+#include "refresh.h"
 #include "token_cache.h"
 #include "util.h"
 
-#define CLIENT "11111111-2222-3333-4444-555555555555"
+#define CLIENT  "11111111-2222-3333-4444-555555555555"
+#define HOUR_MS (3600 * 1000)
 
 /* ---- the clocks ------------------------------------------------------------------------------ */
 
-static int64_t mono_skew; /* added to the real monotonic clock */
+static int frozen;         /* 0: real time (plus mono_skew); 1: fake_mono and fake_wall */
+static int64_t mono_skew;  /* added to the real monotonic clock */
+static uint64_t fake_mono; /* counts from boot */
+static int64_t fake_wall;  /* milliseconds since the epoch */
 uint64_t __real_now_ms(void);
 uint64_t __wrap_now_ms(void);
 uint64_t __wrap_now_ms(void)
 {
-    return __real_now_ms() + (uint64_t)mono_skew;
+    return frozen ? fake_mono : __real_now_ms() + (uint64_t)mono_skew;
 }
 int64_t __real_now_wall_ms(void);
 int64_t __wrap_now_wall_ms(void);
 int64_t __wrap_now_wall_ms(void)
 {
-    return __real_now_wall_ms();
+    return frozen ? fake_wall : __real_now_wall_ms();
+}
+
+static void freeze(void)
+{
+    frozen = 1;
+    fake_mono = 5000000;
+    fake_wall = 1700000000000;
 }
 
 /* ---- fakes for token_file and entra ---------------------------------------------------------- */
@@ -118,8 +131,10 @@ static void finish_read(void)
     w->cb(w->arg, &st, "a.b.c", 5);
 }
 
-/* Answers the pending exchange for resource: a token when kind is ENTRA_OK, else an error. */
-static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aadsts)
+/* Answers the pending exchange for resource: a token for 3599 s when kind is ENTRA_OK, else an
+ * error with Retry-After: retry_after when not 0. */
+static void finish_fetch_ra(const char *resource, enum entra_kind kind, int64_t aadsts,
+                            int retry_after)
 {
     int i = 0;
     while (i < nfetches && strcmp(fetches[i]->resource, resource) != 0)
@@ -129,7 +144,7 @@ static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aad
     struct entra_fetch *f = fetches[i];
     fetches[i] = fetches[--nfetches];
     f->active = 0;
-    struct entra_result r = {.kind = kind, .aadsts = aadsts};
+    struct entra_result r = {.kind = kind, .aadsts = aadsts, .retry_after = retry_after};
     if (kind == ENTRA_OK) {
         r.access_token = xstrdup("eyJ0eXAiOiJKV1QifQ.e30.c2ln");
         r.token_len = strlen(r.access_token);
@@ -142,6 +157,11 @@ static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aad
     }
     f->done(f, &r);
     secret_free_str(r.access_token);
+}
+
+static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aadsts)
+{
+    finish_fetch_ra(resource, kind, aadsts, 0);
 }
 
 /* ---- the cache under test, and waiters that act like HTTP connections ------------------------ */
@@ -226,6 +246,7 @@ static int setup(void **state)
     (void)state;
     log_min_level = LOG_WARN;
     nreads = nfetches = double_links = nwaiters = 0;
+    frozen = 0;
     mono_skew = 0;
     memset(&cfg, 0, sizeof cfg);
     cfg.entra_timeout_s = 15;
@@ -408,6 +429,149 @@ static void t_callback_gets_the_token_it_was_given(void **state)
     assert_int_equal(nreads + nfetches, 0);
 }
 
+/* ---- a stepped wall clock -------------------------------------------------------------------- */
+
+/* Makes k hold a permanent error, answered at the frozen clocks' present. */
+static void hold_error(const char *k)
+{
+    struct twaiter *t = tw();
+    assert_int_equal(get(k, t), CACHE_WAIT);
+    finish_read();
+    finish_fetch(k, ENTRA_PERMANENT, 500011);
+    assert_int_equal(t->called, 1);
+    assert_false(t->ok);
+    assert_int_equal(get(k, NULL), CACHE_FAIL);
+}
+
+/* A permanent error is repeated for PERMANENT_ERROR_HOLD_MS of real time, however the wall clock
+ * is stepped meanwhile: back an hour, it is not repeated for an hour more (every client of the
+ * key would get the error without Entra being asked); forward, it is not dropped early. */
+static void t_held_error_ignores_wall_clock_steps(void **state)
+{
+    (void)state;
+    const char *k = "https://held.example/", *k2 = "https://held2.example/";
+    freeze();
+    uint64_t start = fake_mono;
+    hold_error(k);
+    fake_wall -= HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get(k, NULL), CACHE_FAIL); /* still held */
+    fake_mono = start + PERMANENT_ERROR_HOLD_MS - 1;
+    assert_int_equal(get(k, NULL), CACHE_FAIL); /* the last millisecond of the hold */
+    fake_mono += 1;
+    assert_int_equal(get(k, NULL), CACHE_WAIT); /* over: the next request asks Entra again */
+    /* forward an hour */
+    start = fake_mono;
+    hold_error(k2);
+    fake_wall += HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get(k2, NULL), CACHE_FAIL);
+    fake_mono = start + PERMANENT_ERROR_HOLD_MS;
+    assert_int_equal(get(k2, NULL), CACHE_WAIT);
+    assert_int_equal(nreads + nfetches, 0);
+}
+
+/* Fetches a token for k (expires_in 3599) at the frozen clocks' present. */
+static void fetch_token(const char *k)
+{
+    struct twaiter *t = tw();
+    assert_int_equal(get(k, t), CACHE_WAIT);
+    finish_read();
+    finish_fetch(k, ENTRA_OK, 0);
+    assert_true(t->ok);
+}
+
+/* A token is served for its real lifetime: stepped back an hour, the wall clock does not keep it
+ * an hour past its expiry (Entra's resources would refuse it); stepped forward, it does not drop
+ * it. It is refreshed when due on the monotonic clock, and expires_in as clients see it
+ * (token_now_epoch) is the lifetime really left while expires_on keeps the date of the answer. */
+static void t_token_lifetime_ignores_wall_clock_steps(void **state)
+{
+    (void)state;
+    const char *k = "https://tok.example/", *k2 = "https://tok2.example/";
+    freeze();
+    int64_t sent_mono = (int64_t)fake_mono, sent_wall_s = fake_wall / 1000;
+    struct token *tok;
+    fetch_token(k);
+    fake_wall -= HOUR_MS;
+    fake_mono += 1000 * 1000;
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    assert_int_equal(tok->expires_on, sent_wall_s + 3599);
+    assert_int_equal(tok->expires_on - token_now_epoch(tok, (int64_t)now_ms()), 2599);
+    assert_int_equal(nreads, 0);
+    /* the refresh is due at the latest REFRESH_LATEST_BEFORE_EXPIRY_MS before expiry */
+    fake_mono = (uint64_t)(sent_mono + 3599 * 1000 - REFRESH_LATEST_BEFORE_EXPIRY_MS);
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    assert_int_equal(nreads, 1); /* a request found it due: the refresh started */
+    /* Entra does not answer the refresh: the token is served until the margin before expiry */
+    fake_mono = (uint64_t)(sent_mono + 3599 * 1000 - REFRESH_SERVE_MARGIN_MS - 1);
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    fake_mono += 1;
+    assert_int_equal(get(k, NULL), CACHE_WAIT); /* not served: the refresh must bring a new one */
+    finish_read();
+    finish_fetch(k, ENTRA_OK, 0);
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    /* the new token's expires_on is dated on the (stepped) wall clock of its send */
+    assert_int_equal(tok->expires_on, fake_wall / 1000 + 3599);
+    assert_int_equal(tok->expires_on - token_now_epoch(tok, (int64_t)now_ms()), 3599);
+    /* forward an hour */
+    sent_mono = (int64_t)fake_mono;
+    sent_wall_s = fake_wall / 1000;
+    fetch_token(k2);
+    fake_wall += HOUR_MS;
+    fake_mono += 10 * 1000;
+    assert_int_equal(get_r(k2, NULL, &tok, NULL), CACHE_HIT);
+    assert_int_equal(tok->expires_on, sent_wall_s + 3599);
+    assert_int_equal(tok->expires_on - token_now_epoch(tok, (int64_t)now_ms()), 3589);
+    assert_int_equal(nreads, 0);
+}
+
+/* Makes k throttled for retry_after seconds, answered at the frozen clocks' present. */
+static void throttle(const char *k, int retry_after)
+{
+    struct twaiter *t = tw();
+    struct entra_result err;
+    assert_int_equal(get(k, t), CACHE_WAIT);
+    finish_read();
+    finish_fetch_ra(k, ENTRA_THROTTLED, 0, retry_after);
+    assert_int_equal(t->called, 1);
+    assert_false(t->ok);
+    assert_int_equal(get_r(k, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.kind, ENTRA_THROTTLED);
+    assert_int_equal(err.retry_after, retry_after);
+}
+
+/* Entra's 429 holds the key for Retry-After seconds of real time: a wall clock stepped back does
+ * not make it last an hour more, stepped forward it does not end it early (Entra would throttle
+ * harder). The Retry-After told to clients counts down in real time. */
+static void t_retry_after_ignores_wall_clock_steps(void **state)
+{
+    (void)state;
+    const char *k = "https://throttled.example/", *k2 = "https://throttled2.example/";
+    struct entra_result err;
+    freeze();
+    uint64_t start = fake_mono;
+    throttle(k, 60);
+    fake_wall -= HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get_r(k, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.retry_after, 59);
+    fake_mono = start + 60 * 1000 - 1;
+    assert_int_equal(get_r(k, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.retry_after, 1);
+    fake_mono += 1;
+    assert_int_equal(get(k, NULL), CACHE_WAIT); /* over: Entra is asked again */
+    /* forward an hour */
+    start = fake_mono;
+    throttle(k2, 60);
+    fake_wall += HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get_r(k2, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.retry_after, 59);
+    fake_mono = start + 60 * 1000;
+    assert_int_equal(get(k2, NULL), CACHE_WAIT);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -417,6 +581,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(t_tick_callback_evicts_next_entry, setup, teardown),
         cmocka_unit_test_setup_teardown(t_callback_cancels_other_waiter, setup, teardown),
         cmocka_unit_test_setup_teardown(t_callback_gets_the_token_it_was_given, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_held_error_ignores_wall_clock_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_token_lifetime_ignores_wall_clock_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_retry_after_ignores_wall_clock_steps, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
