@@ -44,6 +44,9 @@ UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
 UNIT_LDFLAGS_test_arc = -Wl,--wrap=now_ms,--wrap=now_wall_ms
 # test_secret_watch sets both clocks, the monotonic one and the wall clock
 UNIT_LDFLAGS_test_secret_watch = -Wl,--wrap=now_ms,--wrap=now_wall_ms
+# test_token_cache sets both clocks: the cache measures on the monotonic one, the wall clock only
+# dates what clients are told
+UNIT_LDFLAGS_test_token_cache = -Wl,--wrap=now_ms,--wrap=now_wall_ms
 
 # Anything that compiles first checks the build packages, and names the missing ones in one line
 # (demo, check, check-full and bench install them first, then build in a new make).

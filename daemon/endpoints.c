@@ -75,7 +75,8 @@ static void send_token(struct http_conn *c, const struct token *tok, const char 
                  ? imds_render_msi2017_token(b, tok, client_id, resource, rlen,
                                              appservice == SHAPE_MSI2017_EPOCH)
              : appservice ? imds_render_appservice_token(b, tok, client_id, resource, rlen)
-                          : imds_render_token(b, tok, client_id, resource, rlen, now_epoch());
+                          : imds_render_token(b, tok, client_id, resource, rlen,
+                                              token_now_epoch(tok, (int64_t)now_ms()));
     if (rc < 0) {
         struct imds_error e = {500, "server_error", "Response too large", 0};
         send_error(c, &e, appservice);
@@ -84,10 +85,12 @@ static void send_token(struct http_conn *c, const struct token *tok, const char 
     http_conn_respond(c, 200, NULL, b->data, b->len);
 }
 
-/* The cached IMDS path: the body only changes when expires_in does, once a second. */
+/* The cached IMDS path: the body only changes when expires_in does, once a second of the token's
+ * count (token_now_epoch: expires_in is the lifetime left, even after the wall clock stepped). */
 static void send_cached(struct http_conn *c, struct token *tok, const char *client_id,
-                        const char *resource, size_t rlen, int64_t now_s)
+                        const char *resource, size_t rlen)
 {
+    int64_t now_s = token_now_epoch(tok, (int64_t)now_ms());
     if (tok->body_sec != now_s || !tok->body.len) {
         if (!tok->body.max)
             buf_init(&tok->body, 1 << 20);
@@ -261,16 +264,15 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         appservice = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
     struct token *tok;
     struct entra_result fail;
-    int64_t now = now_wall_ms();
     /* first without a waiter: a hit or an immediate failure never touches the heap */
-    enum cache_result cr = token_cache_get(ep->cache, NULL, tr.client_id, tr.resource,
-                                           tr.resource_len, now, &tok, &fail);
+    enum cache_result cr =
+        token_cache_get(ep->cache, NULL, tr.client_id, tr.resource, tr.resource_len, &tok, &fail);
     switch (cr) {
     case CACHE_HIT:
         if (appservice)
             send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, appservice);
         else
-            send_cached(c, tok, tr.client_id, tr.resource, tr.resource_len, now / 1000);
+            send_cached(c, tok, tr.client_id, tr.resource, tr.resource_len);
         return;
     case CACHE_FAIL: {
         struct imds_error e;
@@ -294,8 +296,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     p->client_id = (char *)tr.client_id; /* owned by the config, which outlives requests */
     p->resource_len = tr.resource_len;
     memcpy(p->resource, tr.resource, tr.resource_len + 1);
-    cr = token_cache_get(ep->cache, &p->w, p->client_id, p->resource, p->resource_len, now, &tok,
-                         &fail);
+    cr = token_cache_get(ep->cache, &p->w, p->client_id, p->resource, p->resource_len, &tok, &fail);
     if (cr != CACHE_WAIT) { /* cannot change between the two calls: nothing ran in between */
         free(p);
         struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};

@@ -129,7 +129,8 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, c
     f->client_id = client_id;
     f->resource = resource;
     f->started_ms = now_ms();
-    f->sent_ms = now_wall_ms();
+    f->sent_mono_ms = (int64_t)f->started_ms;
+    f->sent_wall_ms = now_wall_ms();
     memset(&f->req, 0, sizeof f->req);
     f->req.method = "POST";
     f->req.path = e->path;

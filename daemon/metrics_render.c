@@ -110,7 +110,7 @@ static void render_cache(struct buf *b, struct token_cache *cache)
     buf_printf(b, "imdsd_cache_entries %u\n", p.entries);
     head(b, "imdsd_cache_tokens", "gauge", "Cached tokens that can be served.");
     buf_printf(b, "imdsd_cache_tokens %u\n", p.with_token);
-    int64_t now = now_wall_ms();
+    int64_t now = (int64_t)now_ms(); /* the cache's clock */
     head(b, "imdsd_token_expiry_seconds", "gauge",
          "Seconds until a cached token expires (the 64 that expire first).");
     token_series(b, &p, "imdsd_token_expiry_seconds", 0, now);

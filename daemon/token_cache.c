@@ -29,6 +29,7 @@ struct cache_entry {
     size_t resource_len;
     uint64_t hash;
     struct token tok; /* access_token NULL when nothing is cached */
+    /* every time in this file is on mono_now()'s clock, the deadlines of waiters too */
     int64_t obtained_ms, expires_ms, serve_until_ms, refresh_ms;
     int64_t last_used_ms;
     enum entry_state state;
@@ -67,6 +68,15 @@ static void on_token_file(void *arg, const struct token_file_status *st, const c
 static void arm_tick(struct token_cache *c);
 
 /* ---- small helpers ------------------------------------------------------------------------- */
+
+/* The clock of every validity window, hold, backoff and deadline here: the monotonic one. On the
+ * wall clock, a clock stepped back an hour would keep serving a token an hour past its expiry
+ * and repeat a held error or a 429 for an hour; stepped forward, it would drop good tokens. The
+ * wall clock only dates what clients are told (struct token's epoch fields). */
+static int64_t mono_now(void)
+{
+    return (int64_t)now_ms();
+}
 
 static double rnd(struct token_cache *c)
 {
@@ -256,7 +266,7 @@ static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
 {
     int stale_assertion = r->aadsts == 700024;
     struct token_cache *c = e->cache;
-    int64_t now = now_wall_ms();
+    int64_t now = mono_now();
     char res[160];
     remember(&e->last, r);
     e->have_last = 1;
@@ -319,15 +329,16 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r)
         attempt_failed(e, r);
     } else {
         clear_token(e);
-        int64_t sent_ms = f->sent_ms;
+        int64_t sent_ms = f->sent_mono_ms, sent_wall_s = f->sent_wall_ms / 1000;
         e->tok.access_token = r->access_token;
         e->tok.len = r->token_len;
         r->access_token = NULL;
         c->token_bytes += e->tok.len;
-        e->tok.not_before = sent_ms / 1000;
-        e->tok.expires_on = sent_ms / 1000 + r->expires_in;
-        e->tok.ext_expires_on = sent_ms / 1000 + r->ext_expires_in;
+        e->tok.not_before = sent_wall_s;
+        e->tok.expires_on = sent_wall_s + r->expires_in;
+        e->tok.ext_expires_on = sent_wall_s + r->ext_expires_in;
         e->tok.refresh_in = r->refresh_in;
+        e->tok.wall_minus_mono_ms = f->sent_wall_ms - f->sent_mono_ms;
         e->obtained_ms = sent_ms;
         e->expires_ms = sent_ms + r->expires_in * 1000;
         e->serve_until_ms = refresh_serve_until_ms(e->obtained_ms, e->expires_ms);
@@ -336,8 +347,8 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r)
         e->have_last = 0;
         e->held_until_ms = 0;
         log_debug("token_refresh_scheduled", "client_id=%s in_ms=%lld expires_in_ms=%lld",
-                  e->client_id, (long long)(e->refresh_ms - now_wall_ms()),
-                  (long long)(e->expires_ms - now_wall_ms()));
+                  e->client_id, (long long)(e->refresh_ms - mono_now()),
+                  (long long)(e->expires_ms - mono_now()));
         complete(e, &e->tok, NULL, 0);
     }
     /* e may be anything now: only the cache is touched from here on */
@@ -378,12 +389,12 @@ static void on_token_file(void *arg, const struct token_file_status *st, const c
 
 /* Starts the exchange that replaces a token still being served. trigger: "due" (the tick) or
  * "request" (a request found it due first). */
-static void start_refresh(struct cache_entry *e, int64_t now_ms, const char *trigger)
+static void start_refresh(struct cache_entry *e, int64_t now, const char *trigger)
 {
     char res[160];
     log_key(e, res, sizeof res);
     log_info("token_refresh", "client_id=%s resource=%s expires_in_s=%lld trigger=%s", e->client_id,
-             res, (long long)((e->expires_ms - now_ms) / 1000), trigger);
+             res, (long long)((e->expires_ms - now) / 1000), trigger);
     start_attempt(e);
 }
 
@@ -470,7 +481,7 @@ static int tick_entry(struct cache_entry *e, int64_t now)
 static void on_tick(uv_timer_t *t)
 {
     struct token_cache *c = t->data;
-    int64_t now = now_wall_ms();
+    int64_t now = mono_now();
     char res[160];
     c->tick_due_ms = 0;
     for (int b = 0; b < NBUCKETS; b++) {
@@ -523,7 +534,7 @@ static void arm_tick(struct token_cache *c)
     }
     if (c->tick_due_ms == due && uv_is_active((uv_handle_t *)&c->tick))
         return;
-    int64_t delay = due - now_wall_ms();
+    int64_t delay = due - mono_now(); /* libuv's timers are monotonic too */
     c->tick_due_ms = due;
     /* at least 1 ms: a timer re-armed at 0 runs again before the loop polls for I/O */
     uv_timer_start(&c->tick, on_tick, delay > 1 ? (uint64_t)delay : 1, 0);
@@ -548,27 +559,28 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
 
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
-                                  int64_t now_ms, struct token **tok, struct entra_result *err)
+                                  struct token **tok, struct entra_result *err)
 {
+    int64_t now = mono_now();
     uint64_t h = hash_key(client_id, resource, resource_len);
     struct cache_entry *e = find(c, h, client_id, resource, resource_len);
     if (e) {
-        e->last_used_ms = now_ms;
-        if (e->tok.access_token && now_ms < e->serve_until_ms) {
-            if (now_ms >= e->refresh_ms && e->state == E_IDLE) /* before the tick saw it, or */
-                start_refresh(e, now_ms, "request");           /* after a failed refresh gave up */
+        e->last_used_ms = now;
+        if (e->tok.access_token && now < e->serve_until_ms) {
+            if (now >= e->refresh_ms && e->state == E_IDLE) /* before the tick saw it, or */
+                start_refresh(e, now, "request");           /* after a failed refresh gave up */
             *tok = &e->tok;
             metrics.cache_hits++;
             return CACHE_HIT;
         }
-        if (now_ms < e->held_until_ms) {
+        if (now < e->held_until_ms) {
             *err = e->held;
             return CACHE_FAIL;
         }
-        if (now_ms < e->throttled_until_ms) {
+        if (now < e->throttled_until_ms) {
             set_local_error(err, ENTRA_THROTTLED, "too_many_requests",
                             "Entra is throttling token requests for this identity and resource",
-                            (int)((e->throttled_until_ms - now_ms + 999) / 1000));
+                            (int)((e->throttled_until_ms - now + 999) / 1000));
             return CACHE_FAIL;
         }
     }
@@ -584,7 +596,7 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
         e->resource = xstrndup(resource, resource_len);
         e->resource_len = resource_len;
         e->hash = h;
-        e->last_used_ms = now_ms;
+        e->last_used_ms = now;
         e->next = c->buckets[h % NBUCKETS];
         c->buckets[h % NBUCKETS] = e;
         c->nentries++;
@@ -592,11 +604,11 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
     w->entry = e;
     w->prev = NULL;
     w->next = e->waiters;
-    w->deadline_ms = now_ms + (int64_t)c->cfg->entra_timeout_s * 1000;
+    w->deadline_ms = now + (int64_t)c->cfg->entra_timeout_s * 1000;
     if (e->waiters)
         e->waiters->prev = w;
     e->waiters = w;
-    if (e->state == E_BACKOFF && e->backoff_until_ms - now_ms > BACKOFF_FOREGROUND_CAP_MS) {
+    if (e->state == E_BACKOFF && e->backoff_until_ms - now > BACKOFF_FOREGROUND_CAP_MS) {
         /* a long background backoff: a waiting client should not sit through it */
         e->state = E_IDLE;
     }
@@ -612,7 +624,7 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
 void token_cache_foreach(struct token_cache *c,
                          void (*fn)(void *arg, const struct token_cache_info *), void *arg)
 {
-    int64_t now = now_wall_ms();
+    int64_t now = mono_now();
     for (int b = 0; b < NBUCKETS; b++)
         for (struct cache_entry *e = c->buckets[b]; e; e = e->next) {
             struct token_cache_info i = {e->client_id, e->resource, e->resource_len, 0, 0, 0};

@@ -14,7 +14,8 @@ struct entra;
 struct entra_fetch;
 
 /* r is valid only during the callback (the caller may take r->access_token and NULL it).
- * f->sent_ms is when the request was sent: the token expires expires_in after it. */
+ * f->sent_mono_ms and f->sent_wall_ms are when the request was sent: the token expires expires_in
+ * after it. */
 typedef void entra_done_cb(struct entra_fetch *f, struct entra_result *r);
 
 struct entra_fetch {
@@ -24,7 +25,11 @@ struct entra_fetch {
     struct entra *e;
     struct https_request req;
     char headers[256];
-    int64_t sent_ms; /* wall clock, milliseconds */
+    /* The send time twice: on the monotonic clock (now_ms()) for everything the cache measures
+     * from it, since a wall clock stepped back would stretch a token past its real expiry; on
+     * the wall clock only for the epoch times clients are told (expires_on, not_before). */
+    int64_t sent_mono_ms;
+    int64_t sent_wall_ms;
     uint64_t started_ms;
     const char *client_id; /* borrowed until done */
     const char *resource;

@@ -1,6 +1,6 @@
 /* refresh.h - pure timing policy for cached tokens and upstream retries. Times are arguments
- * (milliseconds since the epoch) and randomness is an argument u in [0, 1), so every rule is a
- * table test. */
+ * (milliseconds on one clock: the cache passes the monotonic one) and randomness is an argument
+ * u in [0, 1), so every rule is a table test. */
 #ifndef IMDSD_REFRESH_H
 #define IMDSD_REFRESH_H
 

@@ -47,7 +47,9 @@ enum cache_result { CACHE_HIT, CACHE_FAIL, CACHE_WAIT, CACHE_FULL = -1 };
 struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
                                     struct token_file *tf);
 
-/* Looks up (client_id, resource) at now_ms (wall clock):
+/* Looks up (client_id, resource) now. The cache reads the monotonic clock itself (now_ms()):
+ * every lifetime, hold, Retry-After and deadline it keeps is measured on it, so a stepped wall
+ * clock neither serves a token past its expiry nor stretches a held error or a 429.
  * CACHE_HIT: *tok is a servable token (valid until control returns to the loop; the caller
  *            may fill its body render slot);
  * CACHE_FAIL: *err says why the request is answered at once (held permanent error, 429);
@@ -59,15 +61,15 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
  * waiter" (so that callers allocate a waiter only on a miss). */
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
-                                  int64_t now_ms, struct token **tok, struct entra_result *err);
+                                  struct token **tok, struct entra_result *err);
 /* What /metrics shows of one entry. */
 struct token_cache_info {
     const char *client_id;
     const char *resource; /* resource_len bytes, not NUL-terminated */
     size_t resource_len;
     int has_token;      /* a token is cached and servable */
-    int64_t expires_ms; /* wall clock, when has_token */
-    int64_t refresh_ms; /* wall clock: the background refresh is due, when has_token */
+    int64_t expires_ms; /* monotonic (now_ms()), when has_token */
+    int64_t refresh_ms; /* monotonic: the background refresh is due, when has_token */
 };
 /* Calls fn for every entry (fn must not touch the cache). */
 void token_cache_foreach(struct token_cache *c,

@@ -77,7 +77,8 @@ static void on_entra_timer(uv_timer_t *t)
             "{\"token_type\":\"Bearer\",\"expires_in\":3599,\"access_token\":\"" ACCESS_TOKEN "\"}";
         entra_parse_response(&r, 200, body, sizeof body - 1, NULL);
     }
-    f->sent_ms = now_wall_ms();
+    f->sent_mono_ms = (int64_t)now_ms();
+    f->sent_wall_ms = now_wall_ms();
     f->done(f, &r);
     entra_result_free(&r);
 }

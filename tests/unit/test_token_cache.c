@@ -5,7 +5,11 @@
  * before it returns. These tests drive the cache with the token file and Entra replaced by
  * scripted fakes (this file defines token_file_get, entra_fetch, ... so the linker does not take
  * token_file.o and entra.o from the library), and let callbacks re-enter the cache the way the
- * HTTP server does. They run under ASan and valgrind too, where a use after free is reported. */
+ * HTTP server does. They run under ASan and valgrind too, where a use after free is reported.
+ *
+ * The clocks are wrapped (-Wl,--wrap=now_ms,--wrap=now_wall_ms): they run in real time, with a
+ * skew a test may set (the loop's timers run in real time too), or frozen at values a test steps,
+ * to show that a wall clock stepped either way changes no validity window. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -18,10 +22,38 @@
 #include <uv.h>
 
 #include "log.h"
+#include "refresh.h"
 #include "token_cache.h"
 #include "util.h"
 
-#define CLIENT "11111111-2222-3333-4444-555555555555"
+#define CLIENT  "11111111-2222-3333-4444-555555555555"
+#define HOUR_MS (3600 * 1000)
+
+/* ---- the clocks ------------------------------------------------------------------------------ */
+
+static int frozen;         /* 0: real time (plus mono_skew); 1: fake_mono and fake_wall */
+static int64_t mono_skew;  /* added to the real monotonic clock */
+static uint64_t fake_mono; /* counts from boot */
+static int64_t fake_wall;  /* milliseconds since the epoch */
+uint64_t __real_now_ms(void);
+uint64_t __wrap_now_ms(void);
+uint64_t __wrap_now_ms(void)
+{
+    return frozen ? fake_mono : __real_now_ms() + (uint64_t)mono_skew;
+}
+int64_t __real_now_wall_ms(void);
+int64_t __wrap_now_wall_ms(void);
+int64_t __wrap_now_wall_ms(void)
+{
+    return frozen ? fake_wall : __real_now_wall_ms();
+}
+
+static void freeze(void)
+{
+    frozen = 1;
+    fake_mono = 5000000;
+    fake_wall = 1700000000000;
+}
 
 /* ---- fakes for token_file and entra ---------------------------------------------------------- */
 
@@ -71,7 +103,8 @@ int entra_fetch(struct entra *e, struct entra_fetch *f, const char *client_id, c
         abort();
     f->client_id = client_id;
     f->resource = resource;
-    f->sent_ms = now_wall_ms();
+    f->sent_mono_ms = (int64_t)now_ms();
+    f->sent_wall_ms = now_wall_ms();
     f->active = 1;
     fetches[nfetches++] = f;
     return 0;
@@ -98,8 +131,10 @@ static void finish_read(void)
     w->cb(w->arg, &st, "a.b.c", 5);
 }
 
-/* Answers the pending exchange for resource: a token when kind is ENTRA_OK, else an error. */
-static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aadsts)
+/* Answers the pending exchange for resource: a token for 3599 s when kind is ENTRA_OK, else an
+ * error with Retry-After: retry_after when not 0. */
+static void finish_fetch_ra(const char *resource, enum entra_kind kind, int64_t aadsts,
+                            int retry_after)
 {
     int i = 0;
     while (i < nfetches && strcmp(fetches[i]->resource, resource) != 0)
@@ -109,7 +144,7 @@ static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aad
     struct entra_fetch *f = fetches[i];
     fetches[i] = fetches[--nfetches];
     f->active = 0;
-    struct entra_result r = {.kind = kind, .aadsts = aadsts};
+    struct entra_result r = {.kind = kind, .aadsts = aadsts, .retry_after = retry_after};
     if (kind == ENTRA_OK) {
         r.access_token = xstrdup("eyJ0eXAiOiJKV1QifQ.e30.c2ln");
         r.token_len = strlen(r.access_token);
@@ -122,6 +157,11 @@ static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aad
     }
     f->done(f, &r);
     secret_free_str(r.access_token);
+}
+
+static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aadsts)
+{
+    finish_fetch_ra(resource, kind, aadsts, 0);
 }
 
 /* ---- the cache under test, and waiters that act like HTTP connections ------------------------ */
@@ -156,7 +196,7 @@ static void on_done(struct token_cache_waiter *w, const struct token *tok,
         struct token *tk;
         struct entra_result e;
         t->then_rc = token_cache_get(cache, t->then ? &t->then->w : NULL, CLIENT, t->then_resource,
-                                     strlen(t->then_resource), now_wall_ms(), &tk, &e);
+                                     strlen(t->then_resource), &tk, &e);
     }
 }
 
@@ -171,12 +211,34 @@ static struct twaiter *tw(void)
     return t;
 }
 
-static enum cache_result get(const char *resource, struct twaiter *t, int64_t now)
+/* A lookup; *tokp and *errp, when not NULL, receive what the cache gave. */
+static enum cache_result get_r(const char *resource, struct twaiter *t, struct token **tokp,
+                               struct entra_result *errp)
 {
-    struct token *tok;
+    struct token *tok = NULL;
     struct entra_result err;
-    return token_cache_get(cache, t ? &t->w : NULL, CLIENT, resource, strlen(resource), now, &tok,
-                           &err);
+    memset(&err, 0, sizeof err);
+    enum cache_result rc =
+        token_cache_get(cache, t ? &t->w : NULL, CLIENT, resource, strlen(resource), &tok, &err);
+    if (tokp)
+        *tokp = tok;
+    if (errp)
+        *errp = err;
+    return rc;
+}
+
+static enum cache_result get(const char *resource, struct twaiter *t)
+{
+    return get_r(resource, t, NULL, NULL);
+}
+
+/* A lookup made ago_ms earlier: the least recently used entry is the one evicted. */
+static enum cache_result get_ago(const char *resource, struct twaiter *t, int64_t ago_ms)
+{
+    mono_skew -= ago_ms;
+    enum cache_result rc = get(resource, t);
+    mono_skew += ago_ms;
+    return rc;
 }
 
 static int setup(void **state)
@@ -184,6 +246,8 @@ static int setup(void **state)
     (void)state;
     log_min_level = LOG_WARN;
     nreads = nfetches = double_links = nwaiters = 0;
+    frozen = 0;
+    mono_skew = 0;
     memset(&cfg, 0, sizeof cfg);
     cfg.entra_timeout_s = 15;
     assert_int_equal(uv_loop_init(&loop), 0);
@@ -216,14 +280,14 @@ static void run_for(uint64_t ms)
     uv_run(&loop, UV_RUN_NOWAIT);
 }
 
-/* Creates n entries holding a permanent error (idle, evictable), used at now. */
-static void fill(const char *prefix, int n, int64_t now)
+/* Creates n entries holding a permanent error (idle, evictable), used now. */
+static void fill(const char *prefix, int n)
 {
     char res[64];
     for (int i = 0; i < n; i++) {
         snprintf(res, sizeof res, "https://%s%d.example/", prefix, i);
         struct twaiter *t = tw();
-        assert_int_equal(get(res, t, now), CACHE_WAIT);
+        assert_int_equal(get(res, t), CACHE_WAIT);
         finish_read();
         finish_fetch(res, ENTRA_PERMANENT, 500011);
         assert_int_equal(t->called, 1);
@@ -238,18 +302,17 @@ static void fill(const char *prefix, int n, int64_t now)
 static void t_pipelined_request_evicts_entry_being_answered(void **state)
 {
     (void)state;
-    int64_t now = now_wall_ms();
     struct twaiter *t = tw();
     t->then_resource = "https://n.example/";
     t->then = tw();
-    assert_int_equal(get("https://t.example/", t, now - 10), CACHE_WAIT);
+    assert_int_equal(get_ago("https://t.example/", t, 10), CACHE_WAIT);
     finish_read();
-    fill("fill", CACHE_MAX_ENTRIES - 1, now);
+    fill("fill", CACHE_MAX_ENTRIES - 1);
     finish_fetch("https://t.example/", ENTRA_OK, 0);
     assert_int_equal(t->called, 1);
     assert_true(t->ok);
     assert_int_equal(t->then_rc, CACHE_WAIT); /* room was made by evicting another entry */
-    assert_int_equal(get("https://t.example/", NULL, now_wall_ms()), CACHE_HIT);
+    assert_int_equal(get("https://t.example/", NULL), CACHE_HIT);
     assert_int_equal(nreads, 1); /* N's attempt started */
     finish_read();
     finish_fetch("https://n.example/", ENTRA_OK, 0);
@@ -267,7 +330,7 @@ static void t_same_key_request_from_failure_callback(void **state)
     struct twaiter *t = tw();
     t->then_resource = k;
     t->then = tw();
-    assert_int_equal(get(k, t, now_wall_ms()), CACHE_WAIT);
+    assert_int_equal(get(k, t), CACHE_WAIT);
     finish_read();
     finish_fetch(k, ENTRA_TRANSIENT, 700024); /* re-reads the token file */
     finish_read();
@@ -288,7 +351,7 @@ static void t_same_key_request_from_failure_callback(void **state)
     char res[64];
     for (int i = 0; i < CACHE_MAX_EXCHANGES; i++) {
         snprintf(res, sizeof res, "https://slot%d.example/", i);
-        assert_int_equal(get(res, tw(), now_wall_ms()), CACHE_WAIT);
+        assert_int_equal(get(res, tw()), CACHE_WAIT);
     }
     assert_int_equal(nreads, CACHE_MAX_EXCHANGES);
 }
@@ -318,22 +381,21 @@ static void t_tick_callback_evicts_next_entry(void **state)
         if (bucket_of(CLIENT, a) == bucket_of(CLIENT, b))
             break;
     }
-    int64_t now = now_wall_ms();
     struct twaiter *tb = tw();
-    assert_int_equal(get(b, tb, now - 1000), CACHE_WAIT); /* the least recently used */
+    assert_int_equal(get_ago(b, tb, 1000), CACHE_WAIT); /* the least recently used */
     finish_read();
     finish_fetch(b, ENTRA_PERMANENT, 500011);
     struct twaiter *ta = tw();
     ta->then_resource = "https://new.example/";
     ta->then = tw();
-    assert_int_equal(get(a, ta, now), CACHE_WAIT); /* heads b's chain; Entra never answers */
+    assert_int_equal(get(a, ta), CACHE_WAIT); /* heads b's chain; Entra never answers */
     finish_read();
-    fill("fill", CACHE_MAX_ENTRIES - 2, now);
+    fill("fill", CACHE_MAX_ENTRIES - 2);
     run_for(1500);
     assert_int_equal(ta->called, 1);
     assert_false(ta->ok);
     assert_int_equal(ta->then_rc, CACHE_WAIT);
-    assert_int_equal(get(b, NULL, now_wall_ms()), CACHE_WAIT); /* b was evicted */
+    assert_int_equal(get(b, NULL), CACHE_WAIT); /* b was evicted */
 }
 
 /* A callback that cancels another waiter of the same answer: that one is never called. */
@@ -342,8 +404,8 @@ static void t_callback_cancels_other_waiter(void **state)
     (void)state;
     const char *k = "https://k.example/";
     struct twaiter *t1 = tw(), *t2 = tw();
-    assert_int_equal(get(k, t1, now_wall_ms()), CACHE_WAIT);
-    assert_int_equal(get(k, t2, now_wall_ms()), CACHE_WAIT);
+    assert_int_equal(get(k, t1), CACHE_WAIT);
+    assert_int_equal(get(k, t2), CACHE_WAIT);
     /* waiters are answered newest first: t2 runs first and cancels t1 */
     t2->abort = t1;
     finish_read();
@@ -359,12 +421,155 @@ static void t_callback_gets_the_token_it_was_given(void **state)
     const char *k = "https://k.example/";
     struct twaiter *t = tw();
     t->then_resource = k;
-    assert_int_equal(get(k, t, now_wall_ms()), CACHE_WAIT);
+    assert_int_equal(get(k, t), CACHE_WAIT);
     finish_read();
     finish_fetch(k, ENTRA_OK, 0);
     assert_true(t->ok);
     assert_int_equal(t->then_rc, CACHE_HIT);
     assert_int_equal(nreads + nfetches, 0);
+}
+
+/* ---- a stepped wall clock -------------------------------------------------------------------- */
+
+/* Makes k hold a permanent error, answered at the frozen clocks' present. */
+static void hold_error(const char *k)
+{
+    struct twaiter *t = tw();
+    assert_int_equal(get(k, t), CACHE_WAIT);
+    finish_read();
+    finish_fetch(k, ENTRA_PERMANENT, 500011);
+    assert_int_equal(t->called, 1);
+    assert_false(t->ok);
+    assert_int_equal(get(k, NULL), CACHE_FAIL);
+}
+
+/* A permanent error is repeated for PERMANENT_ERROR_HOLD_MS of real time, however the wall clock
+ * is stepped meanwhile: back an hour, it is not repeated for an hour more (every client of the
+ * key would get the error without Entra being asked); forward, it is not dropped early. */
+static void t_held_error_ignores_wall_clock_steps(void **state)
+{
+    (void)state;
+    const char *k = "https://held.example/", *k2 = "https://held2.example/";
+    freeze();
+    uint64_t start = fake_mono;
+    hold_error(k);
+    fake_wall -= HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get(k, NULL), CACHE_FAIL); /* still held */
+    fake_mono = start + PERMANENT_ERROR_HOLD_MS - 1;
+    assert_int_equal(get(k, NULL), CACHE_FAIL); /* the last millisecond of the hold */
+    fake_mono += 1;
+    assert_int_equal(get(k, NULL), CACHE_WAIT); /* over: the next request asks Entra again */
+    /* forward an hour */
+    start = fake_mono;
+    hold_error(k2);
+    fake_wall += HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get(k2, NULL), CACHE_FAIL);
+    fake_mono = start + PERMANENT_ERROR_HOLD_MS;
+    assert_int_equal(get(k2, NULL), CACHE_WAIT);
+    assert_int_equal(nreads + nfetches, 0);
+}
+
+/* Fetches a token for k (expires_in 3599) at the frozen clocks' present. */
+static void fetch_token(const char *k)
+{
+    struct twaiter *t = tw();
+    assert_int_equal(get(k, t), CACHE_WAIT);
+    finish_read();
+    finish_fetch(k, ENTRA_OK, 0);
+    assert_true(t->ok);
+}
+
+/* A token is served for its real lifetime: stepped back an hour, the wall clock does not keep it
+ * an hour past its expiry (Entra's resources would refuse it); stepped forward, it does not drop
+ * it. It is refreshed when due on the monotonic clock, and expires_in as clients see it
+ * (token_now_epoch) is the lifetime really left while expires_on keeps the date of the answer. */
+static void t_token_lifetime_ignores_wall_clock_steps(void **state)
+{
+    (void)state;
+    const char *k = "https://tok.example/", *k2 = "https://tok2.example/";
+    freeze();
+    int64_t sent_mono = (int64_t)fake_mono, sent_wall_s = fake_wall / 1000;
+    struct token *tok;
+    fetch_token(k);
+    fake_wall -= HOUR_MS;
+    fake_mono += 1000 * 1000;
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    assert_int_equal(tok->expires_on, sent_wall_s + 3599);
+    assert_int_equal(tok->expires_on - token_now_epoch(tok, (int64_t)now_ms()), 2599);
+    assert_int_equal(nreads, 0);
+    /* the refresh is due at the latest REFRESH_LATEST_BEFORE_EXPIRY_MS before expiry */
+    fake_mono = (uint64_t)(sent_mono + 3599 * 1000 - REFRESH_LATEST_BEFORE_EXPIRY_MS);
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    assert_int_equal(nreads, 1); /* a request found it due: the refresh started */
+    /* Entra does not answer the refresh: the token is served until the margin before expiry */
+    fake_mono = (uint64_t)(sent_mono + 3599 * 1000 - REFRESH_SERVE_MARGIN_MS - 1);
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    fake_mono += 1;
+    assert_int_equal(get(k, NULL), CACHE_WAIT); /* not served: the refresh must bring a new one */
+    finish_read();
+    finish_fetch(k, ENTRA_OK, 0);
+    assert_int_equal(get_r(k, NULL, &tok, NULL), CACHE_HIT);
+    /* the new token's expires_on is dated on the (stepped) wall clock of its send */
+    assert_int_equal(tok->expires_on, fake_wall / 1000 + 3599);
+    assert_int_equal(tok->expires_on - token_now_epoch(tok, (int64_t)now_ms()), 3599);
+    /* forward an hour */
+    sent_mono = (int64_t)fake_mono;
+    sent_wall_s = fake_wall / 1000;
+    fetch_token(k2);
+    fake_wall += HOUR_MS;
+    fake_mono += 10 * 1000;
+    assert_int_equal(get_r(k2, NULL, &tok, NULL), CACHE_HIT);
+    assert_int_equal(tok->expires_on, sent_wall_s + 3599);
+    assert_int_equal(tok->expires_on - token_now_epoch(tok, (int64_t)now_ms()), 3589);
+    assert_int_equal(nreads, 0);
+}
+
+/* Makes k throttled for retry_after seconds, answered at the frozen clocks' present. */
+static void throttle(const char *k, int retry_after)
+{
+    struct twaiter *t = tw();
+    struct entra_result err;
+    assert_int_equal(get(k, t), CACHE_WAIT);
+    finish_read();
+    finish_fetch_ra(k, ENTRA_THROTTLED, 0, retry_after);
+    assert_int_equal(t->called, 1);
+    assert_false(t->ok);
+    assert_int_equal(get_r(k, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.kind, ENTRA_THROTTLED);
+    assert_int_equal(err.retry_after, retry_after);
+}
+
+/* Entra's 429 holds the key for Retry-After seconds of real time: a wall clock stepped back does
+ * not make it last an hour more, stepped forward it does not end it early (Entra would throttle
+ * harder). The Retry-After told to clients counts down in real time. */
+static void t_retry_after_ignores_wall_clock_steps(void **state)
+{
+    (void)state;
+    const char *k = "https://throttled.example/", *k2 = "https://throttled2.example/";
+    struct entra_result err;
+    freeze();
+    uint64_t start = fake_mono;
+    throttle(k, 60);
+    fake_wall -= HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get_r(k, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.retry_after, 59);
+    fake_mono = start + 60 * 1000 - 1;
+    assert_int_equal(get_r(k, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.retry_after, 1);
+    fake_mono += 1;
+    assert_int_equal(get(k, NULL), CACHE_WAIT); /* over: Entra is asked again */
+    /* forward an hour */
+    start = fake_mono;
+    throttle(k2, 60);
+    fake_wall += HOUR_MS;
+    fake_mono += 1000;
+    assert_int_equal(get_r(k2, NULL, NULL, &err), CACHE_FAIL);
+    assert_int_equal(err.retry_after, 59);
+    fake_mono = start + 60 * 1000;
+    assert_int_equal(get(k2, NULL), CACHE_WAIT);
 }
 
 int main(void)
@@ -376,6 +581,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(t_tick_callback_evicts_next_entry, setup, teardown),
         cmocka_unit_test_setup_teardown(t_callback_cancels_other_waiter, setup, teardown),
         cmocka_unit_test_setup_teardown(t_callback_gets_the_token_it_was_given, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_held_error_ignores_wall_clock_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_token_lifetime_ignores_wall_clock_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_retry_after_ignores_wall_clock_steps, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
