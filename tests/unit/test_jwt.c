@@ -13,28 +13,15 @@
 #include <cmocka.h>
 #include <uv.h>
 
+#include "b64url.h"
 #include "jwt.h"
 #include "token_file.h"
 
 static char *b64(const char *s)
 {
-    static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     size_t n = strlen(s);
-    char *out = malloc(n * 4 / 3 + 4), *o = out;
-    for (size_t i = 0; i < n; i += 3) {
-        unsigned v = (unsigned char)s[i] << 16;
-        if (i + 1 < n)
-            v |= (unsigned char)s[i + 1] << 8;
-        if (i + 2 < n)
-            v |= (unsigned char)s[i + 2];
-        *o++ = tbl[v >> 18];
-        *o++ = tbl[(v >> 12) & 63];
-        if (i + 1 < n)
-            *o++ = tbl[(v >> 6) & 63];
-        if (i + 2 < n)
-            *o++ = tbl[v & 63];
-    }
-    *o = 0;
+    char *out = malloc(n * 4 / 3 + 4);
+    b64url(s, n, out);
     return out;
 }
 

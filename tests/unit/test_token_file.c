@@ -8,27 +8,8 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "b64url.h"
 #include "token_file.h"
-
-static void b64url(const char *in, size_t n, char *out)
-{
-    static const char a[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    size_t o = 0;
-    for (size_t i = 0; i < n; i += 3) {
-        unsigned v = (unsigned char)in[i] << 16;
-        if (i + 1 < n)
-            v |= (unsigned char)in[i + 1] << 8;
-        if (i + 2 < n)
-            v |= (unsigned char)in[i + 2];
-        out[o++] = a[(v >> 18) & 63];
-        out[o++] = a[(v >> 12) & 63];
-        if (i + 1 < n)
-            out[o++] = a[(v >> 6) & 63];
-        if (i + 2 < n)
-            out[o++] = a[v & 63];
-    }
-    out[o] = 0;
-}
 
 /* A JWT that decodes (exp in an hour) whose signature part is 342 characters (RS256, 2048 bits):
  * cut to 300 of them it still is valid base64url. */
