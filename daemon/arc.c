@@ -326,12 +326,31 @@ static int diag_addr(const struct sockaddr_storage *ss, uint32_t addr[4], uint16
     return -1;
 }
 
+/* An IPv4 client of a dual-stack listener (a socket systemd passed, [::]:port) shows as
+ * ::ffff:a.b.c.d: its socket is an AF_INET one, which the kernel reports in IPv4's form. */
+static void unmap_v4(struct sockaddr_storage *ss)
+{
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+    if (ss->ss_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr))
+        return;
+    struct sockaddr_in in;
+    memset(&in, 0, sizeof in);
+    in.sin_family = AF_INET;
+    in.sin_port = in6->sin6_port;
+    memcpy(&in.sin_addr, &in6->sin6_addr.s6_addr[12], sizeof in.sin_addr);
+    memcpy(ss, &in, sizeof in);
+}
+
 uid_t arc_peer_uid(struct arc *a, int fd)
 {
     struct sockaddr_storage mine, peer;
     socklen_t mlen = sizeof mine, plen = sizeof peer;
     if (a->diag_fd < 0 || getsockname(fd, (struct sockaddr *)&mine, &mlen) < 0 ||
-        getpeername(fd, (struct sockaddr *)&peer, &plen) < 0 || mine.ss_family != peer.ss_family)
+        getpeername(fd, (struct sockaddr *)&peer, &plen) < 0)
+        return ARC_UID_UNKNOWN;
+    unmap_v4(&mine);
+    unmap_v4(&peer);
+    if (mine.ss_family != peer.ss_family)
         return ARC_UID_UNKNOWN;
     /* the peer's socket: its source is our remote end, its destination our local one */
     struct {

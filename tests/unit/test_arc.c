@@ -372,10 +372,11 @@ static int connect_to(int lfd)
     return fd;
 }
 
-/* arc_peer_uid on real loopback connections, IPv4 and IPv6: the owner of the client's socket
- * (this process's; a child's that switched to uid 65534, when run as root), the same after the
- * client half-closed; unknown once the client closed its socket (TIME_WAIT would say uid 0), and
- * for what is not a connected TCP socket. Prints what one query costs. */
+/* arc_peer_uid on real loopback connections, IPv4, IPv6 and IPv4 to a dual-stack listener: the
+ * owner of the client's socket (this process's; a child's that switched to uid 65534, when run as
+ * root), the same after the client half-closed; unknown once the client closed its socket
+ * (TIME_WAIT would say uid 0), and for what is not a connected TCP socket. Prints what one query
+ * costs. */
 static void t_peer_uid(void **state)
 {
     (void)state;
@@ -446,6 +447,32 @@ static void t_peer_uid(void **state)
         }
         /* a listening socket, a UDP socket, no socket: unknown */
         assert_int_equal(arc_peer_uid(a, lfd), ARC_UID_UNKNOWN);
+        close(lfd);
+    }
+    /* an IPv4 client of a dual-stack listener: ::ffff:127.0.0.1 to the listener */
+    int lfd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd >= 0) {
+        int off = 0;
+        struct sockaddr_in6 in6 = {.sin6_family = AF_INET6};
+        assert_int_equal(inet_pton(AF_INET6, "::ffff:127.0.0.1", &in6.sin6_addr), 1);
+        assert_int_equal(setsockopt(lfd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof off), 0);
+        assert_int_equal(bind(lfd, (struct sockaddr *)&in6, sizeof in6), 0);
+        assert_int_equal(listen(lfd, 8), 0);
+        socklen_t len = sizeof in6;
+        assert_int_equal(getsockname(lfd, (struct sockaddr *)&in6, &len), 0);
+        struct sockaddr_in in = {.sin_family = AF_INET, .sin_port = in6.sin6_port};
+        in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        int cfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        assert_int_equal(connect(cfd, (struct sockaddr *)&in, sizeof in), 0);
+        int sfd = accept(lfd, NULL, NULL);
+        assert_true(sfd >= 0);
+        struct sockaddr_storage ss;
+        len = sizeof ss;
+        assert_int_equal(getpeername(sfd, (struct sockaddr *)&ss, &len), 0);
+        assert_int_equal(ss.ss_family, AF_INET6); /* mapped */
+        assert_int_equal(arc_peer_uid(a, sfd), geteuid());
+        close(sfd);
+        close(cfd);
         close(lfd);
     }
     int ufd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
