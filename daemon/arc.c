@@ -303,8 +303,7 @@ struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size
     return a;
 }
 
-/* ---- whose challenge: the owner of the peer's socket ------------------------------------------
- */
+/* ---- whose challenge: the owner of the peer's socket ----------------------------------------- */
 
 /* The address and port (network order) of an AF_INET or AF_INET6 sockaddr, as inet_diag wants
  * them: 4 words, an IPv4 address in the first. */
