@@ -34,9 +34,10 @@ struct arc_key {
     char key[ARC_KEY_HEX + 1];
     uint64_t expires_ms; /* monotonic: a wall clock stepped back must not extend a key */
     uid_t uid;           /* whose challenge it answers (arc_peer_uid) */
-    int live;
-    int making; /* the slot is held for a challenge whose file is being made */
+    unsigned char live;
+    unsigned char making; /* the slot is held for a challenge whose file is being made */
 };
+_Static_assert(sizeof(struct arc_key) <= 128, "the slots' size in the comment above");
 
 struct arc {
     uv_loop_t *loop;
