@@ -294,9 +294,8 @@ struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size
     /* non-blocking: arc_peer_uid reads the answer the kernel queued within the send, or none */
     a->diag_fd = socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (a->diag_fd < 0)
-        log_warn("arc_peer_uid_unavailable",
-                 "error=\"%s\" quota=shared (challenges are bounded for all users together)",
-                 strerror(errno));
+        log_warn("arc_peer_uid_unavailable", "error=\"%s\" per_user_share=off",
+                 strerror(errno)); /* the bounds for all users together stay */
     uv_timer_init(loop, &a->sweep);
     a->sweep.data = a;
     uv_timer_start(&a->sweep, on_sweep, 1000, 1000);

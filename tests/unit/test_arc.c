@@ -34,6 +34,18 @@ int64_t __wrap_now_wall_ms(void)
     return fake_wall;
 }
 
+static int no_netlink; /* socket(AF_NETLINK, ...) fails, as systemd's RestrictAddressFamilies= */
+int __real_socket(int domain, int type, int protocol);
+int __wrap_socket(int domain, int type, int protocol);
+int __wrap_socket(int domain, int type, int protocol)
+{
+    if (no_netlink && domain == AF_NETLINK) {
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    return __real_socket(domain, type, protocol);
+}
+
 struct got {
     char path[4096];
     int calls;
@@ -486,6 +498,45 @@ static void t_peer_uid(void **state)
     rmdir(dir);
 }
 
+/* Without a netlink socket (a service whose RestrictAddressFamilies= lacks AF_NETLINK) arc_new
+ * still works: no user is known, and there is no per-user share (a single one would hold every
+ * challenge to ARC_MAX_KEYS_PER_UID): the bounds of before, ARC_MAX_KEYS and ARC_MAX_PER_S. */
+static void t_no_sock_diag(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/imdsd-arc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[256];
+    no_netlink = 1;
+    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    no_netlink = 0;
+    assert_non_null(a);
+    int lfd = listen_lo(AF_INET);
+    assert_true(lfd >= 0);
+    int cfd = connect_to(lfd);
+    int sfd = accept(lfd, NULL, NULL);
+    assert_true(sfd >= 0);
+    assert_int_equal(arc_peer_uid(a, sfd), ARC_UID_UNKNOWN);
+    close(sfd);
+    close(cfd);
+    close(lfd);
+    uint64_t per0 = metrics.arc_challenges_refused_per_user;
+    fake_now += 1000;
+    struct got g = {{0}, 0};
+    int made = 0;
+    while (made < 2 * ARC_MAX_PER_S && try_challenge(&loop, a, ARC_UID_UNKNOWN, &g))
+        made++;
+    assert_int_equal(made, ARC_MAX_PER_S);
+    assert_int_equal(metrics.arc_challenges_refused_per_user, per0);
+    arc_free(a);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(files_in(dir), 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rmdir(dir);
+}
+
 /* Validity runs on the monotonic clock: a wall clock stepped back an hour (NTP, an operator) does
  * not keep a key good past ARC_KEY_TTL_MS, and one stepped forward does not cut a key short. */
 static void t_wall_clock(void **state)
@@ -731,6 +782,7 @@ int main(void)
     add("arc", "a flood is refused, a live key never dropped", t_flood, NULL);
     add("arc", "one user's flood is refused, other users get keys", t_per_user, NULL);
     add("arc", "the peer's uid from sock_diag", t_peer_uid, NULL);
+    add("arc", "without sock_diag, no per-user share", t_no_sock_diag, NULL);
     add("arc", "the wall clock stepped does not move expiry", t_wall_clock, NULL);
     add("arc", "a setgid directory's group is not the key files'", t_setgid_dir, NULL);
     add("arc", "a directory others can write is refused", t_dir_writers, NULL);
