@@ -40,8 +40,9 @@ LLHTTP_SRCS = $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c $(LLHTTP_SRC)/llhttp.c
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 # test_buf searches every block freed for what the buffers held
 UNIT_LDFLAGS_test_buf = -Wl,--wrap=free,--wrap=realloc
-# test_arc sets the monotonic clock (keys expire by it) and the wall clock (to show they do not)
-UNIT_LDFLAGS_test_arc = -Wl,--wrap=now_ms,--wrap=now_wall_ms
+# test_arc sets the monotonic clock (keys expire by it) and the wall clock (to show they do not),
+# and refuses netlink sockets (a service without AF_NETLINK)
+UNIT_LDFLAGS_test_arc = -Wl,--wrap=now_ms,--wrap=now_wall_ms,--wrap=socket
 # test_secret_watch sets both clocks, the monotonic one and the wall clock
 UNIT_LDFLAGS_test_secret_watch = -Wl,--wrap=now_ms,--wrap=now_wall_ms
 # test_token_cache sets both clocks: the cache measures on the monotonic one, the wall clock only

@@ -8,10 +8,16 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -27,8 +33,11 @@ struct arc_key {
     char name[KEY_NAME_MAX]; /* in the directory (not the path: the 256 slots take 32 KiB) */
     char key[ARC_KEY_HEX + 1];
     uint64_t expires_ms; /* monotonic: a wall clock stepped back must not extend a key */
-    int live;
+    uid_t uid;           /* whose challenge it answers (arc_peer_uid) */
+    unsigned char live;
+    unsigned char making; /* the slot is held for a challenge whose file is being made */
 };
+_Static_assert(sizeof(struct arc_key) <= 128, "the slots' size in the comment above");
 
 struct arc {
     uv_loop_t *loop;
@@ -37,16 +46,18 @@ struct arc {
     char id[ARC_ID_HEX + 1]; /* this instance, in every file name it makes */
     int lock_fd;             /* imdsd-ID.lock, flock()ed while this instance lives */
     struct arc_key keys[ARC_MAX_KEYS];
-    unsigned making;      /* challenges admitted whose key is not made yet: they hold a slot */
     uint64_t second_ms;   /* when the current second of ARC_MAX_PER_S began (monotonic) */
     unsigned this_second; /* challenges admitted in it */
     uv_timer_t sweep;
     int closing, pending; /* challenges and unlinks in flight */
+    int diag_fd;          /* NETLINK_SOCK_DIAG, for arc_peer_uid; -1: no per-user quota */
+    uint32_t diag_seq;
 };
 
 struct arc_challenge {
     uv_work_t work;
     struct arc *arc;
+    struct arc_key *slot; /* held (making) since admission */
     arc_done_cb *done;
     void *arg;
     int canceled, failed;
@@ -68,6 +79,8 @@ static void maybe_free(struct arc *a)
         lock_path(p, sizeof p, a->dir, a->id);
         unlink(p);
         close(a->lock_fd);
+        if (a->diag_fd >= 0)
+            close(a->diag_fd);
         secret_zero(a, sizeof *a);
         free(a);
     }
@@ -278,11 +291,119 @@ struct arc *arc_new(uv_loop_t *loop, const char *dir, gid_t gid, char *err, size
         return NULL;
     }
     remove_stale(a); /* at start-up, before the loop runs; ours are live from now on */
+    /* non-blocking: arc_peer_uid reads the answer the kernel queued within the send, or none */
+    a->diag_fd = socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (a->diag_fd < 0)
+        log_warn("arc_peer_uid_unavailable", "error=\"%s\" per_user_share=off",
+                 strerror(errno)); /* the bounds for all users together stay */
     uv_timer_init(loop, &a->sweep);
     a->sweep.data = a;
     uv_timer_start(&a->sweep, on_sweep, 1000, 1000);
     uv_unref((uv_handle_t *)&a->sweep);
     return a;
+}
+
+/* ---- whose challenge: the owner of the peer's socket ----------------------------------------- */
+
+/* The address and port (network order) of an AF_INET or AF_INET6 sockaddr, as inet_diag wants
+ * them: 4 words, an IPv4 address in the first. */
+static int diag_addr(const struct sockaddr_storage *ss, uint32_t addr[4], uint16_t *port)
+{
+    memset(addr, 0, 4 * sizeof *addr);
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
+        memcpy(addr, &in->sin_addr, sizeof in->sin_addr);
+        *port = in->sin_port;
+        return 0;
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+        memcpy(addr, &in6->sin6_addr, sizeof in6->sin6_addr);
+        *port = in6->sin6_port;
+        return 0;
+    }
+    return -1;
+}
+
+/* An IPv4 client of a dual-stack listener (a socket systemd passed, [::]:port) shows as
+ * ::ffff:a.b.c.d: its socket is an AF_INET one, which the kernel reports in IPv4's form. */
+static void unmap_v4(struct sockaddr_storage *ss)
+{
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+    if (ss->ss_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr))
+        return;
+    struct sockaddr_in in;
+    memset(&in, 0, sizeof in);
+    in.sin_family = AF_INET;
+    in.sin_port = in6->sin6_port;
+    memcpy(&in.sin_addr, &in6->sin6_addr.s6_addr[12], sizeof in.sin_addr);
+    memcpy(ss, &in, sizeof in);
+}
+
+uid_t arc_peer_uid(struct arc *a, int fd)
+{
+    struct sockaddr_storage mine, peer;
+    socklen_t mlen = sizeof mine, plen = sizeof peer;
+    if (a->diag_fd < 0 || getsockname(fd, (struct sockaddr *)&mine, &mlen) < 0 ||
+        getpeername(fd, (struct sockaddr *)&peer, &plen) < 0)
+        return ARC_UID_UNKNOWN;
+    unmap_v4(&mine);
+    unmap_v4(&peer);
+    if (mine.ss_family != peer.ss_family)
+        return ARC_UID_UNKNOWN;
+    /* the peer's socket: its source is our remote end, its destination our local one */
+    struct {
+        struct nlmsghdr nh;
+        struct inet_diag_req_v2 r;
+    } q;
+    memset(&q, 0, sizeof q);
+    q.nh.nlmsg_len = sizeof q;
+    q.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    q.nh.nlmsg_flags = NLM_F_REQUEST; /* no NLM_F_DUMP: the one socket with this exact tuple */
+    q.nh.nlmsg_seq = ++a->diag_seq;
+    q.r.sdiag_family = (uint8_t)peer.ss_family;
+    q.r.sdiag_protocol = IPPROTO_TCP;
+    q.r.idiag_states = ~0u;
+    q.r.id.idiag_cookie[0] = q.r.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
+    if (diag_addr(&peer, q.r.id.idiag_src, &q.r.id.idiag_sport) < 0 ||
+        diag_addr(&mine, q.r.id.idiag_dst, &q.r.id.idiag_dport) < 0)
+        return ARC_UID_UNKNOWN;
+    if (send(a->diag_fd, &q, sizeof q, MSG_DONTWAIT) != (ssize_t)sizeof q)
+        return ARC_UID_UNKNOWN;
+    /* The kernel answers within send(). A few reads at most: an answer left over from an earlier
+     * query (whose reader gave up) is skipped by its sequence number; nothing queued is unknown. */
+    for (int reads = 0; reads < 4; reads++) {
+        union {
+            struct nlmsghdr nh;
+            char bytes[8192];
+        } in;
+        ssize_t n = recv(a->diag_fd, &in, sizeof in, MSG_DONTWAIT);
+        if (n <= 0)
+            return ARC_UID_UNKNOWN;
+        int len = (int)n;
+        for (struct nlmsghdr *h = &in.nh; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+            if (h->nlmsg_seq != q.nh.nlmsg_seq)
+                continue;
+            if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY ||
+                h->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg)))
+                return ARC_UID_UNKNOWN; /* NLMSG_ERROR: ENOENT, no such socket here */
+            const struct inet_diag_msg *m = NLMSG_DATA(h);
+            /* The very tuple asked, and a socket a process still has open. A lookup that finds
+             * no connection falls back to a listener on the source address and port (a peer
+             * from elsewhere whose source port is some local service's: not its owner's
+             * request). A socket its process closed (inode 0) is orphaned or TIME_WAIT, which
+             * reports uid 0 whatever its owner was: a client that sends and closes at once
+             * would be counted as root. A real client keeps its socket to read the answer. */
+            if (m->idiag_inode == 0 || m->idiag_state == TCP_LISTEN ||
+                m->id.idiag_sport != q.r.id.idiag_sport ||
+                m->id.idiag_dport != q.r.id.idiag_dport ||
+                memcmp(m->id.idiag_src, q.r.id.idiag_src, sizeof q.r.id.idiag_src) != 0 ||
+                memcmp(m->id.idiag_dst, q.r.id.idiag_dst, sizeof q.r.id.idiag_dst) != 0)
+                return ARC_UID_UNKNOWN;
+            return (uid_t)m->idiag_uid;
+        }
+    }
+    return ARC_UID_UNKNOWN;
 }
 
 /* ---- a challenge: the file is made on the thread pool ---------------------------------------- */
@@ -314,21 +435,14 @@ static void made_key(uv_work_t *w, int status)
 {
     struct arc_challenge *ch = w->data;
     struct arc *a = ch->arc;
+    struct arc_key *k = ch->slot;
     a->pending--;
-    a->making--;
+    k->making = 0;
     if (status < 0 && !ch->failed)
         ch->failed = ECANCELED;
     if (!ch->failed && (ch->canceled || a->closing)) {
         remove_file(a, ch->path); /* nobody will read it: the client went away meanwhile */
         ch->failed = ECANCELED;
-    }
-    struct arc_key *k = NULL;
-    for (unsigned i = 0; !ch->failed && !k && i < ARC_MAX_KEYS; i++)
-        if (!a->keys[i].live)
-            k = &a->keys[i]; /* there is one: admit counted this key in making */
-    if (!ch->failed && !k) {
-        remove_file(a, ch->path);
-        ch->failed = ENOSPC;
     }
     if (!ch->failed) {
         snprintf(k->name, sizeof k->name, "%s", ch->path + strlen(a->dir) + 1);
@@ -345,45 +459,62 @@ static void made_key(uv_work_t *w, int status)
     maybe_free(a);
 }
 
-/* Whether a new challenge may have a key: a slot (ARC_MAX_KEYS count the live keys and the keys
- * being made; expired ones are dropped here) and room in this second's ARC_MAX_PER_S. Refused
- * before any allocation or file: a flood costs a scan of the slots per request, and it can never
- * push out a key that a slower client is about to read. */
-static int admit(struct arc *a)
+/* The slot a new challenge of uid's may hold, or NULL: uid's share (ARC_MAX_KEYS_PER_UID of its
+ * live keys and keys being made), a free slot (ARC_MAX_KEYS; expired keys are dropped here) and
+ * room in this second's ARC_MAX_PER_S. Refused before any allocation or file: a flood costs a
+ * scan of the slots per request, and it can never push out a key that a slower client is about
+ * to read. The per-user share is checked first: a flooding user is told it is its own. */
+static struct arc_key *admit(struct arc *a, uid_t uid)
 {
     uint64_t now = now_ms();
     if (now - a->second_ms >= 1000) {
         a->second_ms = now;
         a->this_second = 0;
     }
-    unsigned live = 0;
+    unsigned live = 0, making = 0, mine = 0;
+    struct arc_key *slot = NULL;
     for (unsigned i = 0; i < ARC_MAX_KEYS; i++) {
         struct arc_key *k = &a->keys[i];
         if (k->live && now >= k->expires_ms)
             drop(a, k);
         live += k->live;
+        making += k->making;
+        if (k->live || k->making)
+            mine += k->uid == uid;
+        else if (!slot)
+            slot = k;
     }
-    const char *why = live + a->making >= ARC_MAX_KEYS  ? "max_keys"
-                      : a->this_second >= ARC_MAX_PER_S ? "max_per_second"
-                                                        : NULL;
+    /* without sock_diag every challenge is ARC_UID_UNKNOWN: one share would be all there is */
+    const char *why = a->diag_fd >= 0 && mine >= ARC_MAX_KEYS_PER_UID ? "per_user"
+                      : !slot                                         ? "max_keys"
+                      : a->this_second >= ARC_MAX_PER_S               ? "max_per_second"
+                                                                      : NULL;
     if (!why) {
         a->this_second++;
-        return 1;
+        slot->making = 1;
+        slot->uid = uid;
+        return slot;
     }
+    if (why[0] == 'p')
+        metrics.arc_challenges_refused_per_user++;
     if (log_sampled(&metrics.arc_challenges_refused))
-        log_warn("arc_challenge_refused", "reason=%s live=%u making=%u refused_total=%llu", why,
-                 live, a->making, (unsigned long long)metrics.arc_challenges_refused);
-    return 0;
+        log_warn("arc_challenge_refused", "reason=%s uid=%lld live=%u making=%u refused_total=%llu",
+                 why, uid == ARC_UID_UNKNOWN ? -1LL : (long long)uid, live, making,
+                 (unsigned long long)metrics.arc_challenges_refused);
+    return NULL;
 }
 
-struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg, int *refused)
+struct arc_challenge *arc_challenge(struct arc *a, uid_t uid, arc_done_cb *done, void *arg,
+                                    int *refused)
 {
-    *refused = !admit(a);
-    if (*refused)
+    struct arc_key *slot = admit(a, uid);
+    *refused = !slot;
+    if (!slot)
         return NULL;
     struct arc_challenge *ch = xcalloc(1, sizeof *ch);
     unsigned char rnd[ARC_KEY_HEX / 2 + 8];
     ch->arc = a;
+    ch->slot = slot;
     ch->done = done;
     ch->arg = arg;
     ch->work.data = ch;
@@ -398,7 +529,6 @@ struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg,
     }
     secret_zero(rnd, sizeof rnd);
     a->pending++;
-    a->making++;
     if (ch->failed || uv_queue_work(a->loop, &ch->work, make_key, made_key) < 0) {
         ch->failed = ch->failed ? ch->failed : EAGAIN;
         ch->canceled = 1; /* the caller answers at once: no callback */

@@ -182,10 +182,11 @@ static int arc_check(struct endpoints *ep, struct http_conn *c, const struct htt
     struct arc_wait *w = xmalloc(sizeof *w);
     w->conn = c;
     int refused;
-    w->ch = arc_challenge(ep->arc, on_arc_key, w, &refused);
+    /* each user has a share of the key slots: one user's flood is refused alone */
+    w->ch = arc_challenge(ep->arc, arc_peer_uid(ep->arc, http_conn_fd(c)), on_arc_key, w, &refused);
     if (!w->ch) {
         free(w);
-        /* a flood of challenges (any local user may send one): what IMDS answers when it
+        /* a flood of challenges (this user's, or many users'): what IMDS answers when it
          * throttles, which the SDKs retry after Retry-After */
         struct imds_error busy = {429, "too_many_requests",
                                   "Too many Azure Arc challenges are outstanding; retry later",

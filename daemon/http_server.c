@@ -507,6 +507,11 @@ struct http_server *http_conn_server(struct http_conn *c)
     return c->server;
 }
 
+int http_conn_fd(const struct http_conn *c)
+{
+    return c->fd; /* bare or attached (uv_tcp_open took this same descriptor) */
+}
+
 unsigned http_server_connections(const struct http_server *s)
 {
     return s->nconns;

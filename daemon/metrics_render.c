@@ -126,10 +126,15 @@ static void render_entra(struct buf *b)
     buf_printf(b, "imdsd_resources_refused_total %llu\n",
                (unsigned long long)metrics.resources_refused);
     head(b, "imdsd_arc_challenges_refused_total", "counter",
-         "Azure Arc challenges refused with 429: every key slot held by a live key, or too many "
-         "keys made in the last second.");
+         "Azure Arc challenges refused with 429: the user's share of the key slots or every slot "
+         "held by live keys, or too many keys made in the last second.");
     buf_printf(b, "imdsd_arc_challenges_refused_total %llu\n",
                (unsigned long long)metrics.arc_challenges_refused);
+    head(b, "imdsd_arc_challenges_refused_per_user_total", "counter",
+         "Of the refused Azure Arc challenges, those of a user holding its share of the key slots "
+         "(one user's flood).");
+    buf_printf(b, "imdsd_arc_challenges_refused_per_user_total %llu\n",
+               (unsigned long long)metrics.arc_challenges_refused_per_user);
     head(b, "imdsd_entra_exchanges_total", "counter", "Token exchanges with Entra, by outcome.");
     for (int o = 0; o < OUT_COUNT; o++)
         buf_printf(b, "imdsd_entra_exchanges_total{outcome=\"%s\"} %llu\n", outcome_names[o],

@@ -102,6 +102,10 @@ void http_conn_respond_type(struct http_conn *c, int status, const char *content
 /* The metrics endpoint (enum metrics_endpoint) that c's current request is counted under. */
 void http_conn_count_as(struct http_conn *c, unsigned endpoint);
 struct http_server *http_conn_server(struct http_conn *c);
+/* The connection's socket, while its request is being handled: for getsockname and getpeername
+ * (the Azure Arc challenge asks the kernel which user the peer's socket belongs to). Not to be
+ * read, written or closed. */
+int http_conn_fd(const struct http_conn *c);
 /* Client connections open now. */
 unsigned http_server_connections(const struct http_server *s);
 /* Bytes kept for clients now (see opts.buffer_budget). */

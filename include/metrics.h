@@ -41,8 +41,9 @@ struct metrics {
     uint64_t resources_refused;   /* token requests for a resource --allow-resource does not name */
     uint64_t connections_evicted; /* closed at --max-connections to admit a new one */
     uint64_t connections_shed;    /* closed to keep what clients hold within the buffer budget */
-    uint64_t arc_challenges_refused; /* Azure Arc challenges refused with 429 (arc.h) */
-    uint64_t entra_failures_in_row;  /* failed exchanges since the last success (0: healthy) */
+    uint64_t arc_challenges_refused;          /* Azure Arc challenges refused with 429 (arc.h) */
+    uint64_t arc_challenges_refused_per_user; /* of them, a user over its share */
+    uint64_t entra_failures_in_row; /* failed exchanges since the last success (0: healthy) */
     enum metrics_outcome entra_last_failure; /* outcome of the last failure, when in_row > 0 */
     int64_t start_time_s;                    /* wall clock, set by main */
 };

@@ -147,9 +147,16 @@ const char *token_state_name(enum token_state s)
 }
 
 /* the Azure Arc challenge is off (ep.arc is NULL): none of these may run */
-struct arc_challenge *arc_challenge(struct arc *a, arc_done_cb *done, void *arg, int *refused)
+uid_t arc_peer_uid(struct arc *a, int fd)
 {
-    (void)a, (void)done, (void)arg, (void)refused;
+    (void)a, (void)fd;
+    __builtin_trap();
+}
+
+struct arc_challenge *arc_challenge(struct arc *a, uid_t uid, arc_done_cb *done, void *arg,
+                                    int *refused)
+{
+    (void)a, (void)uid, (void)done, (void)arg, (void)refused;
     __builtin_trap();
 }
 

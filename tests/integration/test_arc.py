@@ -3,9 +3,10 @@ reach loopback, so each token request first gets 401 with WWW-Authenticate: Basi
 file> that only imdsd's user and the group can read; the answer Authorization: Basic <key> is good
 once, for a minute. The real Python and JavaScript clients (IDENTITY_ENDPOINT + IMDS_ENDPOINT) get
 tokens; a second Unix user outside the group gets none."""
-import http.client
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -158,72 +159,145 @@ def key_files(kd):
     return [f for f in os.listdir(kd) if f.endswith(".key")]
 
 
-def flood(port, seconds=None, count=None):
-    """Challenges on one keep-alive connection as fast as Python sends them, for seconds or count
-    requests; returns ({status: n}, requests per second). Every refusal is checked: 429, Retry-After
-    1, IMDS's JSON error."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    got, n, t0 = {}, 0, time.monotonic()
-    while (count is None or n < count) and (seconds is None or time.monotonic() - t0 < seconds):
-        conn.request("GET", token_url(), headers={"Metadata": "true"})
-        r = conn.getresponse()
-        body = r.read()
-        got[r.status] = got.get(r.status, 0) + 1
-        n += 1
-        if r.status == 429:
-            assert r.getheader("Retry-After") == "1" and b'"error":"too_many_requests"' in body, (r.headers, body)
-        else:
-            assert r.status == 401 and r.getheader("WWW-Authenticate", "").startswith("Basic realm="), r.status
-    conn.close()
-    return got, n / (time.monotonic() - t0)
+# A client of its own Unix user: challenges on one keep-alive connection as fast as Python sends
+# them, never answered; argv: port, URL, then "seconds S" (for S seconds), "count N" (N requests)
+# or "realms N" (until N challenges were answered, waiting 50 ms after each 429). Prints
+# {"got": {status: n}, "rate": requests per second, "realms": [key file, ...]}. Every refusal is
+# checked: 429, Retry-After 1, IMDS's JSON error.
+CHALLENGER = r"""
+import http.client, json, sys, time
+port, url, mode, n = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+got, realms, k, t0 = {}, [], 0, time.monotonic()
+while not ((mode == "seconds" and time.monotonic() - t0 >= n) or (mode == "count" and k >= n)
+           or (mode == "realms" and len(realms) >= n)):
+    conn.request("GET", url, headers={"Metadata": "true"})
+    r = conn.getresponse()
+    body = r.read()
+    k += 1
+    got[r.status] = got.get(r.status, 0) + 1
+    if r.status == 429:
+        assert r.getheader("Retry-After") == "1" and b'"error":"too_many_requests"' in body, (r.headers, body)
+        if mode == "realms":
+            time.sleep(0.05)
+    else:
+        assert r.status == 401 and r.getheader("WWW-Authenticate", "").startswith("Basic realm="), r.status
+        realms.append(r.getheader("WWW-Authenticate").split("=", 1)[1])
+print(json.dumps({"got": got, "rate": k / (time.monotonic() - t0), "realms": realms}))
+"""
+
+
+def challenger(uid, port, mode, n):
+    """Starts CHALLENGER as uid (group uid, no other group): its socket is uid's, the user imdsd
+    counts its challenges against."""
+    return subprocess.Popen([sys.executable, "-c", CHALLENGER, str(port), token_url(), mode, str(n)],
+                            user=uid, group=uid, extra_groups=[], cwd="/", stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def challenger_result(p, timeout=30):
+    out, err = p.communicate(timeout=timeout * harness.SCALE)
+    assert p.returncode == 0, err
+    res = json.loads(out)
+    res["got"] = {int(k): v for k, v in res["got"].items()}
+    return res
+
+
+def metric(hp, name):
+    text = request(hp, "/metrics").body.decode()
+    return int(next(l.split()[1] for l in text.splitlines() if l.startswith(name + " ")))
+
+
+FLOODERS = [64000 + i for i in range(9)]   # nine users: their shares (32 each) exceed the 256 slots
 
 
 def test_arc_flood(ctx):
-    """A local flood of challenges (no key ever read) cannot push out a slower client's key: past 100
-    new keys a second, and once 256 keys are live, challenges get 429 with Retry-After: 1, counted in
-    imdsd_arc_challenges_refused_total and logged once per 1000. The victim reads its key after the
-    flood and still gets its token."""
+    """Local floods of challenges (no key ever read) from nine users, more than 256 slots hold at 32
+    a user, cannot push out a slower client's key: past 100 new keys a second, and once 256 keys
+    are live, challenges get 429 with Retry-After: 1, counted in imdsd_arc_challenges_refused_total
+    and logged once per 1000. The victim reads its key after the flood and still gets its token."""
     kd = key_dir(ctx)
     hp = free_port()
     d = ctx.daemon(extra=["--arc-key-dir", kd, "--health-listen", f"127.0.0.1:{hp}"], log_level="info")
     victim = challenge(d)
     rss0, cpu0 = rss_kib(d.pid), harness.cpu_seconds(d.pid)
-    got, rate = flood(d.port, seconds=3.5)
+    procs = [challenger(uid, d.port, "seconds", 3.5) for uid in FLOODERS]
+    res = [challenger_result(p) for p in procs]
     rss1, cpu = rss_kib(d.pid), harness.cpu_seconds(d.pid) - cpu0
-    print(f"flood: {sum(got.values())} challenges at {rate:.0f}/s: {got}; {len(key_files(kd))} key files; "
-          f"imdsd {cpu:.2f} s CPU, RSS {rss0} -> {rss1} KiB")
+    got = {s: sum(r["got"].get(s, 0) for r in res) for s in (401, 429)}
+    print(f"flood: {sum(got.values())} challenges from {len(res)} users at {sum(r['rate'] for r in res):.0f}/s: "
+          f"{got}; {len(key_files(kd))} key files; imdsd {cpu:.2f} s CPU, RSS {rss0} -> {rss1} KiB")
     if not harness.LABEL and not harness.VALGRIND:   # a refusal allocates nothing that stays
         assert rss1 - rss0 < 256, (rss0, rss1)
     assert os.path.exists(victim), "the flood took the victim's key"
     r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(victim).read()})
     harness.assert_token_ok(r)
-    assert got.get(401, 0) + 1 <= 256 and got.get(401, 0) + 1 >= 255, got   # 100 a second, then full
-    assert got.get(429, 0) > 1000 and len(key_files(kd)) <= 256, got
-    # every slot live: every challenge refused, the file count stays
-    more, _ = flood(d.port, count=2000)
+    assert got[401] + 1 == 256, got                     # 100 a second, then full
+    assert all(r["got"].get(401, 0) <= 32 for r in res), [r["got"] for r in res]
+    assert got[429] > 1000 and len(key_files(kd)) <= 256, got
+    # every slot live: a user with no key yet is refused too (max_keys: not its share), the file
+    # count stays
+    per_user = metric(hp, "imdsd_arc_challenges_refused_per_user_total")
+    more = challenger_result(challenger(64100, d.port, "count", 2000))["got"]
     assert more.get(401, 0) <= 1 and len(key_files(kd)) <= 256, more
-    refused = got.get(429, 0) + more.get(429, 0)
-    text = request(hp, "/metrics").body.decode()
-    assert f"\nimdsd_arc_challenges_refused_total {refused}\n" in text, \
-        [l for l in text.splitlines() if "arc" in l]
+    assert metric(hp, "imdsd_arc_challenges_refused_per_user_total") == per_user
+    refused = got[429] + more.get(429, 0)
+    assert metric(hp, "imdsd_arc_challenges_refused_total") == refused
     lines = log_events(d.log(), "arc_challenge_refused")
     assert len(lines) == (refused + 999) // 1000, (len(lines), refused)
     assert lines[-1]["refused_total"] == str((len(lines) - 1) * 1000 + 1), lines[-1]
-    assert lines[0]["reason"] == "max_per_second" and lines[-1]["reason"] == "max_keys", lines
+    assert {l["reason"] for l in lines} <= {"max_per_second", "max_keys", "per_user"}, lines
+    assert {l["uid"] for l in lines} <= {str(u) for u in FLOODERS + [64100]}, lines
+
+
+def test_arc_flood_of_one_user(ctx):
+    """One local user floods challenges and never answers them: it holds its share, 32 keys, and is
+    refused past it (429, reason=per_user); meanwhile a client of another user (root) still gets its
+    challenge, reads its key and gets its token within a second, again and again during the flood.
+    (Before the share, the flood took 100 keys a second, then all 256 slots: every other client got
+    429 for the flood's length and up to 60 s after.)"""
+    kd = key_dir(ctx)
+    hp = free_port()
+    d = ctx.daemon(extra=["--arc-key-dir", kd, "--health-listen", f"127.0.0.1:{hp}"], log_level="info")
+    flooder = challenger(65534, d.port, "seconds", 4)
+    harness.wait_for(lambda: metric(hp, "imdsd_arc_challenges_refused_total") > 0, 10, "the flood refused")
+    times = []
+    while flooder.poll() is None and len(times) < 8:
+        t0 = time.monotonic()
+        r = request(d.port, token_url(), {"Metadata": "true"})
+        assert r.status == 401, (r.status, r.json)      # not 429
+        path = r.headers["www-authenticate"].split("=", 1)[1]
+        r = request(d.port, token_url(), {"Metadata": "true", "Authorization": "Basic " + open(path).read()})
+        harness.assert_token_ok(r)
+        times.append(time.monotonic() - t0)
+        time.sleep(0.2)
+    flood = challenger_result(flooder)
+    print(f"flood of uid 65534: {flood['got']} at {flood['rate']:.0f}/s; the other user's challenge, key and token "
+          f"during it: {', '.join(f'{t * 1000:.1f}' for t in times)} ms")
+    assert len(times) >= 5 and max(times) < 1.0 * harness.SCALE, times
+    assert flood["got"].get(401) == 32 and flood["got"].get(429, 0) > 1000, flood["got"]
+    harness.wait_for(lambda: len(key_files(kd)) == 32, 2, "the flooder's 32 keys left (the other user's used)")
+    refused = flood["got"][429]
+    assert metric(hp, "imdsd_arc_challenges_refused_per_user_total") == refused
+    assert metric(hp, "imdsd_arc_challenges_refused_total") == refused
+    lines = log_events(d.log(), "arc_challenge_refused")
+    assert len(lines) == (refused + 999) // 1000, (len(lines), refused)
+    assert all(l["reason"] == "per_user" and l["uid"] == "65534" for l in lines), lines
 
 
 def refused_then_freed(d, run_client):
-    """Fills every key slot (at 100 a second), runs run_client() in a thread, and once its challenge
-    has been refused, answers five of the filling challenges so that five slots free up; returns
-    what run_client returned."""
+    """Fills the share of root's keys (the clients here run as root) at 100 a second, runs
+    run_client() in a thread, and once its challenge has been refused, answers five of the filling
+    challenges so that five of root's slots free up; returns what run_client returned."""
     paths = []
-    while len(paths) < 256:
+    while len(paths) < 32:
         r = request(d.port, token_url(), {"Metadata": "true"})
         if r.status == 401:
             paths.append(r.headers["www-authenticate"].split("=", 1)[1])
         else:
             assert r.status == 429, r
             time.sleep(0.05)
+    assert request(d.port, token_url(), {"Metadata": "true"}).status == 429
     refusals = lambda: len([e for e in log_events(d.log(), "request_rejected") if e["status"] == "429"])  # noqa: E731
     before = refusals()
     res = []
@@ -239,8 +313,8 @@ def refused_then_freed(d, run_client):
 
 
 def test_arc_sdk_retries_a_refused_challenge(ctx):
-    """The real Python client, refused while every slot holds a live key, retries after Retry-After
-    and gets its token once keys are used and slots free up."""
+    """The real Python client, refused while its user's share of the slots holds live keys, retries
+    after Retry-After and gets its token once keys are used and slots free up."""
     kd = key_dir(ctx)
     d = ctx.daemon(extra=["--arc-key-dir", kd, "--arc-key-group", str(GROUP)])
     res = refused_then_freed(d, lambda: sdk.run_py(ctx, MIC, [ARM], sdk.arc_env(ctx, d.port)))

@@ -303,7 +303,8 @@ def test_make_install(tmp_path):
 
 def test_arc_dropin_hardening(tmp_path):
     """systemd/imdsd-arc.conf (the Azure Arc challenge on a VM: a fixed user, a group, a writable
-    key directory) on top of the shipped service: still at most 1.5, and the drop-in is applied."""
+    key directory, netlink for the challenges' users) on top of the shipped service: still at most
+    1.5, and the drop-in is applied."""
     root = tmp_path / "root"
     unitdir = root / "etc/systemd/system"
     (unitdir / "imdsd.service.d").mkdir(parents=True)
@@ -315,4 +316,7 @@ def test_arc_dropin_hardening(tmp_path):
     assert m, p.stdout[-2000:] + p.stderr
     assert float(m.group(1)) <= 1.5, p.stdout
     assert re.search(r"✗ PrivateUsers=", p.stdout), "the drop-in was not applied"
+    # added to the base unit's families: sock_diag names the user of each challenge
+    assert re.search(r"✗ RestrictAddressFamilies=~AF_NETLINK", p.stdout), p.stdout
+    assert re.search(r"✓ RestrictAddressFamilies=~AF_PACKET", p.stdout), p.stdout
     assert re.search(r"✓ User=/DynamicUser=\s+Service runs under a static non-root user", p.stdout), p.stdout
