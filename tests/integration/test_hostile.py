@@ -52,9 +52,10 @@ def push(s, data):
         return 0
 
 
-def non_readers(port, n, request, volume=64 * 1024):
+def non_readers(port, n, request, volume=16 * 1024):
     """n connections with a tiny receive buffer, each sending up to volume bytes of pipelined
-    requests and never reading a byte of the answers."""
+    requests and never reading a byte of the answers (16 KiB of requests ask for three times the
+    daemon's socket buffers in answers: each connection stalls)."""
     burst = request * (volume // len(request) + 1)
     socks = []
     for _ in range(n):
