@@ -26,6 +26,14 @@ static void head(struct buf *b, const char *name, const char *type, const char *
     buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* A metric without labels whose value is a whole number. */
+static void scalar(struct buf *b, const char *name, const char *type, const char *help,
+                   uint64_t value)
+{
+    head(b, name, type, help);
+    buf_printf(b, "%s %llu\n", name, (unsigned long long)value);
+}
+
 /* A label value: \, " and newline escaped; bytes outside printable ASCII (a client-chosen
  * resource may hold anything) become '?', so the exposition stays valid UTF-8; cut at
  * LABEL_MAX bytes with "..." (64 series of long resources must not fill the buffer). */
@@ -93,23 +101,22 @@ static void token_series(struct buf *b, const struct token_pick *p, const char *
 
 static void render_cache(struct buf *b, struct token_cache *cache)
 {
-    head(b, "imdsd_cache_hits_total", "counter", "Token requests answered from the cache.");
-    buf_printf(b, "imdsd_cache_hits_total %llu\n", (unsigned long long)metrics.cache_hits);
-    head(b, "imdsd_cache_misses_total", "counter",
-         "Token requests that found nothing usable cached and started an exchange with Entra.");
-    buf_printf(b, "imdsd_cache_misses_total %llu\n", (unsigned long long)metrics.cache_misses);
-    head(b, "imdsd_cache_waits_total", "counter",
-         "Token requests that waited for an exchange (started by them or already running).");
-    buf_printf(b, "imdsd_cache_waits_total %llu\n", (unsigned long long)metrics.cache_waits);
+    scalar(b, "imdsd_cache_hits_total", "counter", "Token requests answered from the cache.",
+           metrics.cache_hits);
+    scalar(b, "imdsd_cache_misses_total", "counter",
+           "Token requests that found nothing usable cached and started an exchange with Entra.",
+           metrics.cache_misses);
+    scalar(b, "imdsd_cache_waits_total", "counter",
+           "Token requests that waited for an exchange (started by them or already running).",
+           metrics.cache_waits);
 
     static struct token_pick p; /* 64 entries: not on the stack */
     memset(&p, 0, sizeof p);
     if (cache)
         token_cache_foreach(cache, pick_token, &p);
-    head(b, "imdsd_cache_entries", "gauge", "Keys (client id, resource) in the cache.");
-    buf_printf(b, "imdsd_cache_entries %u\n", p.entries);
-    head(b, "imdsd_cache_tokens", "gauge", "Cached tokens that can be served.");
-    buf_printf(b, "imdsd_cache_tokens %u\n", p.with_token);
+    scalar(b, "imdsd_cache_entries", "gauge", "Keys (client id, resource) in the cache.",
+           p.entries);
+    scalar(b, "imdsd_cache_tokens", "gauge", "Cached tokens that can be served.", p.with_token);
     int64_t now = (int64_t)now_ms(); /* the cache's clock */
     head(b, "imdsd_token_expiry_seconds", "gauge",
          "Seconds until a cached token expires (the 64 that expire first).");
@@ -121,20 +128,18 @@ static void render_cache(struct buf *b, struct token_cache *cache)
 
 static void render_entra(struct buf *b)
 {
-    head(b, "imdsd_resources_refused_total", "counter",
-         "Token requests refused before Entra for a resource --allow-resource does not name.");
-    buf_printf(b, "imdsd_resources_refused_total %llu\n",
-               (unsigned long long)metrics.resources_refused);
-    head(b, "imdsd_arc_challenges_refused_total", "counter",
-         "Azure Arc challenges refused with 429: the user's share of the key slots or every slot "
-         "held by live keys, or too many keys made in the last second.");
-    buf_printf(b, "imdsd_arc_challenges_refused_total %llu\n",
-               (unsigned long long)metrics.arc_challenges_refused);
-    head(b, "imdsd_arc_challenges_refused_per_user_total", "counter",
-         "Of the refused Azure Arc challenges, those of a user holding its share of the key slots "
-         "(one user's flood).");
-    buf_printf(b, "imdsd_arc_challenges_refused_per_user_total %llu\n",
-               (unsigned long long)metrics.arc_challenges_refused_per_user);
+    scalar(b, "imdsd_resources_refused_total", "counter",
+           "Token requests refused before Entra for a resource --allow-resource does not name.",
+           metrics.resources_refused);
+    scalar(b, "imdsd_arc_challenges_refused_total", "counter",
+           "Azure Arc challenges refused with 429: the user's share of the key slots or every slot "
+           "held by live keys, or too many keys made in the last second.",
+           metrics.arc_challenges_refused);
+    scalar(
+        b, "imdsd_arc_challenges_refused_per_user_total", "counter",
+        "Of the refused Azure Arc challenges, those of a user holding its share of the key slots "
+        "(one user's flood).",
+        metrics.arc_challenges_refused_per_user);
     head(b, "imdsd_entra_exchanges_total", "counter", "Token exchanges with Entra, by outcome.");
     for (int o = 0; o < OUT_COUNT; o++)
         buf_printf(b, "imdsd_entra_exchanges_total{outcome=\"%s\"} %llu\n", outcome_names[o],
@@ -153,14 +158,13 @@ static void render_entra(struct buf *b)
     }
     buf_printf(b, "imdsd_entra_exchange_duration_seconds_sum %.6f\n", metrics.exchange_seconds_sum);
     buf_printf(b, "imdsd_entra_exchange_duration_seconds_count %llu\n", (unsigned long long)cum);
-    head(b, "imdsd_entra_retries_total", "counter",
-         "Exchange attempts after a failed one for the same key (backoff retries, stale-token "
-         "re-reads).");
-    buf_printf(b, "imdsd_entra_retries_total %llu\n", (unsigned long long)metrics.retries);
-    head(b, "imdsd_entra_failures_in_row", "gauge",
-         "Failed exchanges since the last successful one (0: Entra answers).");
-    buf_printf(b, "imdsd_entra_failures_in_row %llu\n",
-               (unsigned long long)metrics.entra_failures_in_row);
+    scalar(b, "imdsd_entra_retries_total", "counter",
+           "Exchange attempts after a failed one for the same key (backoff retries, stale-token "
+           "re-reads).",
+           metrics.retries);
+    scalar(b, "imdsd_entra_failures_in_row", "gauge",
+           "Failed exchanges since the last successful one (0: Entra answers).",
+           metrics.entra_failures_in_row);
 }
 
 static void render_token_file(struct buf *b, struct token_file *tf)
@@ -180,10 +184,9 @@ static void render_token_file(struct buf *b, struct token_file *tf)
                                    st.state == TOKEN_NOT_YET_VALID
                                ? st.claims.exp
                                : 0));
-    head(b, "imdsd_token_file_loads_total", "counter",
-         "New service-account tokens read (rotations, and the first one).");
-    buf_printf(b, "imdsd_token_file_loads_total %llu\n",
-               (unsigned long long)metrics.token_file_loads);
+    scalar(b, "imdsd_token_file_loads_total", "counter",
+           "New service-account tokens read (rotations, and the first one).",
+           metrics.token_file_loads);
 }
 
 static void render_http(struct buf *b, struct http_server *server)
@@ -199,26 +202,24 @@ static void render_http(struct buf *b, struct http_server *server)
             buf_printf(b, "imdsd_http_requests_total{endpoint=\"%s\",code=\"other\"} %llu\n",
                        endpoint_names[e], (unsigned long long)metrics.requests[e][METRICS_CODES]);
     }
-    head(b, "imdsd_http_connections", "gauge", "Client connections open.");
-    buf_printf(b, "imdsd_http_connections %u\n", server ? http_server_connections(server) : 0);
-    head(
+    scalar(b, "imdsd_http_connections", "gauge", "Client connections open.",
+           server ? http_server_connections(server) : 0);
+    scalar(
         b, "imdsd_http_connections_evicted_total", "counter",
         "Connections closed at a listener's connection limit to admit new ones: idle or stalled "
-        "(the client does not read), then requests still arriving, then requests waiting longest.");
-    buf_printf(b, "imdsd_http_connections_evicted_total %llu\n",
-               (unsigned long long)metrics.connections_evicted);
-    head(b, "imdsd_http_buffered_bytes", "gauge",
-         "Bytes kept for clients: requests arriving, pipelined input, answers not yet taken in.");
-    buf_printf(b, "imdsd_http_buffered_bytes %zu\n", server ? http_server_buffered(server) : 0);
-    head(b, "imdsd_http_connections_shed_total", "counter",
-         "Connections closed, or their pipelined input dropped, to keep buffered bytes within "
-         "the budget.");
-    buf_printf(b, "imdsd_http_connections_shed_total %llu\n",
-               (unsigned long long)metrics.connections_shed);
-    head(b, "imdsd_http_connections_refused_total", "counter",
-         "Client connections closed at once: at --max-connections or out of descriptors.");
-    buf_printf(b, "imdsd_http_connections_refused_total %llu\n",
-               (unsigned long long)metrics.connections_refused);
+        "(the client does not read), then requests still arriving, then requests waiting longest.",
+        metrics.connections_evicted);
+    scalar(b, "imdsd_http_buffered_bytes", "gauge",
+           "Bytes kept for clients: requests arriving, pipelined input, answers not yet taken in.",
+           server ? http_server_buffered(server) : 0);
+    scalar(b, "imdsd_http_connections_shed_total", "counter",
+           "Connections closed, or their pipelined input dropped, to keep buffered bytes within "
+           "the budget.",
+           metrics.connections_shed);
+    scalar(b, "imdsd_http_connections_refused_total", "counter",
+           "Client connections closed at once: at a listener's connection limit with none to "
+           "close, or out of descriptors.",
+           metrics.connections_refused);
 }
 
 static void render_process(struct buf *b)
