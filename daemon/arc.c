@@ -380,7 +380,7 @@ uid_t arc_peer_uid(struct arc *a, int fd)
         ssize_t n = recv(a->diag_fd, &in, sizeof in, MSG_DONTWAIT);
         if (n <= 0)
             return ARC_UID_UNKNOWN;
-        int len = (int)n;
+        unsigned int len = (unsigned int)n; /* NLMSG_OK compares it with a __u32 */
         for (struct nlmsghdr *h = &in.nh; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
             if (h->nlmsg_seq != q.nh.nlmsg_seq)
                 continue;
