@@ -1,5 +1,5 @@
 """The Kubernetes manifests in container/kubernetes/: valid against the Kubernetes API schema, and
-hardened the way the README's "Kubernetes sidecar" section says.
+hardened the way docs/deployment.md's "Kubernetes sidecar" section says.
 
 1. Every document validates (tests/k8s/validate.mjs: the schema of its apiVersion/kind from the
    pinned `kubernetes-models`, unknown fields rejected; offline once `npm ci` has run there).
@@ -42,7 +42,7 @@ WEBHOOK_LABEL = "azure.workload.identity/use"
 SKIP_ANNOTATION = "azure.workload.identity/skip-containers"
 AUDIENCE = "api://AzureADTokenExchange"
 IDENTITY_ENV = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST")
-# with these the SDKs do the exchange themselves and bypass imdsd (README: environment precedence traps)
+# with these the SDKs do the exchange themselves and bypass imdsd (docs/deployment.md: environment precedence traps)
 APP_FORBIDDEN_ENV = ("AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST")
 
 
