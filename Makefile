@@ -51,7 +51,7 @@ UNIT_LDFLAGS_test_token_cache = -Wl,--wrap=now_ms,--wrap=now_wall_ms
 
 # Anything that compiles first checks the build packages, and names the missing ones in one line
 # (demo, check, check-full and bench install them first, then build in a new make).
-ifeq ($(filter deps demo check check-full bench image lint clean uninstall,$(MAKECMDGOALS)),)
+ifeq ($(filter deps demo check check-full bench image clean uninstall,$(MAKECMDGOALS)),)
 MISSING_PKGS := $(shell tests/deps.sh --check-build 2>&1)
 ifneq ($(MISSING_PKGS),)
 $(error $(MISSING_PKGS))
@@ -318,8 +318,11 @@ uninstall:
 deps:
 	$(Q)tests/deps.sh
 
-lint:
+# clang-format, then the docs against the binary and the tree (tests/check_docs.py: options,
+# metrics, links, paths, manifests and units)
+lint: build/imdsd
 	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c tests/bench/*.c
+	$(Q)$(PY) tests/check_docs.py --binary build/imdsd
 
 clean:
 	rm -rf build

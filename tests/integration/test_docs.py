@@ -1,0 +1,90 @@
+"""tests/check_docs.py (run by make lint) fails when the docs lose what the project has: an
+option's line, a metric's row, a linked file or section, a manifest's or unit's description, or a
+path that no longer exists. Each case breaks one thing in a copy of the tracked tree."""
+import os
+import re
+import shutil
+import subprocess
+
+import harness
+
+ONLY_VARIANTS = ("plain",)   # the docs, not a build variant
+ROOT = os.path.abspath(os.path.join(harness.HERE, "..", ".."))
+CHECK = os.path.join(ROOT, "tests", "check_docs.py")
+
+
+def tree_copy(ctx):
+    """The tracked files as they are in the work tree, in a new folder."""
+    dest = os.path.join(ctx.tmp, "tree")
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = os.path.join(ROOT, rel)
+        if not os.path.isfile(src):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        shutil.copy2(src, os.path.join(dest, rel))
+    return dest
+
+
+def check(root):
+    p = subprocess.run(["/usr/bin/python3", CHECK, "--root", root, "--binary", harness.BINARY],
+                       capture_output=True, text=True, timeout=60)
+    return p.returncode, p.stdout
+
+
+def edit(root, rel, fn):
+    path = os.path.join(root, rel)
+    with open(path) as f:
+        text = f.read()
+    new = fn(text)
+    assert new != text, f"the edit changed nothing in {rel}"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def drop_lines(pattern):
+    return lambda text: "".join(l for l in text.splitlines(True) if not re.search(pattern, l))
+
+
+def drop_everywhere(root, pattern):
+    """Drops the lines that match from README.md and docs/*.md, wherever they are."""
+    docs = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(root, "docs"))]
+    hit = 0
+    for rel in docs:
+        with open(os.path.join(root, rel)) as f:
+            if re.search(pattern, f.read()):
+                edit(root, rel, drop_lines(pattern))
+                hit += 1
+    assert hit, f"{pattern} is in no doc"
+
+
+def test_docs_check_passes_on_the_tree_and_fails_on_each_breakage(ctx):
+    base = tree_copy(ctx)
+    rc, out = check(base)
+    assert rc == 0, out
+    cases = [
+        # (what is broken, the edit, what the check must say)
+        ("an option's lines", lambda r: drop_everywhere(r, r"--max-health-connections"),
+         "options: --max-health-connections"),
+        ("a metric's row", lambda r: drop_everywhere(r, r"imdsd_http_buffered_bytes"),
+         "metrics: imdsd_http_buffered_bytes"),
+        ("a linked file", lambda r: os.remove(os.path.join(r, "docs", "endpoints.md")),
+         "links: README.md links to docs/endpoints.md"),
+        ("a linked section", lambda r: edit(r, "docs/deployment.md",
+                                            lambda t: t.replace("## Kubernetes sidecar", "## Pods")),
+         "links: README.md links to docs/deployment.md#kubernetes-sidecar"),
+        ("a manifest's description", lambda r: edit(r, "README.md", lambda t: t.replace(
+            "deployment-no-webhook.yaml", "x.yaml")) or edit(r, "docs/deployment.md", lambda t: t.replace(
+                "deployment-no-webhook.yaml", "x.yaml")), "units: deployment-no-webhook.yaml"),
+        ("a unit's description", lambda r: [edit(r, f, lambda t: t.replace("imdsd-health.socket", "x.socket"))
+                                            for f in ("README.md", "docs/deployment.md")],
+         "units: imdsd-health.socket"),
+        ("a path that is gone", lambda r: os.remove(os.path.join(r, "tests", "fuzz", "totals.sh")),
+         "paths: README.md names `tests/fuzz/totals.sh`"),
+    ]
+    for what, breakage, says in cases:
+        root = os.path.join(ctx.tmp, re.sub(r"\W+", "-", what))
+        shutil.copytree(base, root)
+        breakage(root)
+        rc, out = check(root)
+        assert rc == 1 and says in out, f"{what}: the check did not catch it (rc {rc}):\n{out}"
