@@ -20,6 +20,9 @@ TEST="$TEST podman runc catatonit netavark aardvark-dns containernetworking-plug
       busybox-static python3-yaml"
 # /metrics: promtool checks the exposition, and a real Prometheus server scrapes imdsd
 TEST="$TEST prometheus"
+# make lint: clang-format; the netns tests' sysctl and systemd-analyze verify's /bin/kill: procps
+# (all found missing in a debootstrap'd bare Debian 12 root)
+TEST="$TEST clang-format procps"
 # systemd integration (test_systemd.py): systemd-socket-activate and systemd-analyze (the systemd
 # package; no running systemd needed), man-db for `man -l` on the generated imdsd(8)
 TEST="$TEST systemd man-db"
