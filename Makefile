@@ -319,10 +319,10 @@ deps:
 	$(Q)tests/deps.sh
 
 # clang-format, then the docs against the binary and the tree (tests/check_docs.py: options,
-# metrics, links, paths, manifests and units)
-lint: build/imdsd
+# metrics, links, paths, manifests and units; imdsd(8) renders with man -l)
+lint: build/imdsd build/imdsd.8
 	$(Q)clang-format --dry-run -Werror daemon/*.c include/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c tests/bench/*.c
-	$(Q)$(PY) tests/check_docs.py --binary build/imdsd
+	$(Q)$(PY) tests/check_docs.py --binary build/imdsd --man build/imdsd.8
 
 clean:
 	rm -rf build

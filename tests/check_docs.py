@@ -9,6 +9,7 @@ Checks, over README.md, docs/*.md and every other tracked *.md under DIR:
   links      every relative link resolves to a file, and a #fragment to a heading there
   paths      every repository path in `backticks` (daemon/..., tests/..., ...) exists
   units      every manifest in container/kubernetes/ and file in systemd/ is named in the docs
+  man        with --man FILE: imdsd(8) renders with `man -l` without a warning, every option in it
 Prints one line per problem and "docs: N passed, N failed" last; exits 1 on any problem.
 """
 import argparse
@@ -64,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     ap.add_argument("--binary", default=None)
+    ap.add_argument("--man", default=None, help="the generated imdsd(8) to render")
     a = ap.parse_args()
     root = os.path.abspath(a.root)
     binary = a.binary or os.path.join(root, "build", "imdsd")
@@ -110,6 +112,15 @@ def main():
         if name not in reference:
             problems.append(f"units: {name} is described in neither README.md nor docs/")
 
+    if a.man:
+        checks += 1
+        env = dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8")
+        r = subprocess.run(["man", "--warnings", "-l", a.man], capture_output=True, text=True, env=env,
+                           timeout=30)
+        missing = [o for o in options(binary) if o not in r.stdout.replace("\u2010", "-")]
+        if r.returncode != 0 or r.stderr.strip() or missing:
+            problems.append(f"man: {a.man} does not render cleanly with man -l (status {r.returncode}, "
+                            f"{r.stderr.strip()[:200]!r}, options missing: {missing})")
     for p in problems:
         print(p)
     print(f"docs: {checks - len(problems)} passed, {len(problems)} failed")

@@ -88,3 +88,25 @@ def test_docs_check_passes_on_the_tree_and_fails_on_each_breakage(ctx):
         breakage(root)
         rc, out = check(root)
         assert rc == 1 and says in out, f"{what}: the check did not catch it (rc {rc}):\n{out}"
+
+
+def test_docs_check_renders_the_man_page(ctx):
+    """imdsd(8) as make man writes it renders with man -l and names every option; one whose
+    option list lost a line, or with a broken request, fails the check."""
+    good = os.path.join(ctx.tmp, "imdsd.8")
+    with open(good, "w") as f:
+        subprocess.run([os.path.join(ROOT, "man", "mkman.sh"), harness.BINARY,
+                        os.path.join(ROOT, "man", "imdsd.8.in")], stdout=f, check=True, cwd=ROOT)
+    args = ["/usr/bin/python3", CHECK, "--root", ROOT, "--binary", harness.BINARY, "--man"]
+    p = subprocess.run(args + [good], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout
+    with open(good) as f:
+        text = f.read()
+    for what, broken in (("an option lost", re.sub(r".*max\\-health\\-connections.*\n", "", text)),
+                         ("an unknown request", text.replace(".SH", ".XYZZY", 1))):
+        assert broken != text, what
+        bad = os.path.join(ctx.tmp, "bad.8")
+        with open(bad, "w") as f:
+            f.write(broken)
+        p = subprocess.run(args + [bad], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "man: " in p.stdout, f"{what}: not caught:\n{p.stdout}"
