@@ -46,16 +46,24 @@ def drop_lines(pattern):
     return lambda text: "".join(l for l in text.splitlines(True) if not re.search(pattern, l))
 
 
-def drop_everywhere(root, pattern):
-    """Drops the lines that match from README.md and docs/*.md, wherever they are."""
+def everywhere(root, pattern, fn):
+    """Applies fn to README.md and each docs/*.md where pattern occurs."""
     docs = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(root, "docs"))]
     hit = 0
     for rel in docs:
         with open(os.path.join(root, rel)) as f:
             if re.search(pattern, f.read()):
-                edit(root, rel, drop_lines(pattern))
+                edit(root, rel, fn)
                 hit += 1
     assert hit, f"{pattern} is in no doc"
+
+
+def drop_everywhere(root, pattern):
+    everywhere(root, pattern, drop_lines(pattern))
+
+
+def rename_everywhere(root, old, new):
+    everywhere(root, re.escape(old), lambda t: t.replace(old, new))
 
 
 def test_docs_check_passes_on_the_tree_and_fails_on_each_breakage(ctx):
@@ -73,14 +81,12 @@ def test_docs_check_passes_on_the_tree_and_fails_on_each_breakage(ctx):
         ("a linked section", lambda r: edit(r, "docs/deployment.md",
                                             lambda t: t.replace("## Kubernetes sidecar", "## Pods")),
          "links: README.md links to docs/deployment.md#kubernetes-sidecar"),
-        ("a manifest's description", lambda r: edit(r, "README.md", lambda t: t.replace(
-            "deployment-no-webhook.yaml", "x.yaml")) or edit(r, "docs/deployment.md", lambda t: t.replace(
-                "deployment-no-webhook.yaml", "x.yaml")), "units: deployment-no-webhook.yaml"),
-        ("a unit's description", lambda r: [edit(r, f, lambda t: t.replace("imdsd-health.socket", "x.socket"))
-                                            for f in ("README.md", "docs/deployment.md")],
+        ("a manifest's description", lambda r: rename_everywhere(r, "deployment-no-webhook.yaml", "x.yaml"),
+         "units: deployment-no-webhook.yaml"),
+        ("a unit's description", lambda r: rename_everywhere(r, "imdsd-health.socket", "x.socket"),
          "units: imdsd-health.socket"),
         ("a path that is gone", lambda r: os.remove(os.path.join(r, "tests", "fuzz", "totals.sh")),
-         "paths: README.md names `tests/fuzz/totals.sh`"),
+         "names `tests/fuzz/totals.sh`, which does not exist"),
     ]
     for what, breakage, says in cases:
         root = os.path.join(ctx.tmp, re.sub(r"\W+", "-", what))
