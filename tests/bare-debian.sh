@@ -1,0 +1,71 @@
+#!/bin/sh
+# bare-debian.sh - the README's two commands as a newcomer's first run: a fresh clone of this
+# checkout's HEAD in a debootstrap'd bare Debian 12 root (--variant=minbase), then `make demo` and
+# `make check` inside it, exactly as written. Not part of make check: it downloads the root and
+# every package the project needs (a few hundred MB) and takes about 20 minutes.
+#
+#   tests/bare-debian.sh [ROOT]     as root; ROOT defaults to /var/tmp/imdsd-bare (made anew)
+#
+# What a bare root lacks that a machine has, and is given here: /proc, /sys and /dev (recursive
+# bind mounts: the cgroup file systems podman needs come along), the host's /etc/resolv.conf and an
+# /etc/hosts naming localhost. git and make are installed first, as on a minimal server image (the
+# clone needs git, the two commands make); nothing the project installs for itself is copied in.
+set -eu
+here=$(cd "$(dirname "$0")/.." && pwd)
+root=${1:-/var/tmp/imdsd-bare}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+log() { echo "bare-debian: $*"; }
+
+command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
+mounted=""
+cleanup() {
+    for m in $mounted; do umount -l "$m" 2>/dev/null || true; done
+}
+trap cleanup EXIT INT TERM
+
+if [ -e "$root" ]; then
+    log "removing the previous $root"
+    rm -rf --one-file-system "$root"
+fi
+t0=$(date +%s)
+log "debootstrap --variant=minbase bookworm $root $mirror"
+debootstrap --variant=minbase bookworm "$root" "$mirror" >"$root.debootstrap.log" 2>&1 ||
+    { tail -n 20 "$root.debootstrap.log"; exit 1; }
+log "root made in $(($(date +%s) - t0)) s"
+
+for d in proc sys dev; do
+    mkdir -p "$root/$d"
+    mount --rbind "/$d" "$root/$d"
+    mount --make-rslave "$root/$d"
+    mounted="$root/$d $mounted"
+done
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
+# the sources debootstrap wrote, plus the updates and security suites a machine has
+cat >"$root/etc/apt/sources.list" <<EOF
+deb $mirror bookworm main
+deb $mirror bookworm-updates main
+deb http://deb.debian.org/debian-security bookworm-security main
+EOF
+
+# the clone: git is the one tool a newcomer needs before the README's commands
+chroot "$root" sh -c 'apt-get update -q >/dev/null && apt-get install -y -q git make >/dev/null'
+git -C "$here" bundle create "$root/root/imdsd.bundle" HEAD >/dev/null 2>&1
+chroot "$root" sh -c 'cd /root && git clone -q imdsd.bundle imdsd'
+
+status=0
+for cmd in demo check; do
+    t=$(date +%s)
+    log "make $cmd"
+    if chroot "$root" env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        TERM=dumb sh -c "cd /root/imdsd && make $cmd" >"$root.make-$cmd.log" 2>&1; then
+        log "make $cmd passed in $(($(date +%s) - t)) s; last line: $(tail -n 1 "$root.make-$cmd.log")"
+    else
+        status=1
+        log "make $cmd FAILED in $(($(date +%s) - t)) s (log: $root.make-$cmd.log):"
+        tail -n 30 "$root.make-$cmd.log"
+    fi
+done
+log "done in $(($(date +%s) - t0)) s"
+[ "$status" -eq 0 ] && echo "bare-debian: 2 passed, 0 failed" || echo "bare-debian: failed"
+exit "$status"
