@@ -33,6 +33,10 @@ debootstrap --variant=minbase bookworm "$root" "$mirror" >"$root.debootstrap.log
     { tail -n 20 "$root.debootstrap.log"; exit 1; }
 log "root made in $(($(date +%s) - t0)) s"
 
+# the root a mount point of its own: inside it, podman remounts / (a plain chroot directory is not
+# one, and podman's layer extraction fails with "remount /: invalid argument")
+mount --bind "$root" "$root"
+mounted="$root"
 for d in proc sys dev; do
     mkdir -p "$root/$d"
     mount --rbind "/$d" "$root/$d"
@@ -51,7 +55,7 @@ EOF
 # the clone: git is the one tool a newcomer needs before the README's commands
 chroot "$root" sh -c 'apt-get update -q >/dev/null && apt-get install -y -q git make >/dev/null'
 git -C "$here" bundle create "$root/root/imdsd.bundle" HEAD >/dev/null 2>&1
-chroot "$root" sh -c 'cd /root && git clone -q imdsd.bundle imdsd'
+chroot "$root" sh -c 'cd /root && git -c advice.detachedHead=false clone -q imdsd.bundle imdsd'
 
 status=0
 for cmd in demo check; do
