@@ -17,14 +17,19 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 log() { echo "bare-debian: $*"; }
 
 command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
-mounted=""
+# every mount under the root, deepest first: ours, and those podman made inside (its storage)
+unmount_all() {
+    awk -v r="$root" 'index($2, r) == 1 {print $2}' /proc/mounts | sort -r |
+        while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
 cleanup() {
-    for m in $mounted; do umount -l "$m" 2>/dev/null || true; done
+    unmount_all
 }
 trap cleanup EXIT INT TERM
 
 if [ -e "$root" ]; then
     log "removing the previous $root"
+    unmount_all
     rm -rf --one-file-system "$root"
 fi
 t0=$(date +%s)
@@ -36,12 +41,10 @@ log "root made in $(($(date +%s) - t0)) s"
 # the root a mount point of its own: inside it, podman remounts / (a plain chroot directory is not
 # one, and podman's layer extraction fails with "remount /: invalid argument")
 mount --bind "$root" "$root"
-mounted="$root"
 for d in proc sys dev; do
     mkdir -p "$root/$d"
     mount --rbind "/$d" "$root/$d"
     mount --make-rslave "$root/$d"
-    mounted="$root/$d $mounted"
 done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
