@@ -376,6 +376,42 @@ def main():
               f"{m.group(0) if m else r.stdout[-300:]}")
         if level is None or level > 1.5:
             say(r.stdout)
+
+        # ---- the Azure Arc drop-in (systemd/imdsd-arc.conf), set up as its comments say
+        for cmd in (["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "imdsd"],
+                    ["groupadd", "imds-users"], ["useradd", "--create-home", "alice"], ["useradd", "--create-home", "bob"],
+                    ["usermod", "-aG", "imds-users", "alice"],
+                    ["install", "-d", "-m", "0755", "-o", "imdsd", "-g", "imds-users", "/var/opt/azcmagent/tokens"]):
+            sh(*cmd, check=True)
+        os.makedirs(root + "/etc/systemd/system/imdsd.service.d", exist_ok=True)
+        shutil.copy(os.path.join(REPO, "systemd", "imdsd-arc.conf"), root + "/etc/systemd/system/imdsd.service.d/arc.conf")
+        text = open(default).read()
+        with open(default, "w") as f:
+            f.write(re.sub(r"(?m)^IMDSD_ARGS=.*$", "IMDSD_ARGS=--listen 127.0.0.1:8000 --arc-key-dir "
+                           "/var/opt/azcmagent/tokens --arc-key-group imds-users", text))
+        sh("systemctl", "daemon-reload", check=True)
+        sh("systemctl", "restart", "imdsd.service", check=True)
+        challenge = token()   # one: each request without a key makes a key file (32 per user at most)
+        realm = challenge.headers.get("www-authenticate", "")
+        key_path = realm.split("=", 1)[1] if realm.startswith("Basic realm=") else ""
+        st = os.stat(root + key_path) if key_path.startswith("/var/opt/azcmagent/tokens/") else None
+        owner = sh("stat", "-c", "%U:%G %a", key_path).stdout.strip() if st else "-"
+        alice = sh("runuser", "-u", "alice", "--", "cat", key_path) if st else None
+        bob = sh("runuser", "-u", "bob", "--", "cat", key_path) if st else None
+        r = harness.get_token(PORT, resource=VAULT, headers={"Metadata": "true", "Authorization": "Basic " + (
+            alice.stdout.strip() if alice else "")}) if st else challenge
+        jr = container.journal(n=60)
+        if not check("the Arc drop-in: a challenge, its key file readable by the group only, a token", challenge.status == 401
+              and st is not None and owner == "imdsd:imds-users 640" and alice.returncode == 0
+              and bob.returncode != 0 and r.status == 200 and "arc_peer_uid_unavailable" not in jr,
+              f"401 realm {key_path or realm!r} ({owner}); alice (imds-users) reads it: "
+              f"{alice.returncode == 0 if alice else '-'}, bob: {bob.returncode == 0 if bob else '-'}; "
+              f"with alice's key: {r.status}; per-user share: {'off' if 'arc_peer_uid_unavailable' in jr else 'on'}"):
+            say(f"     first answer {challenge!r}, last {r!r}\n" + jr[-3000:])
+        r = sh("systemd-analyze", "security", "--no-pager", "imdsd.service")
+        m = re.search(r"Overall exposure level for imdsd\.service: ([0-9.]+)", r.stdout)
+        check("systemd-analyze security with the Arc drop-in <= 1.5", m is not None and float(m.group(1)) <= 1.5,
+              m.group(0) if m else r.stdout[-300:])
     except Exception as e:  # noqa: BLE001 - a broken step is a failure, the container still stops
         check("the test ran to its end", False, f"{type(e).__name__}: {e}")
         if container:
