@@ -2,7 +2,10 @@
 # make            build build/imdsd (release); names the missing Debian packages if any
 # make demo       install dependencies, run the daemon against a local stand-in Entra, fetch a token
 # make check      install dependencies, then unit + integration tests, plain, ASan/UBSan and valgrind
-# make check-full the same with every integration module under valgrind (before a release)
+# make check-full the same with every integration module under valgrind, and make check-systemd
+#                 (before a release)
+# make check-systemd  make install into a Debian 12 root booted under a real systemd (nspawn), the
+#                 quick start, reload, watchdog, socket activation, SupplementaryGroups=, security
 # make bench      install dependencies, then imdsd against nginx (tests/bench/README.md)
 # make image      install dependencies, build the container image and build/imdsd-VERSION.oci.tar
 # make deps       install the Debian packages the build and the tests need
@@ -174,6 +177,13 @@ check-full:
 	$(Q)$(MAKE) --no-print-directory -j$(JOBS) check-build
 	$(Q)tests/check.sh --full
 
+# imdsd under a real systemd as PID 1 (tests/check_systemd.py): a debootstrap'd Debian 12 root
+# (cached in /var/tmp/imdsd-nspawn-cache; about a minute to build, once) booted by systemd-nspawn,
+# make install DESTDIR= into it, then the systemd quick start of docs/deployment.md; about 15 s.
+# Skips (exit 0) where debootstrap cannot reach a mirror. Ends with "check-systemd: N passed, N failed".
+check-systemd: build/imdsd build/imdsd.8
+	$(Q)$(PY) tests/check_systemd.py
+
 demo:
 	$(Q)$(MAKE) --no-print-directory deps
 	$(Q)$(MAKE) --no-print-directory -j$(JOBS) build/imdsd
@@ -327,4 +337,4 @@ lint: build/imdsd build/imdsd.8
 clean:
 	rm -rf build
 
-.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration check check-full check-build demo deps lint clean
+.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration check check-full check-systemd check-build demo deps lint clean

@@ -2,7 +2,8 @@
 # make check: lint, unit tests (plain, ASan+UBSan, valgrind), make coverage (a report: it fails
 # only if a test fails under it), a short fuzz of each target, the integration suite against the
 # real binary (plain, ASan+UBSan, and valgrind for the modules in
-# tests/integration/conftest.py VALGRIND_MODULES, or every module with --full), the bench smoke.
+# tests/integration/conftest.py VALGRIND_MODULES, or every module with --full), the bench smoke;
+# with --full also tests/check_systemd.py (make check-systemd: the units under a real systemd).
 # Ends with one "check: N passed, N failed" line. Expects the builds (make check-build).
 set -u
 cd "$(dirname "$0")/.."
@@ -43,6 +44,9 @@ step "fuzz smoke (seed corpora + ${FUZZ_SECONDS:-10} s per target)" make --no-pr
 step "integration (plain, asan+ubsan, valgrind${full:+ for every module}; $jobs at a time)" \
     $PY -m pytest tests/integration -q -n "$jobs" $full --durations=8 --junitxml=build/integration.xml
 step "bench smoke (runs, every answer 200; figures only in make bench)" make --no-print-directory bench-smoke
+# --full: imdsd under a real systemd (a Debian 12 root booted by systemd-nspawn; make check-systemd)
+[ -n "$full" ] && step "systemd (make install in a booted Debian 12 root, the quick start)" \
+    $PY tests/check_systemd.py
 echo "== make check took $(($(date +%s) - t_start)) s after the build"
 echo "check: $total_pass passed, $total_fail failed"
 [ "$total_fail" -eq 0 ]

@@ -26,6 +26,9 @@ TEST="$TEST clang-format procps"
 # systemd integration (test_systemd.py): systemd-socket-activate and systemd-analyze (the systemd
 # package; no running systemd needed), man-db for `man -l` on the generated imdsd(8)
 TEST="$TEST systemd man-db"
+# make check-systemd (make check-full): a Debian 12 root from debootstrap, booted by
+# systemd-nspawn (systemd-container) under a real systemd
+TEST="$TEST debootstrap systemd-container"
 # The JS SDK tests run the real @azure/identity with node and npm: node-llhttp brings Debian's
 # nodejs (18) along, for which tests/compat/node18 pins the newest client that supports it; a newer
 # Node.js with its own npm (the machine image's 20) runs the newer pin in tests/compat. Debian's

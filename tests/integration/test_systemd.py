@@ -320,3 +320,6 @@ def test_arc_dropin_hardening(tmp_path):
     assert re.search(r"✗ RestrictAddressFamilies=~AF_NETLINK", p.stdout), p.stdout
     assert re.search(r"✓ RestrictAddressFamilies=~AF_PACKET", p.stdout), p.stdout
     assert re.search(r"✓ User=/DynamicUser=\s+Service runs under a static non-root user", p.stdout), p.stdout
+    # fchown alone back through ~@privileged: the key files get the users' group with it (without it,
+    # EPERM and 503 for every challenge under a real systemd: tests/check_systemd.py)
+    assert re.search(r"✗ SystemCallFilter=~@privileged .*\(e\.g\. fchown is allowed\)", p.stdout), p.stdout
