@@ -196,6 +196,15 @@ static struct http_conn *stalest(struct http_server *s, const struct http_conn *
     return best;
 }
 
+/* Counts a connection closed, or its pipelined input dropped, for the budget (what: which). */
+static void count_shed(struct http_server *s, const char *what)
+{
+    metrics.connections_shed++;
+    if (log_sampled(&s->shed))
+        log_warn("http_buffer_budget", "budget_bytes=%zu closed=%s shed_total=%llu", s->budget,
+                 what, (unsigned long long)s->shed);
+}
+
 /* Keeps server->held within the budget by closing the stalest holders other than c. Returns -1
  * when that is not enough: c must then give up what it holds. */
 static int within_budget(struct http_conn *c)
@@ -205,11 +214,7 @@ static int within_budget(struct http_conn *c)
         struct http_conn *v = stalest(s, c);
         if (!v)
             return -1;
-        metrics.connections_shed++;
-        if (log_sampled(&s->shed))
-            log_warn("http_buffer_budget", "budget_bytes=%zu closed=%s shed_total=%llu", s->budget,
-                     v->state == CONN_WRITING ? "stalled_answer" : "arriving",
-                     (unsigned long long)s->shed);
+        count_shed(s, v->state == CONN_WRITING ? "stalled_answer" : "arriving");
         conn_close(v); /* gives its buffers back at once */
     }
     return 0;
@@ -225,11 +230,7 @@ static int keep_within_budget(struct http_conn *c)
     account(c);
     if (within_budget(c) == 0)
         return 0;
-    metrics.connections_shed++;
-    if (log_sampled(&c->server->shed))
-        log_warn("http_buffer_budget", "budget_bytes=%zu closed=%s shed_total=%llu",
-                 c->server->budget, c->arriving ? "arriving" : "pipelined",
-                 (unsigned long long)c->server->shed);
+    count_shed(c->server, c->arriving ? "arriving" : "pipelined");
     if (c->arriving) {
         conn_close(c);
         return -1;
@@ -1058,25 +1059,21 @@ static void pause_accepting(struct http_server *s)
 }
 
 /* A request waiting for its answer is closed to make room: it gets a 503 if its socket takes one
- * at once (its client knows to retry), and its handler its abort callback. */
+ * at once (its client knows to retry), and its handler its abort callback (conn_close). */
 #define HTTP_WAIT_EVICT_MS 1000
 
 static void close_waiting(struct http_conn *c)
 {
-    static const char answer[] =
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
-        "Content-Length: 93\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-        "{\"error\":\"service_unavailable\",\"error_description\":\"imdsd is at its connection "
-        "limit; "
-        "retry\"}";
-    if (c->abort_cb) {
-        http_abort_cb *cb = c->abort_cb;
-        c->abort_cb = NULL;
-        cb(c, c->abort_arg);
-    }
+    static const char body[] = "{\"error\":\"service_unavailable\",\"error_description\":"
+                               "\"imdsd is at its connection limit; retry\"}";
+    char head[200];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 503 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                     "Retry-After: 1\r\nConnection: close\r\n\r\n",
+                     status_text(503), JSON_TYPE, sizeof body - 1);
     metrics_request(c->endpoint, 503);
-    uv_buf_t b = uv_buf_init((char *)answer, sizeof answer - 1);
-    (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    uv_buf_t b[2] = {uv_buf_init(head, (unsigned)n), uv_buf_init((char *)body, sizeof body - 1)};
+    (void)uv_try_write((uv_stream_t *)&c->tcp, b, 2);
     conn_close(c);
 }
 
@@ -1212,9 +1209,9 @@ static void on_listen_ready(uv_poll_t *p, int status, int events)
     if (log_sampled(&s->accept_failed))
         log_warn("http_accept_failed", "error=\"%s\" failed_total=%llu", strerror(err),
                  (unsigned long long)s->accept_failed);
+    /* a backlog that cannot be taken would wake the loop at once, forever */
     if ((err == EMFILE || err == ENFILE) && drop_one(s, l->fd) < 0)
-        pause_accepting(
-            s); /* a backlog that cannot be taken would wake the loop at once, forever */
+        pause_accepting(s);
 }
 
 static void on_accept_pause_over(uv_timer_t *t)
