@@ -227,8 +227,7 @@ static int take_id(struct arc *a, char *err, size_t errlen)
         unsigned char rnd[ARC_ID_HEX / 2];
         if (uv_random(NULL, NULL, rnd, sizeof rnd, 0, NULL) < 0)
             break;
-        for (int i = 0; i < ARC_ID_HEX / 2; i++)
-            snprintf(a->id + 2 * i, 3, "%02x", rnd[i]);
+        hex_encode(rnd, sizeof rnd, a->id);
         lock_path(p, sizeof p, a->dir, a->id);
         int fd = open(p, O_RDONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0) {
@@ -521,11 +520,10 @@ struct arc_challenge *arc_challenge(struct arc *a, uid_t uid, arc_done_cb *done,
     if (uv_random(NULL, NULL, rnd, sizeof rnd, 0, NULL) < 0) {
         ch->failed = EIO;
     } else {
-        for (int i = 0; i < ARC_KEY_HEX / 2; i++)
-            snprintf(ch->key + 2 * i, 3, "%02x", rnd[i]);
-        snprintf(ch->path, sizeof ch->path, "%s/imdsd-%s-%02x%02x%02x%02x%02x%02x%02x%02x.key",
-                 a->dir, a->id, rnd[32], rnd[33], rnd[34], rnd[35], rnd[36], rnd[37], rnd[38],
-                 rnd[39]);
+        char name[17];
+        hex_encode(rnd, ARC_KEY_HEX / 2, ch->key);
+        hex_encode(rnd + ARC_KEY_HEX / 2, 8, name);
+        snprintf(ch->path, sizeof ch->path, "%s/imdsd-%s-%s.key", a->dir, a->id, name);
     }
     secret_zero(rnd, sizeof rnd);
     a->pending++;

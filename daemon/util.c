@@ -129,12 +129,22 @@ void secret_zero_registers(void)
 #endif
 }
 
+void hex_encode(const void *p, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[b[i] >> 4];
+        out[2 * i + 1] = digits[b[i] & 15];
+    }
+    out[2 * n] = 0;
+}
+
 void fingerprint(const void *p, size_t n, char out[13])
 {
     unsigned char h[32];
     mbedtls_sha256_ret(p, n, h, 0);
-    for (int i = 0; i < 6; i++)
-        snprintf(out + 2 * i, 3, "%02x", h[i]);
+    hex_encode(h, 6, out);
 }
 
 int64_t now_epoch(void)

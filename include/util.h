@@ -19,6 +19,8 @@ void secret_free_str(char *s);
  * bytes they moved (a secret's, too) until other code happens to overwrite them. */
 void secret_zero_registers(void);
 
+/* Writes n bytes as 2n lowercase hex digits + NUL into out (no stdio: the bytes may be secret). */
+void hex_encode(const void *p, size_t n, char *out);
 /* Writes the first 6 bytes of SHA-256(p) as 12 hex digits + NUL: a log-safe fingerprint. */
 void fingerprint(const void *p, size_t n, char out[13]);
 
