@@ -98,20 +98,45 @@ static void challenge(uv_loop_t *loop, struct arc *a, struct got *g)
     assert_true(g->path[0] != 0);
 }
 
+/* A key directory in /tmp, a loop, and an arc on them (no --arc-key-group). */
+struct fixture {
+    char dir[32];
+    uv_loop_t loop;
+    struct arc *a;
+};
+
+static void open_arc(struct fixture *f)
+{
+    snprintf(f->dir, sizeof f->dir, "/tmp/imdsd-arc-XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    uv_loop_init(&f->loop);
+    char err[256];
+    f->a = arc_new(&f->loop, f->dir, (gid_t)-1, err, sizeof err);
+    assert_non_null(f->a);
+}
+
+/* arc_free removes every file the arc made; then the loop and the directory go. */
+static void close_arc(struct fixture *f)
+{
+    arc_free(f->a);
+    uv_run(&f->loop, UV_RUN_DEFAULT);
+    assert_int_equal(files_in(f->dir), 0);
+    assert_int_equal(uv_loop_close(&f->loop), 0);
+    rmdir(f->dir);
+}
+
 static void t_keys(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/imdsd-arc-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    char err[256];
-    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
-    assert_non_null(a);
+    struct fixture f;
+    open_arc(&f);
+    struct arc *a = f.a;
+    uv_loop_t *loop = &f.loop;
+    const char *dir = f.dir;
     struct got g = {{0}, 0};
 
     /* a file 0640 named *.key in the directory, holding 64 hex digits */
-    challenge(&loop, a, &g);
+    challenge(loop, a, &g);
     struct stat st;
     assert_int_equal(stat(g.path, &st), 0);
     assert_int_equal(st.st_mode & 0777, 0640);
@@ -140,16 +165,16 @@ static void t_keys(void **state)
     assert_true(arc_verify(a, auth, strlen(auth)));
     assert_false(verify(a, key));
     for (int i = 0; i < 100 && access(g.path, F_OK) == 0; i++)
-        uv_run(&loop, UV_RUN_ONCE); /* the unlink runs on the thread pool */
+        uv_run(loop, UV_RUN_ONCE); /* the unlink runs on the thread pool */
     assert_int_equal(access(g.path, F_OK), -1);
 
     /* expiry: good until ARC_KEY_TTL_MS, not after */
-    challenge(&loop, a, &g);
+    challenge(loop, a, &g);
     snprintf(key, sizeof key, "%s", read_key(g.path));
     fake_now += ARC_KEY_TTL_MS - 1;
     char path2[4096];
     struct got g2 = {{0}, 0};
-    challenge(&loop, a, &g2);
+    challenge(loop, a, &g2);
     snprintf(path2, sizeof path2, "%s", g2.path);
     char key2[ARC_KEY_HEX + 1];
     snprintf(key2, sizeof key2, "%s", read_key(path2));
@@ -159,11 +184,7 @@ static void t_keys(void **state)
 
     /* (at most ARC_MAX_KEYS outstanding: t_flood) */
     /* arc_free removes every file */
-    arc_free(a);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(files_in(dir), 0);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rmdir(dir);
+    close_arc(&f);
 }
 
 /* One challenge of uid's: 1 when admitted (the key is then made, into g), 0 when refused. */
@@ -200,50 +221,48 @@ static int key_files(const char *dir)
 static void t_flood(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/imdsd-arc-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    char err[256];
-    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
-    assert_non_null(a);
+    struct fixture f;
+    open_arc(&f);
+    struct arc *a = f.a;
+    uv_loop_t *loop = &f.loop;
+    const char *dir = f.dir;
     uint64_t refused0 = metrics.arc_challenges_refused;
     fake_now += 1000; /* a new second */
     struct got victim = {{0}, 0}, g = {{0}, 0};
-    challenge(&loop, a, &victim);
+    challenge(loop, a, &victim);
     char vkey[ARC_KEY_HEX + 1];
     snprintf(vkey, sizeof vkey, "%s", read_key(victim.path));
 
     /* ARC_MAX_PER_S a second: the victim's and 99 more; then refusals until the next second */
     int made = 1;
-    while (made < 2 * ARC_MAX_PER_S && try_challenge(&loop, a, FLOODER(made), &g))
+    while (made < 2 * ARC_MAX_PER_S && try_challenge(loop, a, FLOODER(made), &g))
         made++;
     assert_int_equal(made, ARC_MAX_PER_S);
-    assert_false(try_challenge(&loop, a, FLOODER(made), &g));
+    assert_false(try_challenge(loop, a, FLOODER(made), &g));
     assert_int_equal(metrics.arc_challenges_refused - refused0, 2);
     /* the next seconds until every slot is live, then the flood is refused, however long */
     for (int s = 0; made < ARC_MAX_KEYS && s < ARC_MAX_KEYS; s++) {
         fake_now += 1000;
-        while (made < ARC_MAX_KEYS && try_challenge(&loop, a, FLOODER(made), &g))
+        while (made < ARC_MAX_KEYS && try_challenge(loop, a, FLOODER(made), &g))
             made++;
     }
     uint64_t before = metrics.arc_challenges_refused;
     int flood = 0;
     for (int s = 0; s < 5; s++, fake_now += 1000)
         for (int i = 0; i < 2000; i++)
-            flood += try_challenge(&loop, a, FLOODER(i), &g);
+            flood += try_challenge(loop, a, FLOODER(i), &g);
     assert_int_equal(key_files(dir), ARC_MAX_KEYS);
     assert_true(verify(a, vkey)); /* 5 s and 10,000 challenges later */
     assert_int_equal(flood, 0);
     assert_int_equal(metrics.arc_challenges_refused - before, 5 * 2000);
-    assert_true(try_challenge(&loop, a, FLOODER(0), &g)); /* its slot is free again */
-    assert_false(try_challenge(&loop, a, FLOODER(1), &g));
+    assert_true(try_challenge(loop, a, FLOODER(0), &g)); /* its slot is free again */
+    assert_false(try_challenge(loop, a, FLOODER(1), &g));
 
     /* keys expire: their slots are free, the files go */
     fake_now += ARC_KEY_TTL_MS;
-    assert_true(try_challenge(&loop, a, FLOODER(0), &g));
+    assert_true(try_challenge(loop, a, FLOODER(0), &g));
     for (int i = 0; i < 1000 && key_files(dir) > 1; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+        uv_run(loop, UV_RUN_ONCE);
     assert_int_equal(key_files(dir), 1);
 
     /* keys being made hold their slots: a burst before the loop runs is bounded alike */
@@ -255,14 +274,10 @@ static void t_flood(void **state)
             admitted += arc_challenge(a, FLOODER(i), on_key, &burst, &refused) != NULL;
     assert_int_equal(admitted, ARC_MAX_KEYS);
     while (burst.calls < ARC_MAX_KEYS)
-        uv_run(&loop, UV_RUN_ONCE);
+        uv_run(loop, UV_RUN_ONCE);
     assert_int_equal(key_files(dir), ARC_MAX_KEYS);
 
-    arc_free(a);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(files_in(dir), 0);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rmdir(dir);
+    close_arc(&f);
 }
 
 /* One user's flood holds ARC_MAX_KEYS_PER_UID keys at most, live or being made: past it that
@@ -272,13 +287,11 @@ static void t_flood(void **state)
 static void t_per_user(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/imdsd-arc-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    char err[256];
-    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
-    assert_non_null(a);
+    struct fixture f;
+    open_arc(&f);
+    struct arc *a = f.a;
+    uv_loop_t *loop = &f.loop;
+    const char *dir = f.dir;
     const uid_t flooder = 1001, victim = 1002;
     uint64_t refused0 = metrics.arc_challenges_refused;
     uint64_t per0 = metrics.arc_challenges_refused_per_user;
@@ -292,34 +305,34 @@ static void t_per_user(void **state)
     assert_int_equal(admitted, ARC_MAX_KEYS_PER_UID);
     assert_int_equal(refused, 1);
     while (fg.calls < ARC_MAX_KEYS_PER_UID)
-        uv_run(&loop, UV_RUN_ONCE);
+        uv_run(loop, UV_RUN_ONCE);
     /* the flood goes on, seconds long: refused, all of it, as per_user */
     for (int s = 0; s < 3; s++) {
         fake_now += 1000;
         for (int i = 0; i < 1000; i++)
-            assert_false(try_challenge(&loop, a, flooder, &g));
+            assert_false(try_challenge(loop, a, flooder, &g));
     }
     assert_int_equal(metrics.arc_challenges_refused_per_user - per0, ARC_MAX_KEYS_PER_UID + 3000);
     assert_int_equal(metrics.arc_challenges_refused - refused0, ARC_MAX_KEYS_PER_UID + 3000);
     /* meanwhile another user gets its key, and it is good */
     struct got v = {{0}, 0};
-    assert_true(try_challenge(&loop, a, victim, &v));
+    assert_true(try_challenge(loop, a, victim, &v));
     assert_true(verify(a, read_key(v.path)));
     /* the unknown peers: one quota, theirs, not the flooder's */
     for (int i = 0; i < ARC_MAX_KEYS_PER_UID; i++)
-        assert_true(try_challenge(&loop, a, ARC_UID_UNKNOWN, &g));
-    assert_false(try_challenge(&loop, a, ARC_UID_UNKNOWN, &g));
-    assert_true(try_challenge(&loop, a, victim, &v));
+        assert_true(try_challenge(loop, a, ARC_UID_UNKNOWN, &g));
+    assert_false(try_challenge(loop, a, ARC_UID_UNKNOWN, &g));
+    assert_true(try_challenge(loop, a, victim, &v));
 
     /* a key the flooder uses gives it a slot back, one */
     assert_true(verify(a, read_key(fg.path)));
-    assert_true(try_challenge(&loop, a, flooder, &fg));
-    assert_false(try_challenge(&loop, a, flooder, &fg));
+    assert_true(try_challenge(loop, a, flooder, &fg));
+    assert_false(try_challenge(loop, a, flooder, &fg));
     /* its keys expire: its whole share again */
     fake_now += ARC_KEY_TTL_MS;
     for (int i = 0; i < ARC_MAX_KEYS_PER_UID; i++)
-        assert_true(try_challenge(&loop, a, flooder, &fg));
-    assert_false(try_challenge(&loop, a, flooder, &fg));
+        assert_true(try_challenge(loop, a, flooder, &fg));
+    assert_false(try_challenge(loop, a, flooder, &fg));
 
     /* ARC_MAX_KEYS / ARC_MAX_KEYS_PER_UID users at their shares fill every slot: the global bound
      * holds, and a further user is refused as max_keys, not per_user */
@@ -327,21 +340,17 @@ static void t_per_user(void **state)
     for (int n = 0; n < ARC_MAX_KEYS; n++) {
         if (n % ARC_MAX_PER_S == 0)
             fake_now += 1000;
-        assert_true(try_challenge(&loop, a, (uid_t)(3000 + n / ARC_MAX_KEYS_PER_UID), &g));
+        assert_true(try_challenge(loop, a, (uid_t)(3000 + n / ARC_MAX_KEYS_PER_UID), &g));
     }
     uint64_t per1 = metrics.arc_challenges_refused_per_user;
     uint64_t refused1 = metrics.arc_challenges_refused;
-    assert_false(try_challenge(&loop, a, 4000, &g));
-    assert_false(try_challenge(&loop, a, ARC_UID_UNKNOWN, &g));
+    assert_false(try_challenge(loop, a, 4000, &g));
+    assert_false(try_challenge(loop, a, ARC_UID_UNKNOWN, &g));
     assert_int_equal(metrics.arc_challenges_refused - refused1, 2);
     assert_int_equal(metrics.arc_challenges_refused_per_user, per1);
     assert_int_equal(key_files(dir), ARC_MAX_KEYS);
 
-    arc_free(a);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(files_in(dir), 0);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rmdir(dir);
+    close_arc(&f);
 }
 
 /* A listening TCP socket on the loopback address of family (port chosen by the kernel), or -1
@@ -392,13 +401,9 @@ static int connect_to(int lfd)
 static void t_peer_uid(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/imdsd-arc-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    char err[256];
-    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
-    assert_non_null(a);
+    struct fixture fx;
+    open_arc(&fx);
+    struct arc *a = fx.a;
     static const int families[] = {AF_INET, AF_INET6};
     for (int f = 0; f < 2; f++) {
         int lfd = listen_lo(families[f]);
@@ -492,10 +497,7 @@ static void t_peer_uid(void **state)
     close(ufd);
     assert_int_equal(arc_peer_uid(a, -1), ARC_UID_UNKNOWN);
 
-    arc_free(a);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rmdir(dir);
+    close_arc(&fx);
 }
 
 /* Without a netlink socket (a service whose RestrictAddressFamilies= lacks AF_NETLINK) arc_new
@@ -504,15 +506,12 @@ static void t_peer_uid(void **state)
 static void t_no_sock_diag(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/imdsd-arc-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    char err[256];
-    no_netlink = 1;
-    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
+    no_netlink = 1; /* socket(AF_NETLINK) fails in arc_new */
+    struct fixture f;
+    open_arc(&f);
     no_netlink = 0;
-    assert_non_null(a);
+    struct arc *a = f.a;
+    uv_loop_t *loop = &f.loop;
     int lfd = listen_lo(AF_INET);
     assert_true(lfd >= 0);
     int cfd = connect_to(lfd);
@@ -526,15 +525,11 @@ static void t_no_sock_diag(void **state)
     fake_now += 1000;
     struct got g = {{0}, 0};
     int made = 0;
-    while (made < 2 * ARC_MAX_PER_S && try_challenge(&loop, a, ARC_UID_UNKNOWN, &g))
+    while (made < 2 * ARC_MAX_PER_S && try_challenge(loop, a, ARC_UID_UNKNOWN, &g))
         made++;
     assert_int_equal(made, ARC_MAX_PER_S);
     assert_int_equal(metrics.arc_challenges_refused_per_user, per0);
-    arc_free(a);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(files_in(dir), 0);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rmdir(dir);
+    close_arc(&f);
 }
 
 /* Validity runs on the monotonic clock: a wall clock stepped back an hour (NTP, an operator) does
@@ -542,33 +537,26 @@ static void t_no_sock_diag(void **state)
 static void t_wall_clock(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/imdsd-arc-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    char err[256];
-    struct arc *a = arc_new(&loop, dir, (gid_t)-1, err, sizeof err);
-    assert_non_null(a);
+    struct fixture f;
+    open_arc(&f);
+    struct arc *a = f.a;
+    uv_loop_t *loop = &f.loop;
     struct got g = {{0}, 0};
     char key[ARC_KEY_HEX + 1];
 
-    challenge(&loop, a, &g);
+    challenge(loop, a, &g);
     snprintf(key, sizeof key, "%s", read_key(g.path));
     fake_wall -= 3600 * 1000;
     fake_now += ARC_KEY_TTL_MS;
     assert_false(verify(a, key)); /* a minute has passed, whatever the wall clock says */
 
-    challenge(&loop, a, &g);
+    challenge(loop, a, &g);
     snprintf(key, sizeof key, "%s", read_key(g.path));
     fake_wall += 2 * 3600 * 1000;
     fake_now += 1;
     assert_true(verify(a, key)); /* a millisecond old */
 
-    arc_free(a);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(files_in(dir), 0);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rmdir(dir);
+    close_arc(&f);
 }
 
 static gid_t file_gid(const char *path)
