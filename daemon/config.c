@@ -223,7 +223,7 @@ int config_set_authority(struct config *c, const char *url, const char **why)
     } else {
         const char *colon = memchr(host, ':', (size_t)(hend - host));
         hlen = (size_t)((colon ? colon : hend) - host);
-        if (hlen >= sizeof hbuf)
+        if (hlen > 253) /* the longest DNS name */
             goto badhost;
         memcpy(hbuf, host, hlen);
         port = colon ? colon + 1 : NULL;
