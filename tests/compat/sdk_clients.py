@@ -46,6 +46,19 @@ def js_dir():
     return COMPAT if major >= 20 else os.path.join(COMPAT, "node18")
 
 
+SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def npm_env():
+    """npm's environment: trusting the system's CA store as apt, git and curl do. Node trusts only its
+    own bundled roots, so behind a proxy that re-signs TLS with a CA the machine trusts (a corporate or
+    sandbox egress proxy), a bare Debian's npm fails with SELF_SIGNED_CERT_IN_CHAIN."""
+    env = dict(os.environ)
+    if "NODE_EXTRA_CA_CERTS" not in env and os.path.exists(SYSTEM_CAS):
+        env["NODE_EXTRA_CA_CERTS"] = SYSTEM_CAS
+    return env
+
+
 def npm_ci(where):
     """npm ci in where when its node_modules is missing or older than package-lock.json, under a lock
     on the lock file so that parallel runs do not race."""
@@ -60,7 +73,7 @@ def npm_ci(where):
             try:
                 p = subprocess.run([NPM, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
                                    cwd=where, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                   timeout=600)
+                                   timeout=600, env=npm_env())
             finally:
                 if left:
                     signal.setitimer(signal.ITIMER_REAL, left)
@@ -169,7 +182,10 @@ def run_py(ctx, credential, scopes, env, options=None, netns=None, timeout=None,
     """Runs azure-identity's credential with options (keyword arguments), one get_token per scope;
     returns one dict per scope (see py_client.py). prefix: e.g. setpriv, to run as another user."""
     spec = {"credential": credential, "options": options or {}, "scopes": list(scopes)}
-    return _run(ctx, "py", [PY, os.path.join(COMPAT, "py_client.py")], spec, env, netns, timeout, prefix=prefix)
+    client = os.path.join(COMPAT, "py_client.py")
+    if prefix:   # another user: a copy it can read when the checkout is out of its reach
+        client = harness.reachable_by_all(client)
+    return _run(ctx, "py", [PY, client], spec, env, netns, timeout, prefix=prefix)
 
 
 # ---- packet capture of imdsd's port ---------------------------------------------------------------

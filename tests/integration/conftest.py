@@ -116,7 +116,7 @@ def ctx(request, variant, rundir, fakes):
     """A fresh harness.Ctx: the variant's binary, a temp dir, unique tenants; the daemons it started
     are stopped (and their sanitizer / valgrind output checked) after the test."""
     v = VARIANTS[variant]
-    harness.BINARY = os.path.join(ROOT, v["binary"])
+    harness.BINARY = harness.reachable_by_all(os.path.join(ROOT, v["binary"]))
     harness.LABEL = v["label"]
     harness.VALGRIND = v["valgrind"]
     harness.SCALE = v["scale"]

@@ -3,7 +3,7 @@
 Configured per test by conftest.py for the build variant (BINARY, LABEL, VALGRIND, SCALE); tests receive a Ctx.
 """
 import atexit, base64, ctypes, hashlib, http.client, json, os, re, shutil, signal, socket, ssl, subprocess, sys
-import threading, time, urllib.parse, uuid
+import tempfile, threading, time, urllib.parse, uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BINARY = None        # path of the imdsd binary under test
@@ -19,6 +19,34 @@ NOBODY = 65532      # the image's user: daemons started with unprivileged=True r
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 IMDS_FIELDS = ["access_token", "client_id", "expires_in", "expires_on", "ext_expires_in", "not_before",
                "resource", "token_type"]
+
+
+def reachable_by_all(path):
+    """path itself when every user can read it (and run it, if it is a program), else a copy that
+    every user can: a checkout under /root (mode 0700, where a newcomer who is root clones it) is out
+    of reach of the unprivileged users the tests run daemons and SDK clients as. One copy per
+    process, removed at exit."""
+    path = os.path.abspath(path)
+    need = 0o005 if os.access(path, os.X_OK) else 0o004
+    ok, d = (os.stat(path).st_mode & need) == need, os.path.dirname(path)
+    while ok and d != "/":
+        ok, d = bool(os.stat(d).st_mode & 0o001), os.path.dirname(d)
+    if ok:
+        return path
+    if path not in _copies:
+        global _copy_dir
+        if _copy_dir is None:
+            _copy_dir = tempfile.mkdtemp(prefix="imdsd-it-shared-")
+            os.chmod(_copy_dir, 0o755)
+            atexit.register(shutil.rmtree, _copy_dir, True)
+        sub = os.path.join(_copy_dir, str(len(_copies)))
+        os.mkdir(sub, 0o755)
+        _copies[path] = shutil.copy2(path, sub)
+        os.chmod(_copies[path], 0o755 if need == 0o005 else 0o644)
+    return _copies[path]
+
+
+_copies, _copy_dir = {}, None
 
 
 # Ports for daemons come from a range below the kernel's ephemeral ports (32768-60999), one range per
