@@ -3,6 +3,8 @@ application container, the real Python and JavaScript SDKs in the pod's network 
 from outside the pod as the kubelet makes them (to the pod IP), a kubelet-style token rotation seen
 through the volume, uid 65532 and a read-only root.
 
+imdsd's image is the one the README's pod quick start pushes: its `skopeo copy` of the archive, run
+as written except that podman's store stands in for the registry; the manifests must name it.
 Each pod is the manifest's pod template, changed only where podman 4.3 cannot model a kubelet (each
 change is made by pod_from() and listed there): no native sidecars (imdsd becomes the first ordinary
 container), probes run by this test instead of podman, no service-account token projection (a
@@ -14,6 +16,8 @@ startup probe first passes."""
 import copy
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -65,6 +69,29 @@ def app_image(ctx):
     podman.run("build", "--quiet", "--timestamp", "0", "--layers=false", "-t", APP_IMAGE, d)
 
 
+def quick_start_push():
+    """The README's pod quick start, followed literally up to the registry: its skopeo command copies
+    the archive make image wrote, with the registry (docker://) swapped for podman's own store, the
+    one registry a test can reach. Returns the image it pushed (the manifests must name it)."""
+    global _pushed
+    if _pushed:
+        return _pushed
+    with open(os.path.join(podman.ROOT, "README.md")) as f:
+        section = f.read().split("**In a pod**", 1)[1].split("**On a VM**", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1).splitlines()
+    assert block[0] == "make image" and "kubectl apply -f container/kubernetes/deployment.yaml" in block, block
+    argv = shlex.split(next(line for line in block if line.startswith("skopeo copy ")))
+    assert argv[2] == f"oci-archive:build/imdsd-{podman.VERSION}.oci.tar" and argv[3].startswith("docker://"), argv
+    _pushed = argv[3][len("docker://"):]
+    p = subprocess.run(argv[:2] + [argv[2], "containers-storage:" + _pushed], cwd=podman.ROOT, env=podman.ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"the quick start's skopeo copy: {p.stderr.strip()[-800:]}"
+    return _pushed
+
+
+_pushed = None
+
+
 def deployment(manifest):
     with open(os.path.join(MANIFESTS, manifest)) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
@@ -99,9 +126,10 @@ def pod_from(manifest, name, tenant, tok, fake_port, gateway, ca):
     probes = {k: imdsd.pop(k) for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in imdsd}
     # podman publishes containerPorts on the host (a kubelet does not): the pod IP is enough
     probes["ports"] = {p.get("name"): p["containerPort"] for p in imdsd.pop("ports", [])}
-    # 3. images: this build of imdsd; the application is busybox asking for tokens
+    # 3. images: imdsd's as the manifest names it, pushed there by the README's quick start; the
+    #    application is busybox asking for tokens
     for c in inits + sidecars:
-        c["image"] = podman.IMAGE
+        assert c["image"] == quick_start_push(), f"{manifest}: {c['name']} runs {c['image']}, not the pushed image"
     app = next(c for c in spec["containers"] if c["name"] == "app")
     app["image"] = APP_IMAGE
     app["command"] = ["/bin/busybox", "sh", "-c", APP_SCRIPT]
