@@ -187,14 +187,21 @@ def test_max_connections(ctx):
     tenant = ctx.tenant(f"gate-{gate}")
     busy = ctx.daemon(tenant, extra=["--max-connections", "4"])
     results = []
-    threads = [threading.Thread(target=lambda: results.append(get_token(busy.port, timeout=20 * ctx.scale).status))
-               for _ in range(4)]
+    # four resources, so that each request holds an exchange of its own at the gate: then all four
+    # have been read and are waiting (same-resource requests would share one exchange)
+    threads = [threading.Thread(target=lambda i=i: results.append(
+        get_token(busy.port, f"https://mc{i}.example/", timeout=20 * ctx.scale).status)) for i in range(4)]
+    t0 = time.monotonic()   # no request can have waited longer than this
     for t in threads:
         t.start()
-    wait_for(lambda: ctx.fake.gated(gate) >= 1 and len(open_conns(busy)) >= 4, 5, "4 requests being answered")
+    wait_for(lambda: ctx.fake.gated(gate) >= 4, 5 * ctx.scale, "4 requests being answered")
     got, closed = raw_exchange(busy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2, one_response=True)
     r = parse_raw(got)
-    assert (r is None and closed) or (r is not None and r.status == 503), f"a busy connection was evicted: {got[:80]!r}"
+    refused = (r is None and closed) or (r is not None and r.status == 503)
+    if time.monotonic() - t0 < 1.0:   # none had waited a second: the newcomer must be refused
+        assert refused, f"a busy connection was evicted: {got[:80]!r}"
+    else:   # a loaded machine got here late: the oldest may have waited a second already, then it goes
+        assert refused or r.status == 200, got[:80]
     time.sleep(1.2)   # the oldest has waited past a second now
     got, closed = raw_exchange(busy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2, one_response=True)
     r = parse_raw(got)
@@ -202,20 +209,8 @@ def test_max_connections(ctx):
     ctx.fake.release(gate)
     for t in threads:
         t.join()
-    assert sorted(results) == [200, 200, 200, 503], results
+    assert sorted(results) == [200, 200, 200, 503], results   # one eviction, by the first or the second
     assert "state=waiting" in busy.log()
-
-
-def open_conns(d):
-    """The daemon's established TCP connections on its port (from /proc/net/tcp)."""
-    port = f"{d.port:04X}"
-    out = []
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if parts[1].endswith(":" + port) and parts[3] == "01":
-                out.append(parts[2])
-    return out
 
 
 def test_client_disconnects_mid_fetch(ctx):

@@ -24,7 +24,7 @@ import time
 
 import harness
 from harness import (JSON_CT, RESOURCE, KubeletToken, assert_json_error, assert_token_ok, fingerprint, get_token,
-                     log_events, log_ts, make_jwt_with, request)
+                     log_events, log_ts, make_jwt_with, request, wait_for)
 
 REACT = 1.0      # seconds: the contract's bound for the watch and /readyz to follow a change
 _DAEMONS = []    # every daemon started here, for the final "token never logged" check
@@ -262,10 +262,17 @@ def rotation_in_flight(ctx, nested):
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(3)]
     for t in threads:
         t.start()
+    def presented(sha256):   # an exchange presented this generation (a loaded machine is slow to)
+        return any(r["assertion_sha256"] == sha256 for r in ctx.fake.records(d.tenant))
+
     for _ in range(10):
         time.sleep(0.2 * harness.SCALE)
+        wait_for(lambda: presented(tok.rotations[-1]["sha256"]), 10 * harness.SCALE,
+                 f"an exchange presenting generation {len(tok.rotations)}")
         tok.rotate(new_jwt()[0])
     time.sleep(0.2 * harness.SCALE)
+    wait_for(lambda: presented(tok.rotations[-1]["sha256"]), 10 * harness.SCALE,
+             f"an exchange presenting generation {len(tok.rotations)}")
     stop.set()
     for t in threads:
         t.join(15 * harness.SCALE)
