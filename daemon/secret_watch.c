@@ -136,8 +136,10 @@ static void judge(struct secret_watch *sw, ssize_t n, const char *why)
     if (!why && len == sw->cur_len && memcmp(got, sw->cur, len) == 0) {
         drop_pending(sw); /* back to the current secret: what was pending did not last */
         sw->last_problem = NULL;
-        if (sw->read_start_ms - sw->cur_seen_ms >= SECRET_SETTLE_MS)
+        if (!sw->cur_confirmed && sw->read_start_ms - sw->cur_seen_ms >= SECRET_SETTLE_MS) {
             sw->cur_confirmed = 1;
+            log_debug("identity_header_confirmed", "path=%s", sw->qpath);
+        }
         return;
     }
     if (why && same_why(why, sw->last_problem)) {

@@ -274,7 +274,7 @@ static void t_startup_confirmed(void **state)
     /* a start-up value confirmed by a read a second later keeps its overlap even when the next
      * secret begins with it */
     struct fx *f = fx_new("secret-B-98", 300);
-    pump_ms(f, SECRET_SETTLE_MS + 200);
+    pump_until_log(f, "event=identity_header_confirmed", 1, "secret-B-98", NULL);
     write_file(f->path, B);
     secret_watch_reload(f->sw);
     pump_until_current(f, B, A);
