@@ -339,7 +339,7 @@ struct opt {
      * {default} the default; NULL: not listed (--help, --version: the tail) */
     const char *help;
     enum opt_kind kind;
-    size_t field; /* offsetof the value in struct config */
+    size_t field; /* F(): offsetof the value in struct config */
     int max;      /* > 0: repeatable, at most max times ("at most MAX NOUN"), counted in count */
     size_t count;
     const char *noun;
@@ -476,7 +476,9 @@ static int parse_probe_opt(struct parse *p, const struct opt *o, const char *nam
     return parse_probe(p->c, v) < 0 ? invalid(p, o, name, v) : CONFIG_OK;
 }
 
-#define F(member) offsetof(struct config, member)
+/* offsetof member in struct config, which must be of type (a compile error otherwise) */
+#define F(member, type)                                                                            \
+    _Generic(((struct config *)0)->member, type : offsetof(struct config, member))
 
 /* In --help's order. Adding an option: its field in struct config, and a row here. */
 static const struct opt opts[] = {
@@ -485,7 +487,7 @@ static const struct opt opts[] = {
      .kind = OPT_CUSTOM,
      .parse = parse_listen,
      .max = CONFIG_MAX_LISTEN,
-     .count = F(nlisten),
+     .count = F(nlisten, int),
      .noun = "addresses with --listen and --health-listen",
      .def = CONFIG_DEFAULT_LISTEN,
      .help = "address to serve on, repeatable (default {default};\n"
@@ -495,7 +497,7 @@ static const struct opt opts[] = {
      .kind = OPT_CUSTOM,
      .parse = parse_health_listen,
      .max = CONFIG_MAX_LISTEN,
-     .count = F(nlisten),
+     .count = F(nlisten, int),
      .noun = "addresses with --listen and --health-listen",
      .help = "also serve /healthz and /readyz (and never a token) here, for\n"
              "the kubelet's probes, e.g. 0.0.0.0:8001; repeatable"},
@@ -503,19 +505,19 @@ static const struct opt opts[] = {
      .env = "AZURE_CLIENT_ID",
      .arg = "GUID",
      .kind = OPT_STRING,
-     .field = F(client_id),
+     .field = F(client_id, char *),
      .help = "default identity                {env}"},
     {.name = "tenant-id",
      .env = "AZURE_TENANT_ID",
      .arg = "TENANT",
      .kind = OPT_STRING,
-     .field = F(tenant_id),
+     .field = F(tenant_id, char *),
      .help = "tenant GUID or domain            {env}"},
     {.name = "token-file",
      .env = "AZURE_FEDERATED_TOKEN_FILE",
      .arg = "PATH",
      .kind = OPT_PATH,
-     .field = F(token_file),
+     .field = F(token_file, char *),
      .help = "projected service-account token  {env}"},
     {.name = "authority-host",
      .env = "AZURE_AUTHORITY_HOST",
@@ -529,16 +531,16 @@ static const struct opt opts[] = {
      .env = "IMDSD_CA_FILE",
      .arg = "PATH",
      .kind = OPT_PATH,
-     .field = F(ca_file),
+     .field = F(ca_file, char *),
      .def = CONFIG_DEFAULT_CA_FILE,
      .help = "trust anchors for Entra's TLS    {env}\n"
              "(default {default})"},
     {.name = "allow-client-id",
      .arg = "GUID",
      .kind = OPT_LIST,
-     .field = F(allowed_client_ids),
+     .field = F(allowed_client_ids, char **),
      .max = CONFIG_MAX_CLIENT_IDS,
-     .count = F(nallowed),
+     .count = F(nallowed, int),
      .noun = "identities",
      .valid = imds_is_guid,
      .why = "is not a GUID",
@@ -548,16 +550,16 @@ static const struct opt opts[] = {
      .kind = OPT_CUSTOM,
      .parse = parse_alias,
      .max = CONFIG_MAX_ALIASES,
-     .count = F(naliases),
+     .count = F(naliases, int),
      .noun = "aliases",
      .help = "serve CLIENT_ID for requests naming this object/principal id\n"
              "or ARM resource id, repeatable"},
     {.name = "allow-host",
      .arg = "NAME",
      .kind = OPT_LIST,
-     .field = F(allowed_hosts),
+     .field = F(allowed_hosts, char **),
      .max = CONFIG_MAX_HOSTS,
-     .count = F(nallowed_hosts),
+     .count = F(nallowed_hosts, int),
      .noun = "names",
      .valid = valid_host_name,
      .why = "is not a host name (letters, digits, '-' and '.')",
@@ -566,9 +568,9 @@ static const struct opt opts[] = {
     {.name = "allow-resource",
      .arg = "URI",
      .kind = OPT_LIST,
-     .field = F(allowed_resources),
+     .field = F(allowed_resources, char **),
      .max = CONFIG_MAX_RESOURCES,
-     .count = F(nallowed_resources),
+     .count = F(nallowed_resources, int),
      .noun = "resources",
      .valid = imds_resource_pattern_ok,
      .why = "is not a resource URI (at most one '*', in the host name; no spaces)",
@@ -578,13 +580,13 @@ static const struct opt opts[] = {
     {.name = "identity-header-file",
      .arg = "PATH",
      .kind = OPT_PATH,
-     .field = F(identity_header_file),
+     .field = F(identity_header_file, char *),
      .help = "enable the App Service endpoint /msi/token, authenticated by\n"
              "the secret in PATH sent as X-IDENTITY-HEADER"},
     {.name = "identity-header-overlap",
      .arg = "SEC",
      .kind = OPT_SECONDS,
-     .field = F(identity_header_overlap_s),
+     .field = F(identity_header_overlap_s, unsigned),
      .lo = 0,
      .hi = 86400,
      .def = "300",
@@ -620,7 +622,7 @@ static const struct opt opts[] = {
     {.name = "max-connections",
      .arg = "N",
      .kind = OPT_UINT,
-     .field = F(max_connections),
+     .field = F(max_connections, unsigned),
      .lo = 1,
      .hi = 65536,
      .def = "1024",
@@ -628,7 +630,7 @@ static const struct opt opts[] = {
     {.name = "max-health-connections",
      .arg = "N",
      .kind = OPT_UINT,
-     .field = F(max_health_connections),
+     .field = F(max_health_connections, unsigned),
      .lo = 1,
      .hi = 65536,
      .def = "64",
@@ -636,7 +638,7 @@ static const struct opt opts[] = {
     {.name = "idle-timeout",
      .arg = "SEC",
      .kind = OPT_SECONDS,
-     .field = F(idle_timeout_s),
+     .field = F(idle_timeout_s, unsigned),
      .lo = 1,
      .hi = 3600,
      .def = "60",
@@ -644,7 +646,7 @@ static const struct opt opts[] = {
     {.name = "header-timeout",
      .arg = "SEC",
      .kind = OPT_SECONDS,
-     .field = F(header_timeout_s),
+     .field = F(header_timeout_s, unsigned),
      .lo = 1,
      .hi = 3600,
      .def = "10",
@@ -652,7 +654,7 @@ static const struct opt opts[] = {
     {.name = "entra-timeout",
      .arg = "SEC",
      .kind = OPT_SECONDS,
-     .field = F(entra_timeout_s),
+     .field = F(entra_timeout_s, unsigned),
      .lo = 1,
      .hi = 300,
      .def = "15",
@@ -661,7 +663,7 @@ static const struct opt opts[] = {
     {.name = "shutdown-grace",
      .arg = "SEC",
      .kind = OPT_SECONDS,
-     .field = F(shutdown_grace_s),
+     .field = F(shutdown_grace_s, unsigned),
      .lo = 0,
      .hi = 60,
      .def = "5",
@@ -730,8 +732,8 @@ static const struct option *long_options(void)
 static int apply(struct parse *p, const struct opt *o, const char *name, const char *v)
 {
     char *field = (char *)p->c + o->field;
-    int *count = (int *)(void *)((char *)p->c + o->count);
-    if (o->max > 0 && *count >= o->max)
+    int *count = o->max > 0 ? (int *)(void *)((char *)p->c + o->count) : NULL;
+    if (count && *count >= o->max)
         return fail(p, "%s: at most %d %s", name, o->max, o->noun);
     switch (o->kind) {
     case OPT_PATH:
