@@ -6,6 +6,8 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <grp.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,124 +17,17 @@
 #include "imds.h"
 #include "util.h"
 
-static const char USAGE[] =
+/* --help: this head, a paragraph per row of opts[] below, this tail */
+static const char USAGE_HEAD[] =
     "Usage: imdsd [OPTIONS]\n"
     "Serves Entra ID access tokens for a Kubernetes workload identity on a local\n"
     "IMDS-compatible endpoint (GET /metadata/identity/oauth2/token).\n"
-    "\n"
-    "  --listen ADDR:PORT      address to serve on, repeatable (default " CONFIG_DEFAULT_LISTEN
-    ";\n"
-    "                          IPv6 as [::1]:8000)\n"
-    "  --health-listen ADDR:PORT\n"
-    "                          also serve /healthz and /readyz (and never a token) here, for\n"
-    "                          the kubelet's probes, e.g. 0.0.0.0:8001; repeatable\n"
-    "  --client-id GUID        default identity                [AZURE_CLIENT_ID]\n"
-    "  --tenant-id TENANT      tenant GUID or domain            [AZURE_TENANT_ID]\n"
-    "  --token-file PATH       projected service-account token  [AZURE_FEDERATED_TOKEN_FILE]\n"
-    "  --authority-host URL    Entra authority, https only      [AZURE_AUTHORITY_HOST]\n"
-    "                          (default " CONFIG_DEFAULT_AUTHORITY ")\n"
-    "  --ca-file PATH          trust anchors for Entra's TLS    [IMDSD_CA_FILE]\n"
-    "                          (default " CONFIG_DEFAULT_CA_FILE ")\n"
-    "  --allow-client-id GUID  another identity it may serve, repeatable\n"
-    "  --identity-alias ID=CLIENT_ID\n"
-    "                          serve CLIENT_ID for requests naming this object/principal id\n"
-    "                          or ARM resource id, repeatable\n"
-    "  --allow-host NAME       a host name token requests may use besides localhost and IP\n"
-    "                          addresses, repeatable (others are refused: DNS rebinding)\n"
-    "  --allow-resource URI    serve tokens for this resource only, repeatable; one '*'\n"
-    "                          stands for a host name part: https://*.vault.azure.net\n"
-    "                          (default: every resource)\n"
-    "  --identity-header-file PATH\n"
-    "                          enable the App Service endpoint /msi/token, authenticated by\n"
-    "                          the secret in PATH sent as X-IDENTITY-HEADER\n"
-    "  --identity-header-overlap SEC\n"
-    "                          a rotated secret replaces the old one, which is still\n"
-    "                          accepted this long (default 300)\n"
-    "  --arc-key-dir DIR       the Azure Arc challenge on the IMDS path: key files in DIR\n"
-    "                          (/var/opt/azcmagent/tokens for every SDK), readable by\n"
-    "  --arc-key-group GROUP   GROUP besides imdsd's user\n"
-
-    "  --log-level LEVEL       debug, info, warn or error       [IMDSD_LOG_LEVEL] (default info)\n"
-    "  --log-format FORMAT     logfmt (default) or json         [IMDSD_LOG_FORMAT]\n"
-    "  --max-connections N     concurrent client connections (default 1024)\n"
-    "  --max-health-connections N\n"
-    "                          the same for --health-listen, a pool of its own (default 64)\n"
-    "  --idle-timeout SEC      close connections without a complete request (default 60)\n"
-    "  --header-timeout SEC    a request must arrive whole within this (default 10)\n"
-
-    "  --entra-timeout SEC     longest wait for a token that is not cached, retries included\n"
-    "                          (default 15)\n"
-    "  --shutdown-grace SEC    on SIGTERM, time given to requests in flight (default 5)\n"
-    "  --add-loopback-address IPV4\n"
-    "                          one-shot init mode: add IPV4/32 to the loopback interface\n"
-    "                          (e.g. 169.254.169.254; needs CAP_NET_ADMIN) and exit\n"
-    "  --probe IP:PORT[/PATH]  exec probe: GET PATH (default /readyz) from a running imdsd,\n"
-    "                          exit 0 on 200, else 1 with the reason (images without curl)\n"
+    "\n";
+static const char USAGE_TAIL[] =
     "  --help, --version\n"
     "\n"
     "Entra is reached through the HTTP CONNECT proxy in HTTPS_PROXY (or https_proxy), unless\n"
     "NO_PROXY (or no_proxy) names the authority host.\n";
-
-enum {
-    OPT_LISTEN = 256,
-    OPT_HEALTH_LISTEN,
-    OPT_CLIENT_ID,
-    OPT_TENANT_ID,
-    OPT_TOKEN_FILE,
-    OPT_AUTHORITY,
-    OPT_CA_FILE,
-    OPT_ALLOW,
-    OPT_ALIAS,
-    OPT_ALLOW_HOST,
-    OPT_ALLOW_RESOURCE,
-    OPT_IDENTITY_HEADER_FILE,
-    OPT_LOG_LEVEL,
-    OPT_LOG_FORMAT,
-    OPT_MAX_CONN,
-    OPT_MAX_HEALTH_CONN,
-    OPT_IDLE,
-    OPT_HEADER_TIMEOUT,
-    OPT_ENTRA_TIMEOUT,
-    OPT_GRACE,
-    OPT_OVERLAP,
-    OPT_ARC_DIR,
-    OPT_ARC_GROUP,
-    OPT_ADD_ADDRESS,
-    OPT_PROBE,
-    OPT_HELP,
-    OPT_VERSION,
-};
-
-static const struct option options[] = {
-    {"listen", required_argument, NULL, OPT_LISTEN},
-    {"health-listen", required_argument, NULL, OPT_HEALTH_LISTEN},
-    {"client-id", required_argument, NULL, OPT_CLIENT_ID},
-    {"tenant-id", required_argument, NULL, OPT_TENANT_ID},
-    {"token-file", required_argument, NULL, OPT_TOKEN_FILE},
-    {"authority-host", required_argument, NULL, OPT_AUTHORITY},
-    {"ca-file", required_argument, NULL, OPT_CA_FILE},
-    {"allow-client-id", required_argument, NULL, OPT_ALLOW},
-    {"identity-alias", required_argument, NULL, OPT_ALIAS},
-    {"allow-host", required_argument, NULL, OPT_ALLOW_HOST},
-    {"allow-resource", required_argument, NULL, OPT_ALLOW_RESOURCE},
-    {"identity-header-file", required_argument, NULL, OPT_IDENTITY_HEADER_FILE},
-    {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
-    {"log-format", required_argument, NULL, OPT_LOG_FORMAT},
-    {"max-connections", required_argument, NULL, OPT_MAX_CONN},
-    {"max-health-connections", required_argument, NULL, OPT_MAX_HEALTH_CONN},
-    {"idle-timeout", required_argument, NULL, OPT_IDLE},
-    {"header-timeout", required_argument, NULL, OPT_HEADER_TIMEOUT},
-    {"entra-timeout", required_argument, NULL, OPT_ENTRA_TIMEOUT},
-    {"shutdown-grace", required_argument, NULL, OPT_GRACE},
-    {"identity-header-overlap", required_argument, NULL, OPT_OVERLAP},
-    {"arc-key-dir", required_argument, NULL, OPT_ARC_DIR},
-    {"arc-key-group", required_argument, NULL, OPT_ARC_GROUP},
-    {"add-loopback-address", required_argument, NULL, OPT_ADD_ADDRESS},
-    {"probe", required_argument, NULL, OPT_PROBE},
-    {"help", no_argument, NULL, OPT_HELP},
-    {"version", no_argument, NULL, OPT_VERSION},
-    {NULL, 0, NULL, 0},
-};
 
 static void set(char **dst, const char *v)
 {
@@ -386,13 +281,6 @@ int config_load_identity_header(struct config *c, char *err, size_t errlen)
     return 0;
 }
 
-#define ERR(...)                                                                                   \
-    do {                                                                                           \
-        snprintf(err, errlen, __VA_ARGS__);                                                        \
-        one_line(err, errlen);                                                                     \
-        return CONFIG_ERROR;                                                                       \
-    } while (0)
-
 /* "IP:PORT[/PATH]" into c->probe_at and c->probe_path (default /readyz) */
 static int parse_probe(struct config *c, const char *v)
 {
@@ -416,222 +304,495 @@ static int parse_probe(struct config *c, const char *v)
     return 0;
 }
 
-int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *getenv_fn, char *err,
-                 size_t errlen)
+/* ---- the options: one row each --------------------------------------------------------------- */
+
+enum opt_kind {
+    OPT_STRING,  /* char *, replaced */
+    OPT_PATH,    /* char *, never empty */
+    OPT_UINT,    /* unsigned, lo to hi */
+    OPT_SECONDS, /* unsigned, lo to hi seconds */
+    OPT_LIST,    /* char *[max] and its int count, each value valid() */
+    OPT_CUSTOM,  /* parse() */
+    OPT_HELP,
+    OPT_VERSION,
+};
+
+/* One config_parse call: where its error goes, and what is checked once the identity is known. */
+struct parse {
+    struct config *c;
+    char *err;
+    size_t errlen;
+    const char *authority; /* --authority-host, checked after the identity */
+    char authority_src[32];
+};
+
+struct opt;
+/* Stores v (given as name: "--flag" or the environment variable); CONFIG_OK, or CONFIG_ERROR
+ * with p->err written (fail, bad, invalid). */
+typedef int opt_parse_fn(struct parse *p, const struct opt *o, const char *name, const char *v);
+
+struct opt {
+    const char *name; /* the long option, without "--" */
+    const char *env;  /* read when the flag is not given (empty counts as not set), or NULL */
+    const char *arg;  /* the argument in --help; NULL: the option takes none */
+    /* --help's text: '\n' starts another line in the text column, {env} is "[ENV]" and
+     * {default} the default; NULL: not listed (--help, --version: the tail) */
+    const char *help;
+    enum opt_kind kind;
+    size_t field; /* F(): offsetof the value in struct config */
+    int max;      /* > 0: repeatable, at most max times ("at most MAX NOUN"), counted in count */
+    size_t count;
+    const char *noun;
+    unsigned lo, hi;    /* OPT_UINT, OPT_SECONDS */
+    const char *def;    /* the default, stored as if given before the flags (repeatable: not) */
+    const char *expect; /* "invalid value 'V' (EXPECT)"; OPT_UINT, OPT_SECONDS: the bounds */
+    int (*valid)(const char *v); /* OPT_LIST */
+    const char *why;             /* OPT_LIST: "'V' WHY" when not valid */
+    opt_parse_fn *parse;         /* OPT_CUSTOM */
+};
+
+#define HELP_COL 26 /* --help's text column */
+
+static int fail(struct parse *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(struct parse *p, const char *fmt, ...)
 {
-    memset(c, 0, sizeof *c);
-    c->log_level = LOG_INFO;
-    c->max_connections = 1024;
-    c->max_health_connections = 64;
-    c->idle_timeout_s = 60;
-    c->header_timeout_s = 10;
-    c->entra_timeout_s = 15;
-    c->shutdown_grace_s = 5;
-    c->identity_header_overlap_s = 300;
-    c->arc_gid = -1;
-    const char *v, *why = NULL;
-    const char *authority = CONFIG_DEFAULT_AUTHORITY, *authority_src = "AZURE_AUTHORITY_HOST";
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->err, p->errlen, fmt, ap);
+    va_end(ap);
+    one_line(p->err, p->errlen);
+    return CONFIG_ERROR;
+}
 
-    if ((v = getenv_fn("AZURE_CLIENT_ID")) && *v)
-        set(&c->client_id, v);
-    if ((v = getenv_fn("AZURE_TENANT_ID")) && *v)
-        set(&c->tenant_id, v);
-    if ((v = getenv_fn("AZURE_FEDERATED_TOKEN_FILE")) && *v)
-        set(&c->token_file, v);
-    if ((v = getenv_fn("AZURE_AUTHORITY_HOST")) && *v)
-        authority = v;
-    if ((v = getenv_fn("IMDSD_CA_FILE")) && *v)
-        set(&c->ca_file, v);
-    const char *env_level = getenv_fn("IMDSD_LOG_LEVEL");
-    const char *env_format = getenv_fn("IMDSD_LOG_FORMAT");
-    int level_flag = 0, format_flag = 0;
+static int bad(struct parse *p, const char *name, const char *v, const char *why)
+{
+    return fail(p, "%s: '%s' %s", name, v, why);
+}
 
-    optind = 0; /* glibc: a full restart, nothing kept from an earlier argv (tests parse many) */
-    opterr = 0;
-    int opt, li = -1;
-    while ((opt = getopt_long(argc, argv, ":", options, &li)) != -1) {
-        switch (opt) {
-        case OPT_LISTEN:
-        case OPT_HEALTH_LISTEN: {
-            const char *name = opt == OPT_LISTEN ? "--listen" : "--health-listen";
-            if (c->nlisten >= CONFIG_MAX_LISTEN)
-                ERR("%s: at most %d addresses with --listen and --health-listen", name,
-                    CONFIG_MAX_LISTEN);
-            if (config_parse_listen(optarg, &c->listen[c->nlisten]) < 0)
-                ERR("%s: invalid address '%s' (want IP:PORT or [IPv6]:PORT)", name, optarg);
-            c->listen[c->nlisten++].health = opt == OPT_HEALTH_LISTEN;
-            break;
-        }
-        case OPT_CLIENT_ID:
-            set(&c->client_id, optarg);
-            break;
-        case OPT_TENANT_ID:
-            set(&c->tenant_id, optarg);
-            break;
-        case OPT_TOKEN_FILE:
-            if (!*optarg) /* a path is never empty (an empty variable counts as not set) */
-                ERR("--token-file: empty path");
-            set(&c->token_file, optarg);
-            break;
-        case OPT_AUTHORITY:
-            authority = optarg;
-            authority_src = "--authority-host";
-            break;
-        case OPT_CA_FILE:
-            if (!*optarg) /* a path is never empty (an empty variable counts as not set) */
-                ERR("--ca-file: empty path");
-            set(&c->ca_file, optarg);
-            break;
-        case OPT_ALLOW:
-            if (c->nallowed >= CONFIG_MAX_CLIENT_IDS)
-                ERR("--allow-client-id: at most %d identities", CONFIG_MAX_CLIENT_IDS);
-            if (!imds_is_guid(optarg))
-                ERR("--allow-client-id: '%s' is not a GUID", optarg);
-            c->allowed_client_ids[c->nallowed++] = xstrdup(optarg);
-            break;
-        case OPT_ALIAS: {
-            const char *eq = strrchr(optarg, '=');
-            if (c->naliases >= CONFIG_MAX_ALIASES)
-                ERR("--identity-alias: at most %d aliases", CONFIG_MAX_ALIASES);
-            if (!eq || !imds_is_guid(eq + 1))
-                ERR("--identity-alias: '%s' is not ID=CLIENT_ID with a GUID client id", optarg);
-            struct imds_alias *a = &c->aliases[c->naliases];
-            a->key = xstrndup(optarg, (size_t)(eq - optarg));
-            a->client_id = xstrdup(eq + 1);
-            c->naliases++;
-            if (!imds_is_guid(a->key) && !imds_is_resource_id(a->key))
-                ERR("--identity-alias: '%s' is neither an object id (GUID) nor an ARM resource id "
-                    "(/subscriptions/...)",
-                    a->key);
-            break;
-        }
-        case OPT_ALLOW_RESOURCE:
-            if (c->nallowed_resources >= CONFIG_MAX_RESOURCES)
-                ERR("--allow-resource: at most %d resources", CONFIG_MAX_RESOURCES);
-            if (!imds_resource_pattern_ok(optarg))
-                ERR("--allow-resource: '%s' is not a resource URI (at most one '*', in the host "
-                    "name; no spaces)",
-                    optarg);
-            c->allowed_resources[c->nallowed_resources++] = xstrdup(optarg);
-            break;
-        case OPT_ALLOW_HOST:
-            if (c->nallowed_hosts >= CONFIG_MAX_HOSTS)
-                ERR("--allow-host: at most %d names", CONFIG_MAX_HOSTS);
-            if (!valid_host_name(optarg))
-                ERR("--allow-host: '%s' is not a host name (letters, digits, '-' and '.')", optarg);
-            c->allowed_hosts[c->nallowed_hosts++] = xstrdup(optarg);
-            break;
-        case OPT_IDENTITY_HEADER_FILE:
-            if (!*optarg) /* a path is never empty (an empty variable counts as not set) */
-                ERR("--identity-header-file: empty path");
-            set(&c->identity_header_file, optarg);
-            break;
-        case OPT_LOG_LEVEL:
-            if (log_level_parse(optarg, &c->log_level) < 0)
-                ERR("--log-level: invalid value '%s' (debug, info, warn or error)", optarg);
-            level_flag = 1;
-            break;
-        case OPT_LOG_FORMAT:
-            if (log_format_parse(optarg, &c->log_format) < 0)
-                ERR("--log-format: invalid value '%s' (logfmt or json)", optarg);
-            format_flag = 1;
-            break;
-        case OPT_MAX_CONN:
-            if (parse_uint(optarg, 1, 65536, &c->max_connections) < 0)
-                ERR("--max-connections: invalid value '%s' (1 to 65536)", optarg);
-            break;
-        case OPT_MAX_HEALTH_CONN:
-            if (parse_uint(optarg, 1, 65536, &c->max_health_connections) < 0)
-                ERR("--max-health-connections: invalid value '%s' (1 to 65536)", optarg);
-            break;
-        case OPT_HEADER_TIMEOUT:
-            if (parse_uint(optarg, 1, 3600, &c->header_timeout_s) < 0)
-                ERR("--header-timeout: invalid value '%s' (1 to 3600 seconds)", optarg);
-            break;
-        case OPT_IDLE:
-            if (parse_uint(optarg, 1, 3600, &c->idle_timeout_s) < 0)
-                ERR("--idle-timeout: invalid value '%s' (1 to 3600 seconds)", optarg);
-            break;
-        case OPT_ENTRA_TIMEOUT:
-            if (parse_uint(optarg, 1, 300, &c->entra_timeout_s) < 0)
-                ERR("--entra-timeout: invalid value '%s' (1 to 300 seconds)", optarg);
-            break;
-        case OPT_ARC_DIR:
-            if (optarg[0] != '/' || strlen(optarg) > 200)
-                ERR("--arc-key-dir: '%s' is not an absolute path of at most 200 bytes", optarg);
-            set(&c->arc_key_dir, optarg);
-            break;
-        case OPT_ARC_GROUP: {
-            unsigned gid;
-            if (parse_uint(optarg, 0, 0x7fffffff, &gid) == 0) {
-                c->arc_gid = (long)gid;
-                break;
-            }
-            const struct group *g = getgrnam(optarg);
-            if (!g)
-                ERR("--arc-key-group: '%s' is neither a known group nor a number", optarg);
-            c->arc_gid = (long)g->gr_gid;
-            break;
-        }
-        case OPT_OVERLAP:
-            if (parse_uint(optarg, 0, 86400, &c->identity_header_overlap_s) < 0)
-                ERR("--identity-header-overlap: invalid value '%s' (0 to 86400 seconds)", optarg);
-            break;
-        case OPT_GRACE:
-            if (parse_uint(optarg, 0, 60, &c->shutdown_grace_s) < 0)
-                ERR("--shutdown-grace: invalid value '%s' (0 to 60 seconds)", optarg);
-            break;
-        case OPT_ADD_ADDRESS: {
-            struct in_addr a;
-            if (strlen(optarg) >= sizeof c->add_address || inet_pton(AF_INET, optarg, &a) != 1)
-                ERR("--add-loopback-address: '%s' is not an IPv4 address", optarg);
-            strcpy(c->add_address, optarg);
-            break;
-        }
-        case OPT_PROBE:
-            if (parse_probe(c, optarg) < 0)
-                ERR("--probe: invalid value '%s' (want IP:PORT or IP:PORT/PATH, e.g. "
-                    "127.0.0.1:8000/readyz)",
-                    optarg);
-            break;
-        case OPT_HELP:
-            fputs(USAGE, stdout);
-            return CONFIG_EXIT;
-        case OPT_VERSION:
-            printf("imdsd %s\n", IMDSD_VERSION);
-            return CONFIG_EXIT;
-        case ':':
-            ERR("%s: missing value", argv[optind - 1]);
-        default:
-            if (optopt != 0 && optopt < OPT_LISTEN) /* "-x", perhaps inside "-xy" */
-                ERR("-%c: unknown option (see --help)", optopt);
-            ERR("%s: unknown option (see --help)", argv[optind - 1]);
-        }
+/* The one message for a value out of range or not one of those allowed. */
+static int invalid(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    char range[48];
+    const char *expect = o->expect;
+    if (!expect) {
+        snprintf(range, sizeof range, "%u to %u%s", o->lo, o->hi,
+                 o->kind == OPT_SECONDS ? " seconds" : "");
+        expect = range;
     }
-    if (optind < argc)
-        ERR("%s: unexpected argument (see --help)", argv[optind]);
+    return fail(p, "%s: invalid value '%s' (%s)", name, v, expect);
+}
 
-    if (!level_flag && env_level && *env_level && log_level_parse(env_level, &c->log_level) < 0)
-        ERR("IMDSD_LOG_LEVEL: invalid value '%s' (debug, info, warn or error)", env_level);
-    if (!format_flag && env_format && *env_format &&
-        log_format_parse(env_format, &c->log_format) < 0)
-        ERR("IMDSD_LOG_FORMAT: invalid value '%s' (logfmt or json)", env_format);
+static int add_listen(struct parse *p, const char *name, const char *v, int health)
+{
+    struct config *c = p->c;
+    if (config_parse_listen(v, &c->listen[c->nlisten]) < 0)
+        return fail(p, "%s: invalid address '%s' (want IP:PORT or [IPv6]:PORT)", name, v);
+    c->listen[c->nlisten++].health = health;
+    return CONFIG_OK;
+}
+
+static int parse_listen(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    return add_listen(p, name, v, 0);
+}
+
+static int parse_health_listen(struct parse *p, const struct opt *o, const char *name,
+                               const char *v)
+{
+    (void)o;
+    return add_listen(p, name, v, 1);
+}
+
+static int parse_authority(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    p->authority = v;
+    snprintf(p->authority_src, sizeof p->authority_src, "%s", name);
+    return CONFIG_OK;
+}
+
+static int parse_alias(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    const char *eq = strrchr(v, '=');
+    if (!eq || !imds_is_guid(eq + 1))
+        return bad(p, name, v, "is not ID=CLIENT_ID with a GUID client id");
+    struct imds_alias *a = &p->c->aliases[p->c->naliases++];
+    a->key = xstrndup(v, (size_t)(eq - v));
+    a->client_id = xstrdup(eq + 1);
+    if (!imds_is_guid(a->key) && !imds_is_resource_id(a->key))
+        return bad(p, name, a->key,
+                   "is neither an object id (GUID) nor an ARM resource id (/subscriptions/...)");
+    return CONFIG_OK;
+}
+
+static int parse_log_level(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    return log_level_parse(v, &p->c->log_level) < 0 ? invalid(p, o, name, v) : CONFIG_OK;
+}
+
+static int parse_log_format(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    return log_format_parse(v, &p->c->log_format) < 0 ? invalid(p, o, name, v) : CONFIG_OK;
+}
+
+static int parse_arc_dir(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    if (v[0] != '/' || strlen(v) > 200)
+        return bad(p, name, v, "is not an absolute path of at most 200 bytes");
+    set(&p->c->arc_key_dir, v);
+    return CONFIG_OK;
+}
+
+static int parse_arc_group(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    unsigned gid;
+    if (parse_uint(v, 0, 0x7fffffff, &gid) == 0) {
+        p->c->arc_gid = (long)gid;
+        return CONFIG_OK;
+    }
+    const struct group *g = getgrnam(v);
+    if (!g)
+        return bad(p, name, v, "is neither a known group nor a number");
+    p->c->arc_gid = (long)g->gr_gid;
+    return CONFIG_OK;
+}
+
+static int parse_add_address(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    struct in_addr a;
+    if (strlen(v) >= sizeof p->c->add_address || inet_pton(AF_INET, v, &a) != 1)
+        return bad(p, name, v, "is not an IPv4 address");
+    strcpy(p->c->add_address, v);
+    return CONFIG_OK;
+}
+
+static int parse_probe_opt(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    return parse_probe(p->c, v) < 0 ? invalid(p, o, name, v) : CONFIG_OK;
+}
+
+/* offsetof member in struct config, which must be of type (a compile error otherwise) */
+#define F(member, type)                                                                            \
+    _Generic(((struct config *)0)->member, type : offsetof(struct config, member))
+
+/* In --help's order. Adding an option: its field in struct config, and a row here. */
+static const struct opt opts[] = {
+    {.name = "listen",
+     .arg = "ADDR:PORT",
+     .kind = OPT_CUSTOM,
+     .parse = parse_listen,
+     .max = CONFIG_MAX_LISTEN,
+     .count = F(nlisten, int),
+     .noun = "addresses with --listen and --health-listen",
+     .def = CONFIG_DEFAULT_LISTEN,
+     .help = "address to serve on, repeatable (default {default};\n"
+             "IPv6 as [::1]:8000)"},
+    {.name = "health-listen",
+     .arg = "ADDR:PORT",
+     .kind = OPT_CUSTOM,
+     .parse = parse_health_listen,
+     .max = CONFIG_MAX_LISTEN,
+     .count = F(nlisten, int),
+     .noun = "addresses with --listen and --health-listen",
+     .help = "also serve /healthz and /readyz (and never a token) here, for\n"
+             "the kubelet's probes, e.g. 0.0.0.0:8001; repeatable"},
+    {.name = "client-id",
+     .env = "AZURE_CLIENT_ID",
+     .arg = "GUID",
+     .kind = OPT_STRING,
+     .field = F(client_id, char *),
+     .help = "default identity                {env}"},
+    {.name = "tenant-id",
+     .env = "AZURE_TENANT_ID",
+     .arg = "TENANT",
+     .kind = OPT_STRING,
+     .field = F(tenant_id, char *),
+     .help = "tenant GUID or domain            {env}"},
+    {.name = "token-file",
+     .env = "AZURE_FEDERATED_TOKEN_FILE",
+     .arg = "PATH",
+     .kind = OPT_PATH,
+     .field = F(token_file, char *),
+     .help = "projected service-account token  {env}"},
+    {.name = "authority-host",
+     .env = "AZURE_AUTHORITY_HOST",
+     .arg = "URL",
+     .kind = OPT_CUSTOM,
+     .parse = parse_authority,
+     .def = CONFIG_DEFAULT_AUTHORITY,
+     .help = "Entra authority, https only      {env}\n"
+             "(default {default})"},
+    {.name = "ca-file",
+     .env = "IMDSD_CA_FILE",
+     .arg = "PATH",
+     .kind = OPT_PATH,
+     .field = F(ca_file, char *),
+     .def = CONFIG_DEFAULT_CA_FILE,
+     .help = "trust anchors for Entra's TLS    {env}\n"
+             "(default {default})"},
+    {.name = "allow-client-id",
+     .arg = "GUID",
+     .kind = OPT_LIST,
+     .field = F(allowed_client_ids, char **),
+     .max = CONFIG_MAX_CLIENT_IDS,
+     .count = F(nallowed, int),
+     .noun = "identities",
+     .valid = imds_is_guid,
+     .why = "is not a GUID",
+     .help = "another identity it may serve, repeatable"},
+    {.name = "identity-alias",
+     .arg = "ID=CLIENT_ID",
+     .kind = OPT_CUSTOM,
+     .parse = parse_alias,
+     .max = CONFIG_MAX_ALIASES,
+     .count = F(naliases, int),
+     .noun = "aliases",
+     .help = "serve CLIENT_ID for requests naming this object/principal id\n"
+             "or ARM resource id, repeatable"},
+    {.name = "allow-host",
+     .arg = "NAME",
+     .kind = OPT_LIST,
+     .field = F(allowed_hosts, char **),
+     .max = CONFIG_MAX_HOSTS,
+     .count = F(nallowed_hosts, int),
+     .noun = "names",
+     .valid = valid_host_name,
+     .why = "is not a host name (letters, digits, '-' and '.')",
+     .help = "a host name token requests may use besides localhost and IP\n"
+             "addresses, repeatable (others are refused: DNS rebinding)"},
+    {.name = "allow-resource",
+     .arg = "URI",
+     .kind = OPT_LIST,
+     .field = F(allowed_resources, char **),
+     .max = CONFIG_MAX_RESOURCES,
+     .count = F(nallowed_resources, int),
+     .noun = "resources",
+     .valid = imds_resource_pattern_ok,
+     .why = "is not a resource URI (at most one '*', in the host name; no spaces)",
+     .help = "serve tokens for this resource only, repeatable; one '*'\n"
+             "stands for a host name part: https://*.vault.azure.net\n"
+             "(default: every resource)"},
+    {.name = "identity-header-file",
+     .arg = "PATH",
+     .kind = OPT_PATH,
+     .field = F(identity_header_file, char *),
+     .help = "enable the App Service endpoint /msi/token, authenticated by\n"
+             "the secret in PATH sent as X-IDENTITY-HEADER"},
+    {.name = "identity-header-overlap",
+     .arg = "SEC",
+     .kind = OPT_SECONDS,
+     .field = F(identity_header_overlap_s, unsigned),
+     .lo = 0,
+     .hi = 86400,
+     .def = "300",
+     .help = "a rotated secret replaces the old one, which is still\n"
+             "accepted this long (default {default})"},
+    {.name = "arc-key-dir",
+     .arg = "DIR",
+     .kind = OPT_CUSTOM,
+     .parse = parse_arc_dir,
+     .help = "the Azure Arc challenge on the IMDS path: key files in DIR\n"
+             "(/var/opt/azcmagent/tokens for every SDK), readable by"},
+    {.name = "arc-key-group",
+     .arg = "GROUP",
+     .kind = OPT_CUSTOM,
+     .parse = parse_arc_group,
+     .help = "GROUP besides imdsd's user"},
+    {.name = "log-level",
+     .env = "IMDSD_LOG_LEVEL",
+     .arg = "LEVEL",
+     .kind = OPT_CUSTOM,
+     .parse = parse_log_level,
+     .def = "info",
+     .expect = "debug, info, warn or error",
+     .help = "debug, info, warn or error       {env} (default {default})"},
+    {.name = "log-format",
+     .env = "IMDSD_LOG_FORMAT",
+     .arg = "FORMAT",
+     .kind = OPT_CUSTOM,
+     .parse = parse_log_format,
+     .def = "logfmt",
+     .expect = "logfmt or json",
+     .help = "logfmt (default) or json         {env}"},
+    {.name = "max-connections",
+     .arg = "N",
+     .kind = OPT_UINT,
+     .field = F(max_connections, unsigned),
+     .lo = 1,
+     .hi = 65536,
+     .def = "1024",
+     .help = "concurrent client connections (default {default})"},
+    {.name = "max-health-connections",
+     .arg = "N",
+     .kind = OPT_UINT,
+     .field = F(max_health_connections, unsigned),
+     .lo = 1,
+     .hi = 65536,
+     .def = "64",
+     .help = "the same for --health-listen, a pool of its own (default {default})"},
+    {.name = "idle-timeout",
+     .arg = "SEC",
+     .kind = OPT_SECONDS,
+     .field = F(idle_timeout_s, unsigned),
+     .lo = 1,
+     .hi = 3600,
+     .def = "60",
+     .help = "close connections without a complete request (default {default})"},
+    {.name = "header-timeout",
+     .arg = "SEC",
+     .kind = OPT_SECONDS,
+     .field = F(header_timeout_s, unsigned),
+     .lo = 1,
+     .hi = 3600,
+     .def = "10",
+     .help = "a request must arrive whole within this (default {default})"},
+    {.name = "entra-timeout",
+     .arg = "SEC",
+     .kind = OPT_SECONDS,
+     .field = F(entra_timeout_s, unsigned),
+     .lo = 1,
+     .hi = 300,
+     .def = "15",
+     .help = "longest wait for a token that is not cached, retries included\n"
+             "(default {default})"},
+    {.name = "shutdown-grace",
+     .arg = "SEC",
+     .kind = OPT_SECONDS,
+     .field = F(shutdown_grace_s, unsigned),
+     .lo = 0,
+     .hi = 60,
+     .def = "5",
+     .help = "on SIGTERM, time given to requests in flight (default {default})"},
+    {.name = "add-loopback-address",
+     .arg = "IPV4",
+     .kind = OPT_CUSTOM,
+     .parse = parse_add_address,
+     .help = "one-shot init mode: add IPV4/32 to the loopback interface\n"
+             "(e.g. 169.254.169.254; needs CAP_NET_ADMIN) and exit"},
+    {.name = "probe",
+     .arg = "IP:PORT[/PATH]",
+     .kind = OPT_CUSTOM,
+     .parse = parse_probe_opt,
+     .expect = "want IP:PORT or IP:PORT/PATH, e.g. 127.0.0.1:8000/readyz",
+     .help = "exec probe: GET PATH (default /readyz) from a running imdsd,\n"
+             "exit 0 on 200, else 1 with the reason (images without curl)"},
+    {.name = "help", .kind = OPT_HELP},
+    {.name = "version", .kind = OPT_VERSION},
+};
+
+#define NOPTS   (sizeof opts / sizeof *opts)
+#define OPT_VAL 256 /* getopt_long's value for opts[i]: OPT_VAL + i, above every short option */
+
+static void usage(void)
+{
+    fputs(USAGE_HEAD, stdout);
+    for (size_t i = 0; i < NOPTS; i++) {
+        const struct opt *o = &opts[i];
+        if (!o->help)
+            continue;
+        int n = printf("  --%s%s%s", o->name, o->arg ? " " : "", o->arg ? o->arg : "");
+        if (n > HELP_COL - 2)
+            printf("\n%*s", HELP_COL, "");
+        else
+            printf("%*s", HELP_COL - n, "");
+        for (const char *h = o->help; *h; h++) {
+            if (*h == '\n') {
+                printf("\n%*s", HELP_COL, "");
+            } else if (strncmp(h, "{env}", 5) == 0) {
+                printf("[%s]", o->env);
+                h += 4;
+            } else if (strncmp(h, "{default}", 9) == 0) {
+                fputs(o->def, stdout);
+                h += 8;
+            } else {
+                putchar(*h);
+            }
+        }
+        putchar('\n');
+    }
+    fputs(USAGE_TAIL, stdout);
+}
+
+/* getopt_long's table, from opts[] */
+static const struct option *long_options(void)
+{
+    static struct option lo[NOPTS + 1];
+    for (size_t i = 0; i < NOPTS; i++)
+        lo[i] = (struct option){opts[i].name, opts[i].arg ? required_argument : no_argument, NULL,
+                                OPT_VAL + (int)i};
+    return lo;
+}
+
+/* Stores v, given as name, by o's kind: CONFIG_OK, CONFIG_EXIT or CONFIG_ERROR. */
+static int apply(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    char *field = (char *)p->c + o->field;
+    int *count = o->max > 0 ? (int *)(void *)((char *)p->c + o->count) : NULL;
+    if (count && *count >= o->max)
+        return fail(p, "%s: at most %d %s", name, o->max, o->noun);
+    switch (o->kind) {
+    case OPT_PATH:
+        if (!*v) /* a path is never empty (an empty variable counts as not set) */
+            return fail(p, "%s: empty path", name);
+        /* fall through */
+    case OPT_STRING:
+        set((char **)(void *)field, v);
+        return CONFIG_OK;
+    case OPT_UINT:
+    case OPT_SECONDS:
+        if (parse_uint(v, o->lo, o->hi, (unsigned *)(void *)field) < 0)
+            return invalid(p, o, name, v);
+        return CONFIG_OK;
+    case OPT_LIST:
+        if (!o->valid(v))
+            return bad(p, name, v, o->why);
+        ((char **)(void *)field)[(*count)++] = xstrdup(v);
+        return CONFIG_OK;
+    case OPT_CUSTOM:
+        return o->parse(p, o, name, v);
+    case OPT_HELP:
+        usage();
+        return CONFIG_EXIT;
+    case OPT_VERSION:
+        printf("imdsd %s\n", IMDSD_VERSION);
+        return CONFIG_EXIT;
+    }
+    return CONFIG_ERROR;
+}
+
+/* Stores v given as --NAME (or as its default): CONFIG_OK, CONFIG_EXIT or CONFIG_ERROR. */
+static int apply_flag(struct parse *p, const struct opt *o, const char *v)
+{
+    char name[32];
+    snprintf(name, sizeof name, "--%s", o->name);
+    return apply(p, o, name, v);
+}
+
+/* The checks across options, once all are read; and what follows from them. */
+static int finish(struct parse *p, config_getenv_fn *getenv_fn)
+{
+    struct config *c = p->c;
+    const char *v, *why = NULL;
     if (c->add_address[0] || c->probe)
         return CONFIG_OK; /* the one-shot modes need no identity */
     if (!c->client_id)
-        ERR("AZURE_CLIENT_ID / --client-id: not set");
+        return fail(p, "AZURE_CLIENT_ID / --client-id: not set");
     if (!imds_is_guid(c->client_id))
-        ERR("AZURE_CLIENT_ID / --client-id: '%s' is not a GUID", c->client_id);
+        return fail(p, "AZURE_CLIENT_ID / --client-id: '%s' is not a GUID", c->client_id);
     if (!c->tenant_id)
-        ERR("AZURE_TENANT_ID / --tenant-id: not set");
+        return fail(p, "AZURE_TENANT_ID / --tenant-id: not set");
     if (!valid_tenant(c->tenant_id))
-        ERR("AZURE_TENANT_ID / --tenant-id: '%s' is not a GUID or domain name", c->tenant_id);
+        return fail(p, "AZURE_TENANT_ID / --tenant-id: '%s' is not a GUID or domain name",
+                    c->tenant_id);
     if (!c->token_file)
-        ERR("AZURE_FEDERATED_TOKEN_FILE / --token-file: not set");
-    if (config_set_authority(c, authority, &why) < 0)
-        ERR("%s: '%s' %s", authority_src, authority, why);
-    if (!c->ca_file)
-        c->ca_file = xstrdup(CONFIG_DEFAULT_CA_FILE);
+        return fail(p, "AZURE_FEDERATED_TOKEN_FILE / --token-file: not set");
+    if (config_set_authority(c, p->authority, &why) < 0)
+        return fail(p, "%s: '%s' %s", p->authority_src, p->authority, why);
     /* Go's order: the upper-case variable first, the first one set and not empty wins */
     const char *proxy_src = "HTTPS_PROXY", *no_proxy = getenv_fn("NO_PROXY");
     if (!(v = getenv_fn("HTTPS_PROXY")) || !*v) {
@@ -643,7 +804,8 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
     if (v && *v) {
         char redacted[512];
         if (proxy_parse(&c->proxy, v, &why) < 0)
-            ERR("%s: '%s' %s", proxy_src, proxy_redact(v, redacted, sizeof redacted), why);
+            return fail(p, "%s: '%s' %s", proxy_src, proxy_redact(v, redacted, sizeof redacted),
+                        why);
         if (no_proxy && *no_proxy && proxy_bypass(no_proxy, c->authority_host, c->authority_port))
             proxy_free(&c->proxy);
         else
@@ -655,8 +817,10 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         for (int k = 0; k < c->nallowed && !ok; k++)
             ok = strcasecmp(id, c->allowed_client_ids[k]) == 0;
         if (!ok)
-            ERR("--identity-alias: client id '%s' is neither --client-id nor an --allow-client-id",
-                id);
+            return fail(p,
+                        "--identity-alias: client id '%s' is neither --client-id nor an "
+                        "--allow-client-id",
+                        id);
     }
     int ntoken = 0;
     for (int i = 0; i < c->nlisten; i++) {
@@ -665,17 +829,55 @@ int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *gete
         for (int k = 0; k < i; k++)
             if (c->listen[k].port == c->listen[i].port &&
                 strcmp(c->listen[k].host, c->listen[i].host) == 0)
-                ERR("%s: %s is given twice", c->listen[i].health ? "--health-listen" : "--listen",
-                    config_listen_str(&c->listen[i], addr));
+                return fail(p, "%s: %s is given twice",
+                            c->listen[i].health ? "--health-listen" : "--listen",
+                            config_listen_str(&c->listen[i], addr));
     }
-    if (ntoken == 0) {
+    if (ntoken == 0) { /* --listen's default, when no address serves tokens */
         if (c->nlisten >= CONFIG_MAX_LISTEN)
-            ERR("--health-listen: at most %d addresses with the default --listen",
-                CONFIG_MAX_LISTEN - 1);
+            return fail(p, "--health-listen: at most %d addresses with the default --listen",
+                        CONFIG_MAX_LISTEN - 1);
         config_parse_listen(CONFIG_DEFAULT_LISTEN, &c->listen[c->nlisten]);
         c->listen[c->nlisten++].health = 0;
     }
     return CONFIG_OK;
+}
+
+int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *getenv_fn, char *err,
+                 size_t errlen)
+{
+    struct parse p = {.c = c, .err = err, .errlen = errlen};
+    unsigned char seen[NOPTS] = {0};
+    const char *v;
+    int rc, opt, li = -1;
+    memset(c, 0, sizeof *c);
+    c->arc_gid = -1;                   /* no --arc-key-group */
+    for (size_t i = 0; i < NOPTS; i++) /* a repeatable option's default stands for none given */
+        if (opts[i].def && opts[i].max == 0 && (rc = apply_flag(&p, &opts[i], opts[i].def)))
+            return rc;
+
+    optind = 0; /* glibc: a full restart, nothing kept from an earlier argv (tests parse many) */
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, ":", long_options(), &li)) != -1) {
+        if (opt >= OPT_VAL) {
+            seen[opt - OPT_VAL] = 1;
+            if ((rc = apply_flag(&p, &opts[opt - OPT_VAL], optarg)))
+                return rc;
+        } else if (opt == ':') {
+            return fail(&p, "%s: missing value", argv[optind - 1]);
+        } else if (optopt != 0 && optopt < OPT_VAL) { /* "-x", perhaps inside "-xy" */
+            return fail(&p, "-%c: unknown option (see --help)", optopt);
+        } else {
+            return fail(&p, "%s: unknown option (see --help)", argv[optind - 1]);
+        }
+    }
+    if (optind < argc)
+        return fail(&p, "%s: unexpected argument (see --help)", argv[optind]);
+    for (size_t i = 0; i < NOPTS; i++) /* the environment, where the flag is not given */
+        if (opts[i].env && !seen[i] && (v = getenv_fn(opts[i].env)) && *v &&
+            (rc = apply(&p, &opts[i], opts[i].env, v)))
+            return rc;
+    return finish(&p, getenv_fn);
 }
 
 void config_free(struct config *c)
