@@ -116,7 +116,8 @@ static int start(struct daemon *d)
         return 2;
     }
     d->tf = token_file_new(&d->loop, c->token_file);
-    d->cache = token_cache_new(&d->loop, c, d->entra, d->tf);
+    struct token_cache_opts co = {.entra_timeout_s = c->entra_timeout_s};
+    d->cache = token_cache_new(&d->loop, &co, d->entra, d->tf);
     endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
     if (c->arc_key_dir &&
         !(d->ep.arc = arc_new(&d->loop, c->arc_key_dir, (gid_t)c->arc_gid, err, sizeof err))) {

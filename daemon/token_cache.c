@@ -5,9 +5,11 @@
 #include <string.h>
 #include <strings.h>
 
+#include "entra.h"
 #include "log.h"
 #include "metrics.h"
 #include "refresh.h"
+#include "token_file.h"
 #include "util.h"
 
 #define NBUCKETS 256
@@ -50,7 +52,7 @@ struct cache_entry {
 
 struct token_cache {
     uv_loop_t *loop;
-    const struct config *cfg;
+    struct token_cache_opts opts;
     struct entra *entra;
     struct token_file *tf;
     struct cache_entry *buckets[NBUCKETS];
@@ -542,12 +544,12 @@ static void arm_tick(struct token_cache *c)
 
 /* ---- public -------------------------------------------------------------------------------- */
 
-struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
-                                    struct token_file *tf)
+struct token_cache *token_cache_new(uv_loop_t *loop, const struct token_cache_opts *o,
+                                    struct entra *entra, struct token_file *tf)
 {
     struct token_cache *c = xcalloc(1, sizeof *c);
     c->loop = loop;
-    c->cfg = cfg;
+    c->opts = *o;
     c->entra = entra;
     c->tf = tf;
     uv_timer_init(loop, &c->tick);
@@ -604,7 +606,7 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
     w->entry = e;
     w->prev = NULL;
     w->next = e->waiters;
-    w->deadline_ms = now + (int64_t)c->cfg->entra_timeout_s * 1000;
+    w->deadline_ms = now + (int64_t)c->opts.entra_timeout_s * 1000;
     if (e->waiters)
         e->waiters->prev = w;
     e->waiters = w;

@@ -335,7 +335,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         cfg.allowed_resources[0] = resources[0];
         cfg.nallowed_resources = 1;
     }
-    struct token_cache *cache = token_cache_new(&loop, &cfg, NULL, NULL);
+    struct token_cache_opts co = {.entra_timeout_s = cfg.entra_timeout_s};
+    struct token_cache *cache = token_cache_new(&loop, &co, NULL, NULL);
     struct endpoints ep;
     endpoints_init(&ep, &loop, &cfg, cache, NULL);
     if (flags & 0x08) {
