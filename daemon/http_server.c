@@ -1222,8 +1222,8 @@ static void on_accept_pause_over(uv_timer_t *t)
         uv_poll_start(&l->poll, UV_READABLE, on_listen_ready);
 }
 
-int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
-                    http_handler_cb *handler, void *arg)
+struct http_server *http_server_new(uv_loop_t *loop, const struct http_server_opts *o,
+                                    http_handler_cb *handler, void *arg)
 {
     struct http_server *s = xcalloc(1, sizeof *s);
     s->loop = loop;
@@ -1248,8 +1248,7 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     s->settings.on_headers_complete = on_headers_complete;
     s->settings.on_body = on_body;
     s->settings.on_message_complete = on_message_complete;
-    *out = s;
-    return 0;
+    return s;
 }
 
 /* Socket buffers of the connections a listener accepts (they inherit the listener's). Linux

@@ -131,7 +131,7 @@ static int start(struct daemon *d)
                                   .header_timeout_ms = c->header_timeout_s * 1000u};
     so.max_connections[LISTENER_TOKENS] = c->max_connections;
     so.max_connections[LISTENER_HEALTH] = c->max_health_connections;
-    http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
+    d->server = http_server_new(&d->loop, &so, endpoints_handle, &d->ep);
     int passed = sd_listen(d->server, err, sizeof err); /* systemd's sockets replace --listen */
     if (passed < 0) {
         log_fatal("%s", err);

@@ -348,8 +348,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (struct secret_watch *)&ep; /* any non-NULL: secret_watch_get is the stand-in */
     struct http_server_opts o = {
         .max_connections = {4, 4}, .idle_timeout_ms = 60000, .header_timeout_ms = 10000};
-    struct http_server *srv;
-    http_server_new(&srv, &loop, &o, endpoints_handle, &ep);
+    struct http_server *srv = http_server_new(&loop, &o, endpoints_handle, &ep);
 
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
