@@ -1,5 +1,6 @@
 #include "http_server.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <llhttp.h>
@@ -27,6 +28,19 @@ enum conn_state {
 };
 
 static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
+_Static_assert(sizeof state_names / sizeof *state_names == CONN_CLOSING + 1,
+               "a name for every conn_state");
+_Static_assert(CONN_READING == 0, "serve_accepted's xcalloc starts a connection reading");
+
+#define TO(s) (1u << (s))
+/* The states each state may change to (set_state), as a set of bits: any but closing closes. */
+static const unsigned conn_next[] = {
+    [CONN_READING] = TO(CONN_HANDLING) | TO(CONN_CLOSING), /* dispatch or reject; conn_close */
+    [CONN_HANDLING] = TO(CONN_WRITING) | TO(CONN_CLOSING), /* respond */
+    [CONN_WRITING] = TO(CONN_READING) | TO(CONN_CLOSING),  /* on_write: the next request */
+    [CONN_CLOSING] = 0,
+};
+#undef TO
 
 enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_SECRET, H_AUTH, H_HOST, H_CTYPE };
 
@@ -138,6 +152,16 @@ struct http_server {
 
 #define TRIM_AFTER 128 /* connections: a flood, after which memory is given back */
 #define TRIM_LOW   8   /* connections: the flood is over */
+
+/* Every change of a connection's state goes through here: one allowed by conn_next, traced at
+ * debug level. */
+static void set_state(struct http_conn *c, enum conn_state to)
+{
+    assert(conn_next[c->state] & (1u << to));
+    log_debug("http_conn_state", "fd=%d from=%s to=%s", c->fd, state_names[c->state],
+              state_names[to]);
+    c->state = to;
+}
 
 static char read_buf[65536]; /* one loop, one reader at a time */
 
@@ -351,7 +375,7 @@ static void on_write(uv_write_t *w, int status)
         buf_free(&c->out); /* an answer the socket took in more than one go: rare, give it back */
         account(c);
     }
-    c->state = CONN_READING;
+    set_state(c, CONN_READING);
     c->last_active = uv_now(c->server->loop);
     llhttp_resume(&c->parser);
     if (conn_attach(c) < 0) {
@@ -405,7 +429,7 @@ static void respond(struct http_conn *c, int status, const char *content_type,
     if (c->state != CONN_HANDLING)
         return;
     c->abort_cb = NULL;
-    c->state = CONN_WRITING;
+    set_state(c, CONN_WRITING);
     metrics_request(c->endpoint, status);
     /* the request is over: a long URL or a body is not kept for a connection's next request */
     if (c->url.cap > 1024 || c->body.cap) {
@@ -528,7 +552,7 @@ static void reject(struct http_conn *c, int status, const char *desc)
 {
     struct imds_error e = {status, status == 400 ? "invalid_request" : "bad_request", desc, 0};
     log_info("http_reject", "status=%d reason=\"%s\"", status, desc);
-    c->state = CONN_HANDLING;
+    set_state(c, CONN_HANDLING);
     c->close_after_write = 1;
     struct buf *b = http_conn_scratch(c);
     buf_reset(b);
@@ -786,7 +810,7 @@ static void dispatch(struct http_conn *c)
         reject(c, 400, "Malformed request target"); /* absolute-form or asterisk targets */
         return;
     }
-    c->state = CONN_HANDLING;
+    set_state(c, CONN_HANDLING);
     c->handle_start = uv_now(c->server->loop);
     c->server->handler(c, &c->req, c->server->arg);
 }
@@ -995,7 +1019,7 @@ static void conn_close(struct http_conn *c)
     if (c->state == CONN_CLOSING)
         return;
     enum conn_state was = c->state;
-    c->state = CONN_CLOSING;
+    set_state(c, CONN_CLOSING);
     if (was == CONN_HANDLING && c->abort_cb) {
         http_abort_cb *cb = c->abort_cb;
         c->abort_cb = NULL;

@@ -1,5 +1,6 @@
 #include "token_cache.h"
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,21 @@ enum entry_state {
     E_EXCHANGING, /* talking to Entra */
     E_BACKOFF,    /* waiting to retry */
 };
+
+static const char *const entry_state_names[] = {"idle", "slot", "reading", "exchanging", "backoff"};
+_Static_assert(sizeof entry_state_names / sizeof *entry_state_names == E_BACKOFF + 1,
+               "a name for every entry_state");
+
+#define TO(s) (1u << (s))
+/* The states each state may change to (set_state), as a set of bits. */
+static const unsigned entry_next[] = {
+    [E_IDLE] = TO(E_SLOT) | TO(E_READING) | TO(E_BACKOFF), /* start_attempt, attempt_failed */
+    [E_SLOT] = TO(E_READING),                              /* fill_slots gave it a slot */
+    [E_READING] = TO(E_EXCHANGING) | TO(E_IDLE),           /* the token file read, or not */
+    [E_EXCHANGING] = TO(E_READING) | TO(E_IDLE),           /* AADSTS700024 re-reads; end_attempt */
+    [E_BACKOFF] = TO(E_IDLE), /* due, cut short by a waiter, or given up */
+};
+#undef TO
 
 struct cache_entry {
     struct token_cache *cache;
@@ -130,6 +146,20 @@ static void log_key(const struct cache_entry *e, char *res, size_t n)
     log_quote(res, n, e->resource, e->resource_len);
 }
 
+/* Every change of an entry's state goes through here: one allowed by entry_next, traced at debug
+ * level (nothing is formatted otherwise). */
+static void set_state(struct cache_entry *e, enum entry_state to)
+{
+    assert(entry_next[e->state] & (1u << to));
+    if (log_min_level <= LOG_DEBUG) {
+        char res[160];
+        log_key(e, res, sizeof res);
+        log_debug("cache_state", "client_id=%s resource=%s from=%s to=%s", e->client_id, res,
+                  entry_state_names[e->state], entry_state_names[to]);
+    }
+    e->state = to;
+}
+
 /* ---- completing waiters -------------------------------------------------------------------- */
 
 /* Re-entrancy. A waiter's callback may do whatever the cache's users can: answer its client, and
@@ -207,14 +237,15 @@ static void remember(struct entra_result *dst, const struct entra_result *src)
 
 /* ---- exchange slots ------------------------------------------------------------------------ */
 
-/* Takes an exchange slot and starts reading the token file (e is idle, a slot is free). */
+/* Takes an exchange slot and starts reading the token file (e is idle or was queued for the
+ * slot, and a slot is free). */
 static void take_slot(struct cache_entry *e)
 {
     struct token_cache *c = e->cache;
     c->exchanges++;
     if (e->attempt > 0)
         metrics.retries++;
-    e->state = E_READING;
+    set_state(e, E_READING);
     e->retried_700024 = 0;
     e->read.cb = on_token_file;
     e->read.arg = e;
@@ -230,7 +261,6 @@ static void fill_slots(struct token_cache *c)
         if (!c->slot_head)
             c->slot_tail = NULL;
         e->slot_next = NULL;
-        e->state = E_IDLE;
         take_slot(e);
     }
 }
@@ -238,7 +268,8 @@ static void fill_slots(struct token_cache *c)
 /* The attempt in flight is over: the entry is idle and its slot free for fill_slots. */
 static void end_attempt(struct cache_entry *e)
 {
-    e->state = E_IDLE;
+    assert(e->cache->exchanges > 0);
+    set_state(e, E_IDLE);
     e->cache->exchanges--;
 }
 
@@ -248,7 +279,7 @@ static void start_attempt(struct cache_entry *e)
     if (busy(e))
         return;
     if (c->exchanges >= CACHE_MAX_EXCHANGES || c->slot_head) {
-        e->state = E_SLOT;
+        set_state(e, E_SLOT);
         if (c->slot_tail)
             c->slot_tail->slot_next = e;
         else
@@ -298,7 +329,7 @@ static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
         now_r.retry_after = (int)((wait + 999) / 1000);
     if (staying || has_token) {
         e->attempt++;
-        e->state = E_BACKOFF;
+        set_state(e, E_BACKOFF);
         e->backoff_until_ms = retry_ms;
         log_key(e, res, sizeof res);
         log_info("entra_retry_scheduled",
@@ -322,7 +353,7 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r)
         log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file",
                  e->client_id);
         metrics.retries++;
-        e->state = E_READING;
+        set_state(e, E_READING);
         token_file_get(c->tf, &e->read);
         return;
     }
@@ -375,7 +406,7 @@ static void on_token_file(void *arg, const struct token_file_status *st, const c
         e->have_last = 1;
         complete(e, NULL, &r, 0);
     } else {
-        e->state = E_EXCHANGING;
+        set_state(e, E_EXCHANGING);
         e->fetch.done = on_entra;
         e->fetch.data = e;
         if (entra_fetch(c->entra, &e->fetch, e->client_id, e->resource, tok, len) == 0)
@@ -459,7 +490,7 @@ static int tick_entry(struct cache_entry *e, int64_t now)
     }
     /* callbacks may have run: what follows reads the entry afresh */
     if (e->state == E_BACKOFF && now >= e->backoff_until_ms) {
-        e->state = E_IDLE;
+        set_state(e, E_IDLE);
         start_attempt(e);
     }
     if (e->tok.access_token && now >= e->serve_until_ms && !busy(e)) {
@@ -467,7 +498,7 @@ static int tick_entry(struct cache_entry *e, int64_t now)
         log_info("token_expired", "client_id=%s resource=%s", e->client_id, res);
         clear_token(e);
         if (e->state == E_BACKOFF && !e->waiters)
-            e->state = E_IDLE;
+            set_state(e, E_IDLE);
     }
     if (e->held_until_ms && now >= e->held_until_ms)
         e->held_until_ms = 0;
@@ -612,7 +643,7 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
     e->waiters = w;
     if (e->state == E_BACKOFF && e->backoff_until_ms - now > BACKOFF_FOREGROUND_CAP_MS) {
         /* a long background backoff: a waiting client should not sit through it */
-        e->state = E_IDLE;
+        set_state(e, E_IDLE);
     }
     metrics.cache_waits++;
     if (e->state == E_IDLE) {
