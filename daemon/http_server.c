@@ -180,6 +180,7 @@ static void update_reading(struct http_conn *c);
 static void account(struct http_conn *c)
 {
     size_t held = c->url.cap + c->body.cap + c->pending.cap + c->out.cap;
+    assert(c->server->held >= c->held); /* the sum of every connection's */
     c->server->held = c->server->held - c->held + held;
     c->held = held;
 }
@@ -426,8 +427,8 @@ void http_conn_respond_type(struct http_conn *c, int status, const char *content
 static void respond(struct http_conn *c, int status, const char *content_type,
                     const char *extra_headers, const char *body, size_t len)
 {
-    if (c->state != CONN_HANDLING)
-        return;
+    /* once per request, and never after its abort callback ran (http_handler_cb) */
+    assert(c->state == CONN_HANDLING);
     c->abort_cb = NULL;
     set_state(c, CONN_WRITING);
     metrics_request(c->endpoint, status);
@@ -513,6 +514,7 @@ static void respond(struct http_conn *c, int status, const char *content_type,
 
 void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg)
 {
+    assert(c->state == CONN_HANDLING); /* for the request being handled */
     c->abort_cb = cb;
     c->abort_arg = arg;
 }
@@ -534,6 +536,7 @@ struct http_server *http_conn_server(struct http_conn *c)
 
 int http_conn_fd(const struct http_conn *c)
 {
+    assert(c->state == CONN_HANDLING); /* while its request is being handled */
     return c->fd; /* bare or attached (uv_tcp_open took this same descriptor) */
 }
 
@@ -1032,6 +1035,7 @@ static void conn_close(struct http_conn *c)
         s->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    assert(s->nconns > 0 && s->pool_conns[c->pool] > 0);
     s->nconns--;
     s->pool_conns[c->pool]--;
     release_buffers(c); /* at once: the budget counts on it (a canceled write does not read out) */

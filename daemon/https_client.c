@@ -198,6 +198,7 @@ static void pending_remove(struct https_client *c, struct https_request *req)
 /* Detaches req from everything and calls done: the last thing any caller does. */
 static void req_complete(struct https_request *req, int err, const struct https_response *resp)
 {
+    assert(req->client); /* done runs exactly once: not for a request completed or canceled */
     pending_remove(req->client, req);
     req->client = NULL;
     req->conn = NULL;
@@ -406,14 +407,17 @@ static void conn_say_goodbye(struct https_conn *conn)
 static void conn_close(struct https_conn *conn, const char *why)
 {
     struct https_client *c = conn->c;
+    assert(!conn->req);
     if (conn->closing)
         return;
     char q[HTTPS_LOG_REASON_MAX];
     log_debug("https_conn_close", "host=%s port=%s conn=%" PRIu64 " reason=%s", c->host, c->port,
               conn->id, quote(q, sizeof q, why));
     int was_idle = conn->state == CONN_IDLE;
-    if (was_idle)
+    if (was_idle) {
+        assert(c->n_idle > 0);
         c->n_idle--;
+    }
     conn->closing = 1;
     uv_timer_stop(&conn->timer);
     uv_close((uv_handle_t *)&conn->timer, conn_handle_close_cb);
@@ -571,6 +575,7 @@ static int conn_write_request(struct https_conn *conn)
 static void conn_bind(struct https_conn *conn, struct https_request *req, struct buf *reqbuf,
                       uint64_t req_deadline, int head_only)
 {
+    assert(!conn->req); /* one request at a time */
     conn->req = req;
     req->conn = conn;
     buf_free(&conn->reqbuf);
@@ -1172,6 +1177,7 @@ int https_client_send(struct https_client *c, struct https_request *req)
             conn = o;
     }
     if (conn) {
+        assert(c->n_idle > 0);
         c->n_idle--;
         set_state(conn, CONN_ACTIVE);
         conn_bind(conn, req, &rb, deadline, head_only);

@@ -128,8 +128,10 @@ static struct cache_entry *find(struct token_cache *c, uint64_t h, const char *c
 
 static void clear_token(struct cache_entry *e)
 {
-    if (e->tok.access_token)
+    if (e->tok.access_token) {
+        assert(e->cache->token_bytes >= e->tok.len);
         e->cache->token_bytes -= e->tok.len;
+    }
     secret_free_str(e->tok.access_token);
     buf_free(&e->tok.body);
     memset(&e->tok, 0, sizeof e->tok);
@@ -174,6 +176,7 @@ static void set_state(struct cache_entry *e, enum entry_state to)
 /* A waiter is on e->waiters, or on e->completing while its callback is due. */
 static void unlink_waiter(struct cache_entry *e, struct token_cache_waiter *w)
 {
+    assert(w->entry == e);
     if (w->prev)
         w->prev->next = w->next;
     else if (e->completing == w)
@@ -194,6 +197,7 @@ static void complete(struct cache_entry *e, const struct token *tok, const struc
                      int64_t due_ms)
 {
     struct token_cache_waiter *w = e->waiters, *tail = e->completing;
+    assert((tok != NULL) != (r != NULL)); /* token_cache_done_cb: exactly one of them */
     while (tail && tail->next)
         tail = tail->next;
     while (w) {
@@ -242,6 +246,7 @@ static void remember(struct entra_result *dst, const struct entra_result *src)
 static void take_slot(struct cache_entry *e)
 {
     struct token_cache *c = e->cache;
+    assert(c->exchanges < CACHE_MAX_EXCHANGES);
     c->exchanges++;
     if (e->attempt > 0)
         metrics.retries++;
@@ -435,6 +440,7 @@ static void start_refresh(struct cache_entry *e, int64_t now, const char *trigge
 
 static void entry_free(struct cache_entry *e)
 {
+    assert(!e->pins); /* see "Re-entrancy" above */
     clear_token(e);
     free(e->client_id);
     free(e->resource);

@@ -61,7 +61,9 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct token_cache_op
  *             done may re-enter the cache (get, cancel) freely;
  * CACHE_FULL: no room for a new key. The cached path allocates nothing.
  * With w NULL nothing is registered or started: CACHE_WAIT then means "call again with a
- * waiter" (so that callers allocate a waiter only on a miss). */
+ * waiter" (so that callers allocate a waiter only on a miss); that call, made before control
+ * returns to the loop, answers CACHE_WAIT, or CACHE_FULL (room for a new key is only looked for
+ * with a waiter). */
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
                                   struct token **tok, struct entra_result *err);
