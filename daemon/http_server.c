@@ -132,9 +132,7 @@ struct http_server {
     unsigned open_handles; /* listeners + connections not yet closed */
     int freeing;
     llhttp_settings_t settings;
-    uint64_t rejected;
-    uint64_t evicted;
-    uint64_t shed; /* closed to stay within the buffer budget */
+    uint64_t rejected; /* at the connection limit (metrics.connections_refused counts more) */
     uint64_t accept_failed;
     uv_timer_t accept_pause; /* out of descriptors: listeners rest, see on_listen_ready */
     int paused;
@@ -224,10 +222,9 @@ static struct http_conn *stalest(struct http_server *s, const struct http_conn *
 /* Counts a connection closed, or its pipelined input dropped, for the budget (what: which). */
 static void count_shed(struct http_server *s, const char *what)
 {
-    metrics.connections_shed++;
-    if (log_sampled(&s->shed))
+    if (log_sampled(&metrics.connections_shed))
         log_warn("http_buffer_budget", "budget_bytes=%zu closed=%s shed_total=%llu", s->budget,
-                 what, (unsigned long long)s->shed);
+                 what, (unsigned long long)metrics.connections_shed);
 }
 
 /* Keeps server->held within the budget by closing the stalest holders other than c. Returns -1
@@ -1137,8 +1134,7 @@ static int make_room(struct http_server *s, unsigned pool)
     struct http_conn *v = still ? still : arriving ? arriving : waiting;
     if (!v)
         return -1;
-    metrics.connections_evicted++;
-    if (log_sampled(&s->evicted))
+    if (log_sampled(&metrics.connections_evicted))
         log_warn("http_connection_evicted",
                  "max_connections=%u listener=%u state=%s evicted_total=%llu",
                  s->opts.max_connections[pool], pool,
@@ -1146,7 +1142,7 @@ static int make_room(struct http_server *s, unsigned pool)
                  : v == still             ? "idle"
                  : v == arriving          ? "arriving"
                                           : "waiting",
-                 (unsigned long long)s->evicted);
+                 (unsigned long long)metrics.connections_evicted);
     if (v == waiting)
         close_waiting(v);
     else
