@@ -1,5 +1,6 @@
 #include "endpoints.h"
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -298,7 +299,10 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     p->resource_len = tr.resource_len;
     memcpy(p->resource, tr.resource, tr.resource_len + 1);
     cr = token_cache_get(ep->cache, &p->w, p->client_id, p->resource, p->resource_len, &tok, &fail);
-    if (cr != CACHE_WAIT) { /* cannot change between the two calls: nothing ran in between */
+    /* a hit or a failure cannot appear between the two calls: nothing ran in between. Only room
+     * for a new key is looked for with a waiter (token_cache_get) */
+    assert(cr == CACHE_WAIT || cr == CACHE_FULL);
+    if (cr != CACHE_WAIT) {
         free(p);
         struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};
         send_error(c, &e, appservice);

@@ -1,5 +1,6 @@
 #include "entra.h"
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,6 +88,7 @@ static void on_done(struct https_request *req, int err, const struct https_respo
 {
     struct entra_fetch *f = req->data;
     struct entra_result r;
+    assert(f->active); /* done runs once per entra_fetch that returned 0, never once canceled */
     f->active = 0;
     if (err != HTTPS_OK)
         transport_error(&r, f->e, err);

@@ -1,5 +1,6 @@
 #include "http_server.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <llhttp.h>
@@ -27,6 +28,19 @@ enum conn_state {
 };
 
 static const char *const state_names[] = {"reading", "handling", "writing", "closing"};
+_Static_assert(sizeof state_names / sizeof *state_names == CONN_CLOSING + 1,
+               "a name for every conn_state");
+_Static_assert(CONN_READING == 0, "serve_accepted's xcalloc starts a connection reading");
+
+#define TO(s) (1u << (s))
+/* The states each state may change to (set_state), as a set of bits: any but closing closes. */
+static const unsigned conn_next[] = {
+    [CONN_READING] = TO(CONN_HANDLING) | TO(CONN_CLOSING), /* dispatch or reject; conn_close */
+    [CONN_HANDLING] = TO(CONN_WRITING) | TO(CONN_CLOSING), /* respond */
+    [CONN_WRITING] = TO(CONN_READING) | TO(CONN_CLOSING),  /* on_write: the next request */
+    [CONN_CLOSING] = 0,
+};
+#undef TO
 
 enum header_kind { H_OTHER, H_METADATA, H_XFF, H_IDENTITY, H_SECRET, H_AUTH, H_HOST, H_CTYPE };
 
@@ -118,9 +132,7 @@ struct http_server {
     unsigned open_handles; /* listeners + connections not yet closed */
     int freeing;
     llhttp_settings_t settings;
-    uint64_t rejected;
-    uint64_t evicted;
-    uint64_t shed; /* closed to stay within the buffer budget */
+    uint64_t rejected; /* at the connection limit (metrics.connections_refused counts more) */
     uint64_t accept_failed;
     uv_timer_t accept_pause; /* out of descriptors: listeners rest, see on_listen_ready */
     int paused;
@@ -139,6 +151,16 @@ struct http_server {
 #define TRIM_AFTER 128 /* connections: a flood, after which memory is given back */
 #define TRIM_LOW   8   /* connections: the flood is over */
 
+/* Every change of a connection's state goes through here: one allowed by conn_next, traced at
+ * debug level. */
+static void set_state(struct http_conn *c, enum conn_state to)
+{
+    assert(conn_next[c->state] & (1u << to));
+    log_debug("http_conn_state", "fd=%d from=%s to=%s", c->fd, state_names[c->state],
+              state_names[to]);
+    c->state = to;
+}
+
 static char read_buf[65536]; /* one loop, one reader at a time */
 
 static void conn_close(struct http_conn *c);
@@ -156,6 +178,7 @@ static void update_reading(struct http_conn *c);
 static void account(struct http_conn *c)
 {
     size_t held = c->url.cap + c->body.cap + c->pending.cap + c->out.cap;
+    assert(c->server->held >= c->held); /* the sum of every connection's */
     c->server->held = c->server->held - c->held + held;
     c->held = held;
 }
@@ -199,10 +222,9 @@ static struct http_conn *stalest(struct http_server *s, const struct http_conn *
 /* Counts a connection closed, or its pipelined input dropped, for the budget (what: which). */
 static void count_shed(struct http_server *s, const char *what)
 {
-    metrics.connections_shed++;
-    if (log_sampled(&s->shed))
+    if (log_sampled(&metrics.connections_shed))
         log_warn("http_buffer_budget", "budget_bytes=%zu closed=%s shed_total=%llu", s->budget,
-                 what, (unsigned long long)s->shed);
+                 what, (unsigned long long)metrics.connections_shed);
 }
 
 /* Keeps server->held within the budget by closing the stalest holders other than c. Returns -1
@@ -351,7 +373,7 @@ static void on_write(uv_write_t *w, int status)
         buf_free(&c->out); /* an answer the socket took in more than one go: rare, give it back */
         account(c);
     }
-    c->state = CONN_READING;
+    set_state(c, CONN_READING);
     c->last_active = uv_now(c->server->loop);
     llhttp_resume(&c->parser);
     if (conn_attach(c) < 0) {
@@ -402,10 +424,10 @@ void http_conn_respond_type(struct http_conn *c, int status, const char *content
 static void respond(struct http_conn *c, int status, const char *content_type,
                     const char *extra_headers, const char *body, size_t len)
 {
-    if (c->state != CONN_HANDLING)
-        return;
+    /* once per request, and never after its abort callback ran (http_handler_cb) */
+    assert(c->state == CONN_HANDLING);
     c->abort_cb = NULL;
-    c->state = CONN_WRITING;
+    set_state(c, CONN_WRITING);
     metrics_request(c->endpoint, status);
     /* the request is over: a long URL or a body is not kept for a connection's next request */
     if (c->url.cap > 1024 || c->body.cap) {
@@ -489,6 +511,7 @@ static void respond(struct http_conn *c, int status, const char *content_type,
 
 void http_conn_on_abort(struct http_conn *c, http_abort_cb *cb, void *arg)
 {
+    assert(c->state == CONN_HANDLING); /* for the request being handled */
     c->abort_cb = cb;
     c->abort_arg = arg;
 }
@@ -510,6 +533,7 @@ struct http_server *http_conn_server(struct http_conn *c)
 
 int http_conn_fd(const struct http_conn *c)
 {
+    assert(c->state == CONN_HANDLING); /* while its request is being handled */
     return c->fd; /* bare or attached (uv_tcp_open took this same descriptor) */
 }
 
@@ -528,7 +552,7 @@ static void reject(struct http_conn *c, int status, const char *desc)
 {
     struct imds_error e = {status, status == 400 ? "invalid_request" : "bad_request", desc, 0};
     log_info("http_reject", "status=%d reason=\"%s\"", status, desc);
-    c->state = CONN_HANDLING;
+    set_state(c, CONN_HANDLING);
     c->close_after_write = 1;
     struct buf *b = http_conn_scratch(c);
     buf_reset(b);
@@ -786,7 +810,7 @@ static void dispatch(struct http_conn *c)
         reject(c, 400, "Malformed request target"); /* absolute-form or asterisk targets */
         return;
     }
-    c->state = CONN_HANDLING;
+    set_state(c, CONN_HANDLING);
     c->handle_start = uv_now(c->server->loop);
     c->server->handler(c, &c->req, c->server->arg);
 }
@@ -995,7 +1019,7 @@ static void conn_close(struct http_conn *c)
     if (c->state == CONN_CLOSING)
         return;
     enum conn_state was = c->state;
-    c->state = CONN_CLOSING;
+    set_state(c, CONN_CLOSING);
     if (was == CONN_HANDLING && c->abort_cb) {
         http_abort_cb *cb = c->abort_cb;
         c->abort_cb = NULL;
@@ -1008,6 +1032,7 @@ static void conn_close(struct http_conn *c)
         s->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    assert(s->nconns > 0 && s->pool_conns[c->pool] > 0);
     s->nconns--;
     s->pool_conns[c->pool]--;
     release_buffers(c); /* at once: the budget counts on it (a canceled write does not read out) */
@@ -1109,8 +1134,7 @@ static int make_room(struct http_server *s, unsigned pool)
     struct http_conn *v = still ? still : arriving ? arriving : waiting;
     if (!v)
         return -1;
-    metrics.connections_evicted++;
-    if (log_sampled(&s->evicted))
+    if (log_sampled(&metrics.connections_evicted))
         log_warn("http_connection_evicted",
                  "max_connections=%u listener=%u state=%s evicted_total=%llu",
                  s->opts.max_connections[pool], pool,
@@ -1118,7 +1142,7 @@ static int make_room(struct http_server *s, unsigned pool)
                  : v == still             ? "idle"
                  : v == arriving          ? "arriving"
                                           : "waiting",
-                 (unsigned long long)s->evicted);
+                 (unsigned long long)metrics.connections_evicted);
     if (v == waiting)
         close_waiting(v);
     else
@@ -1222,8 +1246,8 @@ static void on_accept_pause_over(uv_timer_t *t)
         uv_poll_start(&l->poll, UV_READABLE, on_listen_ready);
 }
 
-int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
-                    http_handler_cb *handler, void *arg)
+struct http_server *http_server_new(uv_loop_t *loop, const struct http_server_opts *o,
+                                    http_handler_cb *handler, void *arg)
 {
     struct http_server *s = xcalloc(1, sizeof *s);
     s->loop = loop;
@@ -1248,8 +1272,7 @@ int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http
     s->settings.on_headers_complete = on_headers_complete;
     s->settings.on_body = on_body;
     s->settings.on_message_complete = on_message_complete;
-    *out = s;
-    return 0;
+    return s;
 }
 
 /* Socket buffers of the connections a listener accepts (they inherit the listener's). Linux

@@ -1,5 +1,6 @@
 #include "https_client.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <llhttp.h>
 #include <netdb.h>
@@ -41,6 +42,25 @@ enum https_conn_state {
     CONN_ACTIVE, /* serving conn->req */
     CONN_IDLE,   /* in the keep-alive pool */
 };
+
+static const char *const state_names[] = {"resolving", "connecting", "tunnel",
+                                          "handshake", "active",     "idle"};
+_Static_assert(sizeof state_names / sizeof *state_names == CONN_IDLE + 1,
+               "a name for every https_conn_state");
+_Static_assert(CONN_RESOLVING == 0, "conn_new's xcalloc starts a connection resolving");
+
+#define TO(s) (1u << (s))
+/* The states each state may change to (set_state), as a set of bits. Closing is not a state
+ * (conn->closing): a connection closes from any of them. */
+static const unsigned conn_next[] = {
+    [CONN_RESOLVING] = TO(CONN_CONNECTING),                   /* resolved */
+    [CONN_CONNECTING] = TO(CONN_TUNNEL) | TO(CONN_HANDSHAKE), /* through the proxy, or not */
+    [CONN_TUNNEL] = TO(CONN_HANDSHAKE),                       /* the proxy opened it */
+    [CONN_HANDSHAKE] = TO(CONN_ACTIVE),
+    [CONN_ACTIVE] = TO(CONN_IDLE), /* the response is complete: pooled */
+    [CONN_IDLE] = TO(CONN_ACTIVE), /* reused */
+};
+#undef TO
 
 struct https_client {
     uv_loop_t *loop;
@@ -178,6 +198,7 @@ static void pending_remove(struct https_client *c, struct https_request *req)
 /* Detaches req from everything and calls done: the last thing any caller does. */
 static void req_complete(struct https_request *req, int err, const struct https_response *resp)
 {
+    assert(req->client); /* done runs exactly once: not for a request completed or canceled */
     pending_remove(req->client, req);
     req->client = NULL;
     req->conn = NULL;
@@ -296,6 +317,16 @@ static const llhttp_settings_t https_parser_settings = {
 
 /* ---- connection lifecycle ----------------------------------------------------------------- */
 
+/* Every change of a connection's state goes through here: one allowed by conn_next, traced at
+ * debug level. */
+static void set_state(struct https_conn *conn, enum https_conn_state to)
+{
+    assert(conn_next[conn->state] & (1u << to));
+    log_debug("https_conn_state", "host=%s port=%s conn=%" PRIu64 " from=%s to=%s", conn->c->host,
+              conn->c->port, conn->id, state_names[conn->state], state_names[to]);
+    conn->state = to;
+}
+
 static void conn_destroy(struct https_conn *conn)
 {
     struct https_client *c = conn->c;
@@ -376,14 +407,17 @@ static void conn_say_goodbye(struct https_conn *conn)
 static void conn_close(struct https_conn *conn, const char *why)
 {
     struct https_client *c = conn->c;
+    assert(!conn->req);
     if (conn->closing)
         return;
     char q[HTTPS_LOG_REASON_MAX];
     log_debug("https_conn_close", "host=%s port=%s conn=%" PRIu64 " reason=%s", c->host, c->port,
               conn->id, quote(q, sizeof q, why));
     int was_idle = conn->state == CONN_IDLE;
-    if (was_idle)
+    if (was_idle) {
+        assert(c->n_idle > 0);
         c->n_idle--;
+    }
     conn->closing = 1;
     uv_timer_stop(&conn->timer);
     uv_close((uv_handle_t *)&conn->timer, conn_handle_close_cb);
@@ -541,6 +575,7 @@ static int conn_write_request(struct https_conn *conn)
 static void conn_bind(struct https_conn *conn, struct https_request *req, struct buf *reqbuf,
                       uint64_t req_deadline, int head_only)
 {
+    assert(!conn->req); /* one request at a time */
     conn->req = req;
     req->conn = conn;
     buf_free(&conn->reqbuf);
@@ -564,7 +599,8 @@ static void conn_bind(struct https_conn *conn, struct https_request *req, struct
 static void conn_make_idle(struct https_conn *conn)
 {
     struct https_client *c = conn->c;
-    conn->state = CONN_IDLE;
+    assert(!conn->req);
+    set_state(conn, CONN_IDLE);
     conn->reused = 1;
     conn->idle_since = uv_now(c->loop);
     c->n_idle++;
@@ -713,7 +749,7 @@ static void conn_handshake(struct https_conn *conn)
               "host=%s port=%s conn=%" PRIu64 " version=%s cipher=%s resumed=%d", c->host, c->port,
               conn->id, tls_conn_version(conn->tls), tls_conn_cipher(conn->tls),
               tls_conn_resumed(conn->tls));
-    conn->state = CONN_ACTIVE;
+    set_state(conn, CONN_ACTIVE);
     conn_arm_timer(conn);
     int r = conn_write_request(conn);
     if (r < 0) {
@@ -731,7 +767,7 @@ static void conn_start_tls(struct https_conn *conn, const char *early, size_t n)
 {
     struct https_client *c = conn->c;
     char err[HTTPS_ERR_MAX];
-    conn->state = CONN_HANDSHAKE;
+    set_state(conn, CONN_HANDSHAKE);
     conn->tls = tls_conn_new(c->tls, c->host, err, sizeof err);
     if (!conn->tls) {
         conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", err);
@@ -751,7 +787,7 @@ static void conn_tunnel_start(struct https_conn *conn)
     const char *auth = c->proxy_auth ? c->proxy_auth : "";
     const char *auth_name = c->proxy_auth ? "Proxy-Authorization: " : "";
     const char *auth_end = c->proxy_auth ? "\r\n" : "";
-    conn->state = CONN_TUNNEL;
+    set_state(conn, CONN_TUNNEL);
     conn->proxy_status = 0;
     proxy_answer_init(&conn->answer, HTTPS_PROXY_RESPONSE_MAX);
     /* Sized up front and written once, so that no copy of the credentials is left behind by a
@@ -941,7 +977,7 @@ static void conn_gai_cb(uv_getaddrinfo_t *g, int status, struct addrinfo *res)
               conn->id, c->via, n);
     conn->addrs = res;
     conn->next_addr = res;
-    conn->state = CONN_CONNECTING;
+    set_state(conn, CONN_CONNECTING);
     conn_try_connect(conn);
 }
 
@@ -953,7 +989,7 @@ static int conn_start(struct https_client *c, struct https_request *req, struct 
     struct https_conn *conn = conn_new(c);
     struct addrinfo hints;
 
-    conn->state = CONN_RESOLVING;
+    /* a new connection is resolving (CONN_RESOLVING is 0) */
     conn->connect_deadline = uv_now(c->loop) + c->connect_timeout_ms;
     conn_bind(conn, req, reqbuf, req_deadline, head_only);
     memset(&hints, 0, sizeof hints);
@@ -1141,8 +1177,9 @@ int https_client_send(struct https_client *c, struct https_request *req)
             conn = o;
     }
     if (conn) {
+        assert(c->n_idle > 0);
         c->n_idle--;
-        conn->state = CONN_ACTIVE;
+        set_state(conn, CONN_ACTIVE);
         conn_bind(conn, req, &rb, deadline, head_only);
         log_debug("https_conn_reuse", "host=%s port=%s conn=%" PRIu64, c->host, c->port, conn->id);
         conn_arm_timer(conn);

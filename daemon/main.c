@@ -116,7 +116,8 @@ static int start(struct daemon *d)
         return 2;
     }
     d->tf = token_file_new(&d->loop, c->token_file);
-    d->cache = token_cache_new(&d->loop, c, d->entra, d->tf);
+    struct token_cache_opts co = {.entra_timeout_s = c->entra_timeout_s};
+    d->cache = token_cache_new(&d->loop, &co, d->entra, d->tf);
     endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
     if (c->arc_key_dir &&
         !(d->ep.arc = arc_new(&d->loop, c->arc_key_dir, (gid_t)c->arc_gid, err, sizeof err))) {
@@ -130,7 +131,7 @@ static int start(struct daemon *d)
                                   .header_timeout_ms = c->header_timeout_s * 1000u};
     so.max_connections[LISTENER_TOKENS] = c->max_connections;
     so.max_connections[LISTENER_HEALTH] = c->max_health_connections;
-    http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);
+    d->server = http_server_new(&d->loop, &so, endpoints_handle, &d->ep);
     int passed = sd_listen(d->server, err, sizeof err); /* systemd's sockets replace --listen */
     if (passed < 0) {
         log_fatal("%s", err);

@@ -1,13 +1,16 @@
 #include "token_cache.h"
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
+#include "entra.h"
 #include "log.h"
 #include "metrics.h"
 #include "refresh.h"
+#include "token_file.h"
 #include "util.h"
 
 #define NBUCKETS 256
@@ -19,6 +22,21 @@ enum entry_state {
     E_EXCHANGING, /* talking to Entra */
     E_BACKOFF,    /* waiting to retry */
 };
+
+static const char *const entry_state_names[] = {"idle", "slot", "reading", "exchanging", "backoff"};
+_Static_assert(sizeof entry_state_names / sizeof *entry_state_names == E_BACKOFF + 1,
+               "a name for every entry_state");
+
+#define TO(s) (1u << (s))
+/* The states each state may change to (set_state), as a set of bits. */
+static const unsigned entry_next[] = {
+    [E_IDLE] = TO(E_SLOT) | TO(E_READING) | TO(E_BACKOFF), /* start_attempt, attempt_failed */
+    [E_SLOT] = TO(E_READING),                              /* fill_slots gave it a slot */
+    [E_READING] = TO(E_EXCHANGING) | TO(E_IDLE),           /* the token file read, or not */
+    [E_EXCHANGING] = TO(E_READING) | TO(E_IDLE),           /* AADSTS700024 re-reads; end_attempt */
+    [E_BACKOFF] = TO(E_IDLE), /* due, cut short by a waiter, or given up */
+};
+#undef TO
 
 struct cache_entry {
     struct token_cache *cache;
@@ -50,7 +68,7 @@ struct cache_entry {
 
 struct token_cache {
     uv_loop_t *loop;
-    const struct config *cfg;
+    struct token_cache_opts opts;
     struct entra *entra;
     struct token_file *tf;
     struct cache_entry *buckets[NBUCKETS];
@@ -110,8 +128,10 @@ static struct cache_entry *find(struct token_cache *c, uint64_t h, const char *c
 
 static void clear_token(struct cache_entry *e)
 {
-    if (e->tok.access_token)
+    if (e->tok.access_token) {
+        assert(e->cache->token_bytes >= e->tok.len);
         e->cache->token_bytes -= e->tok.len;
+    }
     secret_free_str(e->tok.access_token);
     buf_free(&e->tok.body);
     memset(&e->tok, 0, sizeof e->tok);
@@ -128,6 +148,20 @@ static void log_key(const struct cache_entry *e, char *res, size_t n)
     log_quote(res, n, e->resource, e->resource_len);
 }
 
+/* Every change of an entry's state goes through here: one allowed by entry_next, traced at debug
+ * level (nothing is formatted otherwise). */
+static void set_state(struct cache_entry *e, enum entry_state to)
+{
+    assert(entry_next[e->state] & (1u << to));
+    if (log_min_level <= LOG_DEBUG) {
+        char res[160];
+        log_key(e, res, sizeof res);
+        log_debug("cache_state", "client_id=%s resource=%s from=%s to=%s", e->client_id, res,
+                  entry_state_names[e->state], entry_state_names[to]);
+    }
+    e->state = to;
+}
+
 /* ---- completing waiters -------------------------------------------------------------------- */
 
 /* Re-entrancy. A waiter's callback may do whatever the cache's users can: answer its client, and
@@ -142,6 +176,7 @@ static void log_key(const struct cache_entry *e, char *res, size_t n)
 /* A waiter is on e->waiters, or on e->completing while its callback is due. */
 static void unlink_waiter(struct cache_entry *e, struct token_cache_waiter *w)
 {
+    assert(w->entry == e);
     if (w->prev)
         w->prev->next = w->next;
     else if (e->completing == w)
@@ -162,6 +197,7 @@ static void complete(struct cache_entry *e, const struct token *tok, const struc
                      int64_t due_ms)
 {
     struct token_cache_waiter *w = e->waiters, *tail = e->completing;
+    assert((tok != NULL) != (r != NULL)); /* token_cache_done_cb: exactly one of them */
     while (tail && tail->next)
         tail = tail->next;
     while (w) {
@@ -205,14 +241,16 @@ static void remember(struct entra_result *dst, const struct entra_result *src)
 
 /* ---- exchange slots ------------------------------------------------------------------------ */
 
-/* Takes an exchange slot and starts reading the token file (e is idle, a slot is free). */
+/* Takes an exchange slot and starts reading the token file (e is idle or was queued for the
+ * slot, and a slot is free). */
 static void take_slot(struct cache_entry *e)
 {
     struct token_cache *c = e->cache;
+    assert(c->exchanges < CACHE_MAX_EXCHANGES);
     c->exchanges++;
     if (e->attempt > 0)
         metrics.retries++;
-    e->state = E_READING;
+    set_state(e, E_READING);
     e->retried_700024 = 0;
     e->read.cb = on_token_file;
     e->read.arg = e;
@@ -228,7 +266,6 @@ static void fill_slots(struct token_cache *c)
         if (!c->slot_head)
             c->slot_tail = NULL;
         e->slot_next = NULL;
-        e->state = E_IDLE;
         take_slot(e);
     }
 }
@@ -236,7 +273,8 @@ static void fill_slots(struct token_cache *c)
 /* The attempt in flight is over: the entry is idle and its slot free for fill_slots. */
 static void end_attempt(struct cache_entry *e)
 {
-    e->state = E_IDLE;
+    assert(e->cache->exchanges > 0);
+    set_state(e, E_IDLE);
     e->cache->exchanges--;
 }
 
@@ -246,7 +284,7 @@ static void start_attempt(struct cache_entry *e)
     if (busy(e))
         return;
     if (c->exchanges >= CACHE_MAX_EXCHANGES || c->slot_head) {
-        e->state = E_SLOT;
+        set_state(e, E_SLOT);
         if (c->slot_tail)
             c->slot_tail->slot_next = e;
         else
@@ -296,7 +334,7 @@ static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
         now_r.retry_after = (int)((wait + 999) / 1000);
     if (staying || has_token) {
         e->attempt++;
-        e->state = E_BACKOFF;
+        set_state(e, E_BACKOFF);
         e->backoff_until_ms = retry_ms;
         log_key(e, res, sizeof res);
         log_info("entra_retry_scheduled",
@@ -320,7 +358,7 @@ static void on_entra(struct entra_fetch *f, struct entra_result *r)
         log_info("entra_retry", "client_id=%s aadsts=700024 action=reread_token_file",
                  e->client_id);
         metrics.retries++;
-        e->state = E_READING;
+        set_state(e, E_READING);
         token_file_get(c->tf, &e->read);
         return;
     }
@@ -373,7 +411,7 @@ static void on_token_file(void *arg, const struct token_file_status *st, const c
         e->have_last = 1;
         complete(e, NULL, &r, 0);
     } else {
-        e->state = E_EXCHANGING;
+        set_state(e, E_EXCHANGING);
         e->fetch.done = on_entra;
         e->fetch.data = e;
         if (entra_fetch(c->entra, &e->fetch, e->client_id, e->resource, tok, len) == 0)
@@ -402,6 +440,7 @@ static void start_refresh(struct cache_entry *e, int64_t now, const char *trigge
 
 static void entry_free(struct cache_entry *e)
 {
+    assert(!e->pins); /* see "Re-entrancy" above */
     clear_token(e);
     free(e->client_id);
     free(e->resource);
@@ -457,7 +496,7 @@ static int tick_entry(struct cache_entry *e, int64_t now)
     }
     /* callbacks may have run: what follows reads the entry afresh */
     if (e->state == E_BACKOFF && now >= e->backoff_until_ms) {
-        e->state = E_IDLE;
+        set_state(e, E_IDLE);
         start_attempt(e);
     }
     if (e->tok.access_token && now >= e->serve_until_ms && !busy(e)) {
@@ -465,7 +504,7 @@ static int tick_entry(struct cache_entry *e, int64_t now)
         log_info("token_expired", "client_id=%s resource=%s", e->client_id, res);
         clear_token(e);
         if (e->state == E_BACKOFF && !e->waiters)
-            e->state = E_IDLE;
+            set_state(e, E_IDLE);
     }
     if (e->held_until_ms && now >= e->held_until_ms)
         e->held_until_ms = 0;
@@ -542,12 +581,12 @@ static void arm_tick(struct token_cache *c)
 
 /* ---- public -------------------------------------------------------------------------------- */
 
-struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
-                                    struct token_file *tf)
+struct token_cache *token_cache_new(uv_loop_t *loop, const struct token_cache_opts *o,
+                                    struct entra *entra, struct token_file *tf)
 {
     struct token_cache *c = xcalloc(1, sizeof *c);
     c->loop = loop;
-    c->cfg = cfg;
+    c->opts = *o;
     c->entra = entra;
     c->tf = tf;
     uv_timer_init(loop, &c->tick);
@@ -604,13 +643,13 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
     w->entry = e;
     w->prev = NULL;
     w->next = e->waiters;
-    w->deadline_ms = now + (int64_t)c->cfg->entra_timeout_s * 1000;
+    w->deadline_ms = now + (int64_t)c->opts.entra_timeout_s * 1000;
     if (e->waiters)
         e->waiters->prev = w;
     e->waiters = w;
     if (e->state == E_BACKOFF && e->backoff_until_ms - now > BACKOFF_FOREGROUND_CAP_MS) {
         /* a long background backoff: a waiting client should not sit through it */
-        e->state = E_IDLE;
+        set_state(e, E_IDLE);
     }
     metrics.cache_waits++;
     if (e->state == E_IDLE) {

@@ -1,5 +1,6 @@
 #include "token_file.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -359,6 +360,7 @@ static void serve(struct token_file *tf, struct token_file_waiter *list,
     struct token_file_waiter *w;
     tf->serving = list;
     while ((w = tf->serving)) {
+        assert(w->linked); /* called back once: unlinked from here on */
         tf->serving = w->next;
         if (w->next)
             w->next->prev = NULL;

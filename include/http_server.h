@@ -65,8 +65,9 @@ struct http_server_opts {
 
 struct http_server;
 
-int http_server_new(struct http_server **out, uv_loop_t *loop, const struct http_server_opts *o,
-                    http_handler_cb *handler, void *arg);
+/* Copies o. Cannot fail: it only allocates (and xcalloc aborts when out of memory). */
+struct http_server *http_server_new(uv_loop_t *loop, const struct http_server_opts *o,
+                                    http_handler_cb *handler, void *arg);
 /* Binds and listens on host:port (numeric). Every request from it carries tag (req->tag, below
  * HTTP_POOLS), so the handler can tell listeners apart; its connections count against
  * opts.max_connections[tag]. Returns 0 or a negative libuv error. */

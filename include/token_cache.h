@@ -14,19 +14,18 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "config.h"
-#include "entra.h"
 #include "entra_msg.h"
-#include "imds.h"
 #include "token.h"
-#include "token_file.h"
 
 #define CACHE_MAX_ENTRIES     1024
 #define CACHE_MAX_TOKEN_BYTES (8u << 20) /* all cached access tokens together */
 #define CACHE_MAX_EXCHANGES   8          /* concurrent exchanges with Entra */
 
+struct entra;
+struct token_file;
 struct token_cache;
 struct token_cache_waiter;
+struct cache_entry;
 
 /* Exactly one of tok and err is non-NULL; both are valid only during the callback. */
 typedef void token_cache_done_cb(struct token_cache_waiter *w, const struct token *tok,
@@ -43,9 +42,13 @@ struct token_cache_waiter {
 
 enum cache_result { CACHE_HIT, CACHE_FAIL, CACHE_WAIT, CACHE_FULL = -1 };
 
-/* Borrows loop, cfg, entra and the token file for the cache's lifetime. */
-struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, struct entra *entra,
-                                    struct token_file *tf);
+struct token_cache_opts {
+    unsigned entra_timeout_s; /* a waiter is answered within this (--entra-timeout) */
+};
+
+/* Copies o; borrows loop, entra and the token file for the cache's lifetime. */
+struct token_cache *token_cache_new(uv_loop_t *loop, const struct token_cache_opts *o,
+                                    struct entra *entra, struct token_file *tf);
 
 /* Looks up (client_id, resource) now. The cache reads the monotonic clock itself (now_ms()):
  * every lifetime, hold, Retry-After and deadline it keeps is measured on it, so a stepped wall
@@ -54,11 +57,13 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct config *cfg, s
  *            may fill its body render slot);
  * CACHE_FAIL: *err says why the request is answered at once (held permanent error, 429);
  * CACHE_WAIT: w->done will be called exactly once, from the loop (never before this returns)
- *             and within cfg->entra_timeout_s, unless token_cache_cancel(w) is called first.
+ *             and within opts.entra_timeout_s, unless token_cache_cancel(w) is called first.
  *             done may re-enter the cache (get, cancel) freely;
  * CACHE_FULL: no room for a new key. The cached path allocates nothing.
  * With w NULL nothing is registered or started: CACHE_WAIT then means "call again with a
- * waiter" (so that callers allocate a waiter only on a miss). */
+ * waiter" (so that callers allocate a waiter only on a miss); that call, made before control
+ * returns to the loop, answers CACHE_WAIT, or CACHE_FULL (room for a new key is only looked for
+ * with a waiter). */
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
                                   struct token **tok, struct entra_result *err);

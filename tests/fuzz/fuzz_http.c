@@ -335,7 +335,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         cfg.allowed_resources[0] = resources[0];
         cfg.nallowed_resources = 1;
     }
-    struct token_cache *cache = token_cache_new(&loop, &cfg, NULL, NULL);
+    struct token_cache_opts co = {.entra_timeout_s = cfg.entra_timeout_s};
+    struct token_cache *cache = token_cache_new(&loop, &co, NULL, NULL);
     struct endpoints ep;
     endpoints_init(&ep, &loop, &cfg, cache, NULL);
     if (flags & 0x08) {
@@ -347,8 +348,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (struct secret_watch *)&ep; /* any non-NULL: secret_watch_get is the stand-in */
     struct http_server_opts o = {
         .max_connections = {4, 4}, .idle_timeout_ms = 60000, .header_timeout_ms = 10000};
-    struct http_server *srv;
-    http_server_new(&srv, &loop, &o, endpoints_handle, &ep);
+    struct http_server *srv = http_server_new(&loop, &o, endpoints_handle, &ep);
 
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)

@@ -21,9 +21,11 @@
 #include <cmocka.h>
 #include <uv.h>
 
+#include "entra.h"
 #include "log.h"
 #include "refresh.h"
 #include "token_cache.h"
+#include "token_file.h"
 #include "util.h"
 
 #define CLIENT  "11111111-2222-3333-4444-555555555555"
@@ -167,7 +169,7 @@ static void finish_fetch(const char *resource, enum entra_kind kind, int64_t aad
 /* ---- the cache under test, and waiters that act like HTTP connections ------------------------ */
 
 static uv_loop_t loop;
-static struct config cfg;
+static struct token_cache_opts opts;
 static struct token_cache *cache;
 
 struct twaiter {
@@ -248,11 +250,20 @@ static int setup(void **state)
     nreads = nfetches = double_links = nwaiters = 0;
     frozen = 0;
     mono_skew = 0;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.entra_timeout_s = 15;
+    memset(&opts, 0, sizeof opts);
+    opts.entra_timeout_s = 15;
     assert_int_equal(uv_loop_init(&loop), 0);
-    cache = token_cache_new(&loop, &cfg, NULL, NULL);
+    cache = token_cache_new(&loop, &opts, NULL, NULL);
     return 0;
+}
+
+/* The cache again, its waiters waiting at most timeout_s (it copies its options when made). */
+static void remake_cache(unsigned timeout_s)
+{
+    token_cache_free(cache);
+    uv_run(&loop, UV_RUN_DEFAULT); /* its timer handle closes */
+    opts.entra_timeout_s = timeout_s;
+    cache = token_cache_new(&loop, &opts, NULL, NULL);
 }
 
 static int teardown(void **state)
@@ -373,7 +384,7 @@ static unsigned bucket_of(const char *client_id, const char *resource)
 static void t_tick_callback_evicts_next_entry(void **state)
 {
     (void)state;
-    cfg.entra_timeout_s = 1;
+    remake_cache(1);
     const char *b = "https://b.example/";
     char a[64];
     for (int i = 0;; i++) {
