@@ -7,6 +7,7 @@
 #include "json.h"
 #include "log.h"
 #include "metrics.h"
+#include "metrics_render.h"
 #include "util.h"
 
 /* http_server keeps HTTP_MAX_HOST bytes of Host and reports a longer one by its full length, which
