@@ -67,6 +67,16 @@ static void send_error(struct http_conn *c, const struct imds_error *err, int ap
     http_conn_respond(c, err->status, hdr, b->data, b->len);
 }
 
+void endpoints_error_body(struct buf *b, int status, const char *reason, void *arg)
+{
+    (void)arg;
+    const char *code = status == 400   ? "invalid_request"
+                       : status == 503 ? "service_unavailable"
+                                       : "bad_request";
+    struct imds_error e = {status, code, reason, 0};
+    imds_render_error(b, &e);
+}
+
 static void send_token(struct http_conn *c, const struct token *tok, const char *client_id,
                        const char *resource, size_t rlen, int appservice)
 {

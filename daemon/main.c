@@ -205,7 +205,8 @@ static int start(struct daemon *d)
         d->ep.secrets = secret_watch_new(&d->loop, c->identity_header_file, c->identity_header,
                                          c->identity_header_len, c->identity_header_overlap_s);
     struct http_server_opts so = {.idle_timeout_ms = c->idle_timeout_s * 1000u,
-                                  .header_timeout_ms = c->header_timeout_s * 1000u};
+                                  .header_timeout_ms = c->header_timeout_s * 1000u,
+                                  .error_body = endpoints_error_body};
     so.max_connections[LISTENER_TOKENS] = c->max_connections;
     so.max_connections[LISTENER_HEALTH] = c->max_health_connections;
     http_server_new(&d->server, &d->loop, &so, endpoints_handle, &d->ep);

@@ -34,5 +34,9 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
                     struct token_cache *cache, struct token_file *tf);
 /* An http_handler_cb; arg is a struct endpoints. */
 void endpoints_handle(struct http_conn *c, const struct http_request *req, void *arg);
+/* An http_error_body_cb (http_server_opts.error_body): the IMDS error body, with the code IMDS
+ * gives for the status (400 invalid_request, 503 service_unavailable, else bad_request) and
+ * reason as its error_description. arg is unused. */
+void endpoints_error_body(struct buf *b, int status, const char *reason, void *arg);
 
 #endif

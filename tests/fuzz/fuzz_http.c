@@ -345,8 +345,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (flags & 0x08)
         ep.secrets =
             (struct secret_watch *)&ep; /* any non-NULL: secret_watch_get is the stand-in */
-    struct http_server_opts o = {
-        .max_connections = {4, 4}, .idle_timeout_ms = 60000, .header_timeout_ms = 10000};
+    struct http_server_opts o = {.max_connections = {4, 4},
+                                 .idle_timeout_ms = 60000,
+                                 .header_timeout_ms = 10000,
+                                 .error_body = endpoints_error_body};
     struct http_server *srv;
     http_server_new(&srv, &loop, &o, endpoints_handle, &ep);
 
