@@ -14,14 +14,15 @@
  * imds_host_allowed refuses unread only if it is over IMDS_MAX_HOST too */
 _Static_assert(IMDS_MAX_HOST <= HTTP_MAX_HOST, "a Host imds reads must be one http_server kept");
 
-/* The shape of an answer: IMDS, App Service 2019-08-01, App Service 2017-09-01 (errors alike). */
-enum { SHAPE_IMDS, SHAPE_APPSERVICE, SHAPE_MSI2017, SHAPE_MSI2017_EPOCH };
+/* The shape of an answer: IMDS, App Service 2019-08-01, App Service 2017-09-01 with expires_on as
+ * a date or (Azure ML's clients) as epoch seconds. Errors: IMDS's, or App Service's for the rest */
+enum answer_shape { SHAPE_IMDS, SHAPE_APPSERVICE, SHAPE_MSI2017, SHAPE_MSI2017_EPOCH };
 
 /* A token request waiting for an exchange (the cold path; the cached path allocates nothing). */
 struct pending {
     struct token_cache_waiter w;
     struct http_conn *conn;
-    int appservice; /* answer in the App Service shape: SHAPE_* */
+    enum answer_shape shape;
     char *client_id;
     size_t resource_len;
     char resource[]; /* decoded, NUL-terminated */
@@ -46,7 +47,7 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
     ep->ids.nallowed_hosts = cfg->nallowed_hosts;
 }
 
-static void send_error(struct http_conn *c, const struct imds_error *err, int appservice)
+static void send_error(struct http_conn *c, const struct imds_error *err, enum answer_shape shape)
 {
     struct buf *b = http_conn_scratch(c);
     char hdr[48] = "";
@@ -58,7 +59,7 @@ static void send_error(struct http_conn *c, const struct imds_error *err, int ap
     else
         log_debug("request_rejected", "status=%d error=%s", err->status, err->error);
     buf_reset(b);
-    if (appservice)
+    if (shape != SHAPE_IMDS)
         imds_render_appservice_error(b, err);
     else
         imds_render_error(b, err);
@@ -78,19 +79,19 @@ void endpoints_error_body(struct buf *b, int status, const char *reason, void *a
 }
 
 static void send_token(struct http_conn *c, const struct token *tok, const char *client_id,
-                       const char *resource, size_t rlen, int appservice)
+                       const char *resource, size_t rlen, enum answer_shape shape)
 {
     struct buf *b = http_conn_scratch(c);
     buf_reset(b);
-    int rc = appservice >= SHAPE_MSI2017
-                 ? imds_render_msi2017_token(b, tok, client_id, resource, rlen,
-                                             appservice == SHAPE_MSI2017_EPOCH)
-             : appservice ? imds_render_appservice_token(b, tok, client_id, resource, rlen)
-                          : imds_render_token(b, tok, client_id, resource, rlen,
-                                              token_now_epoch(tok, (int64_t)now_ms()));
+    int rc = shape >= SHAPE_MSI2017 ? imds_render_msi2017_token(b, tok, client_id, resource, rlen,
+                                                                shape == SHAPE_MSI2017_EPOCH)
+             : shape == SHAPE_APPSERVICE
+                 ? imds_render_appservice_token(b, tok, client_id, resource, rlen)
+                 : imds_render_token(b, tok, client_id, resource, rlen,
+                                     token_now_epoch(tok, (int64_t)now_ms()));
     if (rc < 0) {
         struct imds_error e = {500, "server_error", "Response too large", 0};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     http_conn_respond(c, 200, NULL, b->data, b->len);
@@ -108,7 +109,7 @@ static void send_cached(struct http_conn *c, struct token *tok, const char *clie
         buf_reset(&tok->body);
         if (imds_render_token(&tok->body, tok, client_id, resource, rlen, now_s) < 0) {
             buf_reset(&tok->body);
-            send_token(c, tok, client_id, resource, rlen, 0);
+            send_token(c, tok, client_id, resource, rlen, SHAPE_IMDS);
             return;
         }
         tok->body_sec = now_s;
@@ -121,11 +122,11 @@ static void on_token(struct token_cache_waiter *w, const struct token *tok,
 {
     struct pending *p = w->data;
     if (tok) {
-        send_token(p->conn, tok, p->client_id, p->resource, p->resource_len, p->appservice);
+        send_token(p->conn, tok, p->client_id, p->resource, p->resource_len, p->shape);
     } else {
         struct imds_error e;
         imds_error_from_entra(r, &e);
-        send_error(p->conn, &e, p->appservice);
+        send_error(p->conn, &e, p->shape);
     }
     free(p);
 }
@@ -213,7 +214,7 @@ static int arc_check(struct endpoints *ep, struct http_conn *c, const struct htt
 
 /* Both token protocols after validation: cache hit, Entra throttling, or a cache wait. */
 static void handle_token(struct endpoints *ep, struct http_conn *c, const struct http_request *req,
-                         int appservice)
+                         enum answer_shape shape)
 {
     struct imds_input in = {
         .is_get = req->is_get,
@@ -239,7 +240,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     struct imds_secret secrets[2];
     int nsecrets = ep->secrets ? secret_watch_get(ep->secrets, secrets) : 0;
     /* IMDS's path also takes Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's */
-    int rc = appservice
+    int rc = shape == SHAPE_APPSERVICE
                  ? imds_check_appservice_request(&in, &ep->ids, secrets, nsecrets, &q, &tr, &err)
              : req->is_post ? imds_check_cloudshell_request(&in, &ep->ids, &q, &tr, &err)
                             : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
@@ -250,7 +251,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
             log_warn("request_host_refused", "host=%s refused_total=%llu", host,
                      (unsigned long long)ep->refused_hosts);
         }
-        send_error(c, &err, appservice);
+        send_error(c, &err, shape);
         return;
     }
     if (!imds_resource_allowed(tr.resource, tr.resource_len, ep->cfg->allowed_resources,
@@ -267,13 +268,13 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
                                "The resource is not one this endpoint issues tokens for "
                                "(--allow-resource)",
                                0};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
-    if (!appservice && ep->arc && !arc_check(ep, c, req))
+    if (shape == SHAPE_IMDS && ep->arc && !arc_check(ep, c, req))
         return;
-    if (appservice && tr.msi2017)
-        appservice = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
+    if (shape == SHAPE_APPSERVICE && tr.msi2017)
+        shape = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
     struct token *tok;
     struct entra_result fail;
     /* first without a waiter: a hit or an immediate failure never touches the heap */
@@ -281,20 +282,20 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         token_cache_get(ep->cache, NULL, tr.client_id, tr.resource, tr.resource_len, &tok, &fail);
     switch (cr) {
     case CACHE_HIT:
-        if (appservice)
-            send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, appservice);
+        if (shape != SHAPE_IMDS)
+            send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, shape);
         else
             send_cached(c, tok, tr.client_id, tr.resource, tr.resource_len);
         return;
     case CACHE_FAIL: {
         struct imds_error e;
         imds_error_from_entra(&fail, &e);
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     case CACHE_FULL: {
         struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     case CACHE_WAIT:
@@ -304,7 +305,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     p->w.done = on_token;
     p->w.data = p;
     p->conn = c;
-    p->appservice = appservice;
+    p->shape = shape;
     p->client_id = (char *)tr.client_id; /* owned by the config, which outlives requests */
     p->resource_len = tr.resource_len;
     memcpy(p->resource, tr.resource, tr.resource_len + 1);
@@ -312,7 +313,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     if (cr != CACHE_WAIT) { /* cannot change between the two calls: nothing ran in between */
         free(p);
         struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     http_conn_on_abort(c, on_token_abort, p);
@@ -369,14 +370,14 @@ void endpoints_handle(struct http_conn *c, const struct http_request *req, void 
     http_conn_count_as(c, counted_as[route]);
     switch (route) {
     case ROUTE_TOKEN:
-        handle_token(ep, c, req, 0);
+        handle_token(ep, c, req, SHAPE_IMDS);
         return;
     case ROUTE_APPSERVICE:
-        handle_token(ep, c, req, 1);
+        handle_token(ep, c, req, SHAPE_APPSERVICE);
         return;
     case ROUTE_NOT_FOUND: {
         struct imds_error e = {404, "not_found", "The requested path was not found", 0};
-        send_error(c, &e, 0);
+        send_error(c, &e, SHAPE_IMDS);
         return;
     }
     default:
@@ -384,7 +385,7 @@ void endpoints_handle(struct http_conn *c, const struct http_request *req, void 
     }
     if (!req->is_get) {
         struct imds_error e = {405, "method_not_allowed", "The requested method is not allowed", 0};
-        send_error(c, &e, 0);
+        send_error(c, &e, SHAPE_IMDS);
         return;
     }
     if (route == ROUTE_HEALTHZ) {
