@@ -239,7 +239,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     struct imds_error err;
     struct imds_secret secrets[2];
     int nsecrets = ep->secrets ? secret_watch_get(ep->secrets, secrets) : 0;
-    /* IMDS's path also takes Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's */
+    /* the token path also takes Cloud Shell's POST (see routes[]) */
     int rc = shape == SHAPE_APPSERVICE
                  ? imds_check_appservice_request(&in, &ep->ids, secrets, nsecrets, &q, &tr, &err)
              : req->is_post ? imds_check_cloudshell_request(&in, &ep->ids, &q, &tr, &err)
@@ -319,8 +319,11 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     http_conn_on_abort(c, on_token_abort, p);
 }
 
-static void handle_ready(struct endpoints *ep, struct http_conn *c)
+static void handle_ready(struct endpoints *ep, struct http_conn *c, const struct http_request *req,
+                         enum answer_shape shape)
 {
+    (void)req;
+    (void)shape;
     struct token_file_status st;
     int64_t now = now_epoch();
     token_file_status(ep->tf, now, &st);
@@ -353,52 +356,108 @@ static void handle_ready(struct endpoints *ep, struct http_conn *c)
     http_conn_respond(c, ok ? 200 : 503, NULL, b->data, b->len);
 }
 
+static void handle_healthz(struct endpoints *ep, struct http_conn *c,
+                           const struct http_request *req, enum answer_shape shape)
+{
+    (void)ep;
+    (void)req;
+    (void)shape;
+    static const char ok[] = "{\"status\":\"ok\"}";
+    http_conn_respond(c, 200, NULL, ok, sizeof ok - 1);
+}
+
+static void handle_metrics(struct endpoints *ep, struct http_conn *c,
+                           const struct http_request *req, enum answer_shape shape)
+{
+    (void)req;
+    (void)shape;
+    struct buf *b = http_conn_scratch(c);
+    buf_reset(b);
+    metrics_render(b, ep->tf, ep->cache, http_conn_server(c));
+    http_conn_respond_type(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len);
+}
+
+static void handle_not_found(struct endpoints *ep, struct http_conn *c,
+                             const struct http_request *req, enum answer_shape shape)
+{
+    (void)ep;
+    (void)req;
+    struct imds_error e = {404, "not_found", "The requested path was not found", 0};
+    send_error(c, &e, shape);
+}
+
+/* ---- the routes ------------------------------------------------------------------------------ */
+
+#define METHOD_GET   1u
+#define METHOD_POST  2u
+#define ON(listener) (1u << (listener))
+
+static int app_service_on(const struct endpoints *ep)
+{
+    return ep->cfg->identity_header != NULL;
+}
+
+struct route {
+    enum endpoints_route id;
+    const char *path;   /* as imds_path_normalize writes it */
+    unsigned methods;   /* METHOD_*: any other method is answered 405 (0: any method) */
+    unsigned listeners; /* ON(LISTENER_*): on any other listener the path is not found */
+    int (*offered)(const struct endpoints *ep); /* NULL, or whether the configuration offers it */
+    enum metrics_endpoint metric;               /* the endpoint label of its answers */
+    enum answer_shape shape;                    /* of its answers, errors included */
+    void (*handle)(struct endpoints *ep, struct http_conn *c, const struct http_request *req,
+                   enum answer_shape shape);
+};
+
+/* Never a token on the health listener, where the cluster network can ask; never /metrics on a
+ * token listener, where the application would learn about the others. The token path also takes
+ * Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's. */
+static const struct route routes[] = {
+    {ROUTE_TOKEN, "/metadata/identity/oauth2/token", METHOD_GET | METHOD_POST, ON(LISTENER_TOKENS),
+     NULL, EP_TOKEN, SHAPE_IMDS, handle_token},
+    {ROUTE_APPSERVICE, "/msi/token", METHOD_GET, ON(LISTENER_TOKENS), app_service_on, EP_MSI,
+     SHAPE_APPSERVICE, handle_token},
+    {ROUTE_HEALTHZ, "/healthz", METHOD_GET, ON(LISTENER_TOKENS) | ON(LISTENER_HEALTH), NULL,
+     EP_HEALTHZ, SHAPE_IMDS, handle_healthz},
+    {ROUTE_READYZ, "/readyz", METHOD_GET, ON(LISTENER_TOKENS) | ON(LISTENER_HEALTH), NULL,
+     EP_READYZ, SHAPE_IMDS, handle_ready},
+    {ROUTE_METRICS, "/metrics", METHOD_GET, ON(LISTENER_HEALTH), NULL, EP_METRICS, SHAPE_IMDS,
+     handle_metrics},
+};
+
+/* what answers a path no row names, or one its row does not serve on this listener */
+static const struct route not_found = {ROUTE_NOT_FOUND, NULL, 0, 0, NULL, EP_OTHER, SHAPE_IMDS,
+                                       handle_not_found};
+
+static const struct route *find_route(const char *path, size_t len)
+{
+    char norm[IMDS_MAX_PATH];
+    if (imds_path_normalize(path, len, norm, sizeof norm) < 0)
+        return NULL;
+    for (size_t i = 0; i < ARRAY_LEN(routes); i++)
+        if (strcmp(norm, routes[i].path) == 0)
+            return &routes[i];
+    return NULL;
+}
+
+enum endpoints_route endpoints_route(const char *path, size_t len)
+{
+    const struct route *r = find_route(path, len);
+    return r ? r->id : ROUTE_NOT_FOUND;
+}
+
 void endpoints_handle(struct http_conn *c, const struct http_request *req, void *arg)
 {
     struct endpoints *ep = arg;
-    enum imds_route route = imds_route(req->path, req->path_len);
-    if (route == ROUTE_APPSERVICE && !ep->cfg->identity_header)
-        route = ROUTE_NOT_FOUND;
-    if (req->tag == LISTENER_HEALTH && (route == ROUTE_TOKEN || route == ROUTE_APPSERVICE))
-        route = ROUTE_NOT_FOUND; /* never a token where the cluster network can ask */
-    if (req->tag != LISTENER_HEALTH && route == ROUTE_METRICS)
-        route = ROUTE_NOT_FOUND; /* the application's listener shows it nothing about the others */
-    static const enum metrics_endpoint counted_as[] = {
-        [ROUTE_NOT_FOUND] = EP_OTHER, [ROUTE_TOKEN] = EP_TOKEN,   [ROUTE_APPSERVICE] = EP_MSI,
-        [ROUTE_HEALTHZ] = EP_HEALTHZ, [ROUTE_READYZ] = EP_READYZ, [ROUTE_METRICS] = EP_METRICS,
-    };
-    http_conn_count_as(c, counted_as[route]);
-    switch (route) {
-    case ROUTE_TOKEN:
-        handle_token(ep, c, req, SHAPE_IMDS);
-        return;
-    case ROUTE_APPSERVICE:
-        handle_token(ep, c, req, SHAPE_APPSERVICE);
-        return;
-    case ROUTE_NOT_FOUND: {
-        struct imds_error e = {404, "not_found", "The requested path was not found", 0};
-        send_error(c, &e, SHAPE_IMDS);
-        return;
-    }
-    default:
-        break;
-    }
-    if (!req->is_get) {
+    const struct route *r = find_route(req->path, req->path_len);
+    if (!r || !(r->listeners & ON(req->tag)) || (r->offered && !r->offered(ep)))
+        r = &not_found;
+    http_conn_count_as(c, r->metric);
+    unsigned method = (req->is_get ? METHOD_GET : 0) | (req->is_post ? METHOD_POST : 0);
+    if (r->methods && !(r->methods & method)) {
         struct imds_error e = {405, "method_not_allowed", "The requested method is not allowed", 0};
-        send_error(c, &e, SHAPE_IMDS);
+        send_error(c, &e, r->shape);
         return;
     }
-    if (route == ROUTE_HEALTHZ) {
-        static const char ok[] = "{\"status\":\"ok\"}";
-        http_conn_respond(c, 200, NULL, ok, sizeof ok - 1);
-        return;
-    }
-    if (route == ROUTE_METRICS) {
-        struct buf *b = http_conn_scratch(c);
-        buf_reset(b);
-        metrics_render(b, ep->tf, ep->cache, http_conn_server(c));
-        http_conn_respond_type(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len);
-        return;
-    }
-    handle_ready(ep, c);
+    r->handle(ep, c, req, r->shape);
 }

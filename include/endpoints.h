@@ -19,6 +19,20 @@ enum endpoints_listener {
     LISTENER_HEALTH, /* /healthz and /readyz only: may face the pod network, for the kubelet */
 };
 
+/* What a request path names: routes[] in endpoints.c has a row for each path. */
+enum endpoints_route {
+    ROUTE_NOT_FOUND,
+    ROUTE_TOKEN,      /* /metadata/identity/oauth2/token: IMDS (GET), Cloud Shell (POST) */
+    ROUTE_APPSERVICE, /* /msi/token: App Service 2019-08-01 and 2017-09-01 */
+    ROUTE_HEALTHZ,
+    ROUTE_READYZ,
+    ROUTE_METRICS,
+};
+
+/* The route a request path (without the query) names, whatever the listener and configuration:
+ * repeated '/' collapse, one trailing '/' is dropped, comparison ignores case. */
+enum endpoints_route endpoints_route(const char *path, size_t len);
+
 struct endpoints {
     uv_loop_t *loop;
     const struct config *cfg;
