@@ -28,8 +28,8 @@ struct pending {
     char resource[]; /* decoded, NUL-terminated */
 };
 
-void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,
-                    struct token_cache *cache, struct token_file *tf)
+int endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,
+                   struct token_cache *cache, struct token_file *tf, char *err, size_t errlen)
 {
     ep->tf = tf;
     ep->refused_hosts = 0;
@@ -45,6 +45,27 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
     ep->ids.naliases = cfg->naliases;
     ep->ids.allowed_hosts = cfg->allowed_hosts;
     ep->ids.nallowed_hosts = cfg->nallowed_hosts;
+    if (cfg->arc_key_dir &&
+        !(ep->arc = arc_new(loop, cfg->arc_key_dir, (gid_t)cfg->arc_gid, err, errlen)))
+        return -1;
+    if (cfg->identity_header)
+        ep->secrets = secret_watch_new(loop, cfg->identity_header_file, cfg->identity_header,
+                                       cfg->identity_header_len, cfg->identity_header_overlap_s);
+    return 0;
+}
+
+void endpoints_reload(struct endpoints *ep)
+{
+    if (ep->secrets)
+        secret_watch_reload(ep->secrets);
+}
+
+void endpoints_free(struct endpoints *ep)
+{
+    secret_watch_free(ep->secrets);
+    ep->secrets = NULL;
+    arc_free(ep->arc);
+    ep->arc = NULL;
 }
 
 static void send_error(struct http_conn *c, const struct imds_error *err, enum answer_shape shape)

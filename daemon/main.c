@@ -42,23 +42,26 @@ static const char *env(const char *name)
     return getenv(name);
 }
 
+/* Frees what start() made, in the reverse order; what was not made is NULL (or zero). */
+static void free_modules(struct daemon *d)
+{
+    http_server_free(d->server);
+    d->server = NULL;
+    endpoints_free(&d->ep);
+    token_cache_free(d->cache);
+    d->cache = NULL;
+    token_file_free(d->tf);
+    d->tf = NULL;
+    entra_free(d->entra);
+    d->entra = NULL;
+}
+
 /* Frees everything but the loop; called when the server has drained (or at once on a second
  * signal). */
 static void teardown(void *arg)
 {
     struct daemon *d = arg;
-    http_server_free(d->server);
-    d->server = NULL;
-    token_cache_free(d->cache);
-    d->cache = NULL;
-    token_file_free(d->tf);
-    d->tf = NULL;
-    secret_watch_free(d->ep.secrets);
-    d->ep.secrets = NULL;
-    arc_free(d->ep.arc);
-    d->ep.arc = NULL;
-    entra_free(d->entra);
-    d->entra = NULL;
+    free_modules(d);
     sd_close();
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
@@ -85,8 +88,7 @@ static void on_signal(uv_signal_t *s, int signum)
     if (signum == SIGHUP) {
         sd_reloading();
         token_file_reload(d->tf);
-        if (d->ep.secrets)
-            secret_watch_reload(d->ep.secrets);
+        endpoints_reload(&d->ep);
         sd_reloaded();
     } else
         stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -195,15 +197,10 @@ static int start(struct daemon *d)
     }
     d->tf = token_file_new(&d->loop, c->token_file);
     d->cache = token_cache_new(&d->loop, c, d->entra, d->tf);
-    endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
-    if (c->arc_key_dir &&
-        !(d->ep.arc = arc_new(&d->loop, c->arc_key_dir, (gid_t)c->arc_gid, err, sizeof err))) {
+    if (endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf, err, sizeof err) < 0) {
         log_fatal("%s", err);
         return 2;
     }
-    if (c->identity_header)
-        d->ep.secrets = secret_watch_new(&d->loop, c->identity_header_file, c->identity_header,
-                                         c->identity_header_len, c->identity_header_overlap_s);
     struct http_server_opts so = {.idle_timeout_ms = c->idle_timeout_s * 1000u,
                                   .header_timeout_ms = c->header_timeout_s * 1000u,
                                   .error_body = endpoints_error_body};
@@ -296,12 +293,7 @@ int main(int argc, char **argv)
     if (rc != 0) {
         /* release what was set up, then let the closes finish */
         d.stopping = 1;
-        http_server_free(d.server);
-        token_cache_free(d.cache);
-        token_file_free(d.tf);
-        secret_watch_free(d.ep.secrets);
-        arc_free(d.ep.arc);
-        entra_free(d.entra);
+        free_modules(&d);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);
         config_free(&d.cfg);
