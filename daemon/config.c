@@ -71,9 +71,7 @@ int config_parse_listen(const char *s, struct config_listen *l)
 
 const char *config_listen_str(const struct config_listen *l, char out[CONFIG_LISTEN_STR])
 {
-    int v6 = strchr(l->host, ':') != NULL;
-    snprintf(out, CONFIG_LISTEN_STR, "%s%s%s:%d", v6 ? "[" : "", l->host, v6 ? "]" : "", l->port);
-    return out;
+    return hostport_str(out, CONFIG_LISTEN_STR, l->host, l->port);
 }
 
 int config_set_authority(struct config *c, const char *url, const char **why)

@@ -8,27 +8,29 @@
 #include "json.h"
 #include "log.h"
 #include "metrics.h"
+#include "metrics_render.h"
 #include "util.h"
 
 /* http_server keeps HTTP_MAX_HOST bytes of Host and reports a longer one by its full length, which
  * imds_host_allowed refuses unread only if it is over IMDS_MAX_HOST too */
 _Static_assert(IMDS_MAX_HOST <= HTTP_MAX_HOST, "a Host imds reads must be one http_server kept");
 
-/* The shape of an answer: IMDS, App Service 2019-08-01, App Service 2017-09-01 (errors alike). */
-enum { SHAPE_IMDS, SHAPE_APPSERVICE, SHAPE_MSI2017, SHAPE_MSI2017_EPOCH };
+/* The shape of an answer: IMDS, App Service 2019-08-01, App Service 2017-09-01 with expires_on as
+ * a date or (Azure ML's clients) as epoch seconds. Errors: IMDS's, or App Service's for the rest */
+enum answer_shape { SHAPE_IMDS, SHAPE_APPSERVICE, SHAPE_MSI2017, SHAPE_MSI2017_EPOCH };
 
 /* A token request waiting for an exchange (the cold path; the cached path allocates nothing). */
 struct pending {
     struct token_cache_waiter w;
     struct http_conn *conn;
-    int appservice; /* answer in the App Service shape: SHAPE_* */
+    enum answer_shape shape;
     char *client_id;
     size_t resource_len;
     char resource[]; /* decoded, NUL-terminated */
 };
 
-void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,
-                    struct token_cache *cache, struct token_file *tf)
+int endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *cfg,
+                   struct token_cache *cache, struct token_file *tf, char *err, size_t errlen)
 {
     ep->tf = tf;
     ep->refused_hosts = 0;
@@ -44,9 +46,30 @@ void endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *
     ep->ids.naliases = cfg->naliases;
     ep->ids.allowed_hosts = cfg->allowed_hosts;
     ep->ids.nallowed_hosts = cfg->nallowed_hosts;
+    if (cfg->arc_key_dir &&
+        !(ep->arc = arc_new(loop, cfg->arc_key_dir, (gid_t)cfg->arc_gid, err, errlen)))
+        return -1;
+    if (cfg->identity_header)
+        ep->secrets = secret_watch_new(loop, cfg->identity_header_file, cfg->identity_header,
+                                       cfg->identity_header_len, cfg->identity_header_overlap_s);
+    return 0;
 }
 
-static void send_error(struct http_conn *c, const struct imds_error *err, int appservice)
+void endpoints_reload(struct endpoints *ep)
+{
+    if (ep->secrets)
+        secret_watch_reload(ep->secrets);
+}
+
+void endpoints_free(struct endpoints *ep)
+{
+    secret_watch_free(ep->secrets);
+    ep->secrets = NULL;
+    arc_free(ep->arc);
+    ep->arc = NULL;
+}
+
+static void send_error(struct http_conn *c, const struct imds_error *err, enum answer_shape shape)
 {
     struct buf *b = http_conn_scratch(c);
     char hdr[48] = "";
@@ -58,7 +81,7 @@ static void send_error(struct http_conn *c, const struct imds_error *err, int ap
     else
         log_debug("request_rejected", "status=%d error=%s", err->status, err->error);
     buf_reset(b);
-    if (appservice)
+    if (shape != SHAPE_IMDS)
         imds_render_appservice_error(b, err);
     else
         imds_render_error(b, err);
@@ -67,20 +90,30 @@ static void send_error(struct http_conn *c, const struct imds_error *err, int ap
     http_conn_respond(c, err->status, hdr, b->data, b->len);
 }
 
+void endpoints_error_body(struct buf *b, int status, const char *reason, void *arg)
+{
+    (void)arg;
+    const char *code = status == 400   ? "invalid_request"
+                       : status == 503 ? "service_unavailable"
+                                       : "bad_request";
+    struct imds_error e = {status, code, reason, 0};
+    imds_render_error(b, &e);
+}
+
 static void send_token(struct http_conn *c, const struct token *tok, const char *client_id,
-                       const char *resource, size_t rlen, int appservice)
+                       const char *resource, size_t rlen, enum answer_shape shape)
 {
     struct buf *b = http_conn_scratch(c);
     buf_reset(b);
-    int rc = appservice >= SHAPE_MSI2017
-                 ? imds_render_msi2017_token(b, tok, client_id, resource, rlen,
-                                             appservice == SHAPE_MSI2017_EPOCH)
-             : appservice ? imds_render_appservice_token(b, tok, client_id, resource, rlen)
-                          : imds_render_token(b, tok, client_id, resource, rlen,
-                                              token_now_epoch(tok, (int64_t)now_ms()));
+    int rc = shape >= SHAPE_MSI2017 ? imds_render_msi2017_token(b, tok, client_id, resource, rlen,
+                                                                shape == SHAPE_MSI2017_EPOCH)
+             : shape == SHAPE_APPSERVICE
+                 ? imds_render_appservice_token(b, tok, client_id, resource, rlen)
+                 : imds_render_token(b, tok, client_id, resource, rlen,
+                                     token_now_epoch(tok, (int64_t)now_ms()));
     if (rc < 0) {
         struct imds_error e = {500, "server_error", "Response too large", 0};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     http_conn_respond(c, 200, NULL, b->data, b->len);
@@ -98,7 +131,7 @@ static void send_cached(struct http_conn *c, struct token *tok, const char *clie
         buf_reset(&tok->body);
         if (imds_render_token(&tok->body, tok, client_id, resource, rlen, now_s) < 0) {
             buf_reset(&tok->body);
-            send_token(c, tok, client_id, resource, rlen, 0);
+            send_token(c, tok, client_id, resource, rlen, SHAPE_IMDS);
             return;
         }
         tok->body_sec = now_s;
@@ -111,11 +144,11 @@ static void on_token(struct token_cache_waiter *w, const struct token *tok,
 {
     struct pending *p = w->data;
     if (tok) {
-        send_token(p->conn, tok, p->client_id, p->resource, p->resource_len, p->appservice);
+        send_token(p->conn, tok, p->client_id, p->resource, p->resource_len, p->shape);
     } else {
         struct imds_error e;
         imds_error_from_entra(r, &e);
-        send_error(p->conn, &e, p->appservice);
+        send_error(p->conn, &e, p->shape);
     }
     free(p);
 }
@@ -203,7 +236,7 @@ static int arc_check(struct endpoints *ep, struct http_conn *c, const struct htt
 
 /* Both token protocols after validation: cache hit, Entra throttling, or a cache wait. */
 static void handle_token(struct endpoints *ep, struct http_conn *c, const struct http_request *req,
-                         int appservice)
+                         enum answer_shape shape)
 {
     struct imds_input in = {
         .is_get = req->is_get,
@@ -228,8 +261,8 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     struct imds_error err;
     struct imds_secret secrets[2];
     int nsecrets = ep->secrets ? secret_watch_get(ep->secrets, secrets) : 0;
-    /* IMDS's path also takes Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's */
-    int rc = appservice
+    /* the token path also takes Cloud Shell's POST (see routes[]) */
+    int rc = shape == SHAPE_APPSERVICE
                  ? imds_check_appservice_request(&in, &ep->ids, secrets, nsecrets, &q, &tr, &err)
              : req->is_post ? imds_check_cloudshell_request(&in, &ep->ids, &q, &tr, &err)
                             : imds_check_token_request(&in, &ep->ids, &q, &tr, &err);
@@ -240,7 +273,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
             log_warn("request_host_refused", "host=%s refused_total=%llu", host,
                      (unsigned long long)ep->refused_hosts);
         }
-        send_error(c, &err, appservice);
+        send_error(c, &err, shape);
         return;
     }
     if (!imds_resource_allowed(tr.resource, tr.resource_len, ep->cfg->allowed_resources,
@@ -257,13 +290,13 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
                                "The resource is not one this endpoint issues tokens for "
                                "(--allow-resource)",
                                0};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
-    if (!appservice && ep->arc && !arc_check(ep, c, req))
+    if (shape == SHAPE_IMDS && ep->arc && !arc_check(ep, c, req))
         return;
-    if (appservice && tr.msi2017)
-        appservice = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
+    if (shape == SHAPE_APPSERVICE && tr.msi2017)
+        shape = tr.msi2017_epoch ? SHAPE_MSI2017_EPOCH : SHAPE_MSI2017;
     struct token *tok;
     struct entra_result fail;
     /* first without a waiter: a hit or an immediate failure never touches the heap */
@@ -271,20 +304,20 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
         token_cache_get(ep->cache, NULL, tr.client_id, tr.resource, tr.resource_len, &tok, &fail);
     switch (cr) {
     case CACHE_HIT:
-        if (appservice)
-            send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, appservice);
+        if (shape != SHAPE_IMDS)
+            send_token(c, tok, tr.client_id, tr.resource, tr.resource_len, shape);
         else
             send_cached(c, tok, tr.client_id, tr.resource, tr.resource_len);
         return;
     case CACHE_FAIL: {
         struct imds_error e;
         imds_error_from_entra(&fail, &e);
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     case CACHE_FULL: {
         struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     case CACHE_WAIT:
@@ -294,7 +327,7 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     p->w.done = on_token;
     p->w.data = p;
     p->conn = c;
-    p->appservice = appservice;
+    p->shape = shape;
     p->client_id = (char *)tr.client_id; /* owned by the config, which outlives requests */
     p->resource_len = tr.resource_len;
     memcpy(p->resource, tr.resource, tr.resource_len + 1);
@@ -305,14 +338,17 @@ static void handle_token(struct endpoints *ep, struct http_conn *c, const struct
     if (cr != CACHE_WAIT) {
         free(p);
         struct imds_error e = {503, "service_unavailable", "Token cache is full", 5};
-        send_error(c, &e, appservice);
+        send_error(c, &e, shape);
         return;
     }
     http_conn_on_abort(c, on_token_abort, p);
 }
 
-static void handle_ready(struct endpoints *ep, struct http_conn *c)
+static void handle_ready(struct endpoints *ep, struct http_conn *c, const struct http_request *req,
+                         enum answer_shape shape)
 {
+    (void)req;
+    (void)shape;
     struct token_file_status st;
     int64_t now = now_epoch();
     token_file_status(ep->tf, now, &st);
@@ -345,52 +381,108 @@ static void handle_ready(struct endpoints *ep, struct http_conn *c)
     http_conn_respond(c, ok ? 200 : 503, NULL, b->data, b->len);
 }
 
+static void handle_healthz(struct endpoints *ep, struct http_conn *c,
+                           const struct http_request *req, enum answer_shape shape)
+{
+    (void)ep;
+    (void)req;
+    (void)shape;
+    static const char ok[] = "{\"status\":\"ok\"}";
+    http_conn_respond(c, 200, NULL, ok, sizeof ok - 1);
+}
+
+static void handle_metrics(struct endpoints *ep, struct http_conn *c,
+                           const struct http_request *req, enum answer_shape shape)
+{
+    (void)req;
+    (void)shape;
+    struct buf *b = http_conn_scratch(c);
+    buf_reset(b);
+    metrics_render(b, ep->tf, ep->cache, http_conn_server(c));
+    http_conn_respond_type(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len);
+}
+
+static void handle_not_found(struct endpoints *ep, struct http_conn *c,
+                             const struct http_request *req, enum answer_shape shape)
+{
+    (void)ep;
+    (void)req;
+    struct imds_error e = {404, "not_found", "The requested path was not found", 0};
+    send_error(c, &e, shape);
+}
+
+/* ---- the routes ------------------------------------------------------------------------------ */
+
+#define METHOD_GET   1u
+#define METHOD_POST  2u
+#define ON(listener) (1u << (listener))
+
+static int app_service_on(const struct endpoints *ep)
+{
+    return ep->cfg->identity_header != NULL;
+}
+
+struct route {
+    enum endpoints_route id;
+    const char *path;   /* as imds_path_normalize writes it */
+    unsigned methods;   /* METHOD_*: any other method is answered 405 (0: any method) */
+    unsigned listeners; /* ON(LISTENER_*): on any other listener the path is not found */
+    int (*offered)(const struct endpoints *ep); /* NULL, or whether the configuration offers it */
+    enum metrics_endpoint metric;               /* the endpoint label of its answers */
+    enum answer_shape shape;                    /* of its answers, errors included */
+    void (*handle)(struct endpoints *ep, struct http_conn *c, const struct http_request *req,
+                   enum answer_shape shape);
+};
+
+/* Never a token on the health listener, where the cluster network can ask; never /metrics on a
+ * token listener, where the application would learn about the others. The token path also takes
+ * Cloud Shell's POST (MSI_ENDPOINT alone); the answer is IMDS's. */
+static const struct route routes[] = {
+    {ROUTE_TOKEN, "/metadata/identity/oauth2/token", METHOD_GET | METHOD_POST, ON(LISTENER_TOKENS),
+     NULL, EP_TOKEN, SHAPE_IMDS, handle_token},
+    {ROUTE_APPSERVICE, "/msi/token", METHOD_GET, ON(LISTENER_TOKENS), app_service_on, EP_MSI,
+     SHAPE_APPSERVICE, handle_token},
+    {ROUTE_HEALTHZ, "/healthz", METHOD_GET, ON(LISTENER_TOKENS) | ON(LISTENER_HEALTH), NULL,
+     EP_HEALTHZ, SHAPE_IMDS, handle_healthz},
+    {ROUTE_READYZ, "/readyz", METHOD_GET, ON(LISTENER_TOKENS) | ON(LISTENER_HEALTH), NULL,
+     EP_READYZ, SHAPE_IMDS, handle_ready},
+    {ROUTE_METRICS, "/metrics", METHOD_GET, ON(LISTENER_HEALTH), NULL, EP_METRICS, SHAPE_IMDS,
+     handle_metrics},
+};
+
+/* what answers a path no row names, or one its row does not serve on this listener */
+static const struct route not_found = {ROUTE_NOT_FOUND, NULL, 0, 0, NULL, EP_OTHER, SHAPE_IMDS,
+                                       handle_not_found};
+
+static const struct route *find_route(const char *path, size_t len)
+{
+    char norm[IMDS_MAX_PATH];
+    if (imds_path_normalize(path, len, norm, sizeof norm) < 0)
+        return NULL;
+    for (size_t i = 0; i < ARRAY_LEN(routes); i++)
+        if (strcmp(norm, routes[i].path) == 0)
+            return &routes[i];
+    return NULL;
+}
+
+enum endpoints_route endpoints_route(const char *path, size_t len)
+{
+    const struct route *r = find_route(path, len);
+    return r ? r->id : ROUTE_NOT_FOUND;
+}
+
 void endpoints_handle(struct http_conn *c, const struct http_request *req, void *arg)
 {
     struct endpoints *ep = arg;
-    enum imds_route route = imds_route(req->path, req->path_len);
-    if (route == ROUTE_APPSERVICE && !ep->cfg->identity_header)
-        route = ROUTE_NOT_FOUND;
-    if (req->tag == LISTENER_HEALTH && (route == ROUTE_TOKEN || route == ROUTE_APPSERVICE))
-        route = ROUTE_NOT_FOUND; /* never a token where the cluster network can ask */
-    if (req->tag != LISTENER_HEALTH && route == ROUTE_METRICS)
-        route = ROUTE_NOT_FOUND; /* the application's listener shows it nothing about the others */
-    static const enum metrics_endpoint counted_as[] = {
-        [ROUTE_NOT_FOUND] = EP_OTHER, [ROUTE_TOKEN] = EP_TOKEN,   [ROUTE_APPSERVICE] = EP_MSI,
-        [ROUTE_HEALTHZ] = EP_HEALTHZ, [ROUTE_READYZ] = EP_READYZ, [ROUTE_METRICS] = EP_METRICS,
-    };
-    http_conn_count_as(c, counted_as[route]);
-    switch (route) {
-    case ROUTE_TOKEN:
-        handle_token(ep, c, req, 0);
-        return;
-    case ROUTE_APPSERVICE:
-        handle_token(ep, c, req, 1);
-        return;
-    case ROUTE_NOT_FOUND: {
-        struct imds_error e = {404, "not_found", "The requested path was not found", 0};
-        send_error(c, &e, 0);
-        return;
-    }
-    default:
-        break;
-    }
-    if (!req->is_get) {
+    const struct route *r = find_route(req->path, req->path_len);
+    if (!r || !(r->listeners & ON(req->tag)) || (r->offered && !r->offered(ep)))
+        r = &not_found;
+    http_conn_count_as(c, r->metric);
+    unsigned method = (req->is_get ? METHOD_GET : 0) | (req->is_post ? METHOD_POST : 0);
+    if (r->methods && !(r->methods & method)) {
         struct imds_error e = {405, "method_not_allowed", "The requested method is not allowed", 0};
-        send_error(c, &e, 0);
+        send_error(c, &e, r->shape);
         return;
     }
-    if (route == ROUTE_HEALTHZ) {
-        static const char ok[] = "{\"status\":\"ok\"}";
-        http_conn_respond(c, 200, NULL, ok, sizeof ok - 1);
-        return;
-    }
-    if (route == ROUTE_METRICS) {
-        struct buf *b = http_conn_scratch(c);
-        buf_reset(b);
-        metrics_render(b, ep->tf, ep->cache, http_conn_server(c));
-        http_conn_respond_type(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len);
-        return;
-    }
-    handle_ready(ep, c);
+    r->handle(ep, c, req, r->shape);
 }

@@ -15,7 +15,6 @@
 #include <unistd.h>
 
 #include "buf.h"
-#include "imds.h"
 #include "log.h"
 #include "metrics.h"
 #include "util.h"
@@ -547,16 +546,22 @@ size_t http_server_buffered(const struct http_server *s)
     return s->held;
 }
 
+/* The body of an answer the server gives itself, in s->scratch (see http_error_body_cb). */
+static struct buf *error_body(struct http_server *s, int status, const char *reason)
+{
+    buf_reset(&s->scratch);
+    if (s->opts.error_body)
+        s->opts.error_body(&s->scratch, status, reason, s->opts.error_arg);
+    return &s->scratch;
+}
+
 /* Answers a request that never reached the handler (parse error, cap) and closes. */
 static void reject(struct http_conn *c, int status, const char *desc)
 {
-    struct imds_error e = {status, status == 400 ? "invalid_request" : "bad_request", desc, 0};
     log_info("http_reject", "status=%d reason=\"%s\"", status, desc);
     set_state(c, CONN_HANDLING);
     c->close_after_write = 1;
-    struct buf *b = http_conn_scratch(c);
-    buf_reset(b);
-    imds_render_error(b, &e);
+    struct buf *b = error_body(c->server, status, desc);
     http_conn_respond(c, status, NULL, b->data, b->len);
 }
 
@@ -1089,15 +1094,14 @@ static void pause_accepting(struct http_server *s)
 
 static void close_waiting(struct http_conn *c)
 {
-    static const char body[] = "{\"error\":\"service_unavailable\",\"error_description\":"
-                               "\"imdsd is at its connection limit; retry\"}";
+    const struct buf *body = error_body(c->server, 503, "imdsd is at its connection limit; retry");
     char head[200];
     int n = snprintf(head, sizeof head,
                      "HTTP/1.1 503 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
                      "Retry-After: 1\r\nConnection: close\r\n\r\n",
-                     status_text(503), JSON_TYPE, sizeof body - 1);
+                     status_text(503), JSON_TYPE, body->len);
     metrics_request(c->endpoint, 503);
-    uv_buf_t b[2] = {uv_buf_init(head, (unsigned)n), uv_buf_init((char *)body, sizeof body - 1)};
+    uv_buf_t b[2] = {uv_buf_init(head, (unsigned)n), uv_buf_init(body->data, (unsigned)body->len)};
     (void)uv_try_write((uv_stream_t *)&c->tcp, b, 2);
     conn_close(c);
 }
@@ -1393,7 +1397,6 @@ static void on_drained(uv_timer_t *t)
 static void on_grace(uv_timer_t *t)
 {
     struct http_server *s = t->data;
-    static const struct imds_error e = {503, "service_unavailable", "imdsd is shutting down", 0};
     for (struct http_conn *c = s->conns, *n; c; c = n) {
         n = c->next;
         if (c->state != CONN_HANDLING)
@@ -1404,9 +1407,8 @@ static void on_grace(uv_timer_t *t)
             cb(c, c->abort_arg);
         }
         log_info("http_shutdown_abort", "reason=grace_period_over");
-        buf_reset(&s->scratch);
-        imds_render_error(&s->scratch, &e);
-        http_conn_respond(c, e.status, NULL, s->scratch.data, s->scratch.len);
+        const struct buf *b = error_body(s, 503, "imdsd is shutting down");
+        http_conn_respond(c, 503, NULL, b->data, b->len);
     }
     /* what is left is a client that does not read its answer (or the 503 just queued) */
     while (s->conns) {

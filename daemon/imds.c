@@ -9,33 +9,20 @@
 
 #include "json.h"
 
-static const char TOKEN_PATH[] = "/metadata/identity/oauth2/token";
-
-enum imds_route imds_route(const char *path, size_t len)
+int imds_path_normalize(const char *path, size_t len, char *out, size_t size)
 {
-    char norm[64];
     size_t o = 0;
     for (size_t i = 0; i < len; i++) {
-        if (path[i] == '/' && o > 0 && norm[o - 1] == '/')
+        if (path[i] == '/' && o > 0 && out[o - 1] == '/')
             continue;
-        if (o + 1 >= sizeof norm)
-            return ROUTE_NOT_FOUND;
-        norm[o++] = (char)tolower((unsigned char)path[i]);
+        if (o + 1 >= size)
+            return -1;
+        out[o++] = (char)tolower((unsigned char)path[i]);
     }
-    if (o > 1 && norm[o - 1] == '/')
+    if (o > 1 && out[o - 1] == '/')
         o--;
-    norm[o] = 0;
-    if (strcmp(norm, TOKEN_PATH) == 0)
-        return ROUTE_TOKEN;
-    if (strcmp(norm, "/msi/token") == 0)
-        return ROUTE_APPSERVICE;
-    if (strcmp(norm, "/healthz") == 0)
-        return ROUTE_HEALTHZ;
-    if (strcmp(norm, "/readyz") == 0)
-        return ROUTE_READYZ;
-    if (strcmp(norm, "/metrics") == 0)
-        return ROUTE_METRICS;
-    return ROUTE_NOT_FOUND;
+    out[o] = 0;
+    return 0;
 }
 
 /* Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above U+10FFFF. */

@@ -1,11 +1,15 @@
 /* imdsd - serves Entra ID access tokens for a Kubernetes workload identity on a local
  * IMDS-compatible endpoint. main: configuration, start-up in dependency order, the loop, and
  * teardown in reverse order. */
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <uv.h>
 
 #include "config.h"
@@ -38,23 +42,26 @@ static const char *env(const char *name)
     return getenv(name);
 }
 
+/* Frees what start() made, in the reverse order; what was not made is NULL (or zero). */
+static void free_modules(struct daemon *d)
+{
+    http_server_free(d->server);
+    d->server = NULL;
+    endpoints_free(&d->ep);
+    token_cache_free(d->cache);
+    d->cache = NULL;
+    token_file_free(d->tf);
+    d->tf = NULL;
+    entra_free(d->entra);
+    d->entra = NULL;
+}
+
 /* Frees everything but the loop; called when the server has drained (or at once on a second
  * signal). */
 static void teardown(void *arg)
 {
     struct daemon *d = arg;
-    http_server_free(d->server);
-    d->server = NULL;
-    token_cache_free(d->cache);
-    d->cache = NULL;
-    token_file_free(d->tf);
-    d->tf = NULL;
-    secret_watch_free(d->ep.secrets);
-    d->ep.secrets = NULL;
-    arc_free(d->ep.arc);
-    d->ep.arc = NULL;
-    entra_free(d->entra);
-    d->entra = NULL;
+    free_modules(d);
     sd_close();
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);
@@ -81,8 +88,7 @@ static void on_signal(uv_signal_t *s, int signum)
     if (signum == SIGHUP) {
         sd_reloading();
         token_file_reload(d->tf);
-        if (d->ep.secrets)
-            secret_watch_reload(d->ep.secrets);
+        endpoints_reload(&d->ep);
         sd_reloaded();
     } else
         stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -105,6 +111,80 @@ static void raise_fd_limit(unsigned max_connections)
                  (unsigned long long)cur, (unsigned long long)want);
 }
 
+/* What imdsd waits for, as systemd's STATUS= line (sd_status_cb; arg is the daemon). */
+static void status_text(char *out, size_t n, void *arg)
+{
+    const struct daemon *d = arg;
+    struct token_file_status st;
+    token_file_status(d->tf, now_epoch(), &st);
+    if (st.state == TOKEN_UNKNOWN)
+        snprintf(out, n, "reading the service-account token (%s)", d->cfg.token_file);
+    else if (st.state != TOKEN_OK)
+        snprintf(out, n, "waiting for the service-account token: %s (%s)",
+                 token_state_name(st.state), d->cfg.token_file);
+    else if (metrics.entra_failures_in_row > 0)
+        snprintf(out, n, "waiting for Entra: %" PRIu64 " failed exchanges in a row (last: %s)",
+                 metrics.entra_failures_in_row,
+                 (unsigned)metrics.entra_last_failure < OUT_COUNT
+                     ? metrics_outcome_names[metrics.entra_last_failure]
+                     : "?");
+    else
+        snprintf(out, n, "serving tokens");
+}
+
+/* The local address of a listening socket, as "ip:port" or "[ip]:port". */
+static const char *sock_str(int fd, char out[CONFIG_LISTEN_STR])
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    char ip[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
+            uv_ip6_name(a, ip, sizeof ip);
+            port = ntohs(a->sin6_port);
+        } else if (ss.ss_family == AF_INET) {
+            const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
+            uv_ip4_name(a, ip, sizeof ip);
+            port = ntohs(a->sin_port);
+        }
+    }
+    return hostport_str(out, CONFIG_LISTEN_STR, ip, port);
+}
+
+/* Serves on the sockets systemd passed instead of --listen and --health-listen: a socket whose
+ * name (FileDescriptorName=) starts with "health" becomes a health listener, any other a token
+ * listener. Returns how many (0: none was passed, --listen applies), or -1 with a one-line reason
+ * naming LISTEN_FDS. */
+static int listen_passed(struct daemon *d, char *err, size_t errlen)
+{
+    const struct sd_socket *socks;
+    int n = sd_listen(&socks), tokens = 0;
+    for (int i = 0; i < n; i++) {
+        int fd = socks[i].fd, health = strncmp(socks[i].name, "health", 6) == 0;
+        const char *raw = socks[i].name;
+        char name[80], addr[CONFIG_LISTEN_STR];
+        log_quote(name, sizeof name, raw, strlen(raw));
+        int rc = http_server_listen_fd(d->server, fd, health ? LISTENER_HEALTH : LISTENER_TOKENS);
+        if (rc < 0) {
+            const char *why = rc == -ENOTSOCK     ? "is not a socket"
+                              : rc == -EPROTOTYPE ? "is not a TCP (stream, IPv4 or IPv6) socket"
+                              : rc == -EINVAL     ? "is not listening"
+                                                  : strerror(-rc);
+            snprintf(err, errlen, "LISTEN_FDS: descriptor %d%s%s%s %s", fd, *raw ? " (" : "",
+                     *raw ? name : "", *raw ? ")" : "", why);
+            return -1;
+        }
+        tokens += !health;
+        log_info("listening", "addr=%s serves=%s from=systemd fd=%d name=%s", sock_str(fd, addr),
+                 health ? "health" : "tokens", fd, name);
+    }
+    if (n && !tokens)
+        log_warn("no_token_listener", "reason=\"systemd passed health sockets only\"");
+    return n;
+}
+
 static int start(struct daemon *d)
 {
     char err[512];
@@ -118,21 +198,17 @@ static int start(struct daemon *d)
     d->tf = token_file_new(&d->loop, c->token_file);
     struct token_cache_opts co = {.entra_timeout_s = c->entra_timeout_s};
     d->cache = token_cache_new(&d->loop, &co, d->entra, d->tf);
-    endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf);
-    if (c->arc_key_dir &&
-        !(d->ep.arc = arc_new(&d->loop, c->arc_key_dir, (gid_t)c->arc_gid, err, sizeof err))) {
+    if (endpoints_init(&d->ep, &d->loop, c, d->cache, d->tf, err, sizeof err) < 0) {
         log_fatal("%s", err);
         return 2;
     }
-    if (c->identity_header)
-        d->ep.secrets = secret_watch_new(&d->loop, c->identity_header_file, c->identity_header,
-                                         c->identity_header_len, c->identity_header_overlap_s);
     struct http_server_opts so = {.idle_timeout_ms = c->idle_timeout_s * 1000u,
-                                  .header_timeout_ms = c->header_timeout_s * 1000u};
+                                  .header_timeout_ms = c->header_timeout_s * 1000u,
+                                  .error_body = endpoints_error_body};
     so.max_connections[LISTENER_TOKENS] = c->max_connections;
     so.max_connections[LISTENER_HEALTH] = c->max_health_connections;
     d->server = http_server_new(&d->loop, &so, endpoints_handle, &d->ep);
-    int passed = sd_listen(d->server, err, sizeof err); /* systemd's sockets replace --listen */
+    int passed = listen_passed(d, err, sizeof err); /* systemd's sockets replace --listen */
     if (passed < 0) {
         log_fatal("%s", err);
         return 2;
@@ -218,18 +294,13 @@ int main(int argc, char **argv)
     if (rc != 0) {
         /* release what was set up, then let the closes finish */
         d.stopping = 1;
-        http_server_free(d.server);
-        token_cache_free(d.cache);
-        token_file_free(d.tf);
-        secret_watch_free(d.ep.secrets);
-        arc_free(d.ep.arc);
-        entra_free(d.entra);
+        free_modules(&d);
         uv_run(&d.loop, UV_RUN_DEFAULT);
         uv_loop_close(&d.loop);
         config_free(&d.cfg);
         return rc;
     }
-    sd_ready(&d.loop, d.tf, d.cfg.token_file); /* every listener is open */
+    sd_ready(&d.loop, status_text, &d); /* every listener is open */
     uv_run(&d.loop, UV_RUN_DEFAULT);
     int closed = uv_loop_close(&d.loop);
     config_free(&d.cfg);

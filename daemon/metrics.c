@@ -4,6 +4,10 @@
 
 struct metrics metrics;
 
+const char *const metrics_endpoint_names[EP_COUNT] = {"token",  "msi",     "healthz",
+                                                      "readyz", "metrics", "other"};
+const char *const metrics_outcome_names[OUT_COUNT] = {"ok", "throttled", "transient", "permanent"};
+
 const double metrics_latency_bounds[METRICS_LAT_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                             0.5,   1,    2.5,   5,    10,  30};
 

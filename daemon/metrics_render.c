@@ -1,7 +1,7 @@
 /* metrics_render.c - the Prometheus text exposition of imdsd's counters (GET /metrics on the health
  * listener). Counting happens where things happen (metrics.h); this file only renders, and
  * rendering runs when a scraper asks, never on the token path. */
-#include "metrics.h"
+#include "metrics_render.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -11,15 +11,12 @@
 
 #include "buf.h"
 #include "http_server.h"
+#include "metrics.h"
 #include "token_cache.h"
 #include "token_file.h"
 #include "util.h"
 
 #define TOKEN_SERIES_MAX 64 /* per-token gauges shown, soonest expiry first */
-
-static const char *const endpoint_names[EP_COUNT] = {"token",  "msi",     "healthz",
-                                                     "readyz", "metrics", "other"};
-static const char *const outcome_names[OUT_COUNT] = {"ok", "throttled", "transient", "permanent"};
 
 static void head(struct buf *b, const char *name, const char *type, const char *help)
 {
@@ -142,8 +139,8 @@ static void render_entra(struct buf *b)
         metrics.arc_challenges_refused_per_user);
     head(b, "imdsd_entra_exchanges_total", "counter", "Token exchanges with Entra, by outcome.");
     for (int o = 0; o < OUT_COUNT; o++)
-        buf_printf(b, "imdsd_entra_exchanges_total{outcome=\"%s\"} %llu\n", outcome_names[o],
-                   (unsigned long long)metrics.exchanges[o]);
+        buf_printf(b, "imdsd_entra_exchanges_total{outcome=\"%s\"} %llu\n",
+                   metrics_outcome_names[o], (unsigned long long)metrics.exchanges[o]);
     head(b, "imdsd_entra_exchange_duration_seconds", "histogram",
          "Duration of token exchanges with Entra, connection set-up included.");
     uint64_t cum = 0;
@@ -196,11 +193,12 @@ static void render_http(struct buf *b, struct http_server *server)
     for (int e = 0; e < EP_COUNT; e++) {
         for (int i = 0; i < METRICS_CODES && metrics.codes[e][i]; i++)
             buf_printf(b, "imdsd_http_requests_total{endpoint=\"%s\",code=\"%u\"} %llu\n",
-                       endpoint_names[e], metrics.codes[e][i],
+                       metrics_endpoint_names[e], metrics.codes[e][i],
                        (unsigned long long)metrics.requests[e][i]);
         if (metrics.requests[e][METRICS_CODES])
             buf_printf(b, "imdsd_http_requests_total{endpoint=\"%s\",code=\"other\"} %llu\n",
-                       endpoint_names[e], (unsigned long long)metrics.requests[e][METRICS_CODES]);
+                       metrics_endpoint_names[e],
+                       (unsigned long long)metrics.requests[e][METRICS_CODES]);
     }
     scalar(b, "imdsd_http_connections", "gauge", "Client connections open.",
            server ? http_server_connections(server) : 0);

@@ -9,7 +9,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,10 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "config.h"
-#include "endpoints.h"
 #include "log.h"
-#include "metrics.h"
 #include "util.h"
 
 #define SD_FDNAME_MAX 255 /* systemd's limit on FileDescriptorName= */
@@ -33,11 +29,11 @@ static struct {
     uint64_t watchdog_usec; /* 0: no watchdog */
     int nfds;               /* sockets passed */
     char fdnames[SD_MAX_LISTEN_FDS * (SD_FDNAME_MAX + 1)];
-    const char *names[SD_MAX_LISTEN_FDS];
+    struct sd_socket socks[SD_MAX_LISTEN_FDS];
     int send_failing; /* the last message was not sent (logged once per streak) */
     int stopping;
-    struct token_file *tf;
-    const char *token_path;
+    sd_status_cb *status_cb; /* set by sd_ready */
+    void *status_arg;
     uv_timer_t watchdog, status;
     int timers; /* the timers are initialised and not closed yet */
     char status_sent[PATH_MAX + 200];
@@ -125,7 +121,8 @@ static int listen_env(char *err, size_t errlen)
                      strerror(errno));
             return -1;
         }
-        sd.names[i] = "";
+        sd.socks[i].fd = SD_LISTEN_FDS_START + i;
+        sd.socks[i].name = "";
     }
     if (names_s && *names_s && n > 0) {
         if (strlen(names_s) >= sizeof sd.fdnames) {
@@ -139,7 +136,7 @@ static int listen_env(char *err, size_t errlen)
             if (colon)
                 *colon = 0;
             if (k < (int)n)
-                sd.names[k] = p;
+                sd.socks[k].name = p;
             k++;
             if (!colon)
                 break;
@@ -177,75 +174,18 @@ int sd_init(char *err, size_t errlen)
     return rc;
 }
 
-static const char *sock_str(int fd, char out[CONFIG_LISTEN_STR])
+int sd_listen(const struct sd_socket **out)
 {
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    char ip[INET6_ADDRSTRLEN] = "?";
-    int port = 0, v6 = 0;
-    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
-        if (ss.ss_family == AF_INET6) {
-            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
-            uv_ip6_name(a, ip, sizeof ip);
-            port = ntohs(a->sin6_port);
-            v6 = 1;
-        } else if (ss.ss_family == AF_INET) {
-            const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
-            uv_ip4_name(a, ip, sizeof ip);
-            port = ntohs(a->sin_port);
-        }
-    }
-    snprintf(out, CONFIG_LISTEN_STR, "%s%s%s:%d", v6 ? "[" : "", ip, v6 ? "]" : "", port);
-    return out;
-}
-
-int sd_listen(struct http_server *s, char *err, size_t errlen)
-{
-    int tokens = 0;
-    for (int i = 0; i < sd.nfds; i++) {
-        int fd = SD_LISTEN_FDS_START + i, health = strncmp(sd.names[i], "health", 6) == 0;
-        char name[80], addr[CONFIG_LISTEN_STR];
-        log_quote(name, sizeof name, sd.names[i], strlen(sd.names[i]));
-        int rc = http_server_listen_fd(s, fd, health ? LISTENER_HEALTH : LISTENER_TOKENS);
-        if (rc < 0) {
-            const char *why = rc == -ENOTSOCK     ? "is not a socket"
-                              : rc == -EPROTOTYPE ? "is not a TCP (stream, IPv4 or IPv6) socket"
-                              : rc == -EINVAL     ? "is not listening"
-                                                  : strerror(-rc);
-            snprintf(err, errlen, "LISTEN_FDS: descriptor %d%s%s%s %s", fd,
-                     *sd.names[i] ? " (" : "", *sd.names[i] ? name : "", *sd.names[i] ? ")" : "",
-                     why);
-            return -1;
-        }
-        tokens += !health;
-        log_info("listening", "addr=%s serves=%s from=systemd fd=%d name=%s", sock_str(fd, addr),
-                 health ? "health" : "tokens", fd, name);
-    }
-    if (sd.nfds && !tokens)
-        log_warn("no_token_listener", "reason=\"systemd passed health sockets only\"");
+    *out = sd.socks;
     return sd.nfds;
 }
 
-/* What imdsd waits for, as a STATUS= line. A newline in the path would start another field. */
+/* The caller's status text as a STATUS= line. A newline would start another field. */
 static void status_line(char *out, size_t n)
 {
-    static const char *const outcome[] = {"ok", "throttled", "transient", "permanent"};
-    struct token_file_status st;
-    token_file_status(sd.tf, now_epoch(), &st);
-    if (st.state == TOKEN_UNKNOWN)
-        snprintf(out, n, "STATUS=reading the service-account token (%s)", sd.token_path);
-    else if (st.state != TOKEN_OK)
-        snprintf(out, n, "STATUS=waiting for the service-account token: %s (%s)",
-                 token_state_name(st.state), sd.token_path);
-    else if (metrics.entra_failures_in_row > 0)
-        snprintf(out, n,
-                 "STATUS=waiting for Entra: %" PRIu64 " failed exchanges in a row (last: %s)",
-                 metrics.entra_failures_in_row,
-                 (unsigned)metrics.entra_last_failure < ARRAY_LEN(outcome)
-                     ? outcome[metrics.entra_last_failure]
-                     : "?");
-    else
-        snprintf(out, n, "STATUS=serving tokens");
+    static const char key[] = "STATUS=";
+    snprintf(out, n, "%s", key);
+    sd.status_cb(out + sizeof key - 1, n - (sizeof key - 1), sd.status_arg);
     for (char *p = out; *p; p++)
         if (*p == '\n')
             *p = '?';
@@ -279,10 +219,10 @@ static void ready(void)
     notify(msg);
 }
 
-void sd_ready(uv_loop_t *loop, struct token_file *tf, const char *token_path)
+void sd_ready(uv_loop_t *loop, sd_status_cb *status, void *arg)
 {
-    sd.tf = tf;
-    sd.token_path = token_path;
+    sd.status_cb = status;
+    sd.status_arg = arg;
     if (!sd.addr_len)
         return;
     char q[160];
@@ -315,7 +255,7 @@ void sd_reloading(void)
 
 void sd_reloaded(void)
 {
-    if (!sd.stopping && sd.tf)
+    if (!sd.stopping && sd.status_cb)
         ready();
 }
 

@@ -167,3 +167,10 @@ uint64_t now_ms(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
+
+const char *hostport_str(char *out, size_t n, const char *host, int port)
+{
+    int v6 = strchr(host, ':') != NULL;
+    snprintf(out, n, "%s%s%s:%d", v6 ? "[" : "", host, v6 ? "]" : "", port);
+    return out;
+}

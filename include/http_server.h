@@ -1,6 +1,7 @@
 /* http_server.h - the loopback HTTP/1.1 listener: per-connection parsing with hard caps,
  * keep-alive and pipelining, an idle/slow-request timeout and a connection limit. It knows no
- * routes: every complete request goes to one handler, which answers now or later. */
+ * routes: every complete request goes to one handler, which answers now or later; nor the shape
+ * of an error: the body of one it gives itself comes from opts.error_body. */
 #ifndef IMDSD_HTTP_SERVER_H
 #define IMDSD_HTTP_SERVER_H
 
@@ -17,6 +18,7 @@
 #define HTTP_SECRET_HEADER_MAX 256        /* X-IDENTITY-HEADER value kept for the handler */
 #define HTTP_MAX_HOST          300        /* Host value kept for the handler */
 
+struct buf;
 struct http_conn;
 
 struct http_request {
@@ -49,6 +51,10 @@ struct http_request {
 typedef void http_handler_cb(struct http_conn *c, const struct http_request *req, void *arg);
 /* Called if the connection goes away while the handler has not responded yet. */
 typedef void http_abort_cb(struct http_conn *c, void *arg);
+/* Appends to b the JSON body of an error answer the server gives itself, without the handler: a
+ * malformed request or one over a cap (reason is one line of text), a request closed at the
+ * connection limit or at the end of a shutdown's grace period (status 503). */
+typedef void http_error_body_cb(struct buf *b, int status, const char *reason, void *arg);
 
 struct http_server_opts {
     /* per listener tag: the listeners with one tag share a pool of this many connections, so that
@@ -61,6 +67,8 @@ struct http_server_opts {
      * arriving (URL, body), input pipelined behind a request, answers a client has not taken in.
      * Past it the connections holding the most-stale of these are closed. 0: HTTP_BUFFER_BUDGET */
     size_t buffer_budget;
+    http_error_body_cb *error_body; /* NULL: those answers have an empty body */
+    void *error_arg;
 };
 
 struct http_server;

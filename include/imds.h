@@ -1,5 +1,5 @@
-/* imds.h - pure IMDS request handling: routing, request validation, identity selection and
- * the rendering of token and error responses. No I/O, no clock (now is an argument). */
+/* imds.h - pure IMDS request handling: path normalisation, request validation, identity selection
+ * and the rendering of token and error responses. No I/O, no clock (now is an argument). */
 #ifndef IMDSD_IMDS_H
 #define IMDSD_IMDS_H
 
@@ -14,18 +14,12 @@
 #define IMDS_MAX_RESOURCE 2048 /* decoded bytes; longer is a client error */
 #define IMDS_MAX_HOST     300  /* a longer Host is refused */
 
-enum imds_route {
-    ROUTE_NOT_FOUND,
-    ROUTE_TOKEN,
-    ROUTE_APPSERVICE,
-    ROUTE_HEALTHZ,
-    ROUTE_READYZ,
-    ROUTE_METRICS,
-};
+#define IMDS_MAX_PATH 64 /* a normalised path this long or longer names no route */
 
-/* Routes a request path (without the query): repeated '/' collapse, one trailing '/' is dropped,
- * comparison ignores case. */
-enum imds_route imds_route(const char *path, size_t len);
+/* Writes a request path (len bytes, without the query) as routes are named: repeated '/'
+ * collapse, one trailing '/' is dropped, letters are lower case. Returns 0, or -1 when that takes
+ * size bytes or more (NUL included). */
+int imds_path_normalize(const char *path, size_t len, char *out, size_t size);
 
 struct imds_error {
     int status;              /* HTTP status */

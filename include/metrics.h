@@ -18,9 +18,13 @@ enum metrics_endpoint {
     EP_OTHER,   /* anything else, and requests refused before routing (malformed, too large) */
     EP_COUNT
 };
+/* the label values, by enum metrics_endpoint */
+extern const char *const metrics_endpoint_names[EP_COUNT];
 
 /* outcome label of imdsd_entra_exchanges_total */
 enum metrics_outcome { OUT_OK, OUT_THROTTLED, OUT_TRANSIENT, OUT_PERMANENT, OUT_COUNT };
+/* the label values, by enum metrics_outcome */
+extern const char *const metrics_outcome_names[OUT_COUNT];
 
 #define METRICS_CODES       16 /* distinct status codes counted per endpoint; more go to "other" */
 #define METRICS_LAT_BUCKETS 12
@@ -68,13 +72,5 @@ static inline void metrics_request(unsigned endpoint, int status)
 
 /* One exchange with Entra ended with outcome after seconds. */
 void metrics_exchange(enum metrics_outcome outcome, double seconds);
-
-struct buf;
-struct token_file;
-struct token_cache;
-struct http_server;
-/* Renders every metric in the Prometheus text format (version 0.0.4) into b. */
-void metrics_render(struct buf *b, struct token_file *tf, struct token_cache *cache,
-                    struct http_server *server);
 
 #endif

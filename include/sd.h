@@ -11,9 +11,6 @@
 #include <stddef.h>
 #include <uv.h>
 
-#include "http_server.h"
-#include "token_file.h"
-
 #define SD_LISTEN_FDS_START 3  /* the first descriptor systemd passes */
 #define SD_MAX_LISTEN_FDS   16 /* more is a configuration error */
 #define SD_STATUS_CHECK_MS  1000
@@ -25,17 +22,25 @@
  * naming the variable in err. */
 int sd_init(char *err, size_t errlen);
 
-/* Serves on the sockets systemd passed (descriptors 3 ... 3+N-1) instead of --listen and
- * --health-listen: a socket whose name (FileDescriptorName=) starts with "health" becomes a health
- * listener, any other a token listener. Logs event=listening ... from=systemd for each. Returns how
- * many (0: none was passed, --listen applies), or -1 with a one-line reason naming LISTEN_FDS. */
-int sd_listen(struct http_server *s, char *err, size_t errlen);
+/* A listening socket systemd passed: its descriptor and its FileDescriptorName= ("" when none). */
+struct sd_socket {
+    int fd;
+    const char *name;
+};
 
-/* Every listener is open: sends READY=1 with a STATUS= line, then keeps STATUS= up to date (what
- * imdsd waits for: the token file tf at token_path, or Entra; checked every second) and, when
- * systemd asked for it, sends WATCHDOG=1 every WATCHDOG_USEC/2 from the loop. The timers never
- * keep the loop alive; sd_close() closes them. */
-void sd_ready(uv_loop_t *loop, struct token_file *tf, const char *token_path);
+/* The sockets systemd passed (descriptors 3 ... 3+N-1, close-on-exec), in order: points *out at
+ * them (valid until the next sd_init) and returns how many (0: none was passed). What each one
+ * serves is the caller's business. */
+int sd_listen(const struct sd_socket **out);
+
+/* Writes the text of a STATUS= line (without "STATUS=") into out, n bytes. */
+typedef void sd_status_cb(char *out, size_t n, void *arg);
+
+/* Every listener is open: sends READY=1 with a STATUS= line that status(arg) writes, then keeps
+ * STATUS= up to date (asks status every second, sends what changed; a newline becomes '?') and,
+ * when systemd asked for it, sends WATCHDOG=1 every WATCHDOG_USEC/2 from the loop. The timers
+ * never keep the loop alive; sd_close() closes them. */
+void sd_ready(uv_loop_t *loop, sd_status_cb *status, void *arg);
 /* SIGHUP: RELOADING=1 (with MONOTONIC_USEC=, which systemd 253 and newer want); then, once the
  * reload has been started, sd_reloaded() sends READY=1 again. */
 void sd_reloading(void);

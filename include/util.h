@@ -24,6 +24,10 @@ void hex_encode(const void *p, size_t n, char *out);
 /* Writes the first 6 bytes of SHA-256(p) as 12 hex digits + NUL: a log-safe fingerprint. */
 void fingerprint(const void *p, size_t n, char out[13]);
 
+/* Writes "host:port", or "[host]:port" when host is an IPv6 address (has a ':'), into out (n
+ * bytes, cut to fit); returns out. */
+const char *hostport_str(char *out, size_t n, const char *host, int port);
+
 /* Wall clock in seconds and in milliseconds since the epoch; a monotonic clock in ms. */
 int64_t now_epoch(void);
 int64_t now_wall_ms(void);

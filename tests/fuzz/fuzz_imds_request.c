@@ -15,7 +15,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned flags = data[0];
     const char *s = (const char *)data + 1;
     size_t n = size - 1;
-    imds_route(s, n);
+    char path[IMDS_MAX_PATH];
+    imds_path_normalize(s, n, path, sizeof path);
     static char *const hosts[] = {"imdsd.internal"};
     int host_ok = imds_host_allowed(s, n, hosts, 1); /* the bytes as a Host header, too */
     static const struct imds_alias aliases[] = {

@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include "buf.h"
+#include "endpoints.h"
 #include "entra_msg.h"
 #include "form.h"
 #include "imds.h"
@@ -26,13 +27,13 @@ static void entra_release(void *p)
     free(p);
 }
 
-/* ---- imds_route ------------------------------------------------------------------------------ */
+/* ---- endpoints_route (imds_path_normalize, then the route table) ----------------------------- */
 
 struct route_row {
     const char *name;
     const char *path;
     size_t len; /* 0 = strlen */
-    enum imds_route want;
+    enum endpoints_route want;
 };
 
 static const struct route_row route_rows[] = {
@@ -77,7 +78,7 @@ static void t_route(void **state)
 {
     const struct route_row *r = *state;
     size_t len = r->len ? r->len : strlen(r->path);
-    assert_int_equal(imds_route(tcopy(r->path, len), len), r->want);
+    assert_int_equal(endpoints_route(tcopy(r->path, len), len), r->want);
 }
 
 /* ---- imds_check_token_request ---------------------------------------------------------------- */
@@ -1076,7 +1077,7 @@ static void t_e2e(void **state)
 
 int main(void)
 {
-    ADD_ROWS("imds_route", route_rows, t_route);
+    ADD_ROWS("endpoints_route", route_rows, t_route);
     ADD_ROWS("imds_check_token_request", check_rows, t_check);
 #ifdef IMDS_MAX_RESOURCE
     add("imds_check_token_request", "resource of IMDS_MAX_RESOURCE bytes", t_resource_at_limit,
