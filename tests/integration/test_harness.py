@@ -55,3 +55,21 @@ def test_reexported_name_cannot_be_shadowed():
     else:
         raise AssertionError("harness.wait_for = ... was accepted")
     assert harness.wait_for is harness_base.wait_for
+
+
+def test_every_name_the_tests_use_exists():
+    """Each harness attribute the tests and tools name resolves (one the old single module had only
+    by accident, such as one of its stdlib imports, would not)."""
+    import glob
+    import re
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    missing = []
+    for path in glob.glob(os.path.join(tests, "**", "*.py"), recursive=True):
+        if os.path.basename(path).startswith("harness") or path == os.path.abspath(__file__):
+            continue
+        with open(path) as f:
+            text = f.read()
+        for m in re.finditer(r"\bharness\.([A-Za-z_]\w*)\b(?!\.py)", text):
+            if not hasattr(harness, m.group(1)):
+                missing.append(f"{os.path.relpath(path, tests)}: harness.{m.group(1)}")
+    assert not missing, missing
