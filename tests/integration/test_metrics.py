@@ -1,6 +1,7 @@
 """GET /metrics on the health listener: the Prometheus text format (checked by promtool), values the
 test caused, no secret anywhere, nothing on the token listener, bounded per-token series, and a real
 Prometheus server that scrapes imdsd and answers a query with a count the test caused."""
+import base64
 import http.client
 import json
 import os
@@ -90,7 +91,7 @@ def test_metrics_count_what_happened(ctx):
     assert 0 < value(text, "imdsd_token_refresh_seconds", client_id=CLIENT_ID, resource=harness.RESOURCE) < left
     assert value(text, "imdsd_token_file_state", state="ok") == 1
     assert sum(v for n, l, v in samples(text) if n == "imdsd_token_file_state") == 1
-    exp = json.loads(harness.base64.urlsafe_b64decode(d.token.content.split(".")[1] + "==="))["exp"]
+    exp = json.loads(base64.urlsafe_b64decode(d.token.content.split(".")[1] + "==="))["exp"]
     assert value(text, "imdsd_token_file_expiry_timestamp_seconds") == exp
     assert value(text, "imdsd_token_file_loads_total") == 1
     assert value(text, "imdsd_http_connections") >= 1

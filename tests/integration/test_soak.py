@@ -34,6 +34,7 @@ Checked on every answer, after the run, against the fake's record of every excha
 The summary table is printed (make soak runs pytest with -s) and written to build/soak-<variant>.txt
 with the samples. The fault picks and the clients' key orders come from SOAK_SEED.
 """
+import base64
 import http.client
 import json
 import os
@@ -97,7 +98,7 @@ def metric(values, name, **labels):
 def claims_of(jwt):
     try:
         part = jwt.split(".")[1]
-        return json.loads(harness.base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     except (IndexError, ValueError):
         return {}
 

@@ -665,6 +665,7 @@ struct fixture {
     int prx_running;
     struct proxy proxy; /* used by make_client when proxy.host is set */
     char *log;          /* captured stderr, see capture_start() */
+    const void *row;    /* the table row of this case (cmocka's initial state), or NULL */
 };
 
 static void watchdog_cb(uv_timer_t *t)
@@ -679,6 +680,7 @@ static int fx_setup(void **state)
     struct fixture *f = calloc(1, sizeof *f);
     if (!f || uv_loop_init(&f->loop) != 0)
         return -1;
+    f->row = *state; /* a table row, or NULL */
     uv_timer_init(&f->loop, &f->watchdog);
     f->watchdog.data = f;
     uv_timer_start(&f->watchdog, watchdog_cb,
@@ -975,79 +977,6 @@ static void test_post_content_length(void **state)
     https_client_cancel(&req);
 }
 
-static void test_chunked(void **state)
-{
-    struct fixture *f = *state;
-    struct https_request req;
-    struct result res;
-    start_server(f, SRV_CHUNKED, "leaf");
-    make_client(f);
-    roundtrip_ok(f, &req, &res);
-    assert_int_equal(res.status, 201);
-    assert_string_equal(res.body, "hello world");
-    assert_false(res.has_retry_after);
-}
-
-static void test_body_until_close(void **state)
-{
-    struct fixture *f = *state;
-    struct https_request req;
-    struct result res;
-    start_server(f, SRV_EOF_BODY, "leaf");
-    make_client(f);
-    roundtrip_ok(f, &req, &res);
-    assert_int_equal(res.status, 200);
-    assert_string_equal(res.body, "until the end");
-}
-
-static void test_connection_reuse(void **state)
-{
-    struct fixture *f = *state;
-    struct https_request req1, req2, req3;
-    struct result res1, res2, res3;
-    start_server(f, SRV_OK, "leaf");
-    make_client(f);
-    roundtrip_ok(f, &req1, &res1);
-    run_for(f, 20);
-    roundtrip_ok(f, &req2, &res2);
-    /* And one sent from inside done, while the connection has just gone back to the pool. */
-    init_req(&req1, &res1);
-    init_req(&req3, &res3);
-    res1.then_client = f->client;
-    res1.then_req = &req3;
-    assert_int_equal(https_client_send(f->client, &req1), 0);
-    run_until(f, &res3.calls);
-    assert_int_equal(res1.err, HTTPS_OK);
-    assert_int_equal(res1.then_rc, 0);
-    assert_int_equal(res3.err, HTTPS_OK);
-    assert_string_equal(res3.body, "hello world");
-    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 1);
-    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 4);
-}
-
-static void test_retry_on_stale_connection(void **state)
-{
-    struct fixture *f = *state;
-    struct https_request req1, req2;
-    struct result res1, res2;
-    start_server(f, SRV_DROP_AFTER, "leaf");
-    make_client(f);
-    /* The server closes right after each response; the second request goes out on the pooled
-     * connection before the client has seen that, fails there and is retried on a new one. */
-    init_req(&req1, &res1);
-    init_req(&req2, &res2);
-    res1.then_client = f->client;
-    res1.then_req = &req2;
-    assert_int_equal(https_client_send(f->client, &req1), 0);
-    run_until(f, &res2.calls);
-    assert_int_equal(res1.err, HTTPS_OK);
-    assert_int_equal(res1.then_rc, 0);
-    assert_int_equal(res2.err, HTTPS_OK);
-    assert_string_equal(res2.body, "ok");
-    assert_int_equal(req2.retried, 1);
-    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 2);
-}
-
 static void test_idle_closed_by_server(void **state)
 {
     struct fixture *f = *state;
@@ -1099,82 +1028,6 @@ static void test_connection_close_and_resumption(void **state)
     assert_string_equal(res2.body, "ok");
     assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 2);
     assert_int_equal(srv_get(&f->srv, &f->srv.cache_hits), 1); /* the second one resumed */
-}
-
-static void test_unknown_ca(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "other");
-    make_client(f);
-    expect_error(f, HTTPS_E_VERIFY);
-    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
-}
-
-static void test_wrong_hostname(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "wrong");
-    make_client(f);
-    expect_error(f, HTTPS_E_VERIFY);
-    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
-}
-
-static void test_reset_mid_response(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_RESET, "leaf");
-    make_client(f);
-    expect_error(f, HTTPS_E_IO);
-}
-
-static void test_too_large(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_LARGE, "leaf");
-    make_client(f);
-    expect_error(f, HTTPS_E_TOO_LARGE);
-}
-
-static void test_request_timeout(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_HANG, "leaf");
-    make_client_opts(f, "ca.crt", 0, REQUEST_TIMEOUT_MS);
-    uint64_t t0 = now_ms();
-    expect_error(f, HTTPS_E_TIMEOUT);
-    uint64_t took = now_ms() - t0;
-    /* It got as far as sending the request (valgrind may be too slow for the handshake). */
-    if (!RUNNING_ON_VALGRIND)
-        assert_int_equal(srv_get(&f->srv, &f->srv.requests), 1);
-    assert_true(took >= REQUEST_TIMEOUT_MS - 50);
-    assert_true(took < REQUEST_TIMEOUT_MS + 1500);
-}
-
-static void test_connect_timeout(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_SILENT, "leaf");
-    make_client_opts(f, "ca.crt", SHORT_TIMEOUT_MS, 0);
-    uint64_t t0 = now_ms();
-    expect_error(f, HTTPS_E_TIMEOUT);
-    uint64_t took = now_ms() - t0;
-    assert_true(took >= SHORT_TIMEOUT_MS - 50);
-    assert_true(took < SHORT_TIMEOUT_MS + 1500);
-}
-
-static void test_connection_refused(void **state)
-{
-    struct fixture *f = *state;
-    /* A port nobody listens on: bind one, note it, close it. */
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t sl = sizeof sa;
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &sl), 0);
-    close(fd);
-    snprintf(f->port, sizeof f->port, "%d", ntohs(sa.sin_port));
-    make_client(f);
-    expect_error(f, HTTPS_E_CONNECT);
 }
 
 static void test_cancel(void **state)
@@ -1293,41 +1146,6 @@ static void test_proxy_authorization(void **state)
     assert_null(strstr(f->log, "p%40ss"));
 }
 
-static void test_proxy_interim_response(void **state)
-{
-    struct fixture *f = *state;
-    struct https_request req;
-    struct result res;
-    start_server(f, SRV_CHUNKED, "leaf");
-    start_proxy(f, PRX_INTERIM, "");
-    make_client(f);
-    roundtrip_ok(f, &req, &res);
-    assert_int_equal(res.status, 201);
-    assert_string_equal(res.body, "hello world");
-}
-
-/* The origin's certificate is verified through the tunnel, against the origin's name. */
-static void test_proxy_wrong_hostname(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "wrong");
-    start_proxy(f, PRX_TUNNEL, "");
-    make_client(f);
-    expect_error(f, HTTPS_E_VERIFY);
-    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
-    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
-}
-
-static void test_proxy_unknown_ca(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "other");
-    start_proxy(f, PRX_TUNNEL, "");
-    make_client(f);
-    expect_error(f, HTTPS_E_VERIFY);
-    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 0);
-}
-
 static void test_proxy_refuses_407(void **state)
 {
     struct fixture *f = *state;
@@ -1364,85 +1182,6 @@ static void test_proxy_refuses_407(void **state)
     assert_null(strstr(f->log, "Basic "));
 }
 
-static void test_proxy_refuses_403_and_502(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "leaf");
-    start_proxy(f, PRX_REFUSE, "");
-    prx_set(&f->prx, &f->prx.refuse_status, 403);
-    make_client(f);
-    expect_error(f, HTTPS_E_PROXY);
-    prx_set(&f->prx, &f->prx.refuse_status, 502); /* read on the next connection */
-    expect_error(f, HTTPS_E_PROXY);
-    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 2);
-    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 0);
-}
-
-static void test_proxy_closes_mid_connect(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "leaf");
-    start_proxy(f, PRX_CLOSE_MID, "");
-    make_client(f);
-    expect_error(f, HTTPS_E_IO);
-    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 0);
-}
-
-static void test_proxy_closes_silently(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "leaf");
-    start_proxy(f, PRX_CLOSE, "");
-    make_client(f);
-    expect_error(f, HTTPS_E_IO);
-}
-
-static void test_proxy_garbage(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "leaf");
-    start_proxy(f, PRX_GARBAGE, "");
-    make_client(f);
-    expect_error(f, HTTPS_E_PROXY);
-}
-
-static void test_proxy_huge_answer(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "leaf");
-    start_proxy(f, PRX_HUGE, "");
-    make_client(f);
-    expect_error(f, HTTPS_E_PROXY);
-}
-
-static void test_proxy_hangs(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_OK, "leaf");
-    start_proxy(f, PRX_HANG, "");
-    make_client_opts(f, "ca.crt", SHORT_TIMEOUT_MS, 0);
-    uint64_t t0 = now_ms();
-    expect_error(f, HTTPS_E_TIMEOUT);
-    uint64_t took = now_ms() - t0;
-    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
-    assert_true(took >= SHORT_TIMEOUT_MS - 50);
-    assert_true(took < SHORT_TIMEOUT_MS + 1500);
-}
-
-/* The request deadline covers the tunnel too: a hanging origin behind the proxy. */
-static void test_proxy_request_timeout(void **state)
-{
-    struct fixture *f = *state;
-    start_server(f, SRV_HANG, "leaf");
-    start_proxy(f, PRX_TUNNEL, "");
-    make_client_opts(f, "ca.crt", 0, REQUEST_TIMEOUT_MS);
-    uint64_t t0 = now_ms();
-    expect_error(f, HTTPS_E_TIMEOUT);
-    uint64_t took = now_ms() - t0;
-    assert_true(took >= REQUEST_TIMEOUT_MS - 50);
-    assert_true(took < REQUEST_TIMEOUT_MS + 1500);
-}
-
 static void test_proxy_unreachable(void **state)
 {
     struct fixture *f = *state;
@@ -1468,55 +1207,6 @@ static void test_proxy_unreachable(void **state)
     assert_non_null(strstr(l, want));
     assert_non_null(strstr(l, "cannot connect to the proxy"));
     assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 0);
-}
-
-static void test_proxy_connection_reuse(void **state)
-{
-    struct fixture *f = *state;
-    struct https_request req1, req2, req3;
-    struct result res1, res2, res3;
-    start_server(f, SRV_OK, "leaf");
-    start_proxy(f, PRX_TUNNEL, "u:p@");
-    make_client(f);
-    roundtrip_ok(f, &req1, &res1);
-    run_for(f, 20);
-    roundtrip_ok(f, &req2, &res2);
-    init_req(&req1, &res1);
-    init_req(&req3, &res3);
-    res1.then_client = f->client;
-    res1.then_req = &req3;
-    assert_int_equal(https_client_send(f->client, &req1), 0);
-    run_until(f, &res3.calls);
-    assert_int_equal(res1.err, HTTPS_OK);
-    assert_int_equal(res3.err, HTTPS_OK);
-    assert_string_equal(res3.body, "hello world");
-    assert_int_equal(prx_get(&f->prx, &f->prx.accepts), 1);
-    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 1);
-    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 1);
-    assert_int_equal(srv_get(&f->srv, &f->srv.requests), 4);
-}
-
-/* A pooled tunnel the origin closed: the request is retried on a fresh tunnel. */
-static void test_proxy_retry_on_stale_tunnel(void **state)
-{
-    struct fixture *f = *state;
-    struct https_request req1, req2;
-    struct result res1, res2;
-    start_server(f, SRV_DROP_AFTER, "leaf");
-    start_proxy(f, PRX_TUNNEL, "");
-    make_client(f);
-    init_req(&req1, &res1);
-    init_req(&req2, &res2);
-    res1.then_client = f->client;
-    res1.then_req = &req2;
-    assert_int_equal(https_client_send(f->client, &req1), 0);
-    run_until(f, &res2.calls);
-    assert_int_equal(res1.err, HTTPS_OK);
-    assert_int_equal(res2.err, HTTPS_OK);
-    assert_string_equal(res2.body, "ok");
-    assert_int_equal(req2.retried, 1);
-    assert_int_equal(prx_get(&f->prx, &f->prx.connects), 2);
-    assert_int_equal(srv_get(&f->srv, &f->srv.accepts), 2);
 }
 
 /* An IPv6 origin is bracketed in CONNECT (the test proxy tunnels to the IPv4 server anyway, whose
@@ -1591,52 +1281,315 @@ static void test_proxy_invalid(void **state)
     assert_non_null(strstr(err, "proxy"));
 }
 
+/* ---- tables of cases: one cmocka case per row ---------------------------------------------- */
+
+#define N(v) ((v) + 1) /* a counter a row expects; 0 = not checked */
+
+/* Counters of the test server and proxy after a case; N(value) each, 0 = not checked. */
+struct counts {
+    int srv_accepts, srv_requests, prx_accepts, prx_connects;
+    int srv_requests_not_on_valgrind; /* skip srv_requests under valgrind (too slow for the
+                                         handshake) */
+};
+
+static void check_counts(struct fixture *f, const struct counts *c)
+{
+    if (c->srv_accepts)
+        assert_int_equal(srv_get(&f->srv, &f->srv.accepts), c->srv_accepts - 1);
+    if (c->srv_requests && !(c->srv_requests_not_on_valgrind && RUNNING_ON_VALGRIND))
+        assert_int_equal(srv_get(&f->srv, &f->srv.requests), c->srv_requests - 1);
+    if (c->prx_accepts)
+        assert_int_equal(prx_get(&f->prx, &f->prx.accepts), c->prx_accepts - 1);
+    if (c->prx_connects)
+        assert_int_equal(prx_get(&f->prx, &f->prx.connects), c->prx_connects - 1);
+}
+
+/* Where a case's client connects: the test server (leaf: its certificate), directly or through
+ * the test proxy (mode prx, userinfo "user:password@" or ""), or a port nobody listens on. */
+struct route {
+    enum srv_mode srv;
+    const char *leaf; /* NULL: no server, the port is unused */
+    int proxy;        /* through the test proxy */
+    enum prx_mode prx;
+    const char *userinfo;
+};
+
+static void start_route(struct fixture *f, const struct route *r)
+{
+    if (r->leaf)
+        start_server(f, r->srv, r->leaf);
+    else
+        snprintf(f->port, sizeof f->port, "%d", unused_port());
+    if (r->proxy)
+        start_proxy(f, r->prx, r->userinfo ? r->userinfo : "");
+}
+
+/* ---- one request fails with an error ---- */
+
+struct error_row {
+    const char *name;
+    struct route route;
+    uint64_t connect_ms, request_ms; /* the client's timeouts (0: its defaults) */
+    int refuse[2];                   /* PRX_REFUSE: the proxy's status for each request in turn */
+    int want;                        /* the https error, for every request */
+    uint64_t took_ms;                /* nonzero: the error came after about this long */
+    struct counts counts;
+};
+
+static const struct error_row error_rows[] = {
+    {.name = "unknown CA",
+     .route = {SRV_OK, "other"},
+     .want = HTTPS_E_VERIFY,
+     .counts = {.srv_requests = N(0)}},
+    {.name = "wrong hostname",
+     .route = {SRV_OK, "wrong"},
+     .want = HTTPS_E_VERIFY,
+     .counts = {.srv_requests = N(0)}},
+    {.name = "reset mid-response", .route = {SRV_RESET, "leaf"}, .want = HTTPS_E_IO},
+    {.name = "too large", .route = {SRV_LARGE, "leaf"}, .want = HTTPS_E_TOO_LARGE},
+    /* It got as far as sending the request (valgrind may be too slow for the handshake). */
+    {.name = "request timeout",
+     .route = {SRV_HANG, "leaf"},
+     .request_ms = REQUEST_TIMEOUT_MS,
+     .want = HTTPS_E_TIMEOUT,
+     .took_ms = REQUEST_TIMEOUT_MS,
+     .counts = {.srv_requests = N(1), .srv_requests_not_on_valgrind = 1}},
+    {.name = "connect timeout",
+     .route = {SRV_SILENT, "leaf"},
+     .connect_ms = SHORT_TIMEOUT_MS,
+     .want = HTTPS_E_TIMEOUT,
+     .took_ms = SHORT_TIMEOUT_MS},
+    {.name = "connection refused", .route = {.leaf = NULL}, .want = HTTPS_E_CONNECT},
+    /* The origin's certificate is verified through the tunnel, against the origin's name. */
+    {.name = "proxy: origin with the wrong hostname",
+     .route = {SRV_OK, "wrong", 1, PRX_TUNNEL},
+     .want = HTTPS_E_VERIFY,
+     .counts = {.prx_connects = N(1), .srv_requests = N(0)}},
+    {.name = "proxy: origin from an unknown CA",
+     .route = {SRV_OK, "other", 1, PRX_TUNNEL},
+     .want = HTTPS_E_VERIFY,
+     .counts = {.srv_requests = N(0)}},
+    /* 502 is read on the next connection. */
+    {.name = "proxy refuses 403 and 502",
+     .route = {SRV_OK, "leaf", 1, PRX_REFUSE},
+     .refuse = {403, 502},
+     .want = HTTPS_E_PROXY,
+     .counts = {.prx_connects = N(2), .srv_accepts = N(0)}},
+    {.name = "proxy closes mid-CONNECT",
+     .route = {SRV_OK, "leaf", 1, PRX_CLOSE_MID},
+     .want = HTTPS_E_IO,
+     .counts = {.srv_accepts = N(0)}},
+    {.name = "proxy closes silently", .route = {SRV_OK, "leaf", 1, PRX_CLOSE}, .want = HTTPS_E_IO},
+    {.name = "proxy answers garbage",
+     .route = {SRV_OK, "leaf", 1, PRX_GARBAGE},
+     .want = HTTPS_E_PROXY},
+    {.name = "proxy answers a huge head",
+     .route = {SRV_OK, "leaf", 1, PRX_HUGE},
+     .want = HTTPS_E_PROXY},
+    {.name = "proxy hangs",
+     .route = {SRV_OK, "leaf", 1, PRX_HANG},
+     .connect_ms = SHORT_TIMEOUT_MS,
+     .want = HTTPS_E_TIMEOUT,
+     .took_ms = SHORT_TIMEOUT_MS,
+     .counts = {.prx_connects = N(1)}},
+    /* The origin's failures come through the tunnel as they do directly. */
+    {.name = "proxy: origin resets mid-response",
+     .route = {SRV_RESET, "leaf", 1, PRX_TUNNEL},
+     .want = HTTPS_E_IO},
+    {.name = "proxy: origin answers too large",
+     .route = {SRV_LARGE, "leaf", 1, PRX_TUNNEL},
+     .want = HTTPS_E_TOO_LARGE},
+    /* The request deadline covers the tunnel too: a hanging origin behind the proxy. */
+    {.name = "proxy: request timeout",
+     .route = {SRV_HANG, "leaf", 1, PRX_TUNNEL},
+     .request_ms = REQUEST_TIMEOUT_MS,
+     .want = HTTPS_E_TIMEOUT,
+     .took_ms = REQUEST_TIMEOUT_MS},
+};
+
+static void t_error(void **state)
+{
+    struct fixture *f = *state;
+    const struct error_row *r = f->row;
+    start_route(f, &r->route);
+    make_client_opts(f, "ca.crt", r->connect_ms, r->request_ms);
+    uint64_t t0 = now_ms();
+    if (!r->refuse[0]) {
+        expect_error(f, r->want);
+    } else {
+        for (size_t i = 0; i < ARRAY_LEN(r->refuse) && r->refuse[i]; i++) {
+            prx_set(&f->prx, &f->prx.refuse_status, r->refuse[i]);
+            expect_error(f, r->want);
+        }
+    }
+    uint64_t took = now_ms() - t0;
+    check_counts(f, &r->counts);
+    if (r->took_ms) {
+        assert_true(took >= r->took_ms - 50);
+        assert_true(took < r->took_ms + 1500);
+    }
+}
+
+/* ---- one request succeeds ---- */
+
+struct ok_row {
+    const char *name;
+    struct route route;
+    int status;
+    const char *body;
+    const char *retry_after; /* NULL: not checked; "": none */
+};
+
+static const struct ok_row ok_rows[] = {
+    {.name = "chunked",
+     .route = {SRV_CHUNKED, "leaf"},
+     .status = 201,
+     .body = "hello world",
+     .retry_after = ""},
+    {.name = "body until close",
+     .route = {SRV_EOF_BODY, "leaf"},
+     .status = 200,
+     .body = "until the end"},
+    {.name = "proxy: body until close",
+     .route = {SRV_EOF_BODY, "leaf", 1, PRX_TUNNEL},
+     .status = 200,
+     .body = "until the end"},
+    {.name = "proxy: interim response before the 200",
+     .route = {SRV_CHUNKED, "leaf", 1, PRX_INTERIM},
+     .status = 201,
+     .body = "hello world"},
+};
+
+static void t_ok(void **state)
+{
+    struct fixture *f = *state;
+    const struct ok_row *r = f->row;
+    struct https_request req;
+    struct result res;
+    start_route(f, &r->route);
+    make_client(f);
+    roundtrip_ok(f, &req, &res);
+    assert_int_equal(res.status, r->status);
+    assert_string_equal(res.body, r->body);
+    if (r->retry_after && !*r->retry_after)
+        assert_false(res.has_retry_after);
+}
+
+/* ---- a second request sent from inside the first one's done callback ---- */
+
+struct chain_row {
+    const char *name;
+    struct route route;
+    int warm_up; /* two plain round trips first (the connection is pooled in between) */
+    const char *body;
+    int retried; /* N(value) of the second request's retried; 0 = not checked */
+    struct counts counts;
+};
+
+static const struct chain_row chain_rows[] = {
+    /* The second one goes out while the connection has just gone back to the pool. */
+    {.name = "connection reuse",
+     .route = {SRV_OK, "leaf"},
+     .warm_up = 1,
+     .body = "hello world",
+     .counts = {.srv_accepts = N(1), .srv_requests = N(4)}},
+    /* The server closes right after each response; the second request goes out on the pooled
+     * connection before the client has seen that, fails there and is retried on a new one. */
+    {.name = "retry on a stale connection",
+     .route = {SRV_DROP_AFTER, "leaf"},
+     .body = "ok",
+     .retried = N(1),
+     .counts = {.srv_accepts = N(2)}},
+    {.name = "proxy: connection reuse",
+     .route = {SRV_OK, "leaf", 1, PRX_TUNNEL, "u:p@"},
+     .warm_up = 1,
+     .body = "hello world",
+     .counts =
+         {.prx_accepts = N(1), .prx_connects = N(1), .srv_accepts = N(1), .srv_requests = N(4)}},
+    /* A pooled tunnel the origin closed: the request is retried on a fresh tunnel. */
+    {.name = "proxy: retry on a stale tunnel",
+     .route = {SRV_DROP_AFTER, "leaf", 1, PRX_TUNNEL},
+     .body = "ok",
+     .retried = N(1),
+     .counts = {.prx_connects = N(2), .srv_accepts = N(2)}},
+};
+
+static void t_chain(void **state)
+{
+    struct fixture *f = *state;
+    const struct chain_row *r = f->row;
+    struct https_request req1, req2;
+    struct result res1, res2;
+    start_route(f, &r->route);
+    make_client(f);
+    if (r->warm_up) {
+        roundtrip_ok(f, &req1, &res1);
+        run_for(f, 20);
+        roundtrip_ok(f, &req2, &res2);
+    }
+    init_req(&req1, &res1);
+    init_req(&req2, &res2);
+    res1.then_client = f->client;
+    res1.then_req = &req2;
+    assert_int_equal(https_client_send(f->client, &req1), 0);
+    run_until(f, &res2.calls);
+    assert_int_equal(res1.err, HTTPS_OK);
+    assert_int_equal(res1.then_rc, 0);
+    assert_int_equal(res2.err, HTTPS_OK);
+    assert_string_equal(res2.body, r->body);
+    if (r->retried)
+        assert_int_equal(req2.retried, r->retried - 1);
+    check_counts(f, &r->counts);
+}
+
+/* ---- registration ---------------------------------------------------------------------------- */
+
+#define MAX_TESTS 64
+static struct CMUnitTest tests[MAX_TESTS];
+static char names[MAX_TESTS][128];
+static size_t ntests;
+
+/* One case with the fixture; row (or NULL) is what fx_setup leaves in f->row. */
+static void add(const char *name, CMUnitTestFunction fn, const void *row)
+{
+    if (ntests >= MAX_TESTS)
+        abort();
+    snprintf(names[ntests], sizeof names[ntests], "%s", name);
+    tests[ntests] = (struct CMUnitTest){names[ntests], fn, fx_setup, fx_teardown, (void *)row};
+    ntests++;
+}
+
+#define ADD(fn) add(#fn, fn, NULL)
+#define ADD_ROWS(table, rows, fn)                                                                  \
+    for (size_t i_ = 0; i_ < ARRAY_LEN(rows); i_++) {                                              \
+        char name_[128];                                                                           \
+        snprintf(name_, sizeof name_, "%s: %s", table, (rows)[i_].name);                           \
+        add(name_, fn, &(rows)[i_]);                                                               \
+    }
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     alarm(PROCESS_ALARM_S);
     if (getenv("TEST_DEBUG"))
         log_min_level = LOG_DEBUG;
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test_setup_teardown(test_ca_file_errors, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_post_content_length, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_chunked, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_body_until_close, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_connection_reuse, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_retry_on_stale_connection, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_idle_closed_by_server, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_free_from_done, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_connection_close_and_resumption, fx_setup,
-                                        fx_teardown),
-        cmocka_unit_test_setup_teardown(test_unknown_ca, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_wrong_hostname, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_reset_mid_response, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_too_large, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_request_timeout, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_connect_timeout, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_connection_refused, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_cancel, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_free_with_pending, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_tunnel, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_authorization, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_interim_response, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_wrong_hostname, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_unknown_ca, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_refuses_407, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_refuses_403_and_502, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_closes_mid_connect, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_closes_silently, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_garbage, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_huge_answer, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_hangs, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_request_timeout, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_unreachable, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_connection_reuse, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_retry_on_stale_tunnel, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_ipv6_target, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_copied, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_cancel_and_free, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_proxy_invalid, fx_setup, fx_teardown),
-    };
-    return cmocka_run_group_tests(tests, pki_setup, pki_teardown);
+    ADD(test_ca_file_errors);
+    ADD(test_post_content_length);
+    ADD_ROWS("request ok", ok_rows, t_ok);
+    ADD_ROWS("second request from done", chain_rows, t_chain);
+    ADD(test_idle_closed_by_server);
+    ADD(test_free_from_done);
+    ADD(test_connection_close_and_resumption);
+    ADD_ROWS("request fails", error_rows, t_error);
+    ADD(test_cancel);
+    ADD(test_free_with_pending);
+    ADD(test_proxy_tunnel);
+    ADD(test_proxy_authorization);
+    ADD(test_proxy_refuses_407);
+    ADD(test_proxy_unreachable);
+    ADD(test_proxy_ipv6_target);
+    ADD(test_proxy_copied);
+    ADD(test_proxy_cancel_and_free);
+    ADD(test_proxy_invalid);
+    return _cmocka_run_group_tests("tests", tests, ntests, pki_setup, pki_teardown);
 }
