@@ -1314,6 +1314,12 @@ struct route {
     const char *userinfo;
 };
 
+/* designated, so that a row names only what it sets (clang warns on partial positional ones) */
+// clang-format off
+#define DIRECT(s, l)     {.srv = (s), .leaf = (l)}
+#define PROXIED(s, l, p) {.srv = (s), .leaf = (l), .proxy = 1, .prx = (p)}
+// clang-format on
+
 static void start_route(struct fixture *f, const struct route *r)
 {
     if (r->leaf)
@@ -1338,70 +1344,72 @@ struct error_row {
 
 static const struct error_row error_rows[] = {
     {.name = "unknown CA",
-     .route = {SRV_OK, "other"},
+     .route = DIRECT(SRV_OK, "other"),
      .want = HTTPS_E_VERIFY,
      .counts = {.srv_requests = N(0)}},
     {.name = "wrong hostname",
-     .route = {SRV_OK, "wrong"},
+     .route = DIRECT(SRV_OK, "wrong"),
      .want = HTTPS_E_VERIFY,
      .counts = {.srv_requests = N(0)}},
-    {.name = "reset mid-response", .route = {SRV_RESET, "leaf"}, .want = HTTPS_E_IO},
-    {.name = "too large", .route = {SRV_LARGE, "leaf"}, .want = HTTPS_E_TOO_LARGE},
+    {.name = "reset mid-response", .route = DIRECT(SRV_RESET, "leaf"), .want = HTTPS_E_IO},
+    {.name = "too large", .route = DIRECT(SRV_LARGE, "leaf"), .want = HTTPS_E_TOO_LARGE},
     /* It got as far as sending the request (valgrind may be too slow for the handshake). */
     {.name = "request timeout",
-     .route = {SRV_HANG, "leaf"},
+     .route = DIRECT(SRV_HANG, "leaf"),
      .request_ms = REQUEST_TIMEOUT_MS,
      .want = HTTPS_E_TIMEOUT,
      .took_ms = REQUEST_TIMEOUT_MS,
      .counts = {.srv_requests = N(1), .srv_requests_not_on_valgrind = 1}},
     {.name = "connect timeout",
-     .route = {SRV_SILENT, "leaf"},
+     .route = DIRECT(SRV_SILENT, "leaf"),
      .connect_ms = SHORT_TIMEOUT_MS,
      .want = HTTPS_E_TIMEOUT,
      .took_ms = SHORT_TIMEOUT_MS},
     {.name = "connection refused", .route = {.leaf = NULL}, .want = HTTPS_E_CONNECT},
     /* The origin's certificate is verified through the tunnel, against the origin's name. */
     {.name = "proxy: origin with the wrong hostname",
-     .route = {SRV_OK, "wrong", 1, PRX_TUNNEL},
+     .route = PROXIED(SRV_OK, "wrong", PRX_TUNNEL),
      .want = HTTPS_E_VERIFY,
      .counts = {.prx_connects = N(1), .srv_requests = N(0)}},
     {.name = "proxy: origin from an unknown CA",
-     .route = {SRV_OK, "other", 1, PRX_TUNNEL},
+     .route = PROXIED(SRV_OK, "other", PRX_TUNNEL),
      .want = HTTPS_E_VERIFY,
      .counts = {.srv_requests = N(0)}},
     /* 502 is read on the next connection. */
     {.name = "proxy refuses 403 and 502",
-     .route = {SRV_OK, "leaf", 1, PRX_REFUSE},
+     .route = PROXIED(SRV_OK, "leaf", PRX_REFUSE),
      .refuse = {403, 502},
      .want = HTTPS_E_PROXY,
      .counts = {.prx_connects = N(2), .srv_accepts = N(0)}},
     {.name = "proxy closes mid-CONNECT",
-     .route = {SRV_OK, "leaf", 1, PRX_CLOSE_MID},
+     .route = PROXIED(SRV_OK, "leaf", PRX_CLOSE_MID),
      .want = HTTPS_E_IO,
      .counts = {.srv_accepts = N(0)}},
-    {.name = "proxy closes silently", .route = {SRV_OK, "leaf", 1, PRX_CLOSE}, .want = HTTPS_E_IO},
+    {.name = "proxy closes silently",
+     .route = PROXIED(SRV_OK, "leaf", PRX_CLOSE),
+     .want = HTTPS_E_IO},
     {.name = "proxy answers garbage",
-     .route = {SRV_OK, "leaf", 1, PRX_GARBAGE},
+     .route = PROXIED(SRV_OK, "leaf", PRX_GARBAGE),
      .want = HTTPS_E_PROXY},
     {.name = "proxy answers a huge head",
-     .route = {SRV_OK, "leaf", 1, PRX_HUGE},
+     .route = PROXIED(SRV_OK, "leaf", PRX_HUGE),
      .want = HTTPS_E_PROXY},
     {.name = "proxy hangs",
-     .route = {SRV_OK, "leaf", 1, PRX_HANG},
+     .route = PROXIED(SRV_OK, "leaf", PRX_HANG),
      .connect_ms = SHORT_TIMEOUT_MS,
      .want = HTTPS_E_TIMEOUT,
      .took_ms = SHORT_TIMEOUT_MS,
      .counts = {.prx_connects = N(1)}},
     /* The origin's failures come through the tunnel as they do directly. */
     {.name = "proxy: origin resets mid-response",
-     .route = {SRV_RESET, "leaf", 1, PRX_TUNNEL},
+     .route = PROXIED(SRV_RESET, "leaf", PRX_TUNNEL),
      .want = HTTPS_E_IO},
     {.name = "proxy: origin answers too large",
-     .route = {SRV_LARGE, "leaf", 1, PRX_TUNNEL},
+     .route = PROXIED(SRV_LARGE, "leaf", PRX_TUNNEL),
      .want = HTTPS_E_TOO_LARGE},
     /* The request deadline covers the tunnel too: a hanging origin behind the proxy. */
     {.name = "proxy: request timeout",
-     .route = {SRV_HANG, "leaf", 1, PRX_TUNNEL},
+     .route = PROXIED(SRV_HANG, "leaf", PRX_TUNNEL),
      .request_ms = REQUEST_TIMEOUT_MS,
      .want = HTTPS_E_TIMEOUT,
      .took_ms = REQUEST_TIMEOUT_MS},
@@ -1442,20 +1450,20 @@ struct ok_row {
 
 static const struct ok_row ok_rows[] = {
     {.name = "chunked",
-     .route = {SRV_CHUNKED, "leaf"},
+     .route = DIRECT(SRV_CHUNKED, "leaf"),
      .status = 201,
      .body = "hello world",
      .retry_after = ""},
     {.name = "body until close",
-     .route = {SRV_EOF_BODY, "leaf"},
+     .route = DIRECT(SRV_EOF_BODY, "leaf"),
      .status = 200,
      .body = "until the end"},
     {.name = "proxy: body until close",
-     .route = {SRV_EOF_BODY, "leaf", 1, PRX_TUNNEL},
+     .route = PROXIED(SRV_EOF_BODY, "leaf", PRX_TUNNEL),
      .status = 200,
      .body = "until the end"},
     {.name = "proxy: interim response before the 200",
-     .route = {SRV_CHUNKED, "leaf", 1, PRX_INTERIM},
+     .route = PROXIED(SRV_CHUNKED, "leaf", PRX_INTERIM),
      .status = 201,
      .body = "hello world"},
 };
@@ -1489,26 +1497,26 @@ struct chain_row {
 static const struct chain_row chain_rows[] = {
     /* The second one goes out while the connection has just gone back to the pool. */
     {.name = "connection reuse",
-     .route = {SRV_OK, "leaf"},
+     .route = DIRECT(SRV_OK, "leaf"),
      .warm_up = 1,
      .body = "hello world",
      .counts = {.srv_accepts = N(1), .srv_requests = N(4)}},
     /* The server closes right after each response; the second request goes out on the pooled
      * connection before the client has seen that, fails there and is retried on a new one. */
     {.name = "retry on a stale connection",
-     .route = {SRV_DROP_AFTER, "leaf"},
+     .route = DIRECT(SRV_DROP_AFTER, "leaf"),
      .body = "ok",
      .retried = N(1),
      .counts = {.srv_accepts = N(2)}},
     {.name = "proxy: connection reuse",
-     .route = {SRV_OK, "leaf", 1, PRX_TUNNEL, "u:p@"},
+     .route = {.srv = SRV_OK, .leaf = "leaf", .proxy = 1, .prx = PRX_TUNNEL, .userinfo = "u:p@"},
      .warm_up = 1,
      .body = "hello world",
      .counts =
          {.prx_accepts = N(1), .prx_connects = N(1), .srv_accepts = N(1), .srv_requests = N(4)}},
     /* A pooled tunnel the origin closed: the request is retried on a fresh tunnel. */
     {.name = "proxy: retry on a stale tunnel",
-     .route = {SRV_DROP_AFTER, "leaf", 1, PRX_TUNNEL},
+     .route = PROXIED(SRV_DROP_AFTER, "leaf", PRX_TUNNEL),
      .body = "ok",
      .retried = N(1),
      .counts = {.prx_connects = N(2), .srv_accepts = N(2)}},
