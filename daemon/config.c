@@ -333,6 +333,7 @@ struct opt {
     const char *name; /* the long option, without "--" */
     const char *env;  /* read when the flag is not given (empty counts as not set), or NULL */
     const char *arg;  /* the argument in --help; NULL: the option takes none */
+    int optional;     /* the argument may be left out: "--NAME" alone, "--NAME V" or "--NAME=V" */
     /* --help's text: '\n' starts another line in the text column, {env} is "[ENV]" and
      * {default} the default; NULL: not listed (--help, --version: the tail) */
     const char *help;
@@ -427,6 +428,14 @@ static int parse_alias(struct parse *p, const struct opt *o, const char *name, c
 
 static int parse_log_level(struct parse *p, const struct opt *o, const char *name, const char *v)
 {
+    /* the proxy sidecar's levels too, as the webhook passes its own: "" (unset), warning, trace,
+     * all */
+    if (!*v)
+        v = "info";
+    else if (strcasecmp(v, "warning") == 0)
+        v = "warn";
+    else if (strcasecmp(v, "trace") == 0 || strcasecmp(v, "all") == 0)
+        v = "debug";
     return log_level_parse(v, &p->c->log_level) < 0 ? invalid(p, o, name, v) : CONFIG_OK;
 }
 
@@ -471,7 +480,24 @@ static int parse_add_address(struct parse *p, const struct opt *o, const char *n
 
 static int parse_probe_opt(struct parse *p, const struct opt *o, const char *name, const char *v)
 {
+    if (!v) { /* alone, as the proxy sidecar's postStart hook runs it: wait until imdsd is ready */
+        p->c->probe = 2;
+        return CONFIG_OK;
+    }
     return parse_probe(p->c, v) < 0 ? invalid(p, o, name, v) : CONFIG_OK;
+}
+
+/* The workload-identity proxy sidecar's --proxy-port: serve tokens on 127.0.0.1:N, where the
+ * init container's iptables rule sends 169.254.169.254:80 */
+static int parse_proxy_port(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    unsigned port;
+    char addr[32];
+    if (parse_uint(v, 1, 65535, &port) < 0)
+        return invalid(p, o, name, v);
+    p->c->proxy_port = port;
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
+    return add_listen(p, name, addr, 0);
 }
 
 /* offsetof member in struct config, which must be of type (a compile error otherwise) */
@@ -499,6 +525,16 @@ static const struct opt opts[] = {
      .noun = "addresses with --listen and --health-listen",
      .help = "also serve /healthz and /readyz (and never a token) here, for\n"
              "the kubelet's probes, e.g. 0.0.0.0:8001; repeatable"},
+    {.name = "proxy-port",
+     .arg = "PORT",
+     .kind = OPT_CUSTOM,
+     .parse = parse_proxy_port,
+     .max = CONFIG_MAX_LISTEN,
+     .count = F(nlisten, int),
+     .noun = "addresses with --listen and --health-listen",
+     .expect = "1 to 65535",
+     .help = "serve tokens on 127.0.0.1:PORT: the workload-identity proxy\n"
+             "sidecar's flag, for its image swapped for imdsd's"},
     {.name = "client-id",
      .env = "AZURE_CLIENT_ID",
      .arg = "GUID",
@@ -673,12 +709,14 @@ static const struct opt opts[] = {
      .help = "one-shot init mode: add IPV4/32 to the loopback interface\n"
              "(e.g. 169.254.169.254; needs CAP_NET_ADMIN) and exit"},
     {.name = "probe",
-     .arg = "IP:PORT[/PATH]",
+     .arg = "[IP:PORT[/PATH]]",
+     .optional = 1,
      .kind = OPT_CUSTOM,
      .parse = parse_probe_opt,
      .expect = "want IP:PORT or IP:PORT/PATH, e.g. 127.0.0.1:8000/readyz",
      .help = "exec probe: GET PATH (default /readyz) from a running imdsd,\n"
-             "exit 0 on 200, else 1 with the reason (images without curl)"},
+             "exit 0 on 200, else 1 with the reason (images without curl);\n"
+             "alone: this imdsd's own, retried until ready (a postStart hook)"},
     {.name = "help", .kind = OPT_HELP},
     {.name = "version", .kind = OPT_VERSION},
 };
@@ -721,8 +759,11 @@ static const struct option *long_options(void)
 {
     static struct option lo[NOPTS + 1];
     for (size_t i = 0; i < NOPTS; i++)
-        lo[i] = (struct option){opts[i].name, opts[i].arg ? required_argument : no_argument, NULL,
-                                OPT_VAL + (int)i};
+        lo[i] = (struct option){opts[i].name,
+                                opts[i].optional ? optional_argument
+                                : opts[i].arg    ? required_argument
+                                                 : no_argument,
+                                NULL, OPT_VAL + (int)i};
     return lo;
 }
 
@@ -776,6 +817,15 @@ static int finish(struct parse *p, config_getenv_fn *getenv_fn)
 {
     struct config *c = p->c;
     const char *v, *why = NULL;
+    if (c->probe == 2) { /* its own /readyz: the first address serving tokens (the default) */
+        c->probe_at = (struct config_listen){.port = 0};
+        for (int i = 0; i < c->nlisten && !c->probe_at.port; i++)
+            if (!c->listen[i].health)
+                c->probe_at = c->listen[i];
+        if (!c->probe_at.port)
+            config_parse_listen(CONFIG_DEFAULT_LISTEN, &c->probe_at);
+        strcpy(c->probe_path, "/readyz");
+    }
     if (c->add_address[0] || c->probe)
         return CONFIG_OK; /* the one-shot modes need no identity */
     if (!c->client_id)
@@ -841,41 +891,71 @@ static int finish(struct parse *p, config_getenv_fn *getenv_fn)
     return CONFIG_OK;
 }
 
+static int parse_argv(struct parse *p, int argc, char **argv, unsigned char *seen);
+
 int config_parse(struct config *c, int argc, char **argv, config_getenv_fn *getenv_fn, char *err,
                  size_t errlen)
 {
     struct parse p = {.c = c, .err = err, .errlen = errlen};
     unsigned char seen[NOPTS] = {0};
     const char *v;
-    int rc, opt, li = -1;
+    int rc;
     memset(c, 0, sizeof *c);
     c->arc_gid = -1;                   /* no --arc-key-group */
     for (size_t i = 0; i < NOPTS; i++) /* a repeatable option's default stands for none given */
         if (opts[i].def && opts[i].max == 0 && (rc = apply_flag(&p, &opts[i], opts[i].def)))
             return rc;
 
-    optind = 0; /* glibc: a full restart, nothing kept from an earlier argv (tests parse many) */
-    opterr = 0;
-    while ((opt = getopt_long(argc, argv, ":", long_options(), &li)) != -1) {
-        if (opt >= OPT_VAL) {
-            seen[opt - OPT_VAL] = 1;
-            if ((rc = apply_flag(&p, &opts[opt - OPT_VAL], optarg)))
-                return rc;
-        } else if (opt == ':') {
-            return fail(&p, "%s: missing value", argv[optind - 1]);
-        } else if (optopt != 0 && optopt < OPT_VAL) { /* "-x", perhaps inside "-xy" */
-            return fail(&p, "-%c: unknown option (see --help)", optopt);
+    /* "--probe ADDR" as two words is "--probe=ADDR" (getopt takes an optional argument only in
+     * the one word), so that "--probe" alone, the proxy sidecar's postStart hook, can stand last */
+    char **av = xcalloc((size_t)argc + 1, sizeof *av),
+         **joined = xcalloc((size_t)argc + 1, sizeof *av);
+    int ac = 0, nj = 0;
+    for (int i = 0; i < argc; i++) {
+        if (i > 0 && strcmp(argv[i], "--probe") == 0 && i + 1 < argc && argv[i + 1][0] != '-') {
+            size_t n = strlen(argv[i + 1]) + sizeof "--probe=";
+            av[ac] = joined[nj++] = xcalloc(n, 1);
+            snprintf(av[ac++], n, "--probe=%s", argv[++i]);
         } else {
-            return fail(&p, "%s: unknown option (see --help)", argv[optind - 1]);
+            av[ac++] = argv[i];
         }
     }
-    if (optind < argc)
-        return fail(&p, "%s: unexpected argument (see --help)", argv[optind]);
+    rc = parse_argv(&p, ac, av, seen);
+    while (nj > 0)
+        free(joined[--nj]);
+    free(joined);
+    free(av);
+    if (rc)
+        return rc;
     for (size_t i = 0; i < NOPTS; i++) /* the environment, where the flag is not given */
         if (opts[i].env && !seen[i] && (v = getenv_fn(opts[i].env)) && *v &&
             (rc = apply(&p, &opts[i], opts[i].env, v)))
             return rc;
     return finish(&p, getenv_fn);
+}
+
+/* The flags: CONFIG_OK, CONFIG_EXIT or CONFIG_ERROR; seen[i] set for each opts[i] given. */
+static int parse_argv(struct parse *p, int argc, char **argv, unsigned char *seen)
+{
+    int rc, opt, li = -1;
+    optind = 0; /* glibc: a full restart, nothing kept from an earlier argv (tests parse many) */
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, ":", long_options(), &li)) != -1) {
+        if (opt >= OPT_VAL) {
+            seen[opt - OPT_VAL] = 1;
+            if ((rc = apply_flag(p, &opts[opt - OPT_VAL], optarg)))
+                return rc;
+        } else if (opt == ':') {
+            return fail(p, "%s: missing value", argv[optind - 1]);
+        } else if (optopt != 0 && optopt < OPT_VAL) { /* "-x", perhaps inside "-xy" */
+            return fail(p, "-%c: unknown option (see --help)", optopt);
+        } else {
+            return fail(p, "%s: unknown option (see --help)", argv[optind - 1]);
+        }
+    }
+    if (optind < argc)
+        return fail(p, "%s: unexpected argument (see --help)", argv[optind]);
+    return CONFIG_OK;
 }
 
 void config_free(struct config *c)

@@ -273,13 +273,12 @@ int main(int argc, char **argv)
         return rc == NETADDR_ERROR ? 1 : 0;
     }
     if (d.cfg.probe) {
-        char at[CONFIG_LISTEN_STR];
-        rc = probe_run(&d.cfg.probe_at, d.cfg.probe_path, err, sizeof err);
-        if (rc < 0)
-            fprintf(stderr, "imdsd: --probe: %s\n", err);
+        rc = (d.cfg.probe == 2 ? probe_wait : probe_run)(&d.cfg.probe_at, d.cfg.probe_path, err,
+                                                         sizeof err);
+        if (rc != 200 && d.cfg.probe == 2)
+            fprintf(stderr, "imdsd: --probe: %s (retried for %d s)\n", err, PROBE_WAIT_MS / 1000);
         else if (rc != 200)
-            fprintf(stderr, "imdsd: --probe: %s%s answered %d\n",
-                    config_listen_str(&d.cfg.probe_at, at), d.cfg.probe_path, rc);
+            fprintf(stderr, "imdsd: --probe: %s\n", err);
         config_free(&d.cfg);
         return rc == 200 ? 0 : 1;
     }

@@ -84,11 +84,13 @@ int probe_run(const struct config_listen *l, const char *path, char *err, size_t
         snprintf(err, errlen, "%s%s: cannot send the request", addr, path);
         goto out;
     }
-    /* the status line is all it needs: "HTTP/1.1 200 OK\r\n" */
-    char buf[64];
+    /* the status line, then (imdsd closes after it) the body, for the reason of a failure */
+    char buf[2048];
     size_t got = 0;
-    while (got < sizeof buf - 1 && !memchr(buf, '\n', got)) {
-        if ((r = wait_fd(fd, POLLIN, deadline)) <= 0) {
+    while (got < sizeof buf - 1) {
+        if ((r = wait_fd(fd, POLLIN, deadline)) <= 0 && memchr(buf, '\n', got))
+            break; /* a status line, and no close: enough */
+        if (r <= 0) {
             snprintf(err, errlen, "%s%s: no answer within %d ms", addr, path, PROBE_TIMEOUT_MS);
             goto out;
         }
@@ -100,7 +102,7 @@ int probe_run(const struct config_listen *l, const char *path, char *err, size_t
         got += (size_t)k;
     }
     buf[got] = 0;
-    if (strncmp(buf, "HTTP/1.", 7) != 0 || got < 12 || buf[8] != ' ') {
+    if (strncmp(buf, "HTTP/1.", 7) != 0 || got < 12 || buf[8] != ' ' || !memchr(buf, '\n', got)) {
         snprintf(err, errlen, "%s%s: not an HTTP answer", addr, path);
         goto out;
     }
@@ -108,8 +110,28 @@ int probe_run(const struct config_listen *l, const char *path, char *err, size_t
     if (status < 100 || status > 599) {
         snprintf(err, errlen, "%s%s: not an HTTP answer", addr, path);
         status = -1;
+    } else if (status != 200) { /* imdsd's JSON error says why: "error_description":"..." */
+        static const char key[] = "\"error_description\":\"";
+        const char *why = strstr(buf, key), *end = why ? strchr(why + sizeof key - 1, '"') : NULL;
+        if (end)
+            snprintf(err, errlen, "%s%s answered %d: %.*s", addr, path, status,
+                     (int)(end - why - (sizeof key - 1)), why + sizeof key - 1);
+        else
+            snprintf(err, errlen, "%s%s answered %d", addr, path, status);
     }
 out:
     close(fd);
     return status;
+}
+
+int probe_wait(const struct config_listen *l, const char *path, char *err, size_t errlen)
+{
+    long long deadline = now_ms() + PROBE_WAIT_MS;
+    for (;;) {
+        int status = probe_run(l, path, err, errlen);
+        if (status == 200 || now_ms() >= deadline)
+            return status;
+        struct timespec pause = {.tv_nsec = PROBE_RETRY_MS * 1000000L};
+        nanosleep(&pause, NULL);
+    }
 }

@@ -63,7 +63,8 @@ struct config {
     char *arc_key_dir;    /* --arc-key-dir: the Azure Arc challenge on the IMDS path, when set */
     long arc_gid;         /* --arc-key-group, -1 when not given */
     char add_address[16]; /* --add-loopback-address: the one-shot init mode, when not empty */
-    int probe;            /* --probe: the one-shot exec probe of probe_at + probe_path */
+    unsigned proxy_port;  /* --proxy-port: the proxy sidecar's flag, a --listen 127.0.0.1:N */
+    int probe;            /* --probe: 1 with an address (one GET), 2 alone (until imdsd is ready) */
     struct config_listen probe_at;
     char probe_path[64];
 };

@@ -94,6 +94,7 @@ struct cfg_row {
     int defaults;            /* check every default value */
     const char *add_address; /* the one-shot init mode: only this is set */
     const char *probe;       /* the exec probe: "HOST PORT PATH" */
+    int probe_wait;          /* with probe: --probe alone, retried until ready */
     unsigned header_timeout;
     int grace, overlap, log_format; /* 0 = not checked, else VAL(value) */
     const char *arc_key_dir;
@@ -423,11 +424,91 @@ static const struct cfg_row cfg_rows[] = {
      .argv = {"--probe", "127.0.0.1:8001", NULL},
      .rc = CONFIG_OK,
      .probe = "127.0.0.1 8001 /readyz"},
+    {.name = "--probe alone: this imdsd's own /readyz, until ready",
+     .env = {NULL},
+     .argv = {"--probe", NULL},
+     .rc = CONFIG_OK,
+     .probe = "127.0.0.1 8000 /readyz",
+     .probe_wait = 1},
+    {.name = "the webhook's postStart hook: --proxy-port=N --probe --log-level=L",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--proxy-port=9000", "--probe", "--log-level=info", NULL},
+     .rc = CONFIG_OK,
+     .probe = "127.0.0.1 9000 /readyz",
+     .probe_wait = 1},
+    {.name = "--probe alone: the first address that serves tokens",
+     .env = {NULL},
+     .argv = {"--health-listen", "0.0.0.0:8001", "--listen", "[::1]:8100", "--probe", NULL},
+     .rc = CONFIG_OK,
+     .probe = "::1 8100 /readyz",
+     .probe_wait = 1},
+    {.name = "--probe=ADDR in one word",
+     .env = {NULL},
+     .argv = {"--probe=127.0.0.1:8001/healthz", NULL},
+     .rc = CONFIG_OK,
+     .probe = "127.0.0.1 8001 /healthz"},
+    {.name = "--probe ADDR after other flags",
+     .env = {NULL},
+     .argv = {"--log-level", "debug", "--probe", "127.0.0.1:8001", NULL},
+     .rc = CONFIG_OK,
+     .probe = "127.0.0.1 8001 /readyz"},
     {.name = "--probe with a path and IPv6",
      .env = {NULL},
      .argv = {"--probe", "[::1]:8000/healthz", NULL},
      .rc = CONFIG_OK,
      .probe = "::1 8000 /healthz"},
+    {.name = "the webhook's proxy sidecar args: --proxy-port=N --log-level=L",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--proxy-port=8000", "--log-level=info", NULL},
+     .rc = CONFIG_OK,
+     .log_level = LVL(LOG_INFO),
+     .nlisten = 1,
+     .l0_host = "127.0.0.1",
+     .l0_port = 8000},
+    {.name = "--proxy-port beside --listen",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--listen", "127.0.0.1:8000", "--proxy-port", "9000", NULL},
+     .rc = CONFIG_OK,
+     .nlisten = 2,
+     .l0_host = "127.0.0.1",
+     .l0_port = 8000,
+     .l1_host = "127.0.0.1",
+     .l1_port = 9000},
+    {.name = "--proxy-port 0",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--proxy-port", "0", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--proxy-port", "invalid value '0' (1 to 65535)"}},
+    {.name = "--proxy-port the same as --listen",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--listen", "127.0.0.1:8000", "--proxy-port=8000", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"127.0.0.1:8000 is given twice", NULL}},
+    {.name = "the proxy sidecar's flags, and one it never had",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--proxy-port=8000", "--log-level=info", "--metadata-endpoint=x", NULL},
+     .rc = CONFIG_ERROR,
+     .err_in = {"--metadata-endpoint=x: unknown option", NULL}},
+    {.name = "--log-level empty: the proxy's unset, info",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--log-level=", NULL},
+     .rc = CONFIG_OK,
+     .log_level = LVL(LOG_INFO)},
+    {.name = "--log-level warning (the proxy's)",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--log-level=warning", NULL},
+     .rc = CONFIG_OK,
+     .log_level = LVL(LOG_WARN)},
+    {.name = "--log-level trace (the proxy's)",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--log-level=trace", NULL},
+     .rc = CONFIG_OK,
+     .log_level = LVL(LOG_DEBUG)},
+    {.name = "--log-level all (the proxy's)",
+     .env = {ENV_ALL, NULL},
+     .argv = {"--log-level", "all", NULL},
+     .rc = CONFIG_OK,
+     .log_level = LVL(LOG_DEBUG)},
     {.name = "--probe without a port",
      .env = {NULL},
      .argv = {"--probe", "127.0.0.1/readyz", NULL},
@@ -755,12 +836,13 @@ static void t_cfg(void **state)
         print_error("config_parse -> %d, err '%s'\n", rc, err);
     assert_int_equal(rc, r->rc);
     assert_string_equal(c.add_address, r->add_address ? r->add_address : "");
-    assert_int_equal(c.probe, rc == CONFIG_OK && r->probe != NULL);
+    assert_int_equal(c.probe, rc == CONFIG_OK && r->probe ? 1 + r->probe_wait : 0);
     if (rc == CONFIG_OK && r->probe) {
         char got[160];
         snprintf(got, sizeof got, "%s %d %s", c.probe_at.host, c.probe_at.port, c.probe_path);
         assert_string_equal(got, r->probe);
-        assert_null(c.client_id);
+        if (!r->env[0])
+            assert_null(c.client_id);
     } else if (rc == CONFIG_OK && r->add_address) {
         assert_null(c.client_id); /* nothing else is needed, nor read */
     } else if (rc == CONFIG_OK) {
