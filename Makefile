@@ -276,6 +276,7 @@ image:
 build/image/rootfs: build/static/imdsd container/passwd container/group $(CA_BUNDLE)
 	$(Q)rm -rf $@ && install -d -m 0755 $@ $@/etc $@/etc/ssl $@/etc/ssl/certs
 	$(Q)install -m 0755 build/static/imdsd $@/imdsd
+	$(Q)ln -s imdsd $@/proxy # the workload-identity webhook's postStart hook runs /proxy
 	$(Q)install -m 0644 $(CA_BUNDLE) $@/etc/ssl/certs/ca-certificates.crt
 	$(Q)install -m 0644 container/passwd $@/etc/passwd
 	$(Q)install -m 0644 container/group $@/etc/group

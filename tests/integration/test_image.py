@@ -48,7 +48,8 @@ def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     members, digest, config, contents = archive_layers(podman.ARCHIVE)
     files = {n: m.mode & 0o7777 for n, m in members.items() if m.isfile()}
     assert files == EXPECTED_FILES, f"image files {files}"
-    assert not any(m.issym() or m.islnk() for m in members.values()), "links in the image"
+    links = {n: m.linkname for n, m in members.items() if m.issym() or m.islnk()}
+    assert links == {"proxy": "imdsd"}, f"links in the image: {links}"   # the webhook's postStart runs /proxy
     assert all(m.uid == 0 and m.gid == 0 and m.mtime == 0 for m in members.values()), "owner or time not fixed"
     cfg = config["config"]
     assert cfg["User"] == "65532:65532" and cfg["Entrypoint"] == ["/imdsd"], cfg
@@ -71,6 +72,9 @@ def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     assert ".symtab" not in hdr, "not stripped"
     # it runs, as 65532, with nothing else in the image
     out = podman.run("run", "--rm", "--read-only", "--network", "none", podman.IMAGE, "--version")
+    assert out.strip() == f"imdsd {podman.VERSION}", out
+    out = podman.run("run", "--rm", "--read-only", "--network", "none", "--entrypoint", "/proxy", podman.IMAGE,
+                     "--version")
     assert out.strip() == f"imdsd {podman.VERSION}", out
     p = podman.run("run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", podman.IMAGE, "-c", "id",
                    check=False)
