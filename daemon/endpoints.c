@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "json.h"
 #include "log.h"
@@ -402,12 +403,20 @@ static void handle_metrics(struct endpoints *ep, struct http_conn *c,
     http_conn_respond_type(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len);
 }
 
+static const struct route *find_route(const char *path, size_t len);
+
 static void handle_not_found(struct endpoints *ep, struct http_conn *c,
                              const struct http_request *req, enum answer_shape shape)
 {
     (void)ep;
-    (void)req;
     struct imds_error e = {404, "not_found", "The requested path was not found", 0};
+    /* the rest of IMDS, which the workload-identity proxy sidecar forwarded to the node: instance
+     * metadata (MSAL's region discovery) and managed identity v2 (where a 404 means "v1 only");
+     * said at once, so that a client falls back without waiting */
+    if (req->path_len > 10 && strncasecmp(req->path, "/metadata/", 10) == 0 &&
+        !find_route(req->path, req->path_len))
+        e.description = "imdsd serves only managed identity tokens "
+                        "(/metadata/identity/oauth2/token), no other instance metadata";
     send_error(c, &e, shape);
 }
 

@@ -96,6 +96,10 @@ def test_unknown_paths_404(ctx):
         r = request(d.port, path, h)
         assert r.status == 404, f"{path} {h}: {r!r}"
         assert_json_error(r, 404)
+        # the rest of IMDS (which the proxy sidecar forwarded to the node): said to be not served
+        want = ("imdsd serves only managed identity tokens (/metadata/identity/oauth2/token), no other "
+                "instance metadata" if path.startswith("/metadata/") else "The requested path was not found")
+        assert r.json["error_description"] == want, (path, r.json)
     assert ctx.fake.calls(d.tenant) == 0
 
 
