@@ -161,11 +161,19 @@ unit: build/imdsd units units-asan units-debug
 VARIANTS    ?= plain,asan,valgrind
 PYTEST_ARGS ?=
 JOBS        := $(shell nproc 2>/dev/null || echo 2)
-integration: build/imdsd build/asan/imdsd build/debug/imdsd image-build
+integration: build/imdsd build/asan/imdsd build/debug/imdsd image-build build/go_adal_client
 	$(Q)$(PY) -m pytest tests/integration -n $$(( $(JOBS) * 2 )) --variants $(VARIANTS) $(PYTEST_ARGS)
 
+# go-autorest's adal asking 169.254.169.254 for tokens (test_proxy_dropin.py): Debian's Go and its
+# golang-github-azure-go-autorest-dev, offline, in GOPATH mode
+GO_ENV = GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/build/gocache GOFLAGS=
+build/go_adal_client: tests/compat/go_adal_client.go
+	@mkdir -p $(@D)
+	$(if $(Q),@echo "  GO      $@")
+	$(Q)$(GO_ENV) go build -o $@ $<
+
 # everything make check runs, built in one parallel make
-check-build: build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug fuzz build/loadgen image-build
+check-build: build/imdsd build/asan/imdsd build/debug/imdsd units units-asan units-debug fuzz build/loadgen image-build build/go_adal_client
 
 check:
 	$(Q)$(MAKE) --no-print-directory deps

@@ -29,6 +29,9 @@ TEST="$TEST systemd man-db"
 # make check-systemd (make check-full): a Debian 12 root from debootstrap, booted by
 # systemd-nspawn (systemd-container) under a real systemd
 TEST="$TEST debootstrap systemd-container"
+# go-autorest's adal, which hard-codes 169.254.169.254 (external-dns, older Terraform providers),
+# built offline in GOPATH mode for test_proxy_dropin.py
+TEST="$TEST golang-go golang-github-azure-go-autorest-dev"
 # The JS SDK tests run the real @azure/identity with node and npm: node-llhttp brings Debian's
 # nodejs (18) along, for which tests/compat/node18 pins the newest client that supports it; a newer
 # Node.js with its own npm (the machine image's 20) runs the newer pin in tests/compat. Debian's

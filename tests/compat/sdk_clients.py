@@ -188,6 +188,19 @@ def run_py(ctx, credential, scopes, env, options=None, netns=None, timeout=None,
     return _run(ctx, "py", [PY, client], spec, env, netns, timeout, prefix=prefix)
 
 
+GO_CLIENT = os.path.join(os.path.dirname(os.path.dirname(COMPAT)), "build", "go_adal_client")
+
+
+def run_go(ctx, scopes, env, netns=None, timeout=None):
+    """go-autorest adal's MSI token from 169.254.169.254, one per scope; returns one dict per scope
+    (see go_adal_client.go). Skips, saying why, when make has not built the client."""
+    if not os.access(GO_CLIENT, os.X_OK):
+        raise harness.Skip(f"{GO_CLIENT} is not built: make build/go_adal_client (make deps installs "
+                           "Debian's golang-go and golang-github-azure-go-autorest-dev)")
+    spec = {"credential": "adal MSI (go-autorest)", "scopes": list(scopes)}
+    return _run(ctx, "go", [GO_CLIENT], spec, env, netns, timeout)
+
+
 # ---- packet capture of imdsd's port ---------------------------------------------------------------
 
 class Exchange:

@@ -8,9 +8,10 @@ injects it when its PROXY_IMAGE names imdsd's image:
 - the init container's NAT rules (init/init-iptables.sh): TCP to 169.254.169.254:80 is redirected to
   port N, except from uid 1501, the proxy image's user.
 In a network namespace that stands for the pod (an "eth0" with a default route, as a pod has),
-clients with no endpoint variable at all (curl, the Python and JavaScript SDKs) reach 169.254.169.254
-and get their tokens from imdsd through the redirect. The one addition to the webhook's environment
-is IMDSD_CA_FILE, the stand-in Entra's test CA (in a cluster the image's CA bundle trusts Entra)."""
+clients with no endpoint variable at all (curl, the Python and JavaScript SDKs, and go-autorest's
+adal, which knows no other address) reach 169.254.169.254 and get their tokens from imdsd through
+the redirect. The one addition to the webhook's environment is IMDSD_CA_FILE, the stand-in Entra's
+test CA (in a cluster the image's CA bundle trusts Entra)."""
 import json
 import os
 import subprocess
@@ -146,6 +147,8 @@ def test_webhook_pod_gets_tokens_through_the_redirect(ctx):
     for kind in ("ManagedIdentityCredential", "DefaultAzureCredential"):
         sdk.check_tokens(ctx, tenant, sdk.run_py(ctx, kind, [ARM, VAULT], env, netns=ns), CLIENT_ID, fake=fake)
     sdk.check_tokens(ctx, tenant, sdk.run_js(ctx, "ManagedIdentityCredential", [ARM, GRAPH], env, netns=ns),
+                     CLIENT_ID, fake=fake)
+    sdk.check_tokens(ctx, tenant, sdk.run_go(ctx, [ARM, "https://storage.azure.com/.default"], env, netns=ns),
                      CLIENT_ID, fake=fake)
     # uid 1501's traffic is not redirected (the rule's exception for the proxy's own user): nothing
     # answers it, so no client of that uid reaches imdsd by the IMDS address
