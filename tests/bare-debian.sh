@@ -2,7 +2,7 @@
 # bare-debian.sh - the README's two commands as a newcomer's first run: a fresh clone of this
 # checkout's HEAD in a debootstrap'd bare Debian 12 root (--variant=minbase), then `make demo` and
 # `make check` inside it, exactly as written. Not part of make check: it downloads the root and
-# every package the project needs (a few hundred MB) and takes about 20 minutes.
+# every package the project needs (a few hundred MB) and takes about 15 minutes.
 #
 #   tests/bare-debian.sh [ROOT]     as root; ROOT defaults to /var/tmp/imdsd-bare (made anew)
 #
