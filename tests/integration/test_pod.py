@@ -14,10 +14,12 @@ Native-sidecar ordering itself (the application starts after imdsd's startupProb
 Kubernetes' job; here the application retries until imdsd answers, and the test records when the
 startup probe first passes."""
 import copy
+import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -171,8 +173,11 @@ def pod_from(manifest, name, tenant, tok, fake_port, gateway, ca):
 class Pod:
     """A manifest played by podman; stop() (by ctx.finish) stops it and checks imdsd exited 0."""
 
-    def __init__(self, ctx, manifest):
+    def __init__(self, ctx, manifest, build=None, sidecar="imdsd"):
+        """build(manifest, name, tenant, tok, fake_port, gateway, ca) makes the pod (pod_from by
+        default); sidecar is the name of imdsd's container in it."""
         app_image(ctx)
+        self.sidecar = sidecar
         self.ctx = ctx
         self.name = f"imdsd-pod-{os.getpid()}-{harness.unique()}"
         self.tok = harness.KubeletToken(os.path.join(ctx.tmp, f"{self.name}-token"), nested=True)
@@ -184,7 +189,7 @@ class Pod:
         podman.reap_stale()
         net = podman.kube_network()
         gateway = net["gateway"]
-        pod, self.imdsd_spec, self.probes, sysctls = pod_from(
+        pod, self.imdsd_spec, self.probes, sysctls = (build or pod_from)(
             manifest, self.name, self.tenant, self.tok, self.fake.port, gateway, ctx.certs["ca.pem"])
         self.yaml = os.path.join(ctx.tmp, f"{self.name}.yaml")
         with open(self.yaml, "w") as f:
@@ -233,11 +238,11 @@ class Pod:
     def stop(self):
         try:
             podman.run("pod", "stop", "-t", "10", self.name)
-            for short in ("imdsd", "app"):   # kept with the test's artefacts
+            for short in (self.sidecar, "app"):   # kept with the test's artefacts
                 with open(os.path.join(self.ctx.tmp, f"{self.name}-{short}.log"), "w") as f:
                     f.write(self.logs(short))
-            ex = self.container("imdsd")["State"]["ExitCode"]
-            assert ex == 0, f"imdsd exited {ex} when the pod stopped: {self.logs('imdsd')[-1500:]}"
+            ex = self.container(self.sidecar)["State"]["ExitCode"]
+            assert ex == 0, f"imdsd exited {ex} when the pod stopped: {self.logs(self.sidecar)[-1500:]}"
         finally:
             podman.run("pod", "rm", "-f", self.name, check=False)
 
@@ -361,3 +366,105 @@ def test_pod_without_the_webhook(ctx):
 
 
 test_pod_without_the_webhook.timeout = 120
+
+
+# ---- the workload-identity webhook's proxy sidecar, with imdsd's image --------------------------
+
+WEBHOOK_POD = os.path.join(harness.HERE, "webhook-proxy-pod.yaml")
+# init/init-iptables.sh's rules (azure-workload-identity v1.6.0), written out: TCP to the IMDS address
+# goes to the sidecar's port, except from uid 1501 (the proxy image's user). As there, no "set -e"
+# and the last command's status (the listing): podman 4.3 runs an init container again when the pod
+# restarts its containers, and the chains are there by then
+INIT_SCRIPT = """port=${PROXY_PORT:-8000}
+iptables -t nat -N AZWI_PROXY_OUTPUT
+iptables -t nat -N AZWI_PROXY_REDIRECT
+iptables -t nat -A AZWI_PROXY_REDIRECT -p tcp -j REDIRECT --to-port "$port"
+iptables -t nat -A OUTPUT -p tcp -d 169.254.169.254 --dport 80 -j AZWI_PROXY_OUTPUT
+iptables -t nat -A AZWI_PROXY_OUTPUT -m owner --uid-owner 1501 -j ACCEPT
+iptables -t nat -A AZWI_PROXY_OUTPUT -j AZWI_PROXY_REDIRECT
+iptables -t nat -S
+"""
+XTABLES = "/usr/lib/x86_64-linux-gnu/xtables"
+
+
+def init_image(ctx):
+    """A local stand-in for the webhook's proxy-init image (no registry can be reached here): busybox
+    and Debian's iptables (xtables-nft-multi, its libraries and extensions) running INIT_SCRIPT.
+    Tagged by the script's hash, so that a changed script makes a new image. Returns its name."""
+    name = "localhost/imdsd-test-proxy-init:" + hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()[:12]
+    if podman.run("image", "exists", name, check=False).returncode == 0:
+        return name
+    root = os.path.join(ctx.tmp, "init-image", "rootfs")
+    binary = os.path.realpath("/usr/sbin/iptables")
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    libs = re.findall(r"(/\S+) \(0x", out)
+    for src, dst in [("/bin/busybox", "/bin/busybox"), (binary, "/usr/sbin/iptables")] + [(l, l) for l in libs]:
+        os.makedirs(os.path.dirname(root + dst), exist_ok=True)
+        shutil.copy(os.path.realpath(src), root + dst)
+    shutil.copytree(XTABLES, root + XTABLES)
+    with open(os.path.join(root, "init-iptables.sh"), "w") as f:
+        f.write(INIT_SCRIPT)
+    with open(os.path.join(ctx.tmp, "init-image", "Containerfile"), "w") as f:
+        f.write('FROM scratch\nCOPY rootfs/ /\nENTRYPOINT ["/bin/busybox", "sh", "/init-iptables.sh"]\n')
+    podman.run("build", "--quiet", "--timestamp", "0", "--layers=false", "-t", name, os.path.join(ctx.tmp, "init-image"))
+    return name
+
+
+def pod_from_webhook(manifest, name, tenant, tok, fake_port, gateway, ca, init=None):
+    """webhook-proxy-pod.yaml as a pod podman can play. Returns (pod, imdsd's container, {}, [])."""
+    with open(manifest) as f:
+        pod = yaml.safe_load(f)
+    spec = pod["spec"]
+    pod["metadata"]["name"] = name
+    proxy_init, sidecar, app = spec["initContainers"][0], spec["containers"][0], spec["containers"][1]
+    # 1. the images: the webhook's PROXY_IMAGE names imdsd's, as the README's quick start pushed it;
+    #    PROXY_INIT_IMAGE the local stand-in; the application is busybox asking 169.254.169.254
+    sidecar["image"] = quick_start_push()
+    proxy_init["image"] = init
+    app["image"] = APP_IMAGE
+    app["command"] = ["/bin/busybox", "sh", "-c", APP_SCRIPT]
+    # 2. the values the webhook takes from the service account and its own configuration
+    for c in (proxy_init, sidecar, app):
+        env_set(c, "AZURE_CLIENT_ID", CLIENT_ID)
+        env_set(c, "AZURE_TENANT_ID", tenant)
+        env_set(c, "AZURE_AUTHORITY_HOST", f"https://{ENTRA_NAME}:{fake_port}/")
+    # 3. the token: a kubelet-style hostPath volume instead of the projection; no service account
+    vol = spec["volumes"][0]
+    vol.pop("projected")
+    vol["hostPath"] = {"path": tok.root, "type": "Directory"}
+    spec.pop("serviceAccountName")
+    # 4. the stand-in Entra, at the pod network's gateway, trusted through the test CA
+    env_set(sidecar, "IMDSD_CA_FILE", CA_PATH)
+    sidecar["volumeMounts"].append({"name": "test-ca", "mountPath": CA_PATH, "readOnly": True})
+    spec["volumes"].append({"name": "test-ca", "hostPath": {"path": ca, "type": "File"}})
+    spec["hostAliases"] = [{"ip": gateway, "hostnames": [ENTRA_NAME]}]
+    # 5. podman 4.3 without systemd waits 20 s for an init container's exit (see pod_from); and it
+    #    runs no postStart hook: the test runs it, as the kubelet would
+    pod["metadata"]["annotations"]["io.podman.annotations.init.container.type"] = "always"
+    return pod, sidecar, {}, []
+
+
+def test_pod_webhook_proxy_sidecar(ctx):
+    """The pod the workload-identity webhook v1.6.0 makes of an annotated pod, with imdsd's image as
+    its PROXY_IMAGE: the init container's redirect, imdsd started with the webhook's arguments, its
+    postStart hook, and an application, the SDKs and go-autorest that know only 169.254.169.254."""
+    podman.require_image()
+    init = init_image(ctx)
+    pod = Pod(ctx, WEBHOOK_POD, build=lambda *a: pod_from_webhook(*a, init=init), sidecar="azwi-proxy")
+    assert "REDIRECT --to-ports 8000" in pod.logs("azwi-proxy-init"), pod.logs("azwi-proxy-init")
+    p = podman.run("exec", f"{pod.name}-azwi-proxy", *pod.imdsd_spec["lifecycle"]["postStart"]["exec"]["command"],
+                   check=False, timeout=30)
+    assert p.returncode == 0 and p.stdout + p.stderr == "", f"the postStart hook: {p.returncode} {p.stderr}"
+    wait_for(lambda: "app: token ok" in pod.logs("app"), 15, f"a token in the application's log: "
+             f"{pod.logs('app')[-300:]}")
+    env = sdk.client_env(ctx)   # no endpoint variable: the IMDS address, redirected
+    sdk.check_tokens(ctx, pod.tenant, sdk.run_py(ctx, MIC, [ARM, VAULT], env, netns=pod.ns), CLIENT_ID, fake=pod.fake)
+    sdk.check_tokens(ctx, pod.tenant, sdk.run_go(ctx, [GRAPH], env, netns=pod.ns), CLIENT_ID, fake=pod.fake)
+    st = podman.proc_status(pod.container("azwi-proxy")["State"]["Pid"])
+    assert st["Uid"].split()[:2] == ["65532", "65532"], st["Uid"]
+    assert int(st["CapEff"], 16) == 0 and st["NoNewPrivs"] == "1", (st["CapEff"], st["NoNewPrivs"])
+    assert pod.container("azwi-proxy")["HostConfig"]["ReadonlyRootfs"] is True
+    assert pod.tok.content not in pod.logs("azwi-proxy")
+
+
+test_pod_webhook_proxy_sidecar.timeout = 180
