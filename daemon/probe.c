@@ -118,6 +118,9 @@ int probe_run(const struct config_listen *l, const char *path, char *err, size_t
                      (int)(end - why - (sizeof key - 1)), why + sizeof key - 1);
         else
             snprintf(err, errlen, "%s%s answered %d", addr, path, status);
+        for (char *q = err; *q; q++) /* the answer's bytes: never a control character on a tty */
+            if ((unsigned char)*q < ' ' || *q == 0x7f)
+                *q = '?';
     }
 out:
     close(fd);
