@@ -403,20 +403,27 @@ static void handle_metrics(struct endpoints *ep, struct http_conn *c,
     http_conn_respond_type(c, 200, "text/plain; version=0.0.4; charset=utf-8", b->data, b->len);
 }
 
-static const struct route *find_route(const char *path, size_t len);
-
 static void handle_not_found(struct endpoints *ep, struct http_conn *c,
                              const struct http_request *req, enum answer_shape shape)
 {
     (void)ep;
+    (void)req;
     struct imds_error e = {404, "not_found", "The requested path was not found", 0};
-    /* the rest of IMDS, which the workload-identity proxy sidecar forwarded to the node: instance
-     * metadata (MSAL's region discovery) and managed identity v2 (where a 404 means "v1 only");
-     * said at once, so that a client falls back without waiting */
-    if (req->path_len > 10 && strncasecmp(req->path, "/metadata/", 10) == 0 &&
-        !find_route(req->path, req->path_len))
-        e.description = "imdsd serves only managed identity tokens "
-                        "(/metadata/identity/oauth2/token), no other instance metadata";
+    send_error(c, &e, shape);
+}
+
+/* The rest of IMDS, which the workload-identity proxy sidecar forwarded to the node: instance
+ * metadata (MSAL's region discovery) and managed identity v2 (where a 404 means "v1 only"); said at
+ * once, so that a client falls back without waiting. */
+static void handle_not_served(struct endpoints *ep, struct http_conn *c,
+                              const struct http_request *req, enum answer_shape shape)
+{
+    (void)ep;
+    (void)req;
+    struct imds_error e = {404, "not_found",
+                           "imdsd serves only managed identity tokens "
+                           "(/metadata/identity/oauth2/token), no other instance metadata",
+                           0};
     send_error(c, &e, shape);
 }
 
@@ -462,6 +469,9 @@ static const struct route routes[] = {
 /* what answers a path no row names, or one its row does not serve on this listener */
 static const struct route not_found = {ROUTE_NOT_FOUND, NULL, 0, 0, NULL, EP_OTHER, SHAPE_IMDS,
                                        handle_not_found};
+/* a path under /metadata/ that no row names: IMDS's, not imdsd's */
+static const struct route not_served = {ROUTE_NOT_FOUND,  NULL, 0, 0, NULL, EP_OTHER, SHAPE_IMDS,
+                                        handle_not_served};
 
 static const struct route *find_route(const char *path, size_t len)
 {
@@ -484,7 +494,10 @@ void endpoints_handle(struct http_conn *c, const struct http_request *req, void 
 {
     struct endpoints *ep = arg;
     const struct route *r = find_route(req->path, req->path_len);
-    if (!r || !(r->listeners & ON(req->tag)) || (r->offered && !r->offered(ep)))
+    if (!r)
+        r = req->path_len > 10 && strncasecmp(req->path, "/metadata/", 10) == 0 ? &not_served
+                                                                                : &not_found;
+    else if (!(r->listeners & ON(req->tag)) || (r->offered && !r->offered(ep)))
         r = &not_found;
     http_conn_count_as(c, r->metric);
     unsigned method = (req->is_get ? METHOD_GET : 0) | (req->is_post ? METHOD_POST : 0);
