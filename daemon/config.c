@@ -74,7 +74,33 @@ const char *config_listen_str(const struct config_listen *l, char out[CONFIG_LIS
     return hostport_str(out, CONFIG_LISTEN_STR, l->host, l->port);
 }
 
-int config_set_authority(struct config *c, const char *url, const char **why)
+/* Collapses "//", "." and ".." in the absolute path p in place, as Go's path.Clean (which
+ * url.JoinPath applies to the token proxy's path), without a trailing '/'. */
+static void clean_path(char *p)
+{
+    char *out = p, *in = p;
+    while (*in) {
+        while (*in == '/')
+            in++;
+        char *seg = in;
+        while (*in && *in != '/')
+            in++;
+        size_t n = (size_t)(in - seg);
+        if (n == 0 || (n == 1 && seg[0] == '.'))
+            continue;
+        if (n == 2 && seg[0] == '.' && seg[1] == '.') {
+            while (out > p && *--out != '/')
+                ;
+            continue;
+        }
+        *out++ = '/';
+        memmove(out, seg, n);
+        out += n;
+    }
+    *out = 0;
+}
+
+int config_parse_url(struct config_url *u, const char *url, const char **why)
 {
     static const char scheme[] = "https://";
     while (isspace((unsigned char)*url))
@@ -89,11 +115,16 @@ int config_set_authority(struct config *c, const char *url, const char **why)
     if (n <= sizeof scheme - 1)
         goto badhost;
     const char *host = url + sizeof scheme - 1, *end = url + n;
-    const char *slash = memchr(host, '/', (size_t)(end - host));
-    const char *hend = slash ? slash : end;
+    const char *hend = host;
+    while (hend < end && *hend != '/' && *hend != '?' && *hend != '#')
+        hend++;
     const char *port = NULL;
     char hbuf[256];
     size_t hlen;
+    if (memchr(host, '@', (size_t)(hend - host))) {
+        *why = "must not hold a user name or password";
+        return -1;
+    }
     if (host < hend && *host == '[') {
         const char *close = memchr(host, ']', (size_t)(hend - host));
         if (!close) {
@@ -127,6 +158,7 @@ int config_set_authority(struct config *c, const char *url, const char **why)
     hbuf[hlen] = 0;
     if (hlen == 0)
         goto badhost;
+    char pbuf[6] = "443";
     if (port) {
         size_t plen = (size_t)(hend - port);
         if (plen == 0 || plen > 5)
@@ -134,25 +166,22 @@ int config_set_authority(struct config *c, const char *url, const char **why)
         for (size_t i = 0; i < plen; i++)
             if (!isdigit((unsigned char)port[i]))
                 goto badport;
-        memcpy(c->authority_port, port, plen);
-        c->authority_port[plen] = 0;
-        long p = atol(c->authority_port);
+        memcpy(pbuf, port, plen);
+        pbuf[plen] = 0;
+        long p = atol(pbuf);
         if (p < 1 || p > 65535)
             goto badport;
-    } else {
-        strcpy(c->authority_port, "443");
     }
     for (const char *q = hend; q < end; q++)
         if ((unsigned char)*q <= ' ' || *q == '?' || *q == '#') {
             *why = "has a query, fragment or space in its path";
             return -1;
         }
-    free(c->authority);
-    free(c->authority_host);
-    free(c->authority_path);
-    c->authority = xstrndup(url, n);
-    c->authority_host = xstrdup(hbuf);
-    c->authority_path = xstrndup(hend, (size_t)(end - hend));
+    config_url_free(u);
+    u->url = xstrndup(url, n);
+    u->host = xstrdup(hbuf);
+    memcpy(u->port, pbuf, sizeof pbuf);
+    u->path = xstrndup(hend, (size_t)(end - hend));
     return 0;
 badhost:
     *why = "has no valid host name";
@@ -160,6 +189,29 @@ badhost:
 badport:
     *why = "has an invalid port";
     return -1;
+}
+
+void config_url_free(struct config_url *u)
+{
+    free(u->url);
+    free(u->host);
+    free(u->path);
+    memset(u, 0, sizeof *u);
+}
+
+int config_set_authority(struct config *c, const char *url, const char **why)
+{
+    struct config_url u = {0};
+    if (config_parse_url(&u, url, why) < 0)
+        return -1;
+    free(c->authority);
+    free(c->authority_host);
+    free(c->authority_path);
+    c->authority = u.url;
+    c->authority_host = u.host;
+    memcpy(c->authority_port, u.port, sizeof u.port);
+    c->authority_path = u.path;
+    return 0;
 }
 
 static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
@@ -411,6 +463,28 @@ static int parse_authority(struct parse *p, const struct opt *o, const char *nam
     return CONFIG_OK;
 }
 
+static int parse_token_proxy(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    const char *why;
+    struct config *c = p->c;
+    if (config_parse_url(&c->token_proxy, v, &why) < 0)
+        return bad(p, name, v, why);
+    clean_path(c->token_proxy.path); /* url.JoinPath's path.Clean */
+    free(c->token_proxy_src);
+    c->token_proxy_src = xstrdup(name);
+    return CONFIG_OK;
+}
+
+static int parse_sni_name(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    if (!valid_host_name(v) || strlen(v) > 253)
+        return bad(p, name, v, "is not a DNS name (letters, digits, '-' and '.')");
+    set(&p->c->sni_name, v);
+    return CONFIG_OK;
+}
+
 static int parse_alias(struct parse *p, const struct opt *o, const char *name, const char *v)
 {
     (void)o;
@@ -569,6 +643,33 @@ static const struct opt opts[] = {
      .def = CONFIG_DEFAULT_CA_FILE,
      .help = "trust anchors for Entra's TLS    {env}\n"
              "(default {default})"},
+    {.name = "kubernetes-token-proxy",
+     .env = "AZURE_KUBERNETES_TOKEN_PROXY",
+     .arg = "URL",
+     .kind = OPT_CUSTOM,
+     .parse = parse_token_proxy,
+     .help = "AKS identity binding: exchange tokens through this https\n"
+             "proxy instead of the authority    {env}"},
+    {.name = "kubernetes-sni-name",
+     .env = "AZURE_KUBERNETES_SNI_NAME",
+     .arg = "NAME",
+     .kind = OPT_CUSTOM,
+     .parse = parse_sni_name,
+     .help = "the name the proxy's certificate is verified for and sent as\n"
+             "SNI (default: its host)          {env}"},
+    {.name = "kubernetes-ca-file",
+     .env = "AZURE_KUBERNETES_CA_FILE",
+     .arg = "PATH",
+     .kind = OPT_PATH,
+     .field = F(k8s_ca_file, char *),
+     .help = "the proxy's only trust anchors, read again before every\n"
+             "exchange                         {env}"},
+    {.name = "kubernetes-ca-data",
+     .env = "AZURE_KUBERNETES_CA_DATA",
+     .arg = "PEM",
+     .kind = OPT_STRING,
+     .field = F(k8s_ca_data, char *),
+     .help = "the same as PEM text             {env}"},
     {.name = "allow-client-id",
      .arg = "GUID",
      .kind = OPT_LIST,
@@ -841,6 +942,32 @@ static int finish(struct parse *p, config_getenv_fn *getenv_fn)
         return fail(p, "AZURE_FEDERATED_TOKEN_FILE / --token-file: not set");
     if (config_set_authority(c, p->authority, &why) < 0)
         return fail(p, "%s: '%s' %s", p->authority_src, p->authority, why);
+    /* azidentity's rules (customtokenproxy.Apply): the other three need the proxy, one CA */
+    if (!c->token_proxy.url) {
+        if (c->sni_name)
+            return fail(p,
+                        "AZURE_KUBERNETES_SNI_NAME / --kubernetes-sni-name: '%s' is set but "
+                        "AZURE_KUBERNETES_TOKEN_PROXY is not",
+                        c->sni_name);
+        if (c->k8s_ca_file)
+            return fail(p,
+                        "AZURE_KUBERNETES_CA_FILE / --kubernetes-ca-file: '%s' is set but "
+                        "AZURE_KUBERNETES_TOKEN_PROXY is not",
+                        c->k8s_ca_file);
+        if (c->k8s_ca_data)
+            return fail(p,
+                        "AZURE_KUBERNETES_CA_DATA / --kubernetes-ca-data: set (%zu bytes) but "
+                        "AZURE_KUBERNETES_TOKEN_PROXY is not",
+                        strlen(c->k8s_ca_data));
+    }
+    if (c->k8s_ca_file && c->k8s_ca_data)
+        return fail(p,
+                    "AZURE_KUBERNETES_CA_FILE ('%s') and AZURE_KUBERNETES_CA_DATA (%zu bytes) "
+                    "are both set: set one",
+                    c->k8s_ca_file, strlen(c->k8s_ca_data));
+    /* where the exchange goes: the proxy decides whether HTTPS_PROXY applies, as in Go */
+    const char *dest_host = c->token_proxy.url ? c->token_proxy.host : c->authority_host;
+    const char *dest_port = c->token_proxy.url ? c->token_proxy.port : c->authority_port;
     /* Go's order: the upper-case variable first, the first one set and not empty wins */
     const char *proxy_src = "HTTPS_PROXY", *no_proxy = getenv_fn("NO_PROXY");
     if (!(v = getenv_fn("HTTPS_PROXY")) || !*v) {
@@ -854,7 +981,7 @@ static int finish(struct parse *p, config_getenv_fn *getenv_fn)
         if (proxy_parse(&c->proxy, v, &why) < 0)
             return fail(p, "%s: '%s' %s", proxy_src, proxy_redact(v, redacted, sizeof redacted),
                         why);
-        if (no_proxy && *no_proxy && proxy_bypass(no_proxy, c->authority_host, c->authority_port))
+        if (no_proxy && *no_proxy && proxy_bypass(no_proxy, dest_host, dest_port))
             proxy_free(&c->proxy);
         else
             c->use_proxy = 1;
@@ -967,6 +1094,11 @@ void config_free(struct config *c)
     free(c->authority_host);
     free(c->authority_path);
     free(c->ca_file);
+    config_url_free(&c->token_proxy);
+    free(c->token_proxy_src);
+    free(c->sni_name);
+    free(c->k8s_ca_file);
+    free(c->k8s_ca_data);
     for (int i = 0; i < c->nallowed; i++)
         free(c->allowed_client_ids[i]);
     for (int i = 0; i < c->nallowed_hosts; i++)

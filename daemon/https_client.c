@@ -66,6 +66,7 @@ struct https_client {
     uv_loop_t *loop;
     char *host;
     char *port;
+    char *tls_name;    /* sent as SNI and verified: host, or opts.tls_name */
     char *host_header; /* "host" or "host:port", IPv6 literals bracketed */
     /* Through a proxy: where to connect, and what to ask for. NULL proxy_host = direct. */
     char *proxy_host;
@@ -210,6 +211,7 @@ static void client_destroy(struct https_client *c)
     tls_ctx_free(c->tls);
     free(c->host);
     free(c->port);
+    free(c->tls_name);
     free(c->host_header);
     free(c->proxy_host);
     free(c->proxy_port);
@@ -641,6 +643,8 @@ static void conn_response_done(struct https_conn *conn, const char *no_reuse)
     log_debug("https_response", "host=%s port=%s conn=%" PRIu64 " status=%d bytes=%zu reused=%d",
               c->host, c->port, conn->id, resp.status, conn->resp_bytes, conn->reused);
     /* Pool (or close) before done runs, so that done may start the next request on it. */
+    if (!no_reuse && tls_conn_ctx(conn->tls) != c->tls)
+        no_reuse = "trust anchors replaced";
     if (no_reuse || c->freeing)
         conn_close(conn, no_reuse ? no_reuse : "client freed");
     else
@@ -768,7 +772,7 @@ static void conn_start_tls(struct https_conn *conn, const char *early, size_t n)
     struct https_client *c = conn->c;
     char err[HTTPS_ERR_MAX];
     set_state(conn, CONN_HANDSHAKE);
-    conn->tls = tls_conn_new(c->tls, c->host, err, sizeof err);
+    conn->tls = tls_conn_new(c->tls, c->tls_name, err, sizeof err);
     if (!conn->tls) {
         conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", err);
         return;
@@ -1066,7 +1070,19 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
         snprintf(err, errlen, "proxy=%s: not a usable proxy", proxy_describe(o->proxy));
         return -1;
     }
-    if (tls_ctx_new(&tls, o->ca_file, err, errlen) < 0)
+    if (o->tls_name && !host_is_valid(o->tls_name)) {
+        snprintf(err, errlen, "tls_name=%s: not a DNS name or IP address", o->tls_name);
+        return -1;
+    }
+    const char *origin = o->origin_host ? o->origin_host : o->host;
+    int origin_port = o->origin_host ? port_parse(o->origin_port ? o->origin_port : "") : port;
+    if (!host_is_valid(origin) || origin_port < 0) {
+        snprintf(err, errlen, "origin=%s: not a host and port", origin);
+        return -1;
+    }
+    if (o->tls)
+        tls = tls_ctx_ref(o->tls);
+    else if (tls_ctx_new(&tls, o->ca_file, err, errlen) < 0)
         return -1;
 
     struct https_client *c = xcalloc(1, sizeof *c);
@@ -1074,6 +1090,7 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
     c->loop = loop;
     c->host = xstrdup(o->host);
     c->port = xstrdup(o->port);
+    c->tls_name = xstrdup(o->tls_name ? o->tls_name : o->host);
     c->tls = tls;
     c->connect_timeout_ms =
         o->connect_timeout_ms ? o->connect_timeout_ms : HTTPS_DEFAULT_CONNECT_TIMEOUT_MS;
@@ -1081,9 +1098,9 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
         o->request_timeout_ms ? o->request_timeout_ms : HTTPS_DEFAULT_REQUEST_TIMEOUT_MS;
     c->max_response = o->max_response ? o->max_response : HTTPS_DEFAULT_MAX_RESPONSE;
     buf_init(&hh, HTTPS_ERR_MAX);
-    int bracket = strchr(o->host, ':') != NULL;
-    if (buf_printf(&hh, "%s%s%s", bracket ? "[" : "", o->host, bracket ? "]" : "") < 0 ||
-        (port != 443 && buf_printf(&hh, ":%d", port) < 0)) {
+    int bracket = strchr(origin, ':') != NULL;
+    if (buf_printf(&hh, "%s%s%s", bracket ? "[" : "", origin, bracket ? "]" : "") < 0 ||
+        (origin_port != 443 && buf_printf(&hh, ":%d", origin_port) < 0)) {
         snprintf(err, errlen, "host=%s: too long", o->host);
         buf_free(&hh);
         client_destroy(c);
@@ -1097,6 +1114,7 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
         c->proxy_port = xstrdup(o->proxy->port);
         c->proxy_auth = o->proxy->authorization ? xstrdup(o->proxy->authorization) : NULL;
         buf_init(&hh, HTTPS_ERR_MAX);
+        bracket = strchr(o->host, ':') != NULL;
         if (buf_printf(&hh, "%s%s%s:%d", bracket ? "[" : "", o->host, bracket ? "]" : "", port) <
             0) {
             snprintf(err, errlen, "host=%s: too long", o->host);
@@ -1217,6 +1235,16 @@ void https_client_cancel(struct https_request *req)
         conn->req = NULL;
         conn_close(conn, "request canceled");
     }
+}
+
+void https_client_set_tls(struct https_client *c, struct tls_ctx *tls)
+{
+    tls_ctx_ref(tls);
+    tls_ctx_free(c->tls);
+    c->tls = tls;
+    for (struct https_conn *conn = c->conns; conn; conn = conn->next)
+        if (conn->state == CONN_IDLE && !conn->closing)
+            conn_close(conn, "trust anchors replaced");
 }
 
 void https_client_free(struct https_client *c)

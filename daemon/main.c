@@ -241,6 +241,15 @@ static int start(struct daemon *d)
              log_quote(qtoken, sizeof qtoken, c->token_file, strlen(c->token_file)),
              log_quote(qca, sizeof qca, c->ca_file, strlen(c->ca_file)), c->nallowed, c->naliases,
              c->identity_header ? "on" : "off", c->use_proxy ? proxy_describe(&c->proxy) : "none");
+    if (c->token_proxy.url) { /* an AKS identity binding */
+        char qfile[512];
+        log_info("token_proxy", "url=%s sni_name=%s ca=%s", c->token_proxy.url,
+                 c->sni_name ? c->sni_name : c->token_proxy.host,
+                 c->k8s_ca_file
+                     ? log_quote(qfile, sizeof qfile, c->k8s_ca_file, strlen(c->k8s_ca_file))
+                 : c->k8s_ca_data ? "AZURE_KUBERNETES_CA_DATA"
+                                  : "ca_file");
+    }
     return 0;
 }
 

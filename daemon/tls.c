@@ -30,6 +30,7 @@ struct tls_ctx {
     mbedtls_ctr_drbg_context drbg;
     mbedtls_ssl_session *session; /* last full handshake's session, or NULL */
     char *session_host;           /* the host name session was verified for */
+    int refs;                     /* the creator's, and one per tls_conn */
 };
 
 struct tls_conn {
@@ -57,46 +58,16 @@ __attribute__((format(printf, 3, 4))) static void tls_set_err(char *err, size_t 
     va_end(ap);
 }
 
-int tls_ctx_new(struct tls_ctx **out, const char *ca_file, char *err, size_t errlen)
+/* The configuration around ctx->ca, which holds at least one certificate. */
+static int ctx_setup(struct tls_ctx *ctx, char *err, size_t errlen)
 {
-    const char *path = ca_file ? ca_file : TLS_DEFAULT_CA_FILE;
     char why[128];
-    *out = NULL;
-
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        tls_set_err(err, errlen, "ca_file=%s: cannot open: %s", path, strerror(errno));
-        return -1;
-    }
-    fclose(f);
-
-    struct tls_ctx *ctx = xcalloc(1, sizeof *ctx);
-    mbedtls_ssl_config_init(&ctx->conf);
-    mbedtls_x509_crt_init(&ctx->ca);
-    mbedtls_entropy_init(&ctx->entropy);
-    mbedtls_ctr_drbg_init(&ctx->drbg);
-
-    int r = mbedtls_x509_crt_parse_file(&ctx->ca, path);
-    if (r == MBEDTLS_ERR_PK_FILE_IO_ERROR) {
-        tls_set_err(err, errlen, "ca_file=%s: cannot read the file", path);
-        goto fail;
-    }
-    if (r < 0 || ctx->ca.version == 0) {
-        /* r > 0 counts certificates that failed to parse; fine if at least one did. */
-        if (r < 0)
-            mbedtls_strerror(r, why, sizeof why);
-        else
-            snprintf(why, sizeof why, "no PEM certificate");
-        tls_set_err(err, errlen, "ca_file=%s: no usable certificates (%s)", path, why);
-        goto fail;
-    }
-
-    r = mbedtls_ctr_drbg_seed(&ctx->drbg, mbedtls_entropy_func, &ctx->entropy,
-                              (const unsigned char *)tls_drbg_pers, sizeof tls_drbg_pers - 1);
+    int r = mbedtls_ctr_drbg_seed(&ctx->drbg, mbedtls_entropy_func, &ctx->entropy,
+                                  (const unsigned char *)tls_drbg_pers, sizeof tls_drbg_pers - 1);
     if (r != 0) {
         mbedtls_strerror(r, why, sizeof why);
         tls_set_err(err, errlen, "tls: cannot seed the RNG: %s", why);
-        goto fail;
+        return -1;
     }
 
     r = mbedtls_ssl_config_defaults(&ctx->conf, MBEDTLS_SSL_IS_CLIENT, MBEDTLS_SSL_TRANSPORT_STREAM,
@@ -104,7 +75,7 @@ int tls_ctx_new(struct tls_ctx **out, const char *ca_file, char *err, size_t err
     if (r != 0) {
         mbedtls_strerror(r, why, sizeof why);
         tls_set_err(err, errlen, "tls: cannot configure: %s", why);
-        goto fail;
+        return -1;
     }
     mbedtls_ssl_conf_authmode(&ctx->conf, MBEDTLS_SSL_VERIFY_REQUIRED);
     mbedtls_ssl_conf_ca_chain(&ctx->conf, &ctx->ca, NULL);
@@ -116,13 +87,98 @@ int tls_ctx_new(struct tls_ctx **out, const char *ca_file, char *err, size_t err
                                  MBEDTLS_SSL_MINOR_VERSION_3);
     mbedtls_ssl_conf_renegotiation(&ctx->conf, MBEDTLS_SSL_RENEGOTIATION_DISABLED);
     mbedtls_ssl_conf_session_tickets(&ctx->conf, MBEDTLS_SSL_SESSION_TICKETS_ENABLED);
+    return 0;
+}
 
+static struct tls_ctx *ctx_alloc(void)
+{
+    struct tls_ctx *ctx = xcalloc(1, sizeof *ctx);
+    ctx->refs = 1;
+    mbedtls_ssl_config_init(&ctx->conf);
+    mbedtls_x509_crt_init(&ctx->ca);
+    mbedtls_entropy_init(&ctx->entropy);
+    mbedtls_ctr_drbg_init(&ctx->drbg);
+    return ctx;
+}
+
+/* r is mbedtls_x509_crt_parse*'s result: < 0 an error, > 0 the certificates that failed to
+ * parse, which is fine if at least one did (as Go's AppendCertsFromPEM). */
+static int ca_parsed(const struct tls_ctx *ctx, int r, const char *what, char *err, size_t errlen)
+{
+    char why[128];
+    if (r >= 0 && ctx->ca.version != 0)
+        return 0;
+    if (r < 0)
+        mbedtls_strerror(r, why, sizeof why);
+    else
+        snprintf(why, sizeof why, "no PEM certificate");
+    tls_set_err(err, errlen, "%s: no usable certificates (%s)", what, why);
+    return -1;
+}
+
+int tls_ctx_new(struct tls_ctx **out, const char *ca_file, char *err, size_t errlen)
+{
+    const char *path = ca_file ? ca_file : TLS_DEFAULT_CA_FILE;
+    char what[PATH_MAX + 16];
+    *out = NULL;
+
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        tls_set_err(err, errlen, "ca_file=%s: cannot open: %s", path, strerror(errno));
+        return -1;
+    }
+    fclose(f);
+
+    struct tls_ctx *ctx = ctx_alloc();
+    int r = mbedtls_x509_crt_parse_file(&ctx->ca, path);
+    snprintf(what, sizeof what, "ca_file=%s", path);
+    if (r == MBEDTLS_ERR_PK_FILE_IO_ERROR) {
+        tls_set_err(err, errlen, "ca_file=%s: cannot read the file", path);
+        goto fail;
+    }
+    if (ca_parsed(ctx, r, what, err, errlen) < 0 || ctx_setup(ctx, err, errlen) < 0)
+        goto fail;
     *out = ctx;
     return 0;
 
 fail:
     tls_ctx_free(ctx);
     return -1;
+}
+
+int tls_ctx_new_pem(struct tls_ctx **out, const char *pem, size_t len, const char *what, char *err,
+                    size_t errlen)
+{
+    *out = NULL;
+    /* mbedTLS parses PEM only from a NUL-terminated buffer, its length counting the NUL */
+    char *z = xmalloc(len + 1);
+    memcpy(z, pem, len);
+    z[len] = 0;
+    struct tls_ctx *ctx = ctx_alloc();
+    int r = memchr(pem, 0, len)
+                ? MBEDTLS_ERR_X509_INVALID_FORMAT
+                : mbedtls_x509_crt_parse(&ctx->ca, (const unsigned char *)z, len + 1);
+    free(z);
+    if (ca_parsed(ctx, r, what, err, errlen) < 0 || ctx_setup(ctx, err, errlen) < 0) {
+        tls_ctx_free(ctx);
+        return -1;
+    }
+    *out = ctx;
+    return 0;
+}
+
+int tls_ctx_count(const struct tls_ctx *ctx)
+{
+    int n = 0;
+    for (const mbedtls_x509_crt *c = &ctx->ca; c && c->version; c = c->next)
+        n++;
+    return n;
+}
+
+struct tls_ctx *tls_ctx_ref(struct tls_ctx *ctx)
+{
+    ctx->refs++;
+    return ctx;
 }
 
 static void tls_ctx_forget_session(struct tls_ctx *ctx)
@@ -138,7 +194,7 @@ static void tls_ctx_forget_session(struct tls_ctx *ctx)
 
 void tls_ctx_free(struct tls_ctx *ctx)
 {
-    if (!ctx)
+    if (!ctx || --ctx->refs > 0)
         return;
     tls_ctx_forget_session(ctx);
     mbedtls_ssl_config_free(&ctx->conf);
@@ -181,7 +237,7 @@ struct tls_conn *tls_conn_new(struct tls_ctx *ctx, const char *hostname, char *e
 {
     struct tls_conn *t = xcalloc(1, sizeof *t);
     char why[128];
-    t->ctx = ctx;
+    t->ctx = tls_ctx_ref(ctx);
     t->host = xstrdup(hostname);
     mbedtls_ssl_init(&t->ssl);
     buf_init(&t->in, TLS_MAX_INPUT);
@@ -211,7 +267,13 @@ void tls_conn_free(struct tls_conn *t)
     free(t->host);
     buf_free(&t->in);
     buf_free(&t->out);
+    tls_ctx_free(t->ctx);
     free(t);
+}
+
+const struct tls_ctx *tls_conn_ctx(const struct tls_conn *t)
+{
+    return t->ctx;
 }
 
 int tls_conn_feed(struct tls_conn *t, const void *p, size_t n)

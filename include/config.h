@@ -27,6 +27,14 @@ struct config_listen {
     int health; /* --health-listen: probes only, never a token */
 };
 
+/* An https:// URL, parsed. */
+struct config_url {
+    char *url;  /* normalised "https://host[:port][/prefix]", no trailing '/' */
+    char *host; /* host name or IP literal, no brackets */
+    char port[6];
+    char *path; /* "" or "/prefix" */
+};
+
 struct config {
     char *client_id;
     char *tenant_id;
@@ -36,6 +44,15 @@ struct config {
     char authority_port[6];
     char *authority_path; /* "" or "/prefix" */
     char *ca_file;
+    /* An AKS identity binding (the webhook's AZURE_KUBERNETES_* variables): the exchange goes to
+     * token_proxy (url NULL: straight to the authority), verified as sni_name (NULL: its host)
+     * against the trust anchors in k8s_ca_file (read again before every exchange) or
+     * k8s_ca_data (neither: ca_file) */
+    struct config_url token_proxy;
+    char *token_proxy_src; /* what set it: the variable or the flag */
+    char *sni_name;
+    char *k8s_ca_file;
+    char *k8s_ca_data;
     struct config_listen listen[CONFIG_MAX_LISTEN];
     int nlisten;
     char *allowed_client_ids[CONFIG_MAX_CLIENT_IDS];
@@ -93,5 +110,9 @@ int config_parse_listen(const char *s, struct config_listen *l);
 const char *config_listen_str(const struct config_listen *l, char out[CONFIG_LISTEN_STR]);
 /* Normalises an authority URL into c->authority* fields; returns 0 or -1 with a reason. */
 int config_set_authority(struct config *c, const char *url, const char **why);
+/* Parses an https:// URL (no user name, query or fragment) into u, freeing what u held; returns 0
+ * or -1 with a reason ("must be an https:// URL"). */
+int config_parse_url(struct config_url *u, const char *url, const char **why);
+void config_url_free(struct config_url *u);
 
 #endif

@@ -34,6 +34,9 @@ struct entra_fetch {
     const char *client_id; /* borrowed until done */
     const char *resource;
     int active;
+    struct buf body;               /* the form, until sent */
+    struct entra_fetch *ca_next;   /* waiting for the CA file's read */
+    struct entra_fetch **ca_batch; /* the list ca_read_done is sending from, or NULL */
 };
 
 /* Creates the client for cfg's authority. On failure returns <0 with a one-line reason in err. */

@@ -27,6 +27,7 @@
           */
 
 struct proxy;
+struct tls_ctx;
 
 enum https_err {
     HTTPS_OK = 0,
@@ -47,8 +48,13 @@ enum https_err {
 const char *https_strerror(int err);
 
 struct https_client_opts {
-    const char *host;    /* DNS name or IP literal (no brackets); also SNI + verified name */
-    const char *port;    /* decimal, e.g. "443" */
+    const char *host;     /* where to connect: DNS name or IP literal (no brackets) */
+    const char *port;     /* decimal, e.g. "443" */
+    const char *tls_name; /* the name sent as SNI and verified; NULL = host */
+    /* the Host header's name and port; NULL = host and port. An AKS identity binding's token
+     * proxy is sent the request azidentity sends it: to the proxy, for Entra's host */
+    const char *origin_host, *origin_port;
+    struct tls_ctx *tls; /* trust anchors (the client takes a reference), or NULL: ca_file */
     const char *ca_file; /* PEM bundle of trust anchors; NULL = system bundle */
     uint64_t connect_timeout_ms; /* 0 = default; covers resolve + TCP connect (+ CONNECT through
                                   * the proxy) + TLS handshake */
@@ -97,6 +103,11 @@ int https_client_send(struct https_client *c, struct https_request *req);
 
 /* Detaches req: done is never called for it. A no-op if done already ran. */
 void https_client_cancel(struct https_request *req);
+
+/* Verifies the connections made from now on against tls's trust anchors (the client takes a
+ * reference): closes the idle ones, and a connection made before is not reused once its answer is
+ * in. */
+void https_client_set_tls(struct https_client *c, struct tls_ctx *tls);
 
 /* Fails every pending request with HTTPS_E_CANCELED (calling done), closes all handles and frees
  * the client once they have closed. The loop must be run afterwards for the closes to finish. */

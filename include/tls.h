@@ -32,11 +32,23 @@ struct tls_conn;
 /* Loads the PEM bundle ca_file (NULL = TLS_DEFAULT_CA_FILE) and seeds the RNG. On failure returns
  * -1 and writes a one-line reason naming the file into err. */
 int tls_ctx_new(struct tls_ctx **out, const char *ca_file, char *err, size_t errlen);
+/* The same from len bytes of PEM in memory (at least one certificate must parse); a failure's
+ * reason begins with what, e.g. "AZURE_KUBERNETES_CA_DATA". */
+int tls_ctx_new_pem(struct tls_ctx **out, const char *pem, size_t len, const char *what, char *err,
+                    size_t errlen);
+/* How many trust anchors ctx holds. */
+int tls_ctx_count(const struct tls_ctx *ctx);
+/* A ctx is counted: tls_ctx_ref takes another reference (and returns ctx), tls_ctx_free drops one
+ * and frees with the last. Every tls_conn holds one, so a ctx replaced while sessions on it are
+ * still open lives until they are freed. */
+struct tls_ctx *tls_ctx_ref(struct tls_ctx *ctx);
 void tls_ctx_free(struct tls_ctx *ctx);
 
 /* A client session that verifies hostname and offers the ctx's last session for resumption.
- * Returns NULL (with a reason in err) if mbedTLS cannot set it up. ctx must outlive it. */
+ * Returns NULL (with a reason in err) if mbedTLS cannot set it up. It holds a reference to ctx. */
 struct tls_conn *tls_conn_new(struct tls_ctx *ctx, const char *hostname, char *err, size_t errlen);
+/* The ctx the session was made from. */
+const struct tls_ctx *tls_conn_ctx(const struct tls_conn *t);
 /* Frees the session, zeroing key material and buffered plaintext. NULL is fine. */
 void tls_conn_free(struct tls_conn *t);
 

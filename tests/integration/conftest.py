@@ -29,7 +29,7 @@ VARIANTS = {
 }
 # What make check runs under valgrind (make check-full: every module). The main path, the token
 # file and the limits cover the request path, the cache, the watcher and connection handling.
-VALGRIND_MODULES = ("test_main_path", "test_token_file", "test_limits", "test_pipelining")
+VALGRIND_MODULES = ("test_main_path", "test_token_file", "test_limits", "test_pipelining", "test_token_proxy")
 DEFAULT_TIMEOUT = 45   # seconds per test before the variant's scale; a test may set fn.timeout
 
 

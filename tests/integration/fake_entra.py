@@ -7,6 +7,7 @@ POST /_control  {"tenant": T, "script": [behaviour, ...], "token_file": PATH, "d
 POST /_control  {"release": NAME} opens gate NAME (see gate-NAME); {"gated": NAME} -> {"waiting": n}
 POST /_control  {"tenant": T, "chaos": {"p": 0.2, "kinds": [behaviour, ...], "ok": behaviour, "seed": n}}
                 chaos mode for T ("chaos": null ends it), see below
+POST /_control  {"serve": "main" | "alt"} the certificate new handshakes get (--alt-cert)
 GET  /_stats    {"calls": {tenant: n}, "accepted": n, "tls_failures": n, "issued": n,
                  "inflight": {tenant: n}, "max_inflight": {tenant: n},
                  "behaviours": {tenant: {behaviour: n}}}
@@ -24,7 +25,10 @@ one of "kinds" picked uniformly, else "ok"; the picks come from random.Random(se
 gives the same sequence of picks (which request gets which pick depends on timing). A slow-N or
 gate-NAME pick then answers as "ok" does (say ok-exp20), not as plain ok.
 Every token request appends one JSON line to --log (with the sha256, jti and iat of the
-client_assertion it presented, and "chaos": true when chaos mode picked its behaviour).
+client_assertion it presented, the SNI name its connection sent, its Host header and path, and
+"chaos": true when chaos mode picked its behaviour).
+--path-prefix P stands for an AKS identity binding's token proxy at https://HOST:PORT/P: the token
+endpoint is P/<tenant>/oauth2/v2.0/token, and the path without P is not found.
 """
 import argparse, base64, hashlib, json, os, random, re, socket, ssl, struct, sys, threading, time, uuid
 import urllib.parse
@@ -189,6 +193,12 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body()
         if self.path == "/_control":
             req = json.loads(body)
+            if "serve" in req:
+                if req["serve"] not in ("main", "alt") or (req["serve"] == "alt" and not self.server.alt_ctx):
+                    return self.send(400, {"error": "serve is main or alt (with --alt-cert)"})
+                with LOCK:
+                    self.server.serving = req["serve"]
+                return self.send(200, {"ok": True})
             if "release" in req:
                 gate(req["release"]).set()
                 return self.send(200, {"ok": True})
@@ -219,7 +229,10 @@ class Handler(BaseHTTPRequestHandler):
                 elif "default" in req:
                     DEFAULTS.pop(req["tenant"], None)
             return self.send(200, {"ok": True})
-        m = re.match(r"^/([^/?]+)/oauth2/v2\.0/token$", self.path)
+        prefix = self.server.path_prefix
+        path = self.path[len(prefix):] if prefix and self.path.startswith(prefix + "/") else \
+            (None if prefix else self.path)
+        m = re.match(r"^/([^/?]+)/oauth2/v2\.0/token$", path or "")
         if not m:
             return self.send(404, {"error": "not_found", "error_description": "no such endpoint"})
         tenant = urllib.parse.unquote(m.group(1))
@@ -256,7 +269,9 @@ class Handler(BaseHTTPRequestHandler):
                "assertion_jti": assertion.get("jti") if isinstance(assertion, dict) else None,
                "assertion_iat": assertion.get("iat") if isinstance(assertion, dict) else None,
                "fields": sorted(fields), "form_ok": not problems, "problems": problems,
-               "behaviour": behaviour, "conn": self.conn_id, "access_token": None}
+               "behaviour": behaviour, "conn": self.conn_id, "access_token": None,
+               "sni": getattr(self.connection, "sni_name", None), "host": self.headers.get("Host"),
+               "path": self.path}
         if chaos:
             rec["chaos"] = True
         if code is not None:
@@ -359,11 +374,26 @@ def main():
     ap.add_argument("--log", required=True)
     ap.add_argument("--ready-file")
     ap.add_argument("--token-file")
+    ap.add_argument("--path-prefix", default="")
+    ap.add_argument("--alt-cert")
+    ap.add_argument("--alt-key")
     a = ap.parse_args()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(a.cert, a.key)
+
+    def server_ctx(cert, key):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key)
+        return ctx
+    ctx = server_ctx(a.cert, a.key)
     srv = Server((a.bind, a.port), Handler)
+    srv.alt_ctx = server_ctx(a.alt_cert, a.alt_key) if a.alt_cert else None
+    srv.serving, srv.path_prefix = "main", a.path_prefix.rstrip("/")
+
+    def on_sni(sock, name, _ctx):   # notes the name the client sent, picks the certificate
+        sock.sni_name = name
+        if srv.serving == "alt":
+            sock.context = srv.alt_ctx
+    ctx.sni_callback = on_sni
     srv.ssl_ctx, srv.log_path, srv.token_file = ctx, a.log, a.token_file
     open(a.log, "a").close()
     if a.ready_file:

@@ -6,6 +6,10 @@
 #   wronghost.pem/wronghost.key   SAN DNS:wrong-host.invalid only                (signed by the CA)
 #   rogue-ca.pem/rogue-ca.key     a second, unrelated CA
 #   rogue.pem/rogue.key           SAN DNS:localhost, IP:127.0.0.1, IP:::1        (signed by the rogue CA)
+#   aks-ca.pem, aks-ca2.pem       two CAs of an AKS identity binding's token proxy (its CA rotates)
+#   aks-proxy.pem/.key            SAN DNS:tokenproxy.aks.test                    (signed by aks-ca)
+#   aks-proxy2.pem/.key           SAN DNS:tokenproxy.aks.test                    (signed by aks-ca2)
+#   aks-local.pem/.key            SAN DNS:localhost                              (signed by aks-ca)
 # mbedTLS 2.28 ignores IP SANs, so the daemon always connects to the name "localhost".
 set -eu
 
@@ -37,6 +41,20 @@ extendedKeyUsage = serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid,issuer
 subjectAltName = DNS:wrong-host.invalid
+[v3_aks]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+subjectAltName = DNS:tokenproxy.aks.test
+[v3_local]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+subjectAltName = DNS:localhost
 EOF
 
 newkey() {
@@ -65,7 +83,14 @@ newleaf leaf localhost ca v3_leaf
 newleaf wronghost wrong-host.invalid ca v3_wronghost
 newca rogue-ca "imdsd rogue test CA"
 newleaf rogue localhost rogue-ca v3_leaf
+newca aks-ca "imdsd test AKS identity binding CA"
+newca aks-ca2 "imdsd test AKS identity binding CA (rotated)"
+newleaf aks-proxy tokenproxy.aks.test aks-ca v3_aks
+newleaf aks-proxy2 tokenproxy.aks.test aks-ca2 v3_aks
+newleaf aks-local localhost aks-ca v3_local
 rm -f openssl.cnf
 
 openssl verify -CAfile ca.pem leaf.pem wronghost.pem >/dev/null
 openssl verify -CAfile rogue-ca.pem rogue.pem >/dev/null
+openssl verify -CAfile aks-ca.pem aks-proxy.pem aks-local.pem >/dev/null
+openssl verify -CAfile aks-ca2.pem aks-proxy2.pem >/dev/null

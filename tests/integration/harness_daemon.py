@@ -41,16 +41,17 @@ def log_ts(rec):
 class Fake:
     """A running fake_entra.py serving cert/key; the harness talks to its control endpoints."""
 
-    def __init__(self, rundir, name, cert, key, netns=None, token_file=None, bind="127.0.0.1"):
+    def __init__(self, rundir, name, cert, key, netns=None, token_file=None, bind="127.0.0.1", extra=()):
         """netns: run inside that network namespace (a NetNS); token_file: the fake's default --token-file;
-        bind: its listening address (a pod reaches 0.0.0.0 through its network's gateway)."""
+        bind: its listening address (a pod reaches 0.0.0.0 through its network's gateway); extra: more
+        arguments (--path-prefix, --alt-cert/--alt-key)."""
         self.name, self.log = name, os.path.join(rundir, f"fake-{name}.jsonl")
         self.netns = netns
         ready = os.path.join(rundir, f"fake-{name}.port")
         self.stderr = open(os.path.join(rundir, f"fake-{name}.stderr"), "w")
         cmd = [sys.executable, os.path.join(HERE, "fake_entra.py"), "--cert", cert, "--key", key, "--port", "0",
                "--log", self.log, "--ready-file", ready, "--bind", bind] + \
-            (["--token-file", token_file] if token_file else [])
+            (["--token-file", token_file] if token_file else []) + list(extra)
         self.proc = subprocess.Popen((netns.prefix() if netns else []) + cmd,
                                      stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
         wait_for(lambda: os.path.exists(ready) or self.proc.poll() is not None, 10, f"fake {name}")
@@ -88,6 +89,10 @@ class Fake:
 
     def stats(self):
         return self._call("GET", "/_stats")
+
+    def serve(self, which):
+        """The certificate the fake's next TLS handshakes present: "main" or "alt" (--alt-cert)."""
+        assert self._call("POST", "/_control", {"serve": which}).get("ok")
 
     def release(self, name):
         """Lets the token requests held by behaviour gate-<name> (and later ones) be answered."""

@@ -1130,7 +1130,7 @@ static const struct auth_row auth_rows[] = {
     {"IPv4 in brackets", "https://[127.0.0.1]", -1, NULL, NULL, NULL, NULL, "host"},
     {"IPv4-mapped IPv6", "https://[::ffff:127.0.0.1]:8443", 0, "https://[::ffff:127.0.0.1]:8443",
      "::ffff:127.0.0.1", "8443", "", NULL},
-    {"userinfo", "https://user@host", -1, NULL, NULL, NULL, NULL, "host"},
+    {"userinfo", "https://user@host", -1, NULL, NULL, NULL, NULL, "user name"},
     {"space in host", "https://ho st", -1, NULL, NULL, NULL, NULL, "host"},
     {"query in path", "https://host/p?x=1", -1, NULL, NULL, NULL, NULL, NULL},
     {"host of 253 bytes (the longest DNS name)", "https://" X250 ".co/", 0, "https://" X250 ".co",
@@ -1168,6 +1168,86 @@ static void t_auth(void **state)
         }
         assert_null(c->authority);
     }
+}
+
+/* AZURE_KUBERNETES_TOKEN_PROXY and friends, through config_parse as main.c calls it. */
+struct tproxy_row {
+    const char *name;
+    const char *const env[16];
+    const char *expect; /* "host port path sni": what the proxy settings became; NULL: an error */
+    const char *err_in[2];
+};
+
+#define TP "AZURE_KUBERNETES_TOKEN_PROXY"
+
+static const struct tproxy_row tproxy_rows[] = {
+    {"none set: straight to the authority", {ENV_ALL, NULL}, "- - - -", {NULL}},
+    {"empty is not set",
+     {ENV_ALL, TP, "", "AZURE_KUBERNETES_SNI_NAME", "", NULL},
+     "- - - -",
+     {NULL}},
+    {"host only: the path is /",
+     {ENV_ALL, TP, "https://10.0.0.1", NULL},
+     "10.0.0.1 443 - -",
+     {NULL}},
+    {"port, path and SNI",
+     {ENV_ALL, TP, "https://kubernetes.default.svc:8443/bind/ns1/", "AZURE_KUBERNETES_SNI_NAME",
+      "tokenproxy.aks.test", NULL},
+     "kubernetes.default.svc 8443 /bind/ns1 tokenproxy.aks.test",
+     {NULL}},
+    {"the path is cleaned as url.JoinPath does",
+     {ENV_ALL, TP, "https://p//a/./b/../c//", NULL},
+     "p 443 /a/c -",
+     {NULL}},
+    {"'..' cannot climb above the root",
+     {ENV_ALL, TP, "https://p/../../x", NULL},
+     "p 443 /x -",
+     {NULL}},
+    {"IPv6 literal", {ENV_ALL, TP, "https://[fd00::1]:9443/x", NULL}, "fd00::1 9443 /x -", {NULL}},
+    {"http is refused",
+     {ENV_ALL, TP, "http://bad", NULL},
+     NULL,
+     {TP, "'http://bad' must be an https:// URL"}},
+    {"user info", {ENV_ALL, TP, "https://a:b@p", NULL}, NULL, {TP, "user name or password"}},
+    {"query", {ENV_ALL, TP, "https://p/x?y=1", NULL}, NULL, {TP, "query"}},
+    {"fragment", {ENV_ALL, TP, "https://p/x#y", NULL}, NULL, {TP, "fragment"}},
+    {"SNI without a proxy",
+     {ENV_ALL, "AZURE_KUBERNETES_SNI_NAME", "x.test", NULL},
+     NULL,
+     {"AZURE_KUBERNETES_SNI_NAME", "AZURE_KUBERNETES_TOKEN_PROXY is not"}},
+    {"CA file and data",
+     {ENV_ALL, TP, "https://p", "AZURE_KUBERNETES_CA_FILE", "/ca.crt", "AZURE_KUBERNETES_CA_DATA",
+      "-----BEGIN CERTIFICATE-----", NULL},
+     NULL,
+     {"'/ca.crt') and AZURE_KUBERNETES_CA_DATA (27 bytes) are both set", NULL}},
+};
+
+static void t_tproxy(void **state)
+{
+    const struct tproxy_row *r = *state;
+    char *argv[] = {(char *)"imdsd", NULL};
+    fake_env = r->env;
+    struct config *c = tconfig();
+    char err[512] = "", got[600];
+    int rc = config_parse(c, 1, argv, fake_getenv, err, sizeof err);
+    if (rc == CONFIG_OK)
+        snprintf(got, sizeof got, "%s %s %s %s", c->token_proxy.host ? c->token_proxy.host : "-",
+                 c->token_proxy.url ? c->token_proxy.port : "-",
+                 c->token_proxy.path && *c->token_proxy.path ? c->token_proxy.path : "-",
+                 c->sni_name ? c->sni_name : "-");
+    else
+        snprintf(got, sizeof got, "error: %s", err);
+    if (r->expect) {
+        assert_int_equal(rc, CONFIG_OK);
+        assert_string_equal(got, r->expect);
+        return;
+    }
+    assert_int_equal(rc, CONFIG_ERROR);
+    for (int i = 0; i < 2 && r->err_in[i]; i++)
+        if (!strstr(err, r->err_in[i])) {
+            print_error("'%s' lacks '%s'\n", err, r->err_in[i]);
+            fail();
+        }
 }
 
 static void t_auth_twice(void **state)
@@ -1396,6 +1476,7 @@ int main(void)
     add("config_parse", "again after a refused \"-xy\"", t_reparse, NULL);
     add("config_set_authority", "twice on one config", t_auth_twice, NULL);
     ADD_ROWS("config_set_authority", auth_rows, t_auth);
+    ADD_ROWS("config_parse AKS token proxy", tproxy_rows, t_tproxy);
     ADD_ROWS("config_parse limits", limit_rows, t_limit);
     ADD_ROWS("config_check_secret", secret_rows, t_secret);
     ADD_ROWS("config_load_identity_header", ihf_rows, t_ihf);
