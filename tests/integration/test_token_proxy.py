@@ -10,8 +10,8 @@ a volume written the kubelet's way (a ..data swap), as the webhook's projected c
 """
 import os
 
-from harness import (CLIENT_ID, RESOURCE, Fake, KubeletToken, assert_json_error, assert_token_ok, get_token,
-                     log_events)
+from harness import (CLIENT_ID, RESOURCE, Fake, KubeletToken, assert_json_error, assert_token_ok, concurrently,
+                     get_token, log_events)
 
 SNI = "tokenproxy.aks.test"
 PREFIX = "/identitybindings/ns1"
@@ -139,6 +139,22 @@ def test_token_proxy_ca_file_rotation(ctx):
     ca.rotate(pem(ctx, "aks-ca2.pem"))
     assert_token_ok(token(7), resource="https://r7.example.com")
     assert d.proc.poll() is None
+
+
+def test_token_proxy_ca_file_many_at_once(ctx):
+    """Exchanges that start together share the CA file's reads: 24 resources at once, each served."""
+    fake = proxy_fake(ctx)
+    ca = KubeletFile(os.path.join(ctx.tmp, "wi"), "ca-cert/ca.crt", pem(ctx, "aks-ca.pem"))
+    env = {"AZURE_KUBERNETES_TOKEN_PROXY": f"https://localhost:{fake.port}{PREFIX}",
+           "AZURE_KUBERNETES_SNI_NAME": SNI, "AZURE_KUBERNETES_CA_FILE": ca.path}
+    d = binding_daemon(ctx, fake, env)
+    n = 24
+    results = concurrently(n, lambda i: get_token(d.port, resource=f"https://many{i}.example.com"))
+    for i, r in enumerate(results):
+        assert not isinstance(r, BaseException), r
+        assert_token_ok(r, resource=f"https://many{i}.example.com")
+    assert len(records(fake, d)) == n
+    assert {r["sni"] for r in records(fake, d)} == {SNI}
 
 
 def test_token_proxy_ca_data_and_default_sni(ctx):
