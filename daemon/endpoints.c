@@ -414,12 +414,24 @@ static void handle_not_found(struct endpoints *ep, struct http_conn *c,
 
 /* The rest of IMDS, which the workload-identity proxy sidecar forwarded to the node: instance
  * metadata (MSAL's region discovery) and managed identity v2 (where a 404 means "v1 only"); said at
- * once, so that a client falls back without waiting. */
+ * once, so that a client falls back without waiting. A request for text (?format=text) gets an
+ * empty body: MSAL for Python before it parsed the answer as JSON (Debian 12 ships 1.21) takes
+ * whatever body /metadata/instance/compute/location?format=text returns, status unchecked, for its
+ * region name, and would send its token requests to https://{"error":...}.login.microsoft.com;
+ * empty, it keeps the global authority. */
 static void handle_not_served(struct endpoints *ep, struct http_conn *c,
                               const struct http_request *req, enum answer_shape shape)
 {
     (void)ep;
-    (void)req;
+    struct query q;
+    const struct query_param *fmt;
+    if (query_parse(&q, req->query, req->query_len) == QUERY_OK &&
+        (fmt = query_get(&q, "format")) && fmt->val_len == 4 &&
+        strncasecmp(fmt->val, "text", 4) == 0) {
+        log_debug("request_rejected", "status=404 error=not_found body=empty");
+        http_conn_respond_type(c, 404, "text/plain; charset=utf-8", "", 0);
+        return;
+    }
     struct imds_error e = {404, "not_found",
                            "imdsd serves only managed identity tokens "
                            "(/metadata/identity/oauth2/token), no other instance metadata",

@@ -159,3 +159,45 @@ def test_webhook_pod_gets_tokens_through_the_redirect(ctx):
 
 
 test_webhook_pod_gets_tokens_through_the_redirect.timeout = 120
+
+
+def msal_region(ctx, ns):
+    """MSAL for Python's own region discovery (msal.region._detect_region, what a
+    ConfidentialClientApplication(azure_region=True) runs) inside ns: (region, milliseconds)."""
+    code = ("import json, time, msal.region, requests\n"
+            "t0 = time.monotonic()\n"
+            "region = msal.region._detect_region(requests.Session())\n"
+            "print(json.dumps({'region': region, 'ms': (time.monotonic() - t0) * 1000}))\n")
+    p = subprocess.run(ns.prefix() + ["/usr/bin/python3", "-c", code], capture_output=True, text=True,
+                       timeout=30, env=sdk.client_env(ctx))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return r["region"], r["ms"]
+
+
+
+def test_region_discovery_falls_through_at_once(ctx):
+    """MSAL's region discovery (what ConfidentialClientApplication(azure_region=True) and
+    AZURE_REGIONAL_AUTHORITY_NAME run) through the redirect: imdsd's 404 comes at once, and MSAL
+    for Python 1.21 (Debian 12's, which takes any body of /metadata/instance/compute/location?
+    format=text for the region, whatever the status) finds no region and keeps the global authority.
+    With the JSON 404 the other paths get, it took the JSON text for a region name."""
+    port = 8000
+    ns = pod_netns(ctx, port)
+    tok, tenant = ctx.token(), ctx.tenant("ok")
+    fake = Fake(ctx.tmp, f"region-{harness.unique()}", ctx.certs["leaf.pem"], ctx.certs["leaf.key"], netns=ns,
+                token_file=tok.path)
+    ctx.cleanups.append(fake.stop)
+    d = ctx.daemon(tenant, tok, args=fill(WEBHOOK_ARGS, port), env=webhook_env(ctx, tenant, tok, fake), fake=fake,
+                   port=port, netns=ns, unprivileged=True)
+    region, ms = msal_region(ctx, ns)
+    with open(os.path.join(ctx.tmp, "region-discovery.txt"), "w") as f:
+        f.write(f"MSAL for Python region discovery through imdsd: {ms:.1f} ms, region {region!r}\n")
+    assert region == "", f"MSAL took {region!r} for its region"
+    assert ms < 1000 * ctx.scale, f"region discovery took {ms:.0f} ms"
+    # the same question for JSON still gets the JSON 404 that says why
+    rc, code, body, err = curl(ns, "/metadata/instance/compute/location?api-version=2021-01-01")
+    assert code == "404" and "only managed identity tokens" in json.loads(body)["error_description"], body
+    rc, code, body, err = curl(ns, "/metadata/instance/compute/location?format=text&api-version=2021-01-01")
+    assert code == "404" and body == "", (code, body)
+    assert d.alive()
