@@ -2,6 +2,7 @@
 # make            build build/imdsd (release); names the missing Debian packages if any
 # make demo       install dependencies, run the daemon against a local stand-in Entra, fetch a token
 # make check      install dependencies, then unit + integration tests, plain, ASan/UBSan and valgrind
+#                 (and the arm64 image's binary under qemu-aarch64-static)
 # make check-full the same with every integration module under valgrind, and make check-systemd
 #                 (before a release)
 # make check-systemd  make install into a Debian 12 root booted under a real systemd (nspawn), the

@@ -94,8 +94,11 @@ m=$(missing $want)
 [ -z "$m" ] && exit 0
 echo "deps: installing$m"
 if [ "$(id -u)" != 0 ]; then
-    target=deps
-    [ -z "$mode" ] || target=deps-arm64
+    case "$mode" in
+    --arm64) target=deps-arm64 ;;
+    --arm64-test) target=check ;;
+    *) target=deps ;;
+    esac
     echo "deps: missing packages:$m; run 'make $target' as root (or apt-get install them)" >&2
     exit 1
 fi
