@@ -2,13 +2,16 @@
 # make            build build/imdsd (release); names the missing Debian packages if any
 # make demo       install dependencies, run the daemon against a local stand-in Entra, fetch a token
 # make check      install dependencies, then unit + integration tests, plain, ASan/UBSan and valgrind
+#                 (and the arm64 image's binary under qemu-aarch64-static)
 # make check-full the same with every integration module under valgrind, and make check-systemd
 #                 (before a release)
 # make check-systemd  make install into a Debian 12 root booted under a real systemd (nspawn), the
 #                 quick start, reload, watchdog, socket activation, SupplementaryGroups=, security
 # make bench      install dependencies, then imdsd against nginx (tests/bench/README.md)
-# make image      install dependencies, build the container image and build/imdsd-VERSION.oci.tar
+# make image      install dependencies (the arm64 cross toolchain too), build the container image for
+#                 linux/amd64 and linux/arm64: one OCI image index, build/imdsd-VERSION.oci.tar
 # make deps       install the Debian packages the build and the tests need
+# make deps-arm64 install the arm64 cross toolchain and libraries (make image and make check do)
 # make install    build/imdsd, the systemd units and imdsd(8) under PREFIX (/usr/local); DESTDIR too
 #
 # demo, check, check-full and bench install packages first and then build in a new make: a make
@@ -54,7 +57,7 @@ UNIT_LDFLAGS_test_token_cache = -Wl,--wrap=now_ms,--wrap=now_wall_ms
 
 # Anything that compiles first checks the build packages, and names the missing ones in one line
 # (demo, check, check-full and bench install them first, then build in a new make).
-ifeq ($(filter deps demo check check-full bench image clean uninstall,$(MAKECMDGOALS)),)
+ifeq ($(filter deps deps-arm64 demo check check-full bench image clean uninstall,$(MAKECMDGOALS)),)
 MISSING_PKGS := $(shell tests/deps.sh --check-build 2>&1)
 ifneq ($(MISSING_PKGS),)
 $(error $(MISSING_PKGS))
@@ -84,7 +87,7 @@ $(2)/obj/llhttp_%.o:
 	$(Q)$$(CC) $$(CPPFLAGS) $(3) -w -c -o $$@ $$(LLHTTP_SRC)/$$*.c
 
 $(2)/libimdsd.a: $$($(1)_OBJS) $$($(1)_LLHTTP)
-	$(Q)rm -f $$@ && ar rcs $$@ $$^
+	$(Q)rm -f $$@ && $$(AR) rcs $$@ $$^
 
 $(2)/imdsd: $(2)/obj/main.o $(2)/libimdsd.a
 	$$(if $$(Q),@echo "  LD      $$@")
@@ -111,6 +114,18 @@ $(eval $(call variant,STATIC,build/static,$(STATIC_CFLAGS),$(STATIC_LDFLAGS)))
 # libuv1-dev's static library; glibc's static getaddrinfo reads /etc/hosts and /etc/resolv.conf
 # itself (its link-time warning is about other NSS services, which the image does not use)
 build/static/imdsd: LIBS = /usr/lib/x86_64-linux-gnu/libuv_a.a -lmbedtls -lmbedx509 -lmbedcrypto -lpthread -ldl
+
+# The same for arm64 nodes (build/arm64/imdsd): Debian's cross compiler and the arm64 libraries
+# through dpkg multiarch (libc6-dev, libuv1-dev, libmbedtls-dev :arm64), installed by make image
+# and make check (tests/deps.sh --arm64), not by make deps: an amd64-only build never needs them.
+# The arm64 libc is libc6-dev:arm64, the same glibc version as the amd64 image's (dpkg keeps
+# Multi-Arch: same packages in step), not the cross toolchain's older libc6-dev-arm64-cross.
+ARM64_CC  ?= aarch64-linux-gnu-gcc
+ARM64_LIB  = /usr/lib/aarch64-linux-gnu
+$(eval $(call variant,ARM64,build/arm64,$(STATIC_CFLAGS),$(STATIC_LDFLAGS)))
+build/arm64/%: CC = $(ARM64_CC)
+build/arm64/%: AR = aarch64-linux-gnu-ar
+build/arm64/imdsd: LIBS = $(ARM64_LIB)/libuv_a.a -lmbedtls -lmbedx509 -lmbedcrypto -lpthread -ldl
 
 # libFuzzer targets link only the pure modules (no loop, no sockets).
 FUZZ_CFLAGS = -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
@@ -177,11 +192,13 @@ check-build: build/imdsd build/asan/imdsd build/debug/imdsd units units-asan uni
 
 check:
 	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)tests/deps.sh --arm64-test
 	$(Q)$(MAKE) --no-print-directory -j$(JOBS) check-build
 	$(Q)tests/check.sh
 
 check-full:
 	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)tests/deps.sh --arm64-test
 	$(Q)$(MAKE) --no-print-directory -j$(JOBS) check-build
 	$(Q)tests/check.sh --full
 
@@ -263,11 +280,19 @@ coverage: $(COV_UNITS) $(COV_FUZZ) $(COV_OBJS) build/cov/obj/main.o
 # ---- end of make coverage ------------------------------------------------------------------------
 
 # ---- the container image (container/Containerfile, podman) --------------------------------------
-# make image: localhost/imdsd:VERSION in podman's store and build/imdsd-VERSION.oci.tar to push.
+# make image: one OCI image index for linux/amd64 and linux/arm64, from the same commit, in podman's
+# store as the manifest list localhost/imdsd:VERSION (its images localhost/imdsd:VERSION-amd64 and
+# -arm64) and in build/imdsd-VERSION.oci.tar to push (skopeo copy --all, or podman manifest push --all).
 #   make image IMAGE_SOURCE=https://git.example.com/platform/imdsd   sets the source label
+#   make image IMAGE_ARCHS=amd64      an index of the amd64 image alone, without the cross toolchain
+# The arm64 image's binary is cross-compiled (build/arm64/imdsd); a FROM scratch Containerfile has
+# no RUN step, so podman build --platform linux/arm64 needs no emulation.
 # podman runs with container/containers.conf (CONTAINERS_CONF), not the user's configuration.
 IMAGE         ?= localhost/imdsd:$(VERSION)
+IMAGE_ARCHS   ?= amd64 arm64
 IMAGE_ARCHIVE  = build/imdsd-$(VERSION).oci.tar
+IMAGE_BIN_amd64 = build/static/imdsd
+IMAGE_BIN_arm64 = build/arm64/imdsd
 # the repository users should read it from: a setting, not read from the checkout, so that every
 # clone of a commit labels (and digests) the image the same way
 IMAGE_SOURCE  ?= unknown
@@ -276,26 +301,52 @@ REVISION      := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell 
 PODMAN         = CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman
 CA_BUNDLE     ?= /etc/ssl/certs/ca-certificates.crt
 
+# what builds the arm64 binary first checks for the cross packages, and names the missing ones
+ifneq ($(filter arm64,$(IMAGE_ARCHS)),)
+ifneq ($(filter image-build check-build integration build/arm64/% build/image/arm64/%,$(MAKECMDGOALS)),)
+MISSING_ARM64 := $(shell tests/deps.sh --check-arm64 2>&1)
+ifneq ($(MISSING_ARM64),)
+$(error $(MISSING_ARM64))
+endif
+endif
+endif
+
 image:
 	$(Q)$(MAKE) --no-print-directory deps
+	$(Q)$(if $(filter arm64,$(IMAGE_ARCHS)),$(MAKE) --no-print-directory deps-arm64)
 	$(Q)$(MAKE) --no-print-directory -j$(JOBS) image-build
 
+# each architecture's root file system, in build/image/ARCH/rootfs (the build context is its parent);
 # modes and directories set explicitly: the layer must not depend on the umask
-build/image/rootfs: build/static/imdsd container/passwd container/group $(CA_BUNDLE)
-	$(Q)rm -rf $@ && install -d -m 0755 $@ $@/etc $@/etc/ssl $@/etc/ssl/certs
-	$(Q)install -m 0755 build/static/imdsd $@/imdsd
-	$(Q)ln -s imdsd $@/proxy # the workload-identity webhook's postStart hook runs /proxy
-	$(Q)install -m 0644 $(CA_BUNDLE) $@/etc/ssl/certs/ca-certificates.crt
-	$(Q)install -m 0644 container/passwd $@/etc/passwd
-	$(Q)install -m 0644 container/group $@/etc/group
+define image_rootfs
+build/image/$(1)/rootfs: $(IMAGE_BIN_$(1)) container/passwd container/group $$(CA_BUNDLE)
+	$$(Q)rm -rf $$@ && install -d -m 0755 $$@ $$@/etc $$@/etc/ssl $$@/etc/ssl/certs
+	$$(Q)install -m 0755 $(IMAGE_BIN_$(1)) $$@/imdsd
+	$$(Q)ln -s imdsd $$@/proxy # the workload-identity webhook's postStart hook runs /proxy
+	$$(Q)install -m 0644 $$(CA_BUNDLE) $$@/etc/ssl/certs/ca-certificates.crt
+	$$(Q)install -m 0644 container/passwd $$@/etc/passwd
+	$$(Q)install -m 0644 container/group $$@/etc/group
+endef
+$(foreach a,amd64 arm64,$(eval $(call image_rootfs,$(a))))
 
-image-build: build/image/rootfs container/Containerfile
-	$(Q)$(PODMAN) build --quiet --timestamp 0 --layers=false $(PODMAN_BUILD_FLAGS) --file container/Containerfile --tag $(IMAGE) \
-	    --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) \
-	    --build-arg SOURCE=$(IMAGE_SOURCE) build/image >/dev/null
-	$(Q)rm -f $(IMAGE_ARCHIVE) && $(PODMAN) save --quiet --format oci-archive -o $(IMAGE_ARCHIVE) $(IMAGE)
-	$(Q)echo "image: $(IMAGE) $$($(PODMAN) image inspect --format '{{.Size}} bytes, id {{.Id}}' $(IMAGE))"
-	$(Q)echo "image: $(IMAGE_ARCHIVE) ($$(stat -c %s $(IMAGE_ARCHIVE)) bytes; push it with skopeo copy oci-archive:$(IMAGE_ARCHIVE) docker://REGISTRY/imdsd:$(VERSION))"
+# Each image built for its platform, then the index: the manifest list IMAGE (replaced: podman
+# manifest create does not overwrite), pushed with its images as an OCI index into the archive,
+# layers gzip-compressed (set, not left to a configuration). The same commit and the same Debian
+# packages give the same index digest, printed last.
+image-build: $(foreach a,$(IMAGE_ARCHS),build/image/$(a)/rootfs) container/Containerfile
+	$(Q)for a in $(IMAGE_ARCHS); do \
+	    $(PODMAN) build --quiet --timestamp 0 --layers=false --platform linux/$$a $(PODMAN_BUILD_FLAGS) \
+	        --file container/Containerfile --tag $(IMAGE)-$$a --build-arg VERSION=$(VERSION) \
+	        --build-arg REVISION=$(REVISION) --build-arg SOURCE=$(IMAGE_SOURCE) build/image/$$a >/dev/null || exit 1; done
+	$(Q)$(PODMAN) manifest rm $(IMAGE) >/dev/null 2>&1 || $(PODMAN) untag $(IMAGE) >/dev/null 2>&1 || true
+	$(Q)$(PODMAN) manifest create $(IMAGE) >/dev/null
+	$(Q)for a in $(IMAGE_ARCHS); do $(PODMAN) manifest add $(IMAGE) containers-storage:$(IMAGE)-$$a >/dev/null || exit 1; done
+	$(Q)rm -f $(IMAGE_ARCHIVE) $(IMAGE_ARCHIVE).digest && $(PODMAN) manifest push --quiet --all --format oci \
+	    --compression-format gzip --digestfile $(IMAGE_ARCHIVE).digest $(IMAGE) oci-archive:$(IMAGE_ARCHIVE)
+	$(Q)for a in $(IMAGE_ARCHS); do \
+	    echo "image: $(IMAGE)-$$a $$($(PODMAN) image inspect --format '{{.Os}}/{{.Architecture}}, {{.Size}} bytes, id {{.Id}}' $(IMAGE)-$$a)"; done
+	$(Q)echo "image: $(IMAGE_ARCHIVE) ($$(stat -c %s $(IMAGE_ARCHIVE)) bytes), index $$(cat $(IMAGE_ARCHIVE).digest) for $(IMAGE_ARCHS);" \
+	    "push it with skopeo copy --all oci-archive:$(IMAGE_ARCHIVE) docker://REGISTRY/imdsd:$(VERSION)"
 
 .PHONY: image image-build
 
@@ -337,6 +388,12 @@ uninstall:
 deps:
 	$(Q)tests/deps.sh
 
+# the cross toolchain and arm64 libraries of the arm64 image, and qemu-user-static that runs its
+# binary in make check (tests/deps.sh --arm64): make image and make check install them, make deps
+# does not
+deps-arm64:
+	$(Q)tests/deps.sh --arm64
+
 # clang-format, then the docs against the binary and the tree (tests/check_docs.py: options,
 # metrics, links, paths, manifests and units; imdsd(8) renders with man -l)
 lint: build/imdsd build/imdsd.8
@@ -346,4 +403,4 @@ lint: build/imdsd build/imdsd.8
 clean:
 	rm -rf build
 
-.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration check check-full check-systemd check-build demo deps lint clean
+.PHONY: fuzz fuzz-smoke all unit units units-asan units-debug integration check check-full check-systemd check-build demo deps deps-arm64 lint clean

@@ -2,6 +2,10 @@
 # deps.sh - the Debian 12 packages that building and testing imdsd need.
 #   tests/deps.sh               installs what is missing (as root; apt-get); quick when all is there
 #   tests/deps.sh --check-build prints one line naming the packages compiling imdsd lacks, if any
+#   tests/deps.sh --arm64       the arm64 image's cross build (make image): enables dpkg's arm64
+#                               architecture, installs ARM64 below
+#   tests/deps.sh --arm64-test  the same and qemu-user-static, which runs that binary (make check)
+#   tests/deps.sh --check-arm64 one line naming what the arm64 cross build lacks, if any
 set -eu
 # compiling build/imdsd
 BUILD="build-essential libuv1-dev node-llhttp libmbedtls-dev libjsmn-dev"
@@ -38,30 +42,75 @@ TEST="$TEST golang-go golang-github-azure-go-autorest-dev"
 # nodejs comes without npm: then Debian's npm is needed too.
 command -v npm >/dev/null 2>&1 || TEST="$TEST npm"
 
+# The arm64 image's binary (make image, make check; not make deps): Debian's cross compiler and,
+# through dpkg multiarch, the arm64 libraries it links statically. libc6-dev:arm64 rather than the
+# cross compiler's own libc6-dev-arm64-cross: dpkg keeps it at the amd64 libc6-dev's version, so
+# both images carry the same glibc (with its security updates). Installing these leaves the amd64
+# packages in place (they are Multi-Arch: same and must match their amd64 versions, which apt may
+# upgrade to the current ones).
+ARM64="gcc-aarch64-linux-gnu libc6-dev:arm64 libuv1-dev:arm64 libmbedtls-dev:arm64"
+# make check runs that binary with Debian's qemu-user-static (qemu-aarch64-static, no binfmt needed)
+ARM64_TEST="qemu-user-static"
+
+native=$(dpkg --print-architecture)
 missing() {
-    # one dpkg-query for all: "name status" per line for those it knows
-    inst=$(dpkg-query -W -f='${Package} ${Status}\n' "$@" 2>/dev/null | awk '$NF == "installed" {print $1}')
+    # one dpkg-query for all: "name:arch status" per line for those it knows, the native
+    # architecture's ":arch" dropped (a foreign package is asked for as name:arch)
+    inst=$(dpkg-query -W -f='${binary:Package} ${Status}\n' "$@" 2>/dev/null |
+        awk -v n=":$native" '$NF == "installed" {sub(n "$", "", $1); print $1}')
     for p in "$@"; do
         echo "$inst" | grep -qx "$p" || printf ' %s' "$p"
     done
 }
 
-if [ "${1:-}" = "--check-build" ]; then
+mode=${1:-}
+case "$mode" in
+--check-build)
+    # shellcheck disable=SC2086
     m=$(missing $BUILD)
     [ -z "$m" ] && exit 0
     echo "missing Debian packages:$m; run 'make deps' as root (or apt-get install them)"
     exit 1
-fi
+    ;;
+--check-arm64)
+    # shellcheck disable=SC2086
+    m=$(missing $ARM64)
+    [ -z "$m" ] && exit 0
+    echo "missing Debian packages for the arm64 image:$m; run 'make deps-arm64' as root" \
+        "(or make image IMAGE_ARCHS=amd64)"
+    exit 1
+    ;;
+--arm64) want=$ARM64 ;;
+--arm64-test) want="$ARM64 $ARM64_TEST" ;;
+"") want="$BUILD $TEST" ;;
+*)
+    echo "deps.sh: unknown option $mode" >&2
+    exit 2
+    ;;
+esac
 
 # shellcheck disable=SC2086
-m=$(missing $BUILD $TEST)
+m=$(missing $want)
 [ -z "$m" ] && exit 0
 echo "deps: installing$m"
 if [ "$(id -u)" != 0 ]; then
-    echo "deps: missing packages:$m; run 'make deps' as root (or apt-get install them)" >&2
+    case "$mode" in
+    --arm64) target=deps-arm64 ;;
+    --arm64-test) target=check ;;
+    *) target=deps ;;
+    esac
+    echo "deps: missing packages:$m; run 'make $target' as root (or apt-get install them)" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+case "$mode" in
+--arm64*)
+    dpkg --print-foreign-architectures | grep -qx arm64 || {
+        echo "deps: dpkg --add-architecture arm64"
+        dpkg --add-architecture arm64
+    }
+    ;;
+esac
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $m >/dev/null

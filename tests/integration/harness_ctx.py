@@ -49,9 +49,10 @@ class Ctx:
 
     def daemon(self, tenant=None, token=None, extra=(), env=None, fake=None, client_id=CLIENT_ID,
                args=None, start=True, port=None, log_level="debug", wait=True, netns=None, host="127.0.0.1",
-               unprivileged=False, prefix=()):
+               unprivileged=False, prefix=(), binary=None):
         """Starts imdsd against the fake; returns the Daemon (d.port, d.tenant, d.token).
-        netns/host: run it inside that network namespace and poll /healthz there on host:port."""
+        netns/host: run it inside that network namespace and poll /healthz there on host:port;
+        prefix, binary: see Daemon (qemu-aarch64-static and the arm64 build, say)."""
         tenant = tenant or self.tenant("ok")
         token = token or self.token()
         port = port or free_port()
@@ -59,7 +60,7 @@ class Ctx:
             args = self.daemon_args(tenant, token, port, fake, client_id, extra, log_level)
         self.n += 1
         d = Daemon(args, env, self.tmp, f"imdsd-{self.n}", port, netns=netns, host=host, unprivileged=unprivileged,
-                   prefix=prefix)
+                   prefix=prefix, binary=binary)
         d.tenant, d.token = tenant, token
         (fake or self.fake).control(tenant, token_file=token.path)
         self.daemons.append(d)

@@ -140,8 +140,8 @@ def base_env(extra=None):
     return env
 
 
-def command(args, vgdir):
-    cmd = [base.BINARY] + list(args)
+def command(args, vgdir, binary=None):
+    cmd = [binary or base.BINARY] + list(args)
     if base.VALGRIND:
         cmd = ["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite",
                "--track-fds=yes", f"--log-file={vgdir}/vg.%p"] + cmd
@@ -182,12 +182,13 @@ class Daemon:
     """imdsd running in the background with stderr in a file; start() waits for /healthz."""
 
     def __init__(self, args, env=None, workdir="/tmp", name="imdsd", port=None, netns=None, host="127.0.0.1",
-                 unprivileged=False, prefix=()):
+                 unprivileged=False, prefix=(), binary=None):
         """netns: run inside that network namespace (a NetNS); host: where /healthz is polled;
         unprivileged: as uid/gid NOBODY with no capability at all and no_new_privs (a pod's sidecar);
-        prefix: an argv that runs the command (systemd-socket-activate ...; it must exec it)."""
+        prefix: an argv that runs the command (systemd-socket-activate ..., qemu-aarch64-static; it
+        must exec it or run it as its own process); binary: another imdsd than the variant's."""
         self.args, self.env, self.workdir, self.name = list(args), env, workdir, name
-        self.prefix = list(prefix)
+        self.prefix, self.binary = list(prefix), binary
         self.unprivileged = unprivileged
         self.port, self.netns, self.host = port, netns, host
         self.log_path = os.path.join(workdir, f"{name}.stderr")
@@ -202,7 +203,7 @@ class Daemon:
             os.chmod(self.vgdir, 0o777)   # valgrind writes its log as that user
             prefix += unprivileged_prefix()
         prefix += self.prefix
-        self.proc = subprocess.Popen(prefix + command(self.args, self.vgdir), env=base_env(self.env),
+        self.proc = subprocess.Popen(prefix + command(self.args, self.vgdir, self.binary), env=base_env(self.env),
                                      stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
         base.LIVE.append(self)
         if wait:

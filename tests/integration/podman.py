@@ -6,7 +6,9 @@ import subprocess
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 VERSION = open(os.path.join(ROOT, "VERSION")).read().strip()
-IMAGE = f"localhost/imdsd:{VERSION}"
+# make image's IMAGE (the index in podman's store; its images are IMAGE-amd64 and IMAGE-arm64);
+# IMDSD_IMAGE=NAME tests one built with make image IMAGE=NAME
+IMAGE = os.environ.get("IMDSD_IMAGE") or f"localhost/imdsd:{VERSION}"
 ARCHIVE = os.path.join(ROOT, "build", f"imdsd-{VERSION}.oci.tar")
 ENV = dict(os.environ, CONTAINERS_CONF=os.path.join(ROOT, "container", "containers.conf"))
 
@@ -30,6 +32,39 @@ def require_image():
     p = run("image", "exists", IMAGE, check=False)
     assert p.returncode == 0, f"{IMAGE} is not in podman's store: run make image first"
     return inspect("image", IMAGE)
+
+
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+QEMU = "qemu-aarch64-static"     # Debian's qemu-user-static: runs the arm64 binary, no binfmt needed
+ARM64_BINARY = os.path.join(ROOT, "build", "arm64", "imdsd")
+
+
+def archive_index(path=ARCHIVE):
+    """Of the oci-archive at path: the image index's digest and the index itself (index.json names
+    exactly one entry, the index, which lists an image manifest per platform)."""
+    import hashlib, tarfile
+    with tarfile.open(path) as outer:
+        top = json.loads(outer.extractfile("index.json").read())
+        assert len(top["manifests"]) == 1 and top["manifests"][0]["mediaType"] == INDEX_TYPE, top
+        digest = top["manifests"][0]["digest"]
+        data = outer.extractfile("blobs/sha256/" + digest.split(":", 1)[1]).read()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+        return digest, json.loads(data)
+
+
+def require_arm64():
+    """qemu-aarch64-static's path when make image built the arm64 image. Skips when it was told to
+    build amd64 alone (IMAGE_ARCHS=amd64); fails when qemu-user-static is missing (make check
+    installs it)."""
+    import shutil
+    import harness
+    require_image()
+    if "arm64" not in [m["platform"]["architecture"] for m in archive_index()[1]["manifests"]]:
+        raise harness.Skip("the image index has no arm64 image (make image IMAGE_ARCHS=amd64)")
+    assert os.access(ARM64_BINARY, os.X_OK), f"{ARM64_BINARY} is missing: run make image again"
+    qemu = shutil.which(QEMU)
+    assert qemu, f"{QEMU} is missing: make check installs it (tests/deps.sh --arm64-test)"
+    return qemu
 
 
 def proc_status(pid):

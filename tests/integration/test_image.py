@@ -13,6 +13,7 @@ import tarfile
 import harness
 import podman
 from harness import CLIENT_ID, assert_token_ok, get_token, request, wait_for
+from podman import INDEX_TYPE, archive_index
 
 ONLY_VARIANTS = ("plain",)   # the image carries its own (static) build
 MAX_SIZE = 3 * 1024 * 1024
@@ -21,31 +22,49 @@ EXPECTED_FILES = {"imdsd": 0o755, "etc/passwd": 0o644, "etc/group": 0o644,
                   "etc/ssl/certs/ca-certificates.crt": 0o644}
 
 
-def archive_layers(path):
-    """Of the oci-archive at path: {name: TarInfo} of every layer's members, the manifest's digest,
-    the image config, and {name: bytes} of the regular files."""
+PLATFORMS = ("amd64", "arm64")   # make image's IMAGE_ARCHS: one index, an image per architecture
+ELF_MACHINE = {"amd64": "Advanced Micro Devices X86-64", "arm64": "AArch64"}
+
+
+def archive_layers(path, arch="amd64"):
+    """Of the oci-archive at path, the image for linux/arch: {name: TarInfo} of every layer's members,
+    the manifest's digest, the image config, {name: bytes} of the regular files, and the layers'
+    uncompressed size."""
+    _, index = archive_index(path)
     with tarfile.open(path) as outer:
         def blob(digest):
-            return outer.extractfile("blobs/sha256/" + digest.split(":", 1)[1]).read()
-        index = json.loads(outer.extractfile("index.json").read())
-        mdesc = index["manifests"][0]
-        manifest = json.loads(blob(mdesc["digest"]))
-        members, contents = {}, {}
+            data = outer.extractfile("blobs/sha256/" + digest.split(":", 1)[1]).read()
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+            return data
+        mdesc = [m for m in index["manifests"] if m["platform"] == {"architecture": arch, "os": "linux"}]
+        assert len(mdesc) == 1, f"the index has {len(mdesc)} images for linux/{arch}: {index}"
+        manifest = json.loads(blob(mdesc[0]["digest"]))
+        members, contents, size = {}, {}, 0
         for layer in manifest["layers"]:
-            data = blob(layer["digest"])
-            assert "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
-            with tarfile.open(fileobj=io.BytesIO(data)) as lt:
+            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"]))) as lt:
+                size += sum(m.size for m in lt.getmembers())
                 for m in lt.getmembers():
                     members[m.name.lstrip("./")] = m
                     if m.isfile():
                         contents[m.name.lstrip("./")] = lt.extractfile(m).read()
-        return members, mdesc["digest"], json.loads(blob(manifest["config"]["digest"])), contents
+        return members, mdesc[0]["digest"], json.loads(blob(manifest["config"]["digest"])), contents, size
+
+
+def check_binary(path, arch):
+    """The image's binary: built for arch, static, position independent, full RELRO, stripped."""
+    hdr = subprocess.run(["readelf", "-lhd", "-S", path], capture_output=True, text=True).stdout
+    machine = [line.split(":", 1)[1].strip() for line in hdr.splitlines() if line.strip().startswith("Machine:")]
+    assert machine == [ELF_MACHINE[arch]], f"{arch} binary built for {machine}"
+    assert "DYN (Position-Independent Executable" in hdr or "Type:                              DYN" in hdr, hdr[:600]
+    assert "INTERP" not in hdr and "NEEDED" not in hdr, f"the {arch} binary needs a dynamic loader or libraries"
+    assert "GNU_RELRO" in hdr and "BIND_NOW" in hdr and "GNU_STACK" in hdr, f"{arch}: no full RELRO"
+    assert ".symtab" not in hdr, f"the {arch} binary is not stripped"
 
 
 def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     img = podman.require_image()
     assert img["Size"] <= MAX_SIZE, f"image is {img['Size']} bytes, over {MAX_SIZE}"
-    members, digest, config, contents = archive_layers(podman.ARCHIVE)
+    members, digest, config, contents, _ = archive_layers(podman.ARCHIVE)
     files = {n: m.mode & 0o7777 for n, m in members.items() if m.isfile()}
     assert files == EXPECTED_FILES, f"image files {files}"
     links = {n: m.linkname for n, m in members.items() if m.issym() or m.islnk()}
@@ -65,12 +84,8 @@ def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     tmp = os.path.join(ctx.tmp, "imdsd")
     with open(tmp, "wb") as f:
         f.write(contents["imdsd"])
-    hdr = subprocess.run(["readelf", "-lhd", "-S", tmp], capture_output=True, text=True).stdout
-    assert "DYN (Position-Independent Executable" in hdr or "Type:                              DYN" in hdr, hdr[:600]
-    assert "INTERP" not in hdr and "NEEDED" not in hdr, "the binary needs a dynamic loader or libraries"
-    assert "GNU_RELRO" in hdr and "BIND_NOW" in hdr and "GNU_STACK" in hdr, "no full RELRO"
-    assert ".symtab" not in hdr, "not stripped"
-    # it runs, as 65532, with nothing else in the image
+    check_binary(tmp, "amd64")
+    # it runs, as 65532, with nothing else in the image (podman picks the amd64 image of the index)
     out = podman.run("run", "--rm", "--read-only", "--network", "none", podman.IMAGE, "--version")
     assert out.strip() == f"imdsd {podman.VERSION}", out
     out = podman.run("run", "--rm", "--read-only", "--network", "none", "--entrypoint", "/proxy", podman.IMAGE,
@@ -81,10 +96,48 @@ def test_image_holds_the_static_binary_the_ca_bundle_and_nothing_else(ctx):
     assert p.returncode != 0 and "no such file" in p.stderr.lower() or "not found" in p.stderr.lower(), p.stderr
 
 
+def test_one_index_for_amd64_and_arm64(ctx):
+    """The archive is one OCI image index: a linux/amd64 and a linux/arm64 image, each at most
+    MAX_SIZE, the same files, labels and configuration but the architecture; the arm64 binary is
+    checked like the amd64 one and runs (under qemu-aarch64-static)."""
+    qemu = podman.require_arm64()
+    digest, index = archive_index(podman.ARCHIVE)
+    assert index["mediaType"] == INDEX_TYPE, index
+    assert [m["platform"] for m in index["manifests"]] == [{"architecture": a, "os": "linux"} for a in PLATFORMS], \
+        index
+    images = {a: archive_layers(podman.ARCHIVE, a) for a in PLATFORMS}
+    report = [f"# image index {digest}"]
+    for a, (members, mdigest, config, contents, size) in images.items():
+        assert size <= MAX_SIZE, f"the {a} image is {size} bytes, over {MAX_SIZE}"
+        stored = podman.inspect("image", f"{podman.IMAGE}-{a}")
+        assert stored["Size"] <= MAX_SIZE and stored["Architecture"] == a, (stored["Size"], stored["Architecture"])
+        assert config["architecture"] == a and config["os"] == "linux", config
+        report.append(f"# linux/{a}: manifest {mdigest}, {size} bytes in its layer, {stored['Size']} in podman's "
+                      f"store, binary {len(contents['imdsd'])} bytes")
+    (am, _, ac, acont, _), (rm, _, rc, rcont, _) = images["amd64"], images["arm64"]
+    assert {n: (m.mode, m.linkname) for n, m in rm.items()} == {n: (m.mode, m.linkname) for n, m in am.items()}
+    assert all(m.uid == 0 and m.gid == 0 and m.mtime == 0 for m in rm.values()), "owner or time not fixed"
+    assert {n: c for n, c in rcont.items() if n != "imdsd"} == {n: c for n, c in acont.items() if n != "imdsd"}
+    assert rc["config"] == ac["config"] and rc["created"] == ac["created"], (rc["config"], ac["config"])
+    tmp = os.path.join(ctx.tmp, "imdsd-arm64")
+    with open(tmp, "wb") as f:
+        f.write(rcont["imdsd"])
+    os.chmod(tmp, 0o755)
+    check_binary(tmp, "arm64")
+    with open(os.path.join(podman.ROOT, "build", "arm64", "imdsd"), "rb") as f:
+        assert f.read() == rcont["imdsd"], "the arm64 image's binary is not build/arm64/imdsd"
+    p = subprocess.run([qemu, tmp, "--version"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.strip() == f"imdsd {podman.VERSION}", (p.returncode, p.stdout, p.stderr)
+    print("\n".join(report))
+
+
 def test_same_commit_same_digest(ctx):
-    """The sources copied elsewhere and built again without podman's cache: the same image digest."""
+    """The sources copied elsewhere and built again without podman's cache: the same index digest,
+    so the same image for each architecture."""
     podman.require_image()
-    _, digest, config, _ = archive_layers(podman.ARCHIVE)
+    digest, index = archive_index(podman.ARCHIVE)
+    archs = [m["platform"]["architecture"] for m in index["manifests"]]
+    _, _, config, _, _ = archive_layers(podman.ARCHIVE, archs[0])
     labels = config["config"]["Labels"]
     src = os.path.join(ctx.tmp, "elsewhere", "imdsd-src")
     for part in ("Makefile", "VERSION", "daemon", "include", "container", "tests/deps.sh"):
@@ -94,15 +147,17 @@ def test_same_commit_same_digest(ctx):
             os.path.join(podman.ROOT, part), dst)
     tag = f"localhost/imdsd-repro:{os.getpid()}-{harness.unique()}"
     p = subprocess.run(["make", "-s", "-C", src, "-j2", "image-build", f"IMAGE={tag}", "PODMAN_BUILD_FLAGS=--no-cache",
+                        f"IMAGE_ARCHS={' '.join(archs)}",
                         f"REVISION={labels['org.opencontainers.image.revision']}",
                         f"IMAGE_SOURCE={labels['org.opencontainers.image.source']}"],
                        capture_output=True, text=True, env=podman.ENV)
     try:
         assert p.returncode == 0, p.stderr[-2000:]
-        _, digest2, _, _ = archive_layers(os.path.join(src, "build", f"imdsd-{podman.VERSION}.oci.tar"))
-        assert digest2 == digest, f"rebuilt elsewhere: {digest2}, make image: {digest}"
+        digest2, index2 = archive_index(os.path.join(src, "build", f"imdsd-{podman.VERSION}.oci.tar"))
+        assert digest2 == digest, f"rebuilt elsewhere: index {digest2} {index2}, make image: {digest} {index}"
     finally:
-        podman.run("rmi", tag, check=False)
+        podman.run("manifest", "rm", tag, check=False)
+        podman.run("rmi", *[f"{tag}-{a}" for a in archs], check=False)
 
 
 test_same_commit_same_digest.timeout = 240

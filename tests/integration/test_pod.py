@@ -74,7 +74,10 @@ def app_image(ctx):
 def quick_start_push():
     """The README's pod quick start, followed literally up to the registry: its skopeo command copies
     the archive make image wrote, with the registry (docker://) swapped for podman's own store, the
-    one registry a test can reach. Returns the image it pushed (the manifests must name it)."""
+    one registry a test can reach. The archive is an image index: the README copies it --all (every
+    architecture to the registry); podman's store takes one image of it (skopeo 1.9 copies no group
+    into containers-storage), so here --all is left out and skopeo picks this machine's platform.
+    Returns the image it pushed (the manifests must name it)."""
     global _pushed
     if _pushed:
         return _pushed
@@ -83,9 +86,10 @@ def quick_start_push():
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1).splitlines()
     assert block[0] == "make image" and "kubectl apply -f container/kubernetes/deployment.yaml" in block, block
     argv = shlex.split(next(line for line in block if line.startswith("skopeo copy ")))
-    assert argv[2] == f"oci-archive:build/imdsd-{podman.VERSION}.oci.tar" and argv[3].startswith("docker://"), argv
-    _pushed = argv[3][len("docker://"):]
-    p = subprocess.run(argv[:2] + [argv[2], "containers-storage:" + _pushed], cwd=podman.ROOT, env=podman.ENV,
+    assert argv[:3] == ["skopeo", "copy", "--all"], f"the quick start must push every architecture: {argv}"
+    assert argv[3] == f"oci-archive:build/imdsd-{podman.VERSION}.oci.tar" and argv[4].startswith("docker://"), argv
+    _pushed = argv[4][len("docker://"):]
+    p = subprocess.run(argv[:2] + [argv[3], "containers-storage:" + _pushed], cwd=podman.ROOT, env=podman.ENV,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, f"the quick start's skopeo copy: {p.stderr.strip()[-800:]}"
     return _pushed
