@@ -500,6 +500,55 @@ static int parse_alias(struct parse *p, const struct opt *o, const char *name, c
     return CONFIG_OK;
 }
 
+/* [ID=]RESOURCE: ID is a GUID or an ARM resource id, followed by '='; otherwise it is all the
+ * resource. Resolved and checked against the identities and --allow-resource in finish(). */
+static int add_prefetch(struct parse *p, const char *name, const char *v)
+{
+    if (p->c->nprefetch >= CONFIG_MAX_PREFETCH)
+        return fail(p, "%s: at most %d tokens", name, CONFIG_MAX_PREFETCH);
+    struct config_prefetch *f = &p->c->prefetch[p->c->nprefetch++];
+    const char *eq = strchr(v, '=');
+    char guid[37];
+    int has_id = 0;
+    if (eq && *v == '/') {
+        has_id = 1;
+    } else if (eq && eq - v == 36) {
+        memcpy(guid, v, 36);
+        guid[36] = 0;
+        has_id = imds_is_guid(guid);
+    }
+    f->id = has_id ? xstrndup(v, (size_t)(eq - v)) : NULL;
+    f->resource = xstrdup(has_id ? eq + 1 : v);
+    if (has_id && !imds_is_guid(f->id) && !imds_is_resource_id(f->id))
+        return bad(p, name, v, "names an identity that is not a GUID or /subscriptions/... id");
+    if (!imds_resource_ok(f->resource, strlen(f->resource)))
+        return bad(p, name, v, "is not [ID=]RESOURCE with a resource URI (no spaces)");
+    return CONFIG_OK;
+}
+
+/* --prefetch V, or IMDSD_PREFETCH: several, separated by spaces or commas (the workload-identity
+ * webhook passes only its own flags to the sidecar it injects: an image made FROM imdsd's can set
+ * the variable for every pod) */
+static int parse_prefetch(struct parse *p, const struct opt *o, const char *name, const char *v)
+{
+    (void)o;
+    if (name[0] == '-')
+        return add_prefetch(p, name, v);
+    char item[IMDS_MAX_RESOURCE + 200];
+    while (*v) {
+        size_t n = strcspn(v, " \t\n,");
+        if (n >= sizeof item)
+            return fail(p, "%s: an item is over %zu bytes", name, sizeof item - 1);
+        memcpy(item, v, n);
+        item[n] = 0;
+        int rc = n ? add_prefetch(p, name, item) : CONFIG_OK;
+        if (rc != CONFIG_OK)
+            return rc;
+        v += n + (v[n] != 0);
+    }
+    return CONFIG_OK;
+}
+
 static int parse_log_level(struct parse *p, const struct opt *o, const char *name, const char *v)
 {
     /* the proxy sidecar's levels too, as the webhook passes its own: "" (unset), warning, trace,
@@ -712,6 +761,15 @@ static const struct opt opts[] = {
      .help = "serve tokens for this resource only, repeatable; one '*'\n"
              "stands for a host name part: https://*.vault.azure.net\n"
              "(default: every resource)"},
+    {.name = "prefetch",
+     .env = "IMDSD_PREFETCH",
+     .arg = "[ID=]RESOURCE",
+     .kind = OPT_CUSTOM,
+     .parse = parse_prefetch,
+     .help = "fetch this token at start, keep it fresh and never evict it;\n"
+             "/readyz waits for it. ID: a client, object or ARM resource id\n"
+             "(default: --client-id); repeatable, at most 16  {env}\n"
+             "(the variable: several, separated by spaces or commas)"},
     {.name = "identity-header-file",
      .arg = "PATH",
      .kind = OPT_PATH,
@@ -997,6 +1055,32 @@ static int finish(struct parse *p, config_getenv_fn *getenv_fn)
                         "--allow-client-id",
                         id);
     }
+    struct imds_identities ids = {.default_client_id = c->client_id,
+                                  .allowed = c->allowed_client_ids,
+                                  .nallowed = c->nallowed,
+                                  .aliases = c->aliases,
+                                  .naliases = c->naliases};
+    for (int i = 0; i < c->nprefetch; i++) {
+        struct config_prefetch *f = &c->prefetch[i];
+        char given[2400];
+        snprintf(given, sizeof given, "%s%s%s", f->id ? f->id : "", f->id ? "=" : "", f->resource);
+        f->client_id = f->id ? imds_resolve_identity(&ids, f->id) : c->client_id;
+        if (!f->client_id)
+            return fail(p,
+                        "--prefetch / IMDSD_PREFETCH: '%s' names an identity imdsd does not serve "
+                        "(not --client-id, "
+                        "an --allow-client-id or an --identity-alias)",
+                        given);
+        if (!imds_resource_allowed(f->resource, strlen(f->resource), c->allowed_resources,
+                                   c->nallowed_resources))
+            return fail(p,
+                        "--prefetch / IMDSD_PREFETCH: '%s' is a resource --allow-resource refuses",
+                        given);
+        for (int k = 0; k < i; k++)
+            if (strcasecmp(c->prefetch[k].client_id, f->client_id) == 0 &&
+                strcmp(c->prefetch[k].resource, f->resource) == 0)
+                return fail(p, "--prefetch / IMDSD_PREFETCH: '%s' is given twice", given);
+    }
     int ntoken = 0;
     for (int i = 0; i < c->nlisten; i++) {
         char addr[CONFIG_LISTEN_STR];
@@ -1105,6 +1189,10 @@ void config_free(struct config *c)
         free(c->allowed_hosts[i]);
     for (int i = 0; i < c->nallowed_resources; i++)
         free(c->allowed_resources[i]);
+    for (int i = 0; i < c->nprefetch; i++) {
+        free(c->prefetch[i].id);
+        free(c->prefetch[i].resource);
+    }
     for (int i = 0; i < c->naliases; i++) {
         free(c->aliases[i].key);
         free(c->aliases[i].client_id);

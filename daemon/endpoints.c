@@ -353,7 +353,11 @@ static void handle_ready(struct endpoints *ep, struct http_conn *c, const struct
     struct token_file_status st;
     int64_t now = now_epoch();
     token_file_status(ep->tf, now, &st);
-    int ok = st.state == TOKEN_OK;
+    /* with --prefetch, ready means those tokens are in hand, not only a usable token file */
+    char why[400];
+    int total, missing = token_cache_prefetch_missing(ep->cache, &total, why, sizeof why);
+    int ok = st.state == TOKEN_OK && !missing;
+    const char *reason = st.state != TOKEN_OK ? st.reason : why;
     struct buf *b = http_conn_scratch(c);
     buf_reset(b);
     if (ok) {
@@ -361,9 +365,11 @@ static void handle_ready(struct endpoints *ep, struct http_conn *c, const struct
     } else {
         buf_puts(b, "{\"status\":\"not_ready\",\"error\":\"service_unavailable\","
                     "\"error_description\":");
-        json_put_string(b, st.reason, strlen(st.reason));
+        json_put_string(b, reason, strlen(reason));
         buf_puts(b, ",");
     }
+    if (total)
+        buf_printf(b, "\"prefetch\":{\"tokens\":%d,\"ready\":%d},", total, total - missing);
     buf_puts(b, "\"token_file\":{\"path\":");
     json_put_string(b, ep->cfg->token_file, strlen(ep->cfg->token_file));
     buf_printf(b, ",\"state\":\"%s\"", token_state_name(st.state));

@@ -120,6 +120,22 @@ static const char *alias(const struct imds_identities *ids, const char *key)
     return NULL;
 }
 
+const char *imds_resolve_identity(const struct imds_identities *ids, const char *id)
+{
+    const char *s = served(ids, id);
+    return s ? s : alias(ids, id);
+}
+
+int imds_resource_ok(const char *r, size_t n)
+{
+    if (n == 0 || n > IMDS_MAX_RESOURCE || !utf8_valid(r, n))
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)r[i] <= ' ' || r[i] == 0x7f)
+            return 0;
+    return 1;
+}
+
 static const char *const selectors[] = {"client_id",  "object_id", "principal_id",
                                         "msi_res_id", "mi_res_id", "msi-res-id"};
 

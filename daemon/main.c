@@ -111,17 +111,23 @@ static void raise_fd_limit(unsigned max_connections)
                  (unsigned long long)cur, (unsigned long long)want);
 }
 
-/* What imdsd waits for, as systemd's STATUS= line (sd_status_cb; arg is the daemon). */
-static void status_text(char *out, size_t n, void *arg)
+/* What imdsd waits for, as systemd's STATUS= line (sd_status_cb; arg is the daemon); ready when
+ * every --prefetch token is in hand (READY=1 waits for them). */
+static int status_text(char *out, size_t n, void *arg)
 {
     const struct daemon *d = arg;
     struct token_file_status st;
+    char why[400];
+    int total = 0,
+        missing = d->cache ? token_cache_prefetch_missing(d->cache, &total, why, sizeof why) : 0;
     token_file_status(d->tf, now_epoch(), &st);
     if (st.state == TOKEN_UNKNOWN)
         snprintf(out, n, "reading the service-account token (%s)", d->cfg.token_file);
     else if (st.state != TOKEN_OK)
         snprintf(out, n, "waiting for the service-account token: %s (%s)",
                  token_state_name(st.state), d->cfg.token_file);
+    else if (missing)
+        snprintf(out, n, "waiting for %d of %d prefetched tokens: %s", missing, total, why);
     else if (metrics.entra_failures_in_row > 0)
         snprintf(out, n, "waiting for Entra: %" PRIu64 " failed exchanges in a row (last: %s)",
                  metrics.entra_failures_in_row,
@@ -130,6 +136,7 @@ static void status_text(char *out, size_t n, void *arg)
                      : "?");
     else
         snprintf(out, n, "serving tokens");
+    return missing == 0;
 }
 
 /* The local address of a listening socket, as "ip:port" or "[ip]:port". */
@@ -250,6 +257,8 @@ static int start(struct daemon *d)
                  : c->k8s_ca_data ? "AZURE_KUBERNETES_CA_DATA"
                                   : "ca_file");
     }
+    for (int i = 0; i < c->nprefetch; i++)
+        token_cache_prefetch(d->cache, c->prefetch[i].client_id, c->prefetch[i].resource);
     return 0;
 }
 

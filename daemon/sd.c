@@ -32,6 +32,7 @@ static struct {
     struct sd_socket socks[SD_MAX_LISTEN_FDS];
     int send_failing; /* the last message was not sent (logged once per streak) */
     int stopping;
+    int ready_sent;          /* READY=1 went out (and no reload is under way) */
     sd_status_cb *status_cb; /* set by sd_ready */
     void *status_arg;
     uv_timer_t watchdog, status;
@@ -180,16 +181,20 @@ int sd_listen(const struct sd_socket **out)
     return sd.nfds;
 }
 
-/* The caller's status text as a STATUS= line. A newline would start another field. */
-static void status_line(char *out, size_t n)
+/* The caller's status text as a STATUS= line (a newline would start another field); returns
+ * whether the caller is ready. */
+static int status_line(char *out, size_t n)
 {
     static const char key[] = "STATUS=";
     snprintf(out, n, "%s", key);
-    sd.status_cb(out + sizeof key - 1, n - (sizeof key - 1), sd.status_arg);
+    int ready = sd.status_cb(out + sizeof key - 1, n - (sizeof key - 1), sd.status_arg);
     for (char *p = out; *p; p++)
         if (*p == '\n')
             *p = '?';
+    return ready;
 }
+
+static void ready(void);
 
 static void on_status(uv_timer_t *t)
 {
@@ -197,7 +202,11 @@ static void on_status(uv_timer_t *t)
     char line[sizeof sd.status_sent];
     if (sd.stopping)
         return;
-    status_line(line, sizeof line);
+    int is_ready = status_line(line, sizeof line);
+    if (!sd.ready_sent && is_ready) {
+        ready();
+        return;
+    }
     if (strcmp(line, sd.status_sent) != 0) {
         strcpy(sd.status_sent, line);
         notify(line);
@@ -210,13 +219,19 @@ static void on_watchdog(uv_timer_t *t)
     notify("WATCHDOG=1");
 }
 
-/* READY=1 and the current status in one message */
+/* READY=1 and the current status in one message, once the caller is ready; until then the status
+ * alone, asked again every SD_READY_CHECK_MS */
 static void ready(void)
 {
     char msg[sizeof sd.status_sent + 16];
-    status_line(sd.status_sent, sizeof sd.status_sent);
-    snprintf(msg, sizeof msg, "READY=1\n%s", sd.status_sent);
+    int is_ready = status_line(sd.status_sent, sizeof sd.status_sent);
+    snprintf(msg, sizeof msg, "%s%s", is_ready ? "READY=1\n" : "", sd.status_sent);
     notify(msg);
+    sd.ready_sent = is_ready;
+    if (sd.timers) {
+        uint64_t every = is_ready ? SD_STATUS_CHECK_MS : SD_READY_CHECK_MS;
+        uv_timer_start(&sd.status, on_status, every, every);
+    }
 }
 
 void sd_ready(uv_loop_t *loop, sd_status_cb *status, void *arg)
@@ -230,13 +245,12 @@ void sd_ready(uv_loop_t *loop, sd_status_cb *status, void *arg)
     log_info("sd_notify", "socket=%s watchdog_ms=%" PRIu64,
              log_quote(q, sizeof q, sd.socket_name, strlen(sd.socket_name)),
              sd.watchdog_usec ? period_ms : 0);
-    ready();
     uv_timer_init(loop, &sd.status);
     uv_timer_init(loop, &sd.watchdog);
     uv_unref((uv_handle_t *)&sd.status);
     uv_unref((uv_handle_t *)&sd.watchdog);
     sd.timers = 1;
-    uv_timer_start(&sd.status, on_status, SD_STATUS_CHECK_MS, SD_STATUS_CHECK_MS);
+    ready();
     if (sd.watchdog_usec)
         uv_timer_start(&sd.watchdog, on_watchdog, period_ms, period_ms);
 }
@@ -251,6 +265,7 @@ void sd_reloading(void)
     snprintf(msg, sizeof msg, "RELOADING=1\nMONOTONIC_USEC=%" PRIu64 "\nSTATUS=reloading",
              (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u);
     notify(msg);
+    sd.ready_sent = 0; /* systemd waits for READY=1 again */
 }
 
 void sd_reloaded(void)

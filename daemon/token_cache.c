@@ -14,6 +14,8 @@
 #include "util.h"
 
 #define NBUCKETS 256
+/* a prefetched key whose token file is not usable yet asks again this often */
+#define PREFETCH_FILE_RETRY_MS 1000
 
 enum entry_state {
     E_IDLE,       /* nothing in flight */
@@ -62,6 +64,7 @@ struct cache_entry {
     struct token_cache_waiter *waiters;
     struct token_cache_waiter *completing; /* being answered */
     unsigned pins; /* > 0 while code that runs waiter callbacks has this entry on its stack */
+    int prefetch;  /* --prefetch: fetched at start, kept fresh, never evicted nor dropped */
     struct token_file_waiter read;
     struct entra_fetch fetch;
 };
@@ -332,7 +335,7 @@ static void attempt_failed(struct cache_entry *e, const struct entra_result *r)
     now_r.access_token = NULL;
     if (!now_r.retry_after)
         now_r.retry_after = (int)((wait + 999) / 1000);
-    if (staying || has_token) {
+    if (staying || has_token || e->prefetch) {
         e->attempt++;
         set_state(e, E_BACKOFF);
         e->backoff_until_ms = retry_ms;
@@ -409,6 +412,10 @@ static void on_token_file(void *arg, const struct token_file_status *st, const c
         end_attempt(e);
         remember(&e->last, &r);
         e->have_last = 1;
+        if (e->prefetch) { /* asked again soon: the token arrives when the file does */
+            set_state(e, E_BACKOFF);
+            e->backoff_until_ms = mono_now() + PREFETCH_FILE_RETRY_MS;
+        }
         complete(e, NULL, &r, 0);
     } else {
         set_state(e, E_EXCHANGING);
@@ -468,7 +475,7 @@ static int evict_one(struct token_cache *c)
     struct cache_entry *victim = NULL;
     for (int b = 0; b < NBUCKETS; b++)
         for (struct cache_entry *e = c->buckets[b]; e; e = e->next)
-            if (idle(e) && (!victim || e->last_used_ms < victim->last_used_ms))
+            if (idle(e) && !e->prefetch && (!victim || e->last_used_ms < victim->last_used_ms))
                 victim = e;
     if (!victim)
         return -1;
@@ -510,10 +517,14 @@ static int tick_entry(struct cache_entry *e, int64_t now)
         e->held_until_ms = 0;
     if (e->tok.access_token && e->state == E_IDLE && now >= e->refresh_ms) {
         int64_t life = e->expires_ms - e->obtained_ms;
-        if (now - e->last_used_ms > life && !e->waiters && !e->completing)
+        if (!e->prefetch && now - e->last_used_ms > life && !e->waiters && !e->completing)
             return 1;
         start_refresh(e, now, "due");
     }
+    /* a prefetched key is never left without a token and nothing under way: at start, once a
+     * held permanent error has had its time, once its token expired */
+    if (e->prefetch && !e->tok.access_token && e->state == E_IDLE && !e->held_until_ms)
+        start_attempt(e);
     return 0;
 }
 
@@ -571,12 +582,15 @@ static void arm_tick(struct token_cache *c)
         c->tick_due_ms = 0;
         return;
     }
-    if (c->tick_due_ms == due && uv_is_active((uv_handle_t *)&c->tick))
-        return;
     int64_t delay = due - mono_now(); /* libuv's timers are monotonic too */
-    c->tick_due_ms = due;
     /* at least 1 ms: a timer re-armed at 0 runs again before the loop polls for I/O */
-    uv_timer_start(&c->tick, on_tick, delay > 1 ? (uint64_t)delay : 1, 0);
+    uint64_t in_ms = delay > 1 ? (uint64_t)delay : 1;
+    /* armed for this already, and not later than that (the clocks agree, but not a test's) */
+    if (c->tick_due_ms == due && uv_is_active((uv_handle_t *)&c->tick) &&
+        uv_timer_get_due_in(&c->tick) <= in_ms)
+        return;
+    c->tick_due_ms = due;
+    uv_timer_start(&c->tick, on_tick, in_ms, 0);
 }
 
 /* ---- public -------------------------------------------------------------------------------- */
@@ -658,6 +672,60 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
     }
     arm_tick(c);
     return CACHE_WAIT;
+}
+
+void token_cache_prefetch(struct token_cache *c, const char *client_id, const char *resource)
+{
+    size_t rlen = strlen(resource);
+    uint64_t h = hash_key(client_id, resource, rlen);
+    struct cache_entry *e = find(c, h, client_id, resource, rlen);
+    if (!e) {
+        e = xcalloc(1, sizeof *e);
+        e->cache = c;
+        e->client_id = xstrdup(client_id);
+        e->resource = xstrndup(resource, rlen);
+        e->resource_len = rlen;
+        e->hash = h;
+        e->last_used_ms = mono_now();
+        e->next = c->buckets[h % NBUCKETS];
+        c->buckets[h % NBUCKETS] = e;
+        c->nentries++;
+    }
+    e->prefetch = 1;
+    char res[160];
+    log_key(e, res, sizeof res);
+    log_info("token_prefetch", "client_id=%s resource=%s", e->client_id, res);
+    if (e->state == E_IDLE && !e->tok.access_token)
+        start_attempt(e);
+    arm_tick(c);
+}
+
+int token_cache_prefetch_missing(struct token_cache *c, int *total, char *why, size_t n)
+{
+    int64_t now = mono_now();
+    int missing = 0;
+    *total = 0;
+    if (n)
+        why[0] = 0;
+    for (int b = 0; b < NBUCKETS; b++)
+        for (struct cache_entry *e = c->buckets[b]; e; e = e->next) {
+            if (!e->prefetch)
+                continue;
+            ++*total;
+            if (e->tok.access_token && now < e->serve_until_ms)
+                continue;
+            if (missing++ || !n)
+                continue;
+            char res[160];
+            log_key(e, res, sizeof res);
+            const char *reason = now < e->held_until_ms ? e->held.description
+                                 : e->have_last         ? e->last.description
+                                 : busy(e)              ? "being fetched"
+                                                        : "not fetched yet";
+            snprintf(why, n, "no token yet for client_id=%s resource=%s: %s", e->client_id, res,
+                     reason);
+        }
+    return missing;
 }
 
 void token_cache_foreach(struct token_cache *c,

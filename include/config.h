@@ -14,6 +14,7 @@
 #define CONFIG_MAX_ALIASES       64
 #define CONFIG_MAX_HOSTS         16
 #define CONFIG_MAX_RESOURCES     32
+#define CONFIG_MAX_PREFETCH      16
 #define CONFIG_MAX_SECRET        255 /* bytes of the X-IDENTITY-HEADER secret */
 #define CONFIG_DEFAULT_LISTEN    "127.0.0.1:8000"
 #define CONFIG_DEFAULT_AUTHORITY "https://login.microsoftonline.com/"
@@ -33,6 +34,14 @@ struct config_url {
     char *host; /* host name or IP literal, no brackets */
     char port[6];
     char *path; /* "" or "/prefix" */
+};
+
+/* --prefetch [ID=]RESOURCE: a token fetched at start and kept fresh, never evicted. */
+struct config_prefetch {
+    char *id;              /* ID as given (client, object or ARM resource id), or NULL */
+    char *resource;        /* exactly as applications will ask for it (the cache's key) */
+    const char *client_id; /* the served client id it selects: the default, an --allow-client-id
+                              or an --identity-alias's (borrowed from this config) */
 };
 
 struct config {
@@ -63,6 +72,8 @@ struct config {
     int nallowed_hosts;
     char *allowed_resources[CONFIG_MAX_RESOURCES]; /* --allow-resource; none: every resource */
     int nallowed_resources;
+    struct config_prefetch prefetch[CONFIG_MAX_PREFETCH];
+    int nprefetch;
     char *identity_header_file; /* enables the App Service endpoint */
     char *identity_header;      /* its secret content (owned, zeroed on free) */
     size_t identity_header_len;

@@ -110,6 +110,12 @@ int imds_check_cloudshell_request(const struct imds_input *in, const struct imds
 const char *imds_select_identity(const struct query *q, const struct imds_identities *ids,
                                  int *several);
 
+/* The served client id that id names: a client id served, or an alias's key; NULL if none. */
+const char *imds_resolve_identity(const struct imds_identities *ids, const char *id);
+/* Whether a configured resource (--prefetch) is one a request could name: 1 to IMDS_MAX_RESOURCE
+ * bytes of UTF-8, no spaces or control characters. */
+int imds_resource_ok(const char *r, size_t n);
+
 /* Maps a failed Entra exchange to what IMDS clients understand (trap T4): permanent AADSTS
  * rejections -> 400 with Entra's code and text, throttling -> 429 + Retry-After, the rest -> 5xx.
  */

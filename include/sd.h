@@ -14,6 +14,7 @@
 #define SD_LISTEN_FDS_START 3  /* the first descriptor systemd passes */
 #define SD_MAX_LISTEN_FDS   16 /* more is a configuration error */
 #define SD_STATUS_CHECK_MS  1000
+#define SD_READY_CHECK_MS   100 /* while not ready yet */
 
 /* Reads NOTIFY_SOCKET, WATCHDOG_USEC / WATCHDOG_PID and LISTEN_PID / LISTEN_FDS / LISTEN_FDNAMES,
  * then removes all of them from the environment, so that nothing imdsd runs inherits them. Call
@@ -33,11 +34,13 @@ struct sd_socket {
  * serves is the caller's business. */
 int sd_listen(const struct sd_socket **out);
 
-/* Writes the text of a STATUS= line (without "STATUS=") into out, n bytes. */
-typedef void sd_status_cb(char *out, size_t n, void *arg);
+/* Writes the text of a STATUS= line (without "STATUS=") into out, n bytes; returns whether the
+ * daemon is ready (READY=1 may be sent: with --prefetch, once those tokens are in hand). */
+typedef int sd_status_cb(char *out, size_t n, void *arg);
 
-/* Every listener is open: sends READY=1 with a STATUS= line that status(arg) writes, then keeps
- * STATUS= up to date (asks status every second, sends what changed; a newline becomes '?') and,
+/* Every listener is open: sends READY=1 with a STATUS= line that status(arg) writes as soon as
+ * status says ready (until then it asks every SD_READY_CHECK_MS and sends STATUS= alone), then
+ * keeps STATUS= up to date (asks every second, sends what changed; a newline becomes '?') and,
  * when systemd asked for it, sends WATCHDOG=1 every WATCHDOG_USEC/2 from the loop. The timers
  * never keep the loop alive; sd_close() closes them. */
 void sd_ready(uv_loop_t *loop, sd_status_cb *status, void *arg);

@@ -67,6 +67,14 @@ struct token_cache *token_cache_new(uv_loop_t *loop, const struct token_cache_op
 enum cache_result token_cache_get(struct token_cache *c, struct token_cache_waiter *w,
                                   const char *client_id, const char *resource, size_t resource_len,
                                   struct token **tok, struct entra_result *err);
+/* --prefetch: fetches (client_id, resource) now (once the token file is usable: until then it
+ * asks again every second), keeps its token fresh like any other, retries failures with backoff
+ * for as long as it has none, and never evicts or drops it. Strings are copied. */
+void token_cache_prefetch(struct token_cache *c, const char *client_id, const char *resource);
+/* How many prefetched keys have no servable token now; *total: how many there are. why (n bytes):
+ * the first missing key and the reason (the last error, or "being fetched"), when one is. */
+int token_cache_prefetch_missing(struct token_cache *c, int *total, char *why, size_t n);
+
 /* What /metrics shows of one entry. */
 struct token_cache_info {
     const char *client_id;

@@ -583,6 +583,162 @@ static void t_retry_after_ignores_wall_clock_steps(void **state)
     assert_int_equal(get(k2, NULL), CACHE_WAIT);
 }
 
+/* ---- --prefetch ----------------------------------------------------------------------------- */
+
+#define PRE "https://pre.example/"
+
+static int prefetch_missing(void)
+{
+    int total;
+    char why[200];
+    return token_cache_prefetch_missing(cache, &total, why, sizeof why);
+}
+
+/* Answers the oldest pending token-file read with "the file is missing". */
+static void finish_read_missing(void)
+{
+    assert_true(nreads > 0);
+    struct token_file_waiter *w = reads[0];
+    memmove(reads, reads + 1, sizeof reads[0] * (size_t)--nreads);
+    w->linked = 0;
+    struct token_file_status st = {.state = TOKEN_MISSING};
+    snprintf(st.reason, sizeof st.reason, "token file does not exist");
+    w->cb(w->arg, &st, NULL, 0);
+}
+
+/* A prefetched key is fetched with no request, and then outlives a cache filled to the brim by
+ * keys used after it: the least recently used idle entry is evicted, never a prefetched one. */
+static void t_prefetch_never_evicted(void **state)
+{
+    (void)state;
+    int total;
+    char why[200];
+    mono_skew = -60000; /* made a minute before the others: the least recently used */
+    token_cache_prefetch(cache, CLIENT, PRE);
+    mono_skew = 0;
+    assert_int_equal(token_cache_prefetch_missing(cache, &total, why, sizeof why), 1);
+    assert_int_equal(total, 1);
+    assert_non_null(strstr(why, "resource=" PRE ": being fetched"));
+    finish_read();
+    finish_fetch(PRE, ENTRA_OK, 0);
+    assert_int_equal(prefetch_missing(), 0);
+    fill("full", CACHE_MAX_ENTRIES + 8); /* every new key past the limit evicts one */
+    struct token *tok = NULL;
+    assert_int_equal(get_r(PRE, NULL, &tok, NULL), CACHE_HIT);
+    assert_non_null(tok);
+    assert_int_equal(nfetches, 0);
+}
+
+/* A failed prefetch is retried with backoff although nobody waits (a requested key's failure with
+ * nobody waiting and nothing cached is not), and the reason is kept for /readyz. */
+static void t_prefetch_retries_failures(void **state)
+{
+    (void)state;
+    int total;
+    char why[200];
+    token_cache_prefetch(cache, CLIENT, PRE);
+    struct twaiter *t = tw();
+    assert_int_equal(get("https://asked.example/", t), CACHE_WAIT);
+    finish_read();
+    finish_read();
+    token_cache_cancel(&t->w); /* its client went away */
+    finish_fetch(PRE, ENTRA_TRANSIENT, 0);
+    finish_fetch("https://asked.example/", ENTRA_TRANSIENT, 0);
+    assert_int_equal(t->called, 0);
+    assert_int_equal(nreads + nfetches, 0);
+    assert_int_equal(token_cache_prefetch_missing(cache, &total, why, sizeof why), 1);
+    run_for(BACKOFF_BASE_MS * 2 + 200); /* the first retry waits at most 2 s (full jitter) */
+    assert_int_equal(nreads, 1);        /* the prefetched key's, not the other */
+    finish_read();
+    finish_fetch(PRE, ENTRA_OK, 0);
+    assert_int_equal(prefetch_missing(), 0);
+}
+
+/* Before the token file exists, the prefetched key asks again every second (the readiness says
+ * why), and its token comes as soon as the file does. */
+static void t_prefetch_waits_for_token_file(void **state)
+{
+    (void)state;
+    int total;
+    char why[200];
+    token_cache_prefetch(cache, CLIENT, PRE);
+    finish_read_missing();
+    assert_int_equal(nreads, 0);
+    assert_int_equal(token_cache_prefetch_missing(cache, &total, why, sizeof why), 1);
+    assert_non_null(strstr(why, "token file does not exist"));
+    run_for(1200);
+    assert_int_equal(nreads, 1);
+    finish_read();
+    finish_fetch(PRE, ENTRA_OK, 0);
+    assert_int_equal(prefetch_missing(), 0);
+}
+
+static void latest_refresh(void *arg, const struct token_cache_info *i)
+{
+    int64_t *due = arg;
+    if (i->has_token && i->refresh_ms > *due)
+        *due = i->refresh_ms;
+}
+
+static void count_entries(void *arg, const struct token_cache_info *i)
+{
+    (void)i;
+    ++*(int *)arg;
+}
+
+/* Steps the frozen clock to the last refresh due and lets the tick run. */
+static void tick_past_refreshes(void)
+{
+    int64_t due = 0;
+    token_cache_foreach(cache, latest_refresh, &due);
+    assert_true(due > 0);
+    fake_mono = (uint64_t)due + 1;
+    struct twaiter *t = tw(); /* a lookup arms the tick for what is due now */
+    assert_int_equal(get("https://kick.example/", t), CACHE_WAIT);
+    run_for(20);
+}
+
+/* A token nobody asked for during its whole life is dropped at its refresh, not refreshed; a
+ * prefetched one is refreshed for as long as imdsd runs. */
+static int fetch_pending(const char *resource)
+{
+    for (int i = 0; i < nfetches; i++)
+        if (strcmp(fetches[i]->resource, resource) == 0)
+            return 1;
+    return 0;
+}
+
+static void t_prefetch_refreshed_though_unused(void **state)
+{
+    (void)state;
+    freeze();
+    const char *k = "https://asked-once.example/";
+    fetch_token(k);
+    token_cache_prefetch(cache, CLIENT, PRE);
+    finish_read();
+    finish_fetch(PRE, ENTRA_OK, 0);
+    /* refreshes come about half-way through a token's life: k is refreshed until a refresh finds
+     * it unused for a whole lifetime (the third, or the fourth with the jitter) */
+    int k_refreshes = 0;
+    for (int round = 0; round < 5; round++) {
+        tick_past_refreshes();
+        while (nreads)
+            finish_read();
+        assert_true(fetch_pending(PRE)); /* refreshed every time */
+        finish_fetch(PRE, ENTRA_OK, 0);
+        if (fetch_pending(k)) {
+            k_refreshes++;
+            finish_fetch(k, ENTRA_OK, 0);
+        }
+    }
+    assert_true(k_refreshes >= 1 && k_refreshes < 4);
+    int n = 0;
+    token_cache_foreach(cache, count_entries, &n);
+    assert_int_equal(n, 2); /* PRE and the kick: k was dropped */
+    struct token *tok;
+    assert_int_equal(get_r(PRE, NULL, &tok, NULL), CACHE_HIT);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -595,6 +751,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(t_held_error_ignores_wall_clock_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(t_token_lifetime_ignores_wall_clock_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(t_retry_after_ignores_wall_clock_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_prefetch_never_evicted, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_prefetch_retries_failures, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_prefetch_waits_for_token_file, setup, teardown),
+        cmocka_unit_test_setup_teardown(t_prefetch_refreshed_though_unused, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
