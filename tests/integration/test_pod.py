@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -472,3 +473,78 @@ def test_pod_webhook_proxy_sidecar(ctx):
 
 
 test_pod_webhook_proxy_sidecar.timeout = 180
+
+
+def timed_token(port, resource):
+    """One token request on a connection made first: (status, milliseconds from the request's first
+    byte sent to the whole answer read)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        req = (f"GET {harness.token_url(resource)} HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n"
+               f"Connection: close\r\n\r\n").encode()
+        got = b""
+        t0 = time.perf_counter()
+        s.sendall(req)
+        while not harness.complete_response(got):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        ms = (time.perf_counter() - t0) * 1000
+    finally:
+        s.close()
+    return harness.parse_raw(got).status, ms
+
+
+def metric_at(pod, name):
+    r = harness.request(pod.probe_port(pod.probes["livenessProbe"]), "/metrics", host=pod.ip)
+    return next(float(line.split()[1]) for line in r.body.decode().splitlines() if line.startswith(name + " "))
+
+
+def idle_app(prefetch=None):
+    """pod_from with an application that asks for nothing (the test asks in its place, once the
+    startup probe passes, as the kubelet starts it after a native sidecar's startup probe), and
+    --prefetch=prefetch added to imdsd's arguments when given."""
+    def build(manifest, *args):
+        pod, imdsd, probes, sysctls = pod_from(manifest, *args)
+        app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
+        app["command"] = ["/bin/busybox", "sh", "-c", "trap 'exit 0' TERM; while :; do /bin/busybox sleep 1 & wait $!; done"]
+        if prefetch:
+            imdsd["args"] = list(imdsd.get("args", [])) + [f"--prefetch={prefetch}"]
+        return pod, imdsd, probes, sysctls
+    return build
+
+
+def test_pod_start_to_first_token(ctx):
+    """From `podman kube play` to the application's first token, deployment.yaml as it is and with
+    --prefetch of the resource the application asks for: the startup probe (polled every 50 ms here)
+    passes once the token file is usable, or once the prefetched token is cached; the application's
+    first request after it is then an exchange with Entra, or a cache hit (the metrics say which).
+    The figures go to build/pod-figures.json; make bench measures the same outside a pod."""
+    podman.require_image()
+    resource = "https://management.azure.com/"   # what the test application asks for
+    figures = {}
+    for label, build in (("plain", idle_app()), ("prefetch", idle_app(resource))):
+        pod = Pod(ctx, "deployment.yaml", build=build)
+        while pod.probe("startupProbe") != 200:
+            assert time.monotonic() - pod.t0 < 30, f"startupProbe: {pod.logs('imdsd')[-1500:]}"
+            time.sleep(0.05)
+        ready_s = time.monotonic() - pod.t0
+        hits = metric_at(pod, "imdsd_cache_hits_total")
+        exchanges_before = len(pod.fake.records(pod.tenant))
+        status, first_ms = harness.in_netns(pod.ns, timed_token, 8000, resource)
+        first_token_s = time.monotonic() - pod.t0
+        assert status == 200
+        hit = metric_at(pod, "imdsd_cache_hits_total") - hits
+        if label == "prefetch":
+            assert exchanges_before >= 1, "the startup probe passed before the prefetched token was in"
+            assert hit == 1, "the first request after readiness was not a cache hit"
+        else:
+            assert exchanges_before == 0 and hit == 0, "the plain pod's first request was not its first exchange"
+        figures[label] = {"kube_play_to_ready_s": round(ready_s, 3), "first_request_ms": round(first_ms, 3),
+                          "kube_play_to_first_token_s": round(first_token_s, 3), "cache_hit": hit == 1}
+    record("start-to-first-token", **figures)
+
+
+test_pod_start_to_first_token.timeout = 180
