@@ -64,6 +64,11 @@ def test_prefetch_before_any_request(ctx):
                     resource="https://graph.microsoft.com")
     recs = ctx.fake.records(d.tenant)
     assert recs[-1]["conn"] in {r["conn"] for r in recs[:3]}, recs
+    # and the TLS session: a connection opened later resumes it (an abbreviated handshake)
+    many = harness.concurrently(8, lambda i: get_token(d.port, resource=f"https://r{i}.example.com"))
+    assert all(r.status == 200 for r in many), many
+    done = log_events(d.log(), "tls_handshake_done")
+    assert done[0]["resumed"] == "0" and any(e["resumed"] == "1" for e in done[1:]), done
 
 
 def test_prefetch_readiness_waits_and_says_why(ctx):
