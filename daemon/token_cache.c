@@ -445,6 +445,23 @@ static void start_refresh(struct cache_entry *e, int64_t now, const char *trigge
 
 /* ---- entries ------------------------------------------------------------------------------- */
 
+/* A new idle entry for the key, in its bucket. */
+static struct cache_entry *entry_new(struct token_cache *c, uint64_t h, const char *client_id,
+                                     const char *resource, size_t rlen, int64_t now)
+{
+    struct cache_entry *e = xcalloc(1, sizeof *e);
+    e->cache = c;
+    e->client_id = xstrdup(client_id);
+    e->resource = xstrndup(resource, rlen);
+    e->resource_len = rlen;
+    e->hash = h;
+    e->last_used_ms = now;
+    e->next = c->buckets[h % NBUCKETS];
+    c->buckets[h % NBUCKETS] = e;
+    c->nentries++;
+    return e;
+}
+
 static void entry_free(struct cache_entry *e)
 {
     assert(!e->pins); /* see "Re-entrancy" above */
@@ -643,16 +660,7 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
         if ((c->nentries >= CACHE_MAX_ENTRIES || c->token_bytes >= CACHE_MAX_TOKEN_BYTES) &&
             evict_one(c) < 0)
             return CACHE_FULL;
-        e = xcalloc(1, sizeof *e);
-        e->cache = c;
-        e->client_id = xstrdup(client_id);
-        e->resource = xstrndup(resource, resource_len);
-        e->resource_len = resource_len;
-        e->hash = h;
-        e->last_used_ms = now;
-        e->next = c->buckets[h % NBUCKETS];
-        c->buckets[h % NBUCKETS] = e;
-        c->nentries++;
+        e = entry_new(c, h, client_id, resource, resource_len, now);
     }
     w->entry = e;
     w->prev = NULL;
@@ -679,18 +687,8 @@ void token_cache_prefetch(struct token_cache *c, const char *client_id, const ch
     size_t rlen = strlen(resource);
     uint64_t h = hash_key(client_id, resource, rlen);
     struct cache_entry *e = find(c, h, client_id, resource, rlen);
-    if (!e) {
-        e = xcalloc(1, sizeof *e);
-        e->cache = c;
-        e->client_id = xstrdup(client_id);
-        e->resource = xstrndup(resource, rlen);
-        e->resource_len = rlen;
-        e->hash = h;
-        e->last_used_ms = mono_now();
-        e->next = c->buckets[h % NBUCKETS];
-        c->buckets[h % NBUCKETS] = e;
-        c->nentries++;
-    }
+    if (!e)
+        e = entry_new(c, h, client_id, resource, rlen, mono_now());
     e->prefetch = 1;
     char res[160];
     log_key(e, res, sizeof res);

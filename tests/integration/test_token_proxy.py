@@ -55,6 +55,14 @@ def binding_daemon(ctx, fake, env, extra=(), start=True):
     return d
 
 
+def ca_file_binding(ctx, fake, url_tail=""):
+    """The webhook's variables for a binding whose CA is a file of a kubelet-written volume (aks-ca
+    in it): (the KubeletFile, the environment)."""
+    ca = KubeletFile(os.path.join(ctx.tmp, "wi"), "ca-cert/ca.crt", pem(ctx, "aks-ca.pem"))
+    return ca, {"AZURE_KUBERNETES_TOKEN_PROXY": f"https://localhost:{fake.port}{PREFIX}{url_tail}",
+                "AZURE_KUBERNETES_SNI_NAME": SNI, "AZURE_KUBERNETES_CA_FILE": ca.path}
+
+
 def records(fake, d):
     return [r for r in fake.records(d.tenant) if r["status"] == 200]
 
@@ -62,9 +70,7 @@ def records(fake, d):
 def test_token_proxy_exchange(ctx):
     """The request goes to the proxy's host, port and path, with the SNI name and Entra's Host."""
     fake = proxy_fake(ctx)
-    ca = KubeletFile(os.path.join(ctx.tmp, "wi"), "ca-cert/ca.crt", pem(ctx, "aks-ca.pem"))
-    env = {"AZURE_KUBERNETES_TOKEN_PROXY": f"https://localhost:{fake.port}{PREFIX}",
-           "AZURE_KUBERNETES_SNI_NAME": SNI, "AZURE_KUBERNETES_CA_FILE": ca.path}
+    ca, env = ca_file_binding(ctx, fake)
     d = binding_daemon(ctx, fake, env)
     r = get_token(d.port)
     assert_token_ok(r)
@@ -85,9 +91,7 @@ def test_token_proxy_ca_file_rotation(ctx):
     connections verified against it), an empty file keeps it, a bad or missing one fails the
     exchange with a reason and nothing else."""
     fake = proxy_fake(ctx)
-    ca = KubeletFile(os.path.join(ctx.tmp, "wi"), "ca-cert/ca.crt", pem(ctx, "aks-ca.pem"))
-    env = {"AZURE_KUBERNETES_TOKEN_PROXY": f"https://localhost:{fake.port}{PREFIX}/",
-           "AZURE_KUBERNETES_SNI_NAME": SNI, "AZURE_KUBERNETES_CA_FILE": ca.path}
+    ca, env = ca_file_binding(ctx, fake, url_tail="/")
     d = binding_daemon(ctx, fake, env)
 
     def token(n):
@@ -144,9 +148,7 @@ def test_token_proxy_ca_file_rotation(ctx):
 def test_token_proxy_ca_file_many_at_once(ctx):
     """Exchanges that start together share the CA file's reads: 24 resources at once, each served."""
     fake = proxy_fake(ctx)
-    ca = KubeletFile(os.path.join(ctx.tmp, "wi"), "ca-cert/ca.crt", pem(ctx, "aks-ca.pem"))
-    env = {"AZURE_KUBERNETES_TOKEN_PROXY": f"https://localhost:{fake.port}{PREFIX}",
-           "AZURE_KUBERNETES_SNI_NAME": SNI, "AZURE_KUBERNETES_CA_FILE": ca.path}
+    ca, env = ca_file_binding(ctx, fake)
     d = binding_daemon(ctx, fake, env)
     n = 24
     results = concurrently(n, lambda i: get_token(d.port, resource=f"https://many{i}.example.com"))
