@@ -876,7 +876,7 @@ class Bench:
         src = os.path.abspath(self.args.binary)
         if not os.access(src, os.X_OK):
             raise BenchError(f"{self.args.binary} is not an executable; run make first")
-        for tool in ("wrk", "nginx") + (("taskset",) if st.pinned else ()):
+        for tool in ("wrk", "nginx", "chrt") + (("taskset",) if st.pinned else ()):
             if not shutil.which(tool):
                 raise BenchError(f"{tool} not found: run make deps (tests/deps.sh installs wrk, nginx, util-linux)")
         if not os.access(os.path.join(ROOT, "build", "loadgen"), os.X_OK):
@@ -1285,7 +1285,8 @@ class Bench:
         connect to its last answer) and as "quiet" when it was due well away from any storm (20 ms
         before, 50 ms after; not the run's first 100 ms): the quiet baseline comes from the same run.
         The stand-in (a dedicated one per kind: fake_entra.py) and the storm's client run on the
-        client CPU at nice +10, so that their work neither takes imdsd's CPU nor delays loadgen."""
+        client CPU under SCHED_IDLE, so that their work neither takes imdsd's CPU nor delays
+        loadgen (nice could not rank them below loadgen when the bench itself runs at nice 19)."""
         st = self.st
         print(f"bench: storm: cached path at {st.storm_rate:,}/s for {st.storm_seconds} s per kind while "
               f"{st.storm_count} storm(s) of {st.storm} cold resources run ...", flush=True)
