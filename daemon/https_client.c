@@ -81,12 +81,14 @@ struct https_client {
     struct https_conn *conns;      /* every connection not yet destroyed */
     struct https_request *pending; /* every request whose done has not run */
     unsigned n_idle;
+    unsigned hs_running;                            /* handshake steps on the thread pool */
+    struct https_conn *hs_wait_head, *hs_wait_tail; /* connections waiting to run a step */
     uint64_t next_conn_id;
     int freeing;
 };
 
 /* One TCP+TLS connection. Freed only once its timer and TCP handle have closed and its
- * getaddrinfo (if any) has called back: refs counts those. */
+ * getaddrinfo and handshake step (if any) have called back: refs counts those. */
 struct https_conn {
     struct https_client *c;
     struct https_conn *prev, *next;
@@ -96,11 +98,15 @@ struct https_conn {
     int refs;
     int tcp_open;   /* tcp initialised and its close callback has not run */
     int gai_active; /* getaddrinfo in flight */
-    int reused;     /* a request completed on it before the current one */
+    int hs_active;  /* a handshake step on the thread pool: it owns tls, reading is stopped */
+    int hs_waiting; /* in the client's queue for a step: reading is stopped */
+    struct https_conn *hs_next;
+    int reused; /* a request completed on it before the current one */
     uv_timer_t timer;
     uv_getaddrinfo_t gai;
     uv_tcp_t tcp;
     uv_connect_t connect_req;
+    uv_work_t hs_work;
     struct addrinfo *addrs, *next_addr;
     int last_err; /* libuv error of the last failed connect attempt */
     char addr[HTTPS_ADDR_MAX];
@@ -145,6 +151,9 @@ static void conn_fail(struct https_conn *conn, int err, const char *event, const
 static void conn_pump(struct https_conn *conn);
 static void conn_try_connect(struct https_conn *conn);
 static void conn_timer_cb(uv_timer_t *t);
+static void conn_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b);
+static void hs_unqueue(struct https_conn *conn);
+static void conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static int conn_start(struct https_client *c, struct https_request *req, struct buf *reqbuf,
                       uint64_t req_deadline, int head_only);
 
@@ -384,6 +393,7 @@ static struct https_conn *conn_new(struct https_client *c)
     conn->timer.data = conn;
     conn->gai.data = conn;
     conn->connect_req.data = conn;
+    conn->hs_work.data = conn;
     conn->refs = 1;
     conn->next = c->conns;
     if (c->conns)
@@ -425,6 +435,10 @@ static void conn_close(struct https_conn *conn, const char *why)
     uv_close((uv_handle_t *)&conn->timer, conn_handle_close_cb);
     if (conn->gai_active)
         uv_cancel((uv_req_t *)&conn->gai);
+    if (conn->hs_active) /* if it already runs, its after callback lets go of conn */
+        uv_cancel((uv_req_t *)&conn->hs_work);
+    if (conn->hs_waiting)
+        hs_unqueue(conn);
     if (conn->tcp_open && !uv_is_closing((uv_handle_t *)&conn->tcp)) {
         if (was_idle)
             conn_say_goodbye(conn);
@@ -729,14 +743,82 @@ static void conn_pump(struct https_conn *conn)
     secret_zero(plain, sizeof plain);
 }
 
-static void conn_handshake(struct https_conn *conn)
+static void conn_hs_work_cb(uv_work_t *w)
+{
+    struct https_conn *conn = w->data;
+    tls_conn_handshake_step(conn->tls);
+}
+
+static void conn_hs_after_cb(uv_work_t *w, int status);
+
+/* Hands conn's next handshake step to the thread pool. */
+static void hs_start(struct https_conn *conn)
 {
     struct https_client *c = conn->c;
-    enum tls_status st = tls_conn_handshake(conn->tls);
+    int r = uv_queue_work(c->loop, &conn->hs_work, conn_hs_work_cb, conn_hs_after_cb);
+    if (r < 0) {
+        conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", uv_strerror(r));
+        return;
+    }
+    conn->hs_active = 1;
+    conn->refs++;
+    c->hs_running++;
+}
+
+static void hs_unqueue(struct https_conn *conn)
+{
+    struct https_client *c = conn->c;
+    struct https_conn *prev = NULL;
+    for (struct https_conn *o = c->hs_wait_head; o; prev = o, o = o->hs_next) {
+        if (o != conn)
+            continue;
+        if (prev)
+            prev->hs_next = o->hs_next;
+        else
+            c->hs_wait_head = o->hs_next;
+        if (c->hs_wait_tail == o)
+            c->hs_wait_tail = prev;
+        break;
+    }
+    conn->hs_next = NULL;
+    conn->hs_waiting = 0;
+}
+
+/* A step is back: the first waiting connection, if any, takes its place. */
+static void hs_next_turn(struct https_client *c)
+{
+    assert(c->hs_running > 0);
+    c->hs_running--;
+    while (c->hs_wait_head && c->hs_running < HTTPS_MAX_POOL_HANDSHAKES) {
+        struct https_conn *next = c->hs_wait_head;
+        hs_unqueue(next);
+        hs_start(next);
+    }
+}
+
+/* A handshake step is back from the thread pool. */
+static void conn_hs_after_cb(uv_work_t *w, int status)
+{
+    struct https_conn *conn = w->data;
+    struct https_client *c = conn->c;
+    conn->hs_active = 0;
+    hs_next_turn(c);     /* before conn_unref, which may free the client along with conn */
+    if (conn->closing) { /* canceled, or closed while the step ran */
+        conn_unref(conn);
+        return;
+    }
+    conn_unref(conn); /* the timer still holds a reference */
+    if (status < 0) {
+        conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", uv_strerror(status));
+        return;
+    }
+    enum tls_status st = tls_conn_handshake_finish(conn->tls);
     int fr = conn_flush(conn);
 
     switch (st) {
-    case TLS_WANT_IO:
+    case TLS_WANT_IO: /* the peer's next flight: read again */
+        if (fr == 0)
+            fr = uv_read_start((uv_stream_t *)&conn->tcp, conn_alloc_cb, conn_read_cb);
         if (fr < 0)
             conn_fail(conn, HTTPS_E_IO, "https_io_error", uv_strerror(fr));
         return;
@@ -760,7 +842,35 @@ static void conn_handshake(struct https_conn *conn)
         conn_fail(conn, r, "https_io_error", "cannot send the request");
         return;
     }
+    r = uv_read_start((uv_stream_t *)&conn->tcp, conn_alloc_cb, conn_read_cb);
+    if (r < 0) {
+        conn_fail(conn, HTTPS_E_IO, "https_io_error", uv_strerror(r));
+        return;
+    }
     conn_pump(conn); /* anything that arrived with the last handshake flight */
+}
+
+/* Advances the TLS handshake with what has been fed to it, on libuv's thread pool: a full
+ * handshake's CPU work (the chain's signatures, the key exchange: milliseconds) would otherwise
+ * stall every cached answer behind it. Until the step is back the worker owns conn->tls, so
+ * reading stops (what arrives meanwhile waits in the socket) and nothing else touches it. At most
+ * HTTPS_MAX_POOL_HANDSHAKES steps of the client run at once; the others queue, in order. */
+static void conn_handshake(struct https_conn *conn)
+{
+    struct https_client *c = conn->c;
+    assert(!conn->hs_active && !conn->hs_waiting);
+    (void)uv_read_stop((uv_stream_t *)&conn->tcp);
+    if (c->hs_running < HTTPS_MAX_POOL_HANDSHAKES) {
+        hs_start(conn);
+        return;
+    }
+    conn->hs_waiting = 1;
+    conn->hs_next = NULL;
+    if (c->hs_wait_tail)
+        c->hs_wait_tail->hs_next = conn;
+    else
+        c->hs_wait_head = conn;
+    c->hs_wait_tail = conn;
 }
 
 /* ---- the tunnel through the proxy --------------------------------------------------------- */
@@ -849,6 +959,7 @@ static void conn_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b)
 static void conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     struct https_conn *conn = s->data;
+    assert(!conn->hs_active && !conn->hs_waiting); /* reading stops meanwhile */
     if (conn->closing || nread == 0)
         return;
     if (nread < 0) {
@@ -1245,6 +1356,19 @@ void https_client_set_tls(struct https_client *c, struct tls_ctx *tls)
     for (struct https_conn *conn = c->conns; conn; conn = conn->next)
         if (conn->state == CONN_IDLE && !conn->closing)
             conn_close(conn, "trust anchors replaced");
+}
+
+unsigned https_client_handshakes_in_pool(const struct https_client *c, unsigned *waiting)
+{
+    unsigned n = 0;
+    if (waiting)
+        *waiting = 0;
+    for (const struct https_conn *conn = c->conns; conn; conn = conn->next) {
+        n += conn->hs_active != 0;
+        if (waiting)
+            *waiting += conn->hs_waiting != 0;
+    }
+    return n;
 }
 
 void https_client_free(struct https_client *c)

@@ -8,6 +8,7 @@
 #include <mbedtls/error.h>
 #include <mbedtls/ssl.h>
 #include <mbedtls/x509_crt.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,7 @@ struct tls_ctx {
     mbedtls_x509_crt ca;
     mbedtls_entropy_context entropy;
     mbedtls_ctr_drbg_context drbg;
+    pthread_mutex_t drbg_lock; /* handshake steps run on worker threads (tls_conn_handshake_step) */
     mbedtls_ssl_session *session; /* last full handshake's session, or NULL */
     char *session_host;           /* the host name session was verified for */
     int refs;                     /* the creator's, and one per tls_conn */
@@ -41,6 +43,7 @@ struct tls_conn {
     size_t in_off;
     struct buf out; /* ciphertext to send */
     int handshake_done;
+    int step_result; /* mbedtls_ssl_handshake's, for tls_conn_handshake_finish */
     int failed;
     int offered; /* a session was offered for resumption */
     int resumed;
@@ -56,6 +59,17 @@ __attribute__((format(printf, 3, 4))) static void tls_set_err(char *err, size_t 
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
     va_end(ap);
+}
+
+/* The RNG every session of ctx draws from, on the loop's thread and on the workers that run
+ * handshake steps alike. */
+static int ctx_random(void *p, unsigned char *out, size_t len)
+{
+    struct tls_ctx *ctx = p;
+    pthread_mutex_lock(&ctx->drbg_lock);
+    int r = mbedtls_ctr_drbg_random(&ctx->drbg, out, len);
+    pthread_mutex_unlock(&ctx->drbg_lock);
+    return r;
 }
 
 /* The configuration around ctx->ca, which holds at least one certificate. */
@@ -79,7 +93,7 @@ static int ctx_setup(struct tls_ctx *ctx, char *err, size_t errlen)
     }
     mbedtls_ssl_conf_authmode(&ctx->conf, MBEDTLS_SSL_VERIFY_REQUIRED);
     mbedtls_ssl_conf_ca_chain(&ctx->conf, &ctx->ca, NULL);
-    mbedtls_ssl_conf_rng(&ctx->conf, mbedtls_ctr_drbg_random, &ctx->drbg);
+    mbedtls_ssl_conf_rng(&ctx->conf, ctx_random, ctx);
     /* TLS 1.2 only: 1.3 is experimental in mbedTLS 2.28 and anything older is obsolete. */
     mbedtls_ssl_conf_min_version(&ctx->conf, MBEDTLS_SSL_MAJOR_VERSION_3,
                                  MBEDTLS_SSL_MINOR_VERSION_3);
@@ -98,6 +112,7 @@ static struct tls_ctx *ctx_alloc(void)
     mbedtls_x509_crt_init(&ctx->ca);
     mbedtls_entropy_init(&ctx->entropy);
     mbedtls_ctr_drbg_init(&ctx->drbg);
+    pthread_mutex_init(&ctx->drbg_lock, NULL);
     return ctx;
 }
 
@@ -201,6 +216,7 @@ void tls_ctx_free(struct tls_ctx *ctx)
     mbedtls_x509_crt_free(&ctx->ca);
     mbedtls_ctr_drbg_free(&ctx->drbg);
     mbedtls_entropy_free(&ctx->entropy);
+    pthread_mutex_destroy(&ctx->drbg_lock);
     free(ctx);
 }
 
@@ -240,6 +256,7 @@ struct tls_conn *tls_conn_new(struct tls_ctx *ctx, const char *hostname, char *e
     t->ctx = tls_ctx_ref(ctx);
     t->host = xstrdup(hostname);
     mbedtls_ssl_init(&t->ssl);
+    t->step_result = MBEDTLS_ERR_SSL_WANT_READ; /* no step yet */
     buf_init(&t->in, TLS_MAX_INPUT);
     buf_init(&t->out, TLS_MAX_OUTPUT);
 
@@ -341,13 +358,19 @@ drop:
     free(s);
 }
 
-enum tls_status tls_conn_handshake(struct tls_conn *t)
+void tls_conn_handshake_step(struct tls_conn *t)
+{
+    if (!t->failed && !t->handshake_done)
+        t->step_result = mbedtls_ssl_handshake(&t->ssl);
+}
+
+enum tls_status tls_conn_handshake_finish(struct tls_conn *t)
 {
     if (t->failed)
         return TLS_FAILED;
     if (t->handshake_done)
         return TLS_OK;
-    int r = mbedtls_ssl_handshake(&t->ssl);
+    int r = t->step_result;
     if (r == 0) {
         t->handshake_done = 1;
         tls_conn_save_session(t);
@@ -365,6 +388,12 @@ enum tls_status tls_conn_handshake(struct tls_conn *t)
         return TLS_VERIFY_FAILED;
     }
     return tls_fail(t, r);
+}
+
+enum tls_status tls_conn_handshake(struct tls_conn *t)
+{
+    tls_conn_handshake_step(t);
+    return tls_conn_handshake_finish(t);
 }
 
 enum tls_status tls_conn_write(struct tls_conn *t, const void *p, size_t n)

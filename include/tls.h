@@ -60,6 +60,16 @@ int tls_conn_feed(struct tls_conn *t, const void *p, size_t n);
  * resumption), TLS_WANT_IO, TLS_VERIFY_FAILED or TLS_FAILED (see tls_conn_reason()). */
 enum tls_status tls_conn_handshake(struct tls_conn *t);
 
+/* tls_conn_handshake in two halves, so that its CPU work (verifying the chain, the key exchange:
+ * milliseconds each) can run off the event loop. tls_conn_handshake_step advances the handshake
+ * as far as the fed input allows and may run on another thread, provided nothing else touches t
+ * meanwhile (no feed, take_output, free, ...). Other sessions of the same ctx may be used on other
+ * threads at the same time: they share only the read-only configuration and a locked RNG.
+ * tls_conn_handshake_finish, back on the ctx's own thread, returns what tls_conn_handshake would
+ * have returned (and remembers the session in the ctx). */
+void tls_conn_handshake_step(struct tls_conn *t);
+enum tls_status tls_conn_handshake_finish(struct tls_conn *t);
+
 /* Encrypts all n bytes into the output queue: TLS_OK or TLS_FAILED. Handshake must be done. */
 enum tls_status tls_conn_write(struct tls_conn *t, const void *p, size_t n);
 

@@ -1,6 +1,7 @@
 /* loadgen.c - HTTP/1.1 GET load at a fixed request rate (open loop), for make bench.
  *
  *   loadgen --port N --path P --rate R --seconds S [--connections C] [--close] [--header H]...
+ *           [--dump FILE]
  *
  * wrk keeps every connection busy: each waits for its response before sending the next request,
  * so the client's own loop sets the pace and the latencies it reports are an artefact of how the
@@ -11,7 +12,11 @@
  * time ("latency") and from the moment the request was written ("service").
  *
  * Keep-alive: C connections opened up front and reused. --close: a new connection per request
- * (sends "Connection: close"; the connect is part of the latency). Prints one JSON line. */
+ * (sends "Connection: close"; the connect is part of the latency). Prints one JSON line.
+ *
+ * --dump FILE also writes one line per answered request: its scheduled time (CLOCK_MONOTONIC, ns,
+ * the clock Python's time.monotonic_ns() reads), its latency and its service time (ns), so that a
+ * caller can pick the requests that were due while something else happened. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -42,14 +47,14 @@ struct conn {
 
 static struct {
     int port, rate, seconds, nconns, close_mode;
-    const char *path;
+    const char *path, *dump;
     char req[2048];
     size_t req_len;
 } cfg = {.nconns = 64};
 
 static struct {
     uint64_t completed, ok, non200, errors, timeouts, late;
-    uint64_t *lat, *svc; /* ns, one per completed request */
+    uint64_t *lat, *svc, *sched; /* ns, one per completed request */
 } st;
 
 static struct conn *conns;
@@ -194,6 +199,7 @@ static void on_event(int i, uint32_t events)
     uint64_t t = now_ns();
     st.lat[st.completed] = t - c->scheduled;
     st.svc[st.completed] = t - c->sent;
+    st.sched[st.completed] = c->scheduled;
     st.completed++;
     if (status == 200)
         st.ok++;
@@ -232,17 +238,21 @@ static void print_dist(const char *name, uint64_t *v, uint64_t n)
 static void usage(void)
 {
     fprintf(stderr, "usage: loadgen --port N --path P --rate R --seconds S [--connections C] "
-                    "[--close] [--header H]...\n");
+                    "[--close] [--header H]... [--dump FILE]\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"port", required_argument, 0, 'p'},        {"path", required_argument, 0, 'u'},
-        {"rate", required_argument, 0, 'r'},        {"seconds", required_argument, 0, 's'},
-        {"connections", required_argument, 0, 'c'}, {"close", no_argument, 0, 'x'},
-        {"header", required_argument, 0, 'H'},      {0, 0, 0, 0}};
+    static const struct option opts[] = {{"port", required_argument, 0, 'p'},
+                                         {"path", required_argument, 0, 'u'},
+                                         {"rate", required_argument, 0, 'r'},
+                                         {"seconds", required_argument, 0, 's'},
+                                         {"connections", required_argument, 0, 'c'},
+                                         {"close", no_argument, 0, 'x'},
+                                         {"header", required_argument, 0, 'H'},
+                                         {"dump", required_argument, 0, 'd'},
+                                         {0, 0, 0, 0}};
     char headers[1024] = "";
     size_t hlen = 0;
     for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
@@ -264,6 +274,9 @@ int main(int argc, char **argv)
             break;
         case 'x':
             cfg.close_mode = 1;
+            break;
+        case 'd':
+            cfg.dump = optarg;
             break;
         case 'H': {
             int n = snprintf(headers + hlen, sizeof headers - hlen, "%s\r\n", optarg);
@@ -292,7 +305,8 @@ int main(int argc, char **argv)
     free_stack = calloc((size_t)cfg.nconns, sizeof *free_stack);
     st.lat = calloc(total, sizeof *st.lat);
     st.svc = calloc(total, sizeof *st.svc);
-    if (!conns || !free_stack || !st.lat || !st.svc)
+    st.sched = calloc(total, sizeof *st.sched);
+    if (!conns || !free_stack || !st.lat || !st.svc || !st.sched)
         die("calloc");
     prctl(PR_SET_TIMERSLACK, 1UL); /* wake at the scheduled time, not up to 50 us later */
     if ((epfd = epoll_create1(EPOLL_CLOEXEC)) < 0)
@@ -347,6 +361,16 @@ int main(int argc, char **argv)
         if (conns[i].state == ST_WAITING || conns[i].state == ST_CONNECTING)
             st.timeouts++;
     double secs = (double)(now_ns() - t0) / 1e9;
+    if (cfg.dump) { /* before print_dist sorts the latencies */
+        FILE *f = fopen(cfg.dump, "w");
+        if (!f)
+            die(cfg.dump);
+        for (uint64_t k = 0; k < st.completed; k++)
+            fprintf(f, "%llu %llu %llu\n", (unsigned long long)st.sched[k],
+                    (unsigned long long)st.lat[k], (unsigned long long)st.svc[k]);
+        if (fclose(f) != 0)
+            die(cfg.dump);
+    }
     printf(
         "LOADGEN {\"rate\":%d,\"seconds\":%d,\"connections\":%d,\"close\":%s,\"scheduled\":%llu,"
         "\"completed\":%llu,\"status_200\":%llu,\"non200\":%llu,\"errors\":%llu,\"timeouts\":%llu,"

@@ -8,17 +8,20 @@ POST /_control  {"release": NAME} opens gate NAME (see gate-NAME); {"gated": NAM
 POST /_control  {"tenant": T, "chaos": {"p": 0.2, "kinds": [behaviour, ...], "ok": behaviour, "seed": n}}
                 chaos mode for T ("chaos": null ends it), see below
 POST /_control  {"serve": "main" | "alt"} the certificate new handshakes get (--alt-cert)
-GET  /_stats    {"calls": {tenant: n}, "accepted": n, "tls_failures": n, "issued": n,
+GET  /_stats    {"calls": {tenant: n}, "accepted": n, "tls_failures": n, "resumed": n, "issued": n,
                  "inflight": {tenant: n}, "max_inflight": {tenant: n},
                  "behaviours": {tenant: {behaviour: n}}}
+                (resumed: TLS handshakes that resumed an earlier session, of the accepted connections)
 
 The behaviour of a token request is the next scripted one for its tenant, else the tenant's
 default: the one set with "default" if any, else the part of the tenant name before the first "."
 if it names a behaviour, else "ok". inflight counts token requests of a tenant being answered
 (from the parsed request to the end of the answer, a slow-N sleep included); max_inflight is the
 most there ever were at once.
-Behaviours: ok[-expN][-refN][-padN], aadsts-<code>, http500, http503, http429, garbage, big, reset,
+Behaviours: ok[-expN][-refN][-padN][-close], aadsts-<code>, http500, http503, http429, garbage, big, reset,
 truncated, slow-<seconds>, gate-<name>, nojson-token. -padN makes the access token N bytes longer;
+-close answers with "Connection: close" and closes the connection after the answer (so the next
+exchange needs a new TCP connection and TLS handshake);
 gate-<name> holds the answer until a /_control "release" of that name (60 s at most), then is ok.
 Chaos mode (the soak test): a token request of T that no script answers gets, with probability p,
 one of "kinds" picked uniformly, else "ok"; the picks come from random.Random(seed), so a seed
@@ -27,6 +30,8 @@ gate-NAME pick then answers as "ok" does (say ok-exp20), not as plain ok.
 Every token request appends one JSON line to --log (with the sha256, jti and iat of the
 client_assertion it presented, the SNI name its connection sent, its Host header and path, and
 "chaos": true when chaos mode picked its behaviour).
+--no-resumption gives every connection a TLS context of its own, so that no handshake can resume an
+earlier session (neither by session id nor by ticket): every one is a full handshake.
 --path-prefix P stands for an AKS identity binding's token proxy at https://HOST:PORT/P: the token
 endpoint is P/<tenant>/oauth2/v2.0/token, and the path without P is not found.
 """
@@ -36,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWS_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
-BEHAVIOUR_RE = re.compile(r"^(ok(-exp\d+)?(-ref\d+)?(-pad\d+)?|aadsts-\d+|http500|http503|http429|garbage|"
+BEHAVIOUR_RE = re.compile(r"^(ok(-exp\d+)?(-ref\d+)?(-pad\d+)?(-close)?|aadsts-\d+|http500|http503|http429|garbage|"
                           r"big|reset|truncated|slow-\d+(\.\d+)?|gate-[a-z0-9]+|nojson-token)$")
 # code -> (HTTP status, error, description); {..} fields are filled from the request.
 AADSTS = {
@@ -61,7 +66,7 @@ AADSTS = {
     90055: (429, "temporarily_unavailable", "TenantThrottlingError - There are too many incoming requests."),
 }
 LOCK = threading.Lock()
-STATE = {"calls": {}, "accepted": 0, "tls_failures": 0, "issued": 0, "inflight": {}, "max_inflight": {},
+STATE = {"calls": {}, "accepted": 0, "tls_failures": 0, "resumed": 0, "issued": 0, "inflight": {}, "max_inflight": {},
          "behaviours": {}}
 SCRIPTS, TOKEN_FILES, DEFAULTS = {}, {}, {}
 CHAOS = {}   # tenant -> {"p", "kinds", "ok", "rng"}
@@ -318,6 +323,8 @@ class Handler(BaseHTTPRequestHandler):
             if ref:
                 out["refresh_in"] = int(ref[1])
             rec.update(access_token=tok, expires_in=exp)
+            if behaviour.endswith("-close"):
+                return dict(status=200, body=out, extra=[("Connection", "close")], mode="close")
             return dict(status=200, body=out)
         if behaviour.startswith("aadsts-"):
             return self.aadsts(int(behaviour[7:]), tenant=tenant, client_id=fields["client_id"],
@@ -353,12 +360,15 @@ class Server(ThreadingHTTPServer):
         # head and body go out in separate sends: without this the body waits for a delayed ACK
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            tls = self.ssl_ctx.wrap_socket(request, server_side=True)
+            tls = (self.new_ctx() if self.no_resumption else self.ssl_ctx).wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
             with LOCK:
                 STATE["tls_failures"] += 1
             print(f"fake_entra: conn {conn_id}: TLS handshake failed: {e}", file=sys.stderr, flush=True)
             return
+        if tls.session_reused:
+            with LOCK:
+                STATE["resumed"] += 1
         try:
             Handler(tls, client_address, self, conn_id=conn_id)
         finally:
@@ -377,6 +387,7 @@ def main():
     ap.add_argument("--path-prefix", default="")
     ap.add_argument("--alt-cert")
     ap.add_argument("--alt-key")
+    ap.add_argument("--no-resumption", action="store_true")
     a = ap.parse_args()
 
     def server_ctx(cert, key):
@@ -394,6 +405,12 @@ def main():
         if srv.serving == "alt":
             sock.context = srv.alt_ctx
     ctx.sni_callback = on_sni
+
+    def new_ctx():   # --no-resumption: a context (session cache, ticket key) per connection
+        c = server_ctx(a.cert, a.key)
+        c.sni_callback = on_sni
+        return c
+    srv.new_ctx, srv.no_resumption = new_ctx, a.no_resumption
     srv.ssl_ctx, srv.log_path, srv.token_file = ctx, a.log, a.token_file
     open(a.log, "a").close()
     if a.ready_file:

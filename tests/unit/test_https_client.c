@@ -1080,6 +1080,125 @@ static void test_free_with_pending(void **state)
     assert_int_equal(res2.calls, 1);
 }
 
+/* ---- the handshake's steps run on the thread pool ------------------------------------------ */
+
+/* Runs the loop until the nth handshake step of c has been handed to the thread pool (and is not
+ * back yet: its after callback runs on the loop, which does not run until the caller does). */
+static void run_until_step_in_pool(struct fixture *f, struct https_client *c, int nth)
+{
+    int seen = 0, busy = 0;
+    while (seen < nth) {
+        int alive = uv_run(&f->loop, UV_RUN_ONCE);
+        assert_false(f->watchdog_fired);
+        int now = https_client_handshakes_in_pool(c, NULL) > 0;
+        seen += now && !busy;
+        busy = now;
+        if (!alive)
+            fail_msg("loop went idle before handshake step %d", nth);
+    }
+}
+
+/* A request canceled while a step of its handshake is on the thread pool (the first step, the
+ * ClientHello; the second, the server's first flight: verifying the chain and the key exchange;
+ * the third, the server's Finished): done never runs, the step's result is dropped, nothing leaks
+ * (fx_teardown: the loop closes) and the next request gets through. */
+static void test_cancel_during_handshake_step(void **state)
+{
+    struct fixture *f = *state;
+    start_server(f, SRV_OK, "leaf");
+    make_client(f);
+    for (int nth = 1; nth <= 3; nth++) {
+        struct https_request req;
+        struct result res;
+        init_req(&req, &res);
+        assert_int_equal(https_client_send(f->client, &req), 0);
+        run_until_step_in_pool(f, f->client, nth);
+        https_client_cancel(&req);
+        run_for(f, 20);
+        assert_int_equal(res.calls, 0);
+    }
+    struct https_request req;
+    struct result res;
+    roundtrip_ok(f, &req, &res);
+    assert_string_equal(res.body, "hello world");
+    assert_int_equal(https_client_handshakes_in_pool(f->client, NULL), 0);
+}
+
+/* The client freed while a handshake step is on the thread pool: done runs at once (canceled),
+ * and the connection is freed when the step is back. */
+static void test_free_during_handshake_step(void **state)
+{
+    struct fixture *f = *state;
+    struct https_request req;
+    struct result res;
+    start_server(f, SRV_OK, "leaf");
+    make_client(f);
+    init_req(&req, &res);
+    assert_int_equal(https_client_send(f->client, &req), 0);
+    run_until_step_in_pool(f, f->client, 2);
+    https_client_free(f->client);
+    f->client = NULL;
+    assert_int_equal(res.calls, 1);
+    assert_int_equal(res.err, HTTPS_E_CANCELED);
+    uv_run(&f->loop, UV_RUN_DEFAULT);
+    assert_int_equal(res.calls, 1);
+}
+
+#define STORM 8 /* requests sent at once, each on a new connection */
+
+/* STORM requests at once: their connections' handshake steps take turns on the thread pool, never
+ * more than HTTPS_MAX_POOL_HANDSHAKES at once, and all get their answer. With free_when_queued the
+ * client is freed as soon as a step waits for its turn: every request is canceled, and the waiting
+ * connections leave the queue (fx_teardown: nothing is left behind). */
+static void handshake_storm(void **state, int free_when_queued)
+{
+    struct fixture *f = *state;
+    struct https_request req[STORM];
+    struct result res[STORM];
+    start_server(f, SRV_CLOSE, "leaf");
+    make_client(f);
+    for (int i = 0; i < STORM; i++) {
+        init_req(&req[i], &res[i]);
+        assert_int_equal(https_client_send(f->client, &req[i]), 0);
+    }
+    unsigned most = 0, queued = 0;
+    int done = 0;
+    while (done < STORM) {
+        int alive = uv_run(&f->loop, UV_RUN_ONCE);
+        assert_false(f->watchdog_fired);
+        unsigned waiting, running = https_client_handshakes_in_pool(f->client, &waiting);
+        most = running > most ? running : most;
+        queued = waiting > queued ? waiting : queued;
+        if (queued && free_when_queued)
+            break;
+        done = 0;
+        for (int i = 0; i < STORM; i++)
+            done += res[i].calls;
+        if (!alive && done < STORM)
+            fail_msg("loop went idle with %d of %d answered", done, STORM);
+    }
+    assert_true(most <= HTTPS_MAX_POOL_HANDSHAKES);
+    assert_true(queued > 0); /* connected in the same turns: they had to take turns */
+    if (free_when_queued) {
+        https_client_free(f->client);
+        f->client = NULL;
+    }
+    for (int i = 0; i < STORM; i++) {
+        assert_int_equal(res[i].calls, 1);
+        assert_int_equal(res[i].err, free_when_queued ? HTTPS_E_CANCELED : HTTPS_OK);
+    }
+}
+
+static void test_handshake_steps_take_turns(void **state)
+{
+    handshake_storm(state, 0);
+}
+
+static void test_free_with_handshakes_queued(void **state)
+{
+    handshake_storm(state, 1);
+}
+
 /* ---- through a CONNECT proxy -------------------------------------------------------------- */
 
 static void test_proxy_tunnel(void **state)
@@ -1591,6 +1710,10 @@ int main(void)
     ADD_ROWS("request fails", error_rows, t_error);
     ADD(test_cancel);
     ADD(test_free_with_pending);
+    ADD(test_cancel_during_handshake_step);
+    ADD(test_free_during_handshake_step);
+    ADD(test_handshake_steps_take_turns);
+    ADD(test_free_with_handshakes_queued);
     ADD(test_proxy_tunnel);
     ADD(test_proxy_authorization);
     ADD(test_proxy_refuses_407);
