@@ -743,6 +743,9 @@ static void conn_pump(struct https_conn *conn)
     secret_zero(plain, sizeof plain);
 }
 
+_Static_assert(HTTPS_MAX_POOL_HANDSHAKES == 1,
+               "tls_conn_handshake_step: one step at a time for the sessions of a tls_ctx");
+
 static void conn_hs_work_cb(uv_work_t *w)
 {
     struct https_conn *conn = w->data;

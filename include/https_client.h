@@ -24,7 +24,8 @@
 #define HTTPS_IDLE_TIMEOUT_MS            60000
 /* TLS handshake steps of one client on libuv's thread pool at once; the others wait their turn. One
  * keeps a storm of full handshakes (milliseconds of CPU each) from taking every core from the loop
- * (tests/bench/README.md, "Cold exchanges and the cached path"). */
+ * (tests/bench/README.md, "Cold exchanges and the cached path"), and it is what tls.h requires:
+ * one step at a time for the sessions of one tls_ctx (a client has one at a time). */
 #define HTTPS_MAX_POOL_HANDSHAKES 1
 #define HTTPS_PROXY_RESPONSE_MAX                                                                   \
     8192 /* cap on the proxy's answer to CONNECT (status + headers)                                \

@@ -63,8 +63,10 @@ enum tls_status tls_conn_handshake(struct tls_conn *t);
 /* tls_conn_handshake in two halves, so that its CPU work (verifying the chain, the key exchange:
  * milliseconds each) can run off the event loop. tls_conn_handshake_step advances the handshake
  * as far as the fed input allows and may run on another thread, provided nothing else touches t
- * meanwhile (no feed, take_output, free, ...). Other sessions of the same ctx may be used on other
- * threads at the same time: they share only the read-only configuration and a locked RNG.
+ * meanwhile (no feed, take_output, free, ...). At most one step of the ctx's sessions may run at a
+ * time: verifying a signature with a trust anchor's EC key makes mbedTLS 2.28 cache a precomputed
+ * table in that key (ecp_mul_comb, MBEDTLS_ECP_FIXED_POINT_OPTIM), a write to the ctx's shared
+ * state; the RNG, the other one, is locked. Other sessions may read and write records meanwhile.
  * tls_conn_handshake_finish, back on the ctx's own thread, returns what tls_conn_handshake would
  * have returned (and remembers the session in the ctx). */
 void tls_conn_handshake_step(struct tls_conn *t);
