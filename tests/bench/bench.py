@@ -537,7 +537,7 @@ class FakeEntra:
 class Imdsd:
     """A running imdsd: pid, port, the argv used."""
 
-    def __init__(self, procs, binary, tmp, name, fake_port, token, ca_file, cpu_prefix=()):
+    def __init__(self, procs, binary, tmp, name, fake_port, token, ca_file, cpu_prefix=(), extra=()):
         self.port = harness.free_port()
         self.name = name
         self.log = os.path.join(tmp, f"{name}.stderr")
@@ -546,7 +546,7 @@ class Imdsd:
                 "--log-level", "warn"]
         if ca_file is not None:               # None: the default, the system CA bundle
             args += ["--ca-file", ca_file]
-        self.cmd = list(cpu_prefix) + [binary] + args
+        self.cmd = list(cpu_prefix) + [binary] + args + list(extra)
         self.procs = procs
         self.t_exec = time.perf_counter()
         self.proc = procs.spawn(self.cmd, name, self.log)
@@ -994,8 +994,9 @@ class Bench:
         else:
             self.checks.add("no heap allocation per cached request", per < 0.05, f"{per:.3f} per request")
 
-    def imdsd(self, name, ca_file, cpu_prefix=()):
-        return Imdsd(self.procs, self.binary, self.tmp, name, self.fake.port, self.token, ca_file, cpu_prefix)
+    def imdsd(self, name, ca_file, cpu_prefix=(), extra=()):
+        return Imdsd(self.procs, self.binary, self.tmp, name, self.fake.port, self.token, ca_file, cpu_prefix,
+                     extra)
 
     def throughput(self):
         """wrk against both servers, both modes, BENCH_ROUNDS rounds, the servers' order alternating."""
@@ -1204,6 +1205,48 @@ class Bench:
         self.out["startup"]["system bundle"]["certificates"] = bundle_certs
         codes = [s["exit"] for v in starts.values() for s in v]
         self.checks.add("start-ups exited 0 on SIGTERM", all(c == 0 for c in codes), str(codes))
+        self.start_to_first_token()
+
+    def start_to_first_token(self):
+        """BENCH_STARTS start-ups each without and with --prefetch of the resource the 'application'
+        then asks for: exec -> the first token in hand. With --prefetch the application waits for
+        /readyz first (a startup probe, polled every millisecond here), and its first request must be
+        a cache hit (imdsd_cache_hits_total, on a --health-listen)."""
+        runs = {"plain": [], "prefetch": []}
+        hits = []
+        for i in range(self.st.starts):
+            for label in runs:
+                res = f"https://bench-first-{label}-{i}.example"
+                health = harness.free_port()
+                extra = ["--health-listen", f"127.0.0.1:{health}"] + (["--prefetch", res] if label == "prefetch" else [])
+                d = self.imdsd(f"imdsd-first-{label}-{i}", self.ca_pem, extra=extra)
+                try:
+                    wait_listening(d.port, d.proc, what=d.name)
+                    if label == "prefetch":
+                        deadline = time.perf_counter() + 10
+                        while http_get(d.port, "/readyz")[0] != 200:
+                            if time.perf_counter() > deadline:
+                                raise BenchError(f"{d.name}: /readyz not 200 within 10 s\n{log_tail(d.log)}")
+                            time.sleep(0.001)
+                    t_ready = time.perf_counter()
+                    s, _, b, dt = http_get(d.port, token_path(res), self.META)
+                    t_token = time.perf_counter()
+                    if s != 200:
+                        raise BenchError(f"{d.name} answered {s}: {b[:200]!r}\n{log_tail(d.log)}")
+                    m = http_get(health, "/metrics")[2].decode()
+                    hit = re.search(r"^imdsd_cache_hits_total (\d+)$", m, re.M)
+                    if label == "prefetch":
+                        hits.append(bool(hit) and hit.group(1) == "1")
+                    runs[label].append({"exec_to_token_s": t_token - d.t_exec, "exec_to_ready_s": t_ready - d.t_exec,
+                                        "first_request_s": dt})
+                finally:
+                    d.stop()
+        self.out["start_to_first_token"] = {
+            k: {"exec_to_token_s_median": median([r["exec_to_token_s"] for r in v]),
+                "first_request_s_median": median([r["first_request_s"] for r in v]),
+                "first_request_s_max": max(r["first_request_s"] for r in v), "samples": v}
+            for k, v in runs.items()}
+        self.checks.add("with --prefetch the first request was a cache hit", all(hits), str(hits))
 
     def cold_exchange(self):
         """First requests for new resources through imdsd, against direct POSTs to the stand-in."""
@@ -1550,6 +1593,11 @@ def print_report(st, out, table, pin_note):
           f"(growth {g['growth_kib']:+d} KiB, {g['seconds']:.0f} s, {g['failed_requests']} failed)")
     print(f"start-up, exec -> accept      test CA {ms(ca['connect_s_median'])} ms (first /healthz answer "
           f"{ms(ca['healthz_s_median'])} ms), system bundle {ms(bu['connect_s_median'])} ms; median of {st.starts}")
+    ft = out["start_to_first_token"]
+    print(f"start -> first token (median) plain {ms(ft['plain']['exec_to_token_s_median'])} ms (its first request "
+          f"{ms(ft['plain']['first_request_s_median'])} ms: the exchange); --prefetch "
+          f"{ms(ft['prefetch']['exec_to_token_s_median'])} ms (first request, a cache hit, "
+          f"{ms(ft['prefetch']['first_request_s_median'])} ms, at most {ms(ft['prefetch']['first_request_s_max'])})")
     c = out["cold"]["medians"]
     print(f"cold exchange (median)        imdsd {ms(c['imdsd_reused'])} ms on its kept-alive Entra connection "
           f"({len(out['cold']['imdsd_reused_connection_s'])} samples)"
