@@ -199,6 +199,17 @@ void config_url_free(struct config_url *u)
     memset(u, 0, sizeof *u);
 }
 
+struct imds_identities config_identities(const struct config *c)
+{
+    return (struct imds_identities){.default_client_id = c->client_id,
+                                    .allowed = c->allowed_client_ids,
+                                    .nallowed = c->nallowed,
+                                    .aliases = c->aliases,
+                                    .naliases = c->naliases,
+                                    .allowed_hosts = c->allowed_hosts,
+                                    .nallowed_hosts = c->nallowed_hosts};
+}
+
 int config_set_authority(struct config *c, const char *url, const char **why)
 {
     struct config_url u = {0};
@@ -1055,11 +1066,7 @@ static int finish(struct parse *p, config_getenv_fn *getenv_fn)
                         "--allow-client-id",
                         id);
     }
-    struct imds_identities ids = {.default_client_id = c->client_id,
-                                  .allowed = c->allowed_client_ids,
-                                  .nallowed = c->nallowed,
-                                  .aliases = c->aliases,
-                                  .naliases = c->naliases};
+    struct imds_identities ids = config_identities(c);
     for (int i = 0; i < c->nprefetch; i++) {
         struct config_prefetch *f = &c->prefetch[i];
         char given[2400];
@@ -1068,8 +1075,7 @@ static int finish(struct parse *p, config_getenv_fn *getenv_fn)
         if (!f->client_id)
             return fail(p,
                         "--prefetch / IMDSD_PREFETCH: '%s' names an identity imdsd does not serve "
-                        "(not --client-id, "
-                        "an --allow-client-id or an --identity-alias)",
+                        "(not --client-id, an --allow-client-id or an --identity-alias)",
                         given);
         if (!imds_resource_allowed(f->resource, strlen(f->resource), c->allowed_resources,
                                    c->nallowed_resources))

@@ -40,13 +40,7 @@ int endpoints_init(struct endpoints *ep, uv_loop_t *loop, const struct config *c
     ep->loop = loop;
     ep->cfg = cfg;
     ep->cache = cache;
-    ep->ids.default_client_id = cfg->client_id;
-    ep->ids.allowed = cfg->allowed_client_ids;
-    ep->ids.nallowed = cfg->nallowed;
-    ep->ids.aliases = cfg->aliases;
-    ep->ids.naliases = cfg->naliases;
-    ep->ids.allowed_hosts = cfg->allowed_hosts;
-    ep->ids.nallowed_hosts = cfg->nallowed_hosts;
+    ep->ids = config_identities(cfg);
     if (cfg->arc_key_dir &&
         !(ep->arc = arc_new(loop, cfg->arc_key_dir, (gid_t)cfg->arc_gid, err, errlen)))
         return -1;

@@ -119,6 +119,9 @@ size_t config_check_secret(const char *buf, size_t n, size_t *start, const char 
 int config_parse_listen(const char *s, struct config_listen *l);
 /* Writes l as "ADDR:PORT" / "[v6]:PORT" into out; returns out. */
 const char *config_listen_str(const struct config_listen *l, char out[CONFIG_LISTEN_STR]);
+/* The identities (and Host names) c serves, as imds.c resolves requests against them; borrows
+ * from c. */
+struct imds_identities config_identities(const struct config *c);
 /* Normalises an authority URL into c->authority* fields; returns 0 or -1 with a reason. */
 int config_set_authority(struct config *c, const char *url, const char **why);
 /* Parses an https:// URL (no user name, query or fragment) into u, freeing what u held; returns 0

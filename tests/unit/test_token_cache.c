@@ -122,15 +122,21 @@ void entra_cancel(struct entra_fetch *f)
     f->active = 0;
 }
 
-/* Answers the oldest pending token-file read with a usable token. */
-static void finish_read(void)
+/* Answers the oldest pending token-file read with st, and tok (NULL: no usable token). */
+static void answer_read(const struct token_file_status *st, const char *tok)
 {
     assert_true(nreads > 0);
     struct token_file_waiter *w = reads[0];
     memmove(reads, reads + 1, sizeof reads[0] * (size_t)--nreads);
     w->linked = 0;
+    w->cb(w->arg, st, tok, tok ? strlen(tok) : 0);
+}
+
+/* Answers the oldest pending token-file read with a usable token. */
+static void finish_read(void)
+{
     struct token_file_status st = {.state = TOKEN_OK};
-    w->cb(w->arg, &st, "a.b.c", 5);
+    answer_read(&st, "a.b.c");
 }
 
 /* Answers the pending exchange for resource: a token for 3599 s when kind is ENTRA_OK, else an
@@ -597,13 +603,9 @@ static int prefetch_missing(void)
 /* Answers the oldest pending token-file read with "the file is missing". */
 static void finish_read_missing(void)
 {
-    assert_true(nreads > 0);
-    struct token_file_waiter *w = reads[0];
-    memmove(reads, reads + 1, sizeof reads[0] * (size_t)--nreads);
-    w->linked = 0;
     struct token_file_status st = {.state = TOKEN_MISSING};
     snprintf(st.reason, sizeof st.reason, "token file does not exist");
-    w->cb(w->arg, &st, NULL, 0);
+    answer_read(&st, NULL);
 }
 
 /* A prefetched key is fetched with no request, and then outlives a cache filled to the brim by
