@@ -199,17 +199,6 @@ void config_url_free(struct config_url *u)
     memset(u, 0, sizeof *u);
 }
 
-struct imds_identities config_identities(const struct config *c)
-{
-    return (struct imds_identities){.default_client_id = c->client_id,
-                                    .allowed = c->allowed_client_ids,
-                                    .nallowed = c->nallowed,
-                                    .aliases = c->aliases,
-                                    .naliases = c->naliases,
-                                    .allowed_hosts = c->allowed_hosts,
-                                    .nallowed_hosts = c->nallowed_hosts};
-}
-
 int config_set_authority(struct config *c, const char *url, const char **why)
 {
     struct config_url u = {0};

@@ -120,8 +120,17 @@ int config_parse_listen(const char *s, struct config_listen *l);
 /* Writes l as "ADDR:PORT" / "[v6]:PORT" into out; returns out. */
 const char *config_listen_str(const struct config_listen *l, char out[CONFIG_LISTEN_STR]);
 /* The identities (and Host names) c serves, as imds.c resolves requests against them; borrows
- * from c. */
-struct imds_identities config_identities(const struct config *c);
+ * from c. Inline: the code that uses it (endpoints.c, in fuzz_http too) need not link config.c. */
+static inline struct imds_identities config_identities(const struct config *c)
+{
+    return (struct imds_identities){.default_client_id = c->client_id,
+                                    .allowed = c->allowed_client_ids,
+                                    .nallowed = c->nallowed,
+                                    .aliases = c->aliases,
+                                    .naliases = c->naliases,
+                                    .allowed_hosts = c->allowed_hosts,
+                                    .nallowed_hosts = c->nallowed_hosts};
+}
 /* Normalises an authority URL into c->authority* fields; returns 0 or -1 with a reason. */
 int config_set_authority(struct config *c, const char *url, const char **why);
 /* Parses an https:// URL (no user name, query or fragment) into u, freeing what u held; returns 0
