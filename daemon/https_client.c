@@ -16,6 +16,7 @@
 #include "proxy_answer.h"
 #include "tls.h"
 #include "util.h"
+#include "worker.h"
 
 #ifndef IMDSD_VERSION
 #define IMDSD_VERSION "0.0.0"
@@ -81,8 +82,7 @@ struct https_client {
     struct https_conn *conns;      /* every connection not yet destroyed */
     struct https_request *pending; /* every request whose done has not run */
     unsigned n_idle;
-    unsigned hs_running;                            /* handshake steps on the thread pool */
-    struct https_conn *hs_wait_head, *hs_wait_tail; /* connections waiting to run a step */
+    struct worker *worker; /* runs the TLS handshakes' steps, one at a time */
     uint64_t next_conn_id;
     int freeing;
 };
@@ -98,15 +98,13 @@ struct https_conn {
     int refs;
     int tcp_open;   /* tcp initialised and its close callback has not run */
     int gai_active; /* getaddrinfo in flight */
-    int hs_active;  /* a handshake step on the thread pool: it owns tls, reading is stopped */
-    int hs_waiting; /* in the client's queue for a step: reading is stopped */
-    struct https_conn *hs_next;
-    int reused; /* a request completed on it before the current one */
+    int hs_active;  /* a handshake step with the worker: it owns tls, reading is stopped */
+    int reused;     /* a request completed on it before the current one */
     uv_timer_t timer;
     uv_getaddrinfo_t gai;
     uv_tcp_t tcp;
     uv_connect_t connect_req;
-    uv_work_t hs_work;
+    struct worker_job hs_job;
     struct addrinfo *addrs, *next_addr;
     int last_err; /* libuv error of the last failed connect attempt */
     char addr[HTTPS_ADDR_MAX];
@@ -152,7 +150,6 @@ static void conn_pump(struct https_conn *conn);
 static void conn_try_connect(struct https_conn *conn);
 static void conn_timer_cb(uv_timer_t *t);
 static void conn_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b);
-static void hs_unqueue(struct https_conn *conn);
 static void conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static int conn_start(struct https_client *c, struct https_request *req, struct buf *reqbuf,
                       uint64_t req_deadline, int head_only);
@@ -217,6 +214,7 @@ static void req_complete(struct https_request *req, int err, const struct https_
 
 static void client_destroy(struct https_client *c)
 {
+    worker_free(c->worker);
     tls_ctx_free(c->tls);
     free(c->host);
     free(c->port);
@@ -393,7 +391,7 @@ static struct https_conn *conn_new(struct https_client *c)
     conn->timer.data = conn;
     conn->gai.data = conn;
     conn->connect_req.data = conn;
-    conn->hs_work.data = conn;
+    conn->hs_job.data = conn;
     conn->refs = 1;
     conn->next = c->conns;
     if (c->conns)
@@ -435,10 +433,8 @@ static void conn_close(struct https_conn *conn, const char *why)
     uv_close((uv_handle_t *)&conn->timer, conn_handle_close_cb);
     if (conn->gai_active)
         uv_cancel((uv_req_t *)&conn->gai);
-    if (conn->hs_active) /* if it already runs, its after callback lets go of conn */
-        uv_cancel((uv_req_t *)&conn->hs_work);
-    if (conn->hs_waiting)
-        hs_unqueue(conn);
+    if (conn->hs_active) /* if it already runs, its done callback lets go of conn */
+        worker_cancel(c->worker, &conn->hs_job);
     if (conn->tcp_open && !uv_is_closing((uv_handle_t *)&conn->tcp)) {
         if (was_idle)
             conn_say_goodbye(conn);
@@ -743,76 +739,37 @@ static void conn_pump(struct https_conn *conn)
     secret_zero(plain, sizeof plain);
 }
 
-_Static_assert(HTTPS_MAX_POOL_HANDSHAKES == 1,
-               "tls_conn_handshake_step: one step at a time for the sessions of a tls_ctx");
-
-static void conn_hs_work_cb(uv_work_t *w)
+static void conn_hs_work_cb(struct worker_job *j)
 {
-    struct https_conn *conn = w->data;
+    struct https_conn *conn = j->data;
     tls_conn_handshake_step(conn->tls);
 }
 
-static void conn_hs_after_cb(uv_work_t *w, int status);
+static void conn_hs_done_cb(struct worker_job *j, int canceled);
 
-/* Hands conn's next handshake step to the thread pool. */
+/* Hands conn's next handshake step to the worker. */
 static void hs_start(struct https_conn *conn)
 {
-    struct https_client *c = conn->c;
-    int r = uv_queue_work(c->loop, &conn->hs_work, conn_hs_work_cb, conn_hs_after_cb);
-    if (r < 0) {
-        conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", uv_strerror(r));
-        return;
-    }
+    conn->hs_job.work = conn_hs_work_cb;
+    conn->hs_job.done = conn_hs_done_cb;
     conn->hs_active = 1;
     conn->refs++;
-    c->hs_running++;
+    worker_submit(conn->c->worker, &conn->hs_job);
 }
 
-static void hs_unqueue(struct https_conn *conn)
+/* A handshake step is back from the worker. */
+static void conn_hs_done_cb(struct worker_job *j, int canceled)
 {
-    struct https_client *c = conn->c;
-    struct https_conn *prev = NULL;
-    for (struct https_conn *o = c->hs_wait_head; o; prev = o, o = o->hs_next) {
-        if (o != conn)
-            continue;
-        if (prev)
-            prev->hs_next = o->hs_next;
-        else
-            c->hs_wait_head = o->hs_next;
-        if (c->hs_wait_tail == o)
-            c->hs_wait_tail = prev;
-        break;
-    }
-    conn->hs_next = NULL;
-    conn->hs_waiting = 0;
-}
-
-/* A step is back: the first waiting connection, if any, takes its place. */
-static void hs_next_turn(struct https_client *c)
-{
-    assert(c->hs_running > 0);
-    c->hs_running--;
-    while (c->hs_wait_head && c->hs_running < HTTPS_MAX_POOL_HANDSHAKES) {
-        struct https_conn *next = c->hs_wait_head;
-        hs_unqueue(next);
-        hs_start(next);
-    }
-}
-
-/* A handshake step is back from the thread pool. */
-static void conn_hs_after_cb(uv_work_t *w, int status)
-{
-    struct https_conn *conn = w->data;
+    struct https_conn *conn = j->data;
     struct https_client *c = conn->c;
     conn->hs_active = 0;
-    hs_next_turn(c);     /* before conn_unref, which may free the client along with conn */
     if (conn->closing) { /* canceled, or closed while the step ran */
         conn_unref(conn);
         return;
     }
     conn_unref(conn); /* the timer still holds a reference */
-    if (status < 0) {
-        conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", uv_strerror(status));
+    if (canceled) {   /* the worker's thread could not be started */
+        conn_fail(conn, HTTPS_E_TLS, "tls_handshake_failed", "no thread for the handshake");
         return;
     }
     enum tls_status st = tls_conn_handshake_finish(conn->tls);
@@ -853,27 +810,17 @@ static void conn_hs_after_cb(uv_work_t *w, int status)
     conn_pump(conn); /* anything that arrived with the last handshake flight */
 }
 
-/* Advances the TLS handshake with what has been fed to it, on libuv's thread pool: a full
- * handshake's CPU work (the chain's signatures, the key exchange: milliseconds) would otherwise
- * stall every cached answer behind it. Until the step is back the worker owns conn->tls, so
- * reading stops (what arrives meanwhile waits in the socket) and nothing else touches it. At most
- * HTTPS_MAX_POOL_HANDSHAKES steps of the client run at once; the others queue, in order. */
+/* Advances the TLS handshake with what has been fed to it, on the client's worker thread
+ * (worker.h): a full handshake's CPU work (the chain's signatures, the key exchange: milliseconds)
+ * would otherwise stall every cached answer behind it. Until the step is back the worker owns
+ * conn->tls, so reading stops (what arrives meanwhile waits in the socket) and nothing else
+ * touches it. The worker runs one step at a time, the client's in order, which is also what tls.h
+ * requires: one step at a time for the sessions of a tls_ctx. */
 static void conn_handshake(struct https_conn *conn)
 {
-    struct https_client *c = conn->c;
-    assert(!conn->hs_active && !conn->hs_waiting);
+    assert(!conn->hs_active);
     (void)uv_read_stop((uv_stream_t *)&conn->tcp);
-    if (c->hs_running < HTTPS_MAX_POOL_HANDSHAKES) {
-        hs_start(conn);
-        return;
-    }
-    conn->hs_waiting = 1;
-    conn->hs_next = NULL;
-    if (c->hs_wait_tail)
-        c->hs_wait_tail->hs_next = conn;
-    else
-        c->hs_wait_head = conn;
-    c->hs_wait_tail = conn;
+    hs_start(conn);
 }
 
 /* ---- the tunnel through the proxy --------------------------------------------------------- */
@@ -962,7 +909,7 @@ static void conn_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b)
 static void conn_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     struct https_conn *conn = s->data;
-    assert(!conn->hs_active && !conn->hs_waiting); /* reading stops meanwhile */
+    assert(!conn->hs_active); /* reading stops meanwhile */
     if (conn->closing || nread == 0)
         return;
     if (nread < 0) {
@@ -1202,10 +1149,14 @@ int https_client_new(struct https_client **out, uv_loop_t *loop, const struct ht
     struct https_client *c = xcalloc(1, sizeof *c);
     struct buf hh;
     c->loop = loop;
+    c->tls = tls;
+    if (worker_new(&c->worker, loop, err, errlen) < 0) {
+        client_destroy(c);
+        return -1;
+    }
     c->host = xstrdup(o->host);
     c->port = xstrdup(o->port);
     c->tls_name = xstrdup(o->tls_name ? o->tls_name : o->host);
-    c->tls = tls;
     c->connect_timeout_ms =
         o->connect_timeout_ms ? o->connect_timeout_ms : HTTPS_DEFAULT_CONNECT_TIMEOUT_MS;
     c->request_timeout_ms =
@@ -1361,17 +1312,11 @@ void https_client_set_tls(struct https_client *c, struct tls_ctx *tls)
             conn_close(conn, "trust anchors replaced");
 }
 
-unsigned https_client_handshakes_in_pool(const struct https_client *c, unsigned *waiting)
+unsigned https_client_handshake_steps(const struct https_client *c, unsigned *waiting)
 {
-    unsigned n = 0;
     if (waiting)
-        *waiting = 0;
-    for (const struct https_conn *conn = c->conns; conn; conn = conn->next) {
-        n += conn->hs_active != 0;
-        if (waiting)
-            *waiting += conn->hs_waiting != 0;
-    }
-    return n;
+        *waiting = worker_queued(c->worker);
+    return worker_outstanding(c->worker);
 }
 
 void https_client_free(struct https_client *c)

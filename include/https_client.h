@@ -22,11 +22,6 @@
 #define HTTPS_DEFAULT_MAX_RESPONSE       (64 * 1024)
 #define HTTPS_MAX_IDLE_CONNS             4
 #define HTTPS_IDLE_TIMEOUT_MS            60000
-/* TLS handshake steps of one client on libuv's thread pool at once; the others wait their turn. One
- * keeps a storm of full handshakes (milliseconds of CPU each) from taking every core from the loop
- * (tests/bench/README.md, "Cold exchanges and the cached path"), and it is what tls.h requires:
- * one step at a time for the sessions of one tls_ctx (a client has one at a time). */
-#define HTTPS_MAX_POOL_HANDSHAKES 1
 #define HTTPS_PROXY_RESPONSE_MAX                                                                   \
     8192 /* cap on the proxy's answer to CONNECT (status + headers)                                \
           */
@@ -118,8 +113,9 @@ void https_client_set_tls(struct https_client *c, struct tls_ctx *tls);
  * the client once they have closed. The loop must be run afterwards for the closes to finish. */
 void https_client_free(struct https_client *c);
 
-/* How many of c's connections have a TLS handshake step on libuv's thread pool now (the handshake's
- * CPU work runs there, off the loop), and how many wait for their turn: for tests. */
-unsigned https_client_handshakes_in_pool(const struct https_client *c, unsigned *waiting);
+/* How many of c's connections have handed a TLS handshake step to the client's worker thread and
+ * not had it back (the handshake's CPU work runs there, off the loop: worker.h), and how many of
+ * those steps have not started: for tests. */
+unsigned https_client_handshake_steps(const struct https_client *c, unsigned *waiting);
 
 #endif

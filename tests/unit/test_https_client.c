@@ -1080,17 +1080,17 @@ static void test_free_with_pending(void **state)
     assert_int_equal(res2.calls, 1);
 }
 
-/* ---- the handshake's steps run on the thread pool ------------------------------------------ */
+/* ---- the handshake's steps run on the worker thread ------------------------------------------ */
 
-/* Runs the loop until the nth handshake step of c has been handed to the thread pool (and is not
- * back yet: its after callback runs on the loop, which does not run until the caller does). */
+/* Runs the loop until the nth handshake step of c has been handed to the worker (and is not back
+ * yet: its done callback runs on the loop, which does not run until the caller does). */
 static void run_until_step_in_pool(struct fixture *f, struct https_client *c, int nth)
 {
     int seen = 0, busy = 0;
     while (seen < nth) {
         int alive = uv_run(&f->loop, UV_RUN_ONCE);
         assert_false(f->watchdog_fired);
-        int now = https_client_handshakes_in_pool(c, NULL) > 0;
+        int now = https_client_handshake_steps(c, NULL) > 0;
         seen += now && !busy;
         busy = now;
         if (!alive)
@@ -1098,7 +1098,7 @@ static void run_until_step_in_pool(struct fixture *f, struct https_client *c, in
     }
 }
 
-/* A request canceled while a step of its handshake is on the thread pool (the first step, the
+/* A request canceled while a step of its handshake is with the worker (the first step, the
  * ClientHello; the second, the server's first flight: verifying the chain and the key exchange;
  * the third, the server's Finished): done never runs, the step's result is dropped, nothing leaks
  * (fx_teardown: the loop closes) and the next request gets through. */
@@ -1121,10 +1121,10 @@ static void test_cancel_during_handshake_step(void **state)
     struct result res;
     roundtrip_ok(f, &req, &res);
     assert_string_equal(res.body, "hello world");
-    assert_int_equal(https_client_handshakes_in_pool(f->client, NULL), 0);
+    assert_int_equal(https_client_handshake_steps(f->client, NULL), 0);
 }
 
-/* The client freed while a handshake step is on the thread pool: done runs at once (canceled),
+/* The client freed while a handshake step is with the worker: done runs at once (canceled),
  * and the connection is freed when the step is back. */
 static void test_free_during_handshake_step(void **state)
 {
@@ -1146,8 +1146,8 @@ static void test_free_during_handshake_step(void **state)
 
 #define STORM 8 /* requests sent at once, each on a new connection */
 
-/* STORM requests at once: their connections' handshake steps take turns on the thread pool, never
- * more than HTTPS_MAX_POOL_HANDSHAKES at once, and all get their answer. With free_when_queued the
+/* STORM requests at once: their connections' handshake steps take turns on the worker (test_worker:
+ * one job at a time, in order), and all get their answer. With free_when_queued the
  * client is freed as soon as a step waits for its turn: every request is canceled, and the waiting
  * connections leave the queue (fx_teardown: nothing is left behind). */
 static void handshake_storm(void **state, int free_when_queued)
@@ -1161,13 +1161,13 @@ static void handshake_storm(void **state, int free_when_queued)
         init_req(&req[i], &res[i]);
         assert_int_equal(https_client_send(f->client, &req[i]), 0);
     }
-    unsigned most = 0, queued = 0;
+    unsigned queued = 0;
     int done = 0;
     while (done < STORM) {
         int alive = uv_run(&f->loop, UV_RUN_ONCE);
         assert_false(f->watchdog_fired);
-        unsigned waiting, running = https_client_handshakes_in_pool(f->client, &waiting);
-        most = running > most ? running : most;
+        unsigned waiting;
+        (void)https_client_handshake_steps(f->client, &waiting);
         queued = waiting > queued ? waiting : queued;
         if (queued && free_when_queued)
             break;
@@ -1177,7 +1177,6 @@ static void handshake_storm(void **state, int free_when_queued)
         if (!alive && done < STORM)
             fail_msg("loop went idle with %d of %d answered", done, STORM);
     }
-    assert_true(most <= HTTPS_MAX_POOL_HANDSHAKES);
     assert_true(queued > 0); /* connected in the same turns: they had to take turns */
     if (free_when_queued) {
         https_client_free(f->client);
