@@ -286,6 +286,14 @@ def main():
         if not ok:
             say(container.journal(n=40))
 
+        # ---- the TLS handshake's thread at nice 19 (worker.h): setpriority passes the syscall filter
+        pid = container.show("imdsd.service", "MainPID")
+        stats = container.sh("sh", "-c", f"cat /proc/{pid}/task/*/stat").stdout
+        nices = [int(line.rsplit(")", 1)[1].split()[16]) for line in stats.splitlines() if ")" in line]
+        check("the TLS handshake's thread at nice 19 in the unit's sandbox",
+              nices.count(19) == 1 and "worker_priority" not in container.journal(),
+              f"the threads' nice values {nices}")
+
         # ---- STATUS=
         status = until(lambda: (lambda s: s if s == "serving tokens" else None)(
             container.show("imdsd.service", "StatusText")), 5) or container.show("imdsd.service", "StatusText")

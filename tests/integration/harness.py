@@ -22,7 +22,8 @@ import types
 
 import harness_base
 from harness_base import (CLIENT_ID, HERE, JSON_CT, LIVE, PORT_BASE, PORT_SPAN, RESOURCE, TOKEN_PATH, Skip,
-                          concurrently, cpu_seconds, free_port, reachable_by_all, unique, wait_for)
+                          concurrently, cpu_seconds, free_port, reachable_by_all, thread_nices, unique,
+                          wait_for)
 from harness_ctx import Ctx
 from harness_daemon import Daemon, Fake, base_env, check_tool_output, command, log_events, log_ts, run_once
 from harness_http import (IMDS_FIELDS, Resp, assert_json_error, assert_token_ok, complete_response, get_token,

@@ -89,6 +89,18 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_nices(pid):
+    """{thread id: nice value} of process pid's threads (/proc/PID/task/TID/stat, field 19)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+        except (OSError, IndexError, ValueError):
+            pass     # the thread ended meanwhile
+    return out
+
+
 def wait_for(pred, timeout, what, interval=0.05):
     """Polls pred() until it returns a truthy value; fails the test after timeout * SCALE seconds."""
     deadline = time.monotonic() + timeout * SCALE

@@ -3,7 +3,9 @@ import socket
 import threading
 import time
 
-from harness import RESOURCE, assert_json_error, assert_token_ok, free_port, get_token, request
+import pytest
+
+from harness import RESOURCE, assert_json_error, assert_token_ok, free_port, get_token, request, thread_nices
 
 
 def fails_closed(ctx, d, fake):
@@ -95,3 +97,18 @@ def test_entra_connection_reused(ctx):
         assert_token_ok(get_token(d.port, res), resource=res)
     conns = [r["conn"] for r in ctx.fake.records(d.tenant)]
     assert len(conns) == 3 and len(set(conns)) == 1, f"Entra requests used connections {conns}, want one reused"
+
+
+def test_handshake_thread_runs_at_nice_19(ctx):
+    """The TLS handshake's CPU work runs on a thread of its own at nice 19 (worker.h), so that the
+    kernel runs the event loop first; the loop keeps the priority imdsd was started with."""
+    d = ctx.daemon()
+    base = thread_nices(d.pid)[d.pid]
+    if base >= 19:
+        pytest.skip(f"imdsd was started at nice {base}: no lower priority to give its worker")
+    assert_token_ok(get_token(d.port))   # a new connection to Entra: a full handshake
+    nices = thread_nices(d.pid)
+    low = [tid for tid, n in nices.items() if n == 19]
+    assert len(low) == 1 and low[0] != d.pid, f"threads and their nice values: {nices}"
+    assert nices[d.pid] == base
+    assert "worker_priority" not in d.log()
