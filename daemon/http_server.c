@@ -567,6 +567,30 @@ static void reject(struct http_conn *c, int status, const char *desc)
 
 /* ---- llhttp callbacks -------------------------------------------------------------------- */
 
+/* the buffer and length of a secret-carrying header */
+static char *secret_buf(struct http_conn *c, enum header_kind k)
+{
+    return k == H_IDENTITY ? c->idval : k == H_SECRET ? c->secval : c->authval;
+}
+
+static size_t *secret_len(struct http_conn *c, enum header_kind k)
+{
+    return k == H_IDENTITY ? &c->idval_len : k == H_SECRET ? &c->secval_len : &c->authval_len;
+}
+
+/* Zeroes what a secret-carrying header left in its buffer: its length's worth (the value's bytes;
+ * on_header_value only adds to it, trimming takes only blanks off), so that a connection that
+ * carried no secret costs nothing here. */
+static void secret_header_clear(struct http_conn *c, enum header_kind k)
+{
+    size_t *len = secret_len(c, k);
+    if (*len) {
+        secret_zero(secret_buf(c, k),
+                    *len < HTTP_SECRET_HEADER_MAX ? *len : HTTP_SECRET_HEADER_MAX);
+        *len = 0;
+    }
+}
+
 static struct http_conn *conn_of(llhttp_t *p)
 {
     return p->data;
@@ -587,18 +611,9 @@ static int on_message_begin(llhttp_t *p)
     c->ctype_len = 0;
     buf_reset(&c->body);
     memset(&c->req, 0, sizeof c->req);
-    if (c->idval_len) {
-        secret_zero(c->idval, sizeof c->idval);
-        c->idval_len = 0;
-    }
-    if (c->secval_len) {
-        secret_zero(c->secval, sizeof c->secval);
-        c->secval_len = 0;
-    }
-    if (c->authval_len) {
-        secret_zero(c->authval, sizeof c->authval);
-        c->authval_len = 0;
-    }
+    secret_header_clear(c, H_IDENTITY);
+    secret_header_clear(c, H_SECRET);
+    secret_header_clear(c, H_AUTH);
     return 0;
 }
 
@@ -650,19 +665,16 @@ static int on_header_field_complete(llhttp_t *p)
             c->hkind = H_XFF;
         else if (strcasecmp(c->hname, "x-identity-header") == 0) {
             c->hkind = H_IDENTITY; /* the last one counts */
-            secret_zero(c->idval, sizeof c->idval);
-            c->idval_len = 0;
+            secret_header_clear(c, H_IDENTITY);
         } else if (strcasecmp(c->hname, "content-type") == 0) {
             c->hkind = H_CTYPE;
             c->ctype_len = 0;
         } else if (strcasecmp(c->hname, "secret") == 0) {
             c->hkind = H_SECRET;
-            secret_zero(c->secval, sizeof c->secval);
-            c->secval_len = 0;
+            secret_header_clear(c, H_SECRET);
         } else if (strcasecmp(c->hname, "authorization") == 0) {
             c->hkind = H_AUTH;
-            secret_zero(c->authval, sizeof c->authval);
-            c->authval_len = 0;
+            secret_header_clear(c, H_AUTH);
         } else if (strcasecmp(c->hname, "host") == 0) {
             if (c->req.host)
                 return cap(c, 400); /* two Host fields: RFC 9112 section 3.2 */
@@ -673,17 +685,6 @@ static int on_header_field_complete(llhttp_t *p)
     c->hname_len = 0;
     c->hval_len = 0;
     return 0;
-}
-
-/* the buffer and length of a secret-carrying header */
-static char *secret_buf(struct http_conn *c, enum header_kind k)
-{
-    return k == H_IDENTITY ? c->idval : k == H_SECRET ? c->secval : c->authval;
-}
-
-static size_t *secret_len(struct http_conn *c, enum header_kind k)
-{
-    return k == H_IDENTITY ? &c->idval_len : k == H_SECRET ? &c->secval_len : &c->authval_len;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len)
@@ -994,9 +995,9 @@ static void watch_arrival(struct http_conn *c)
 static void conn_free(struct http_conn *c)
 {
     struct http_server *s = c->server;
-    secret_zero(c->idval, sizeof c->idval);
-    secret_zero(c->secval, sizeof c->secval);
-    secret_zero(c->authval, sizeof c->authval);
+    secret_header_clear(c, H_IDENTITY);
+    secret_header_clear(c, H_SECRET);
+    secret_header_clear(c, H_AUTH);
     release_buffers(c); /* done by conn_close; a bare connection's too */
     free(c);
     s->open_handles--;

@@ -51,11 +51,8 @@ char *xstrndup(const char *s, size_t n)
 
 void secret_zero(void *p, size_t n)
 {
-    if (!p)
-        return;
-    volatile unsigned char *v = p;
-    while (n--)
-        *v++ = 0;
+    if (p)
+        explicit_bzero(p, n); /* glibc's memset, with a barrier the compiler keeps */
 }
 
 void secret_free_str(char *s)
