@@ -4,6 +4,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -160,7 +161,12 @@ void worker_submit(struct worker *w, struct worker_job *j)
     }
     pthread_mutex_lock(&w->lock);
     if (!w->started) {
+        /* the thread starts with every signal blocked: they are the loop's (libuv's handlers) */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
         int r = pthread_create(&w->thread, NULL, thread_main, w);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (r != 0) {
             log_error("worker_start_failed", "error=\"%s\"", strerror(r));
             j->canceled = 1;

@@ -203,8 +203,12 @@ class Daemon:
             os.chmod(self.vgdir, 0o777)   # valgrind writes its log as that user
             prefix += unprivileged_prefix()
         prefix += self.prefix
+        # a session of its own, as systemd (setsid) and a container (a cgroup) give imdsd: the kernel's
+        # autogroup then weighs its nice-19 handshake thread (worker.h) against imdsd's own loop only,
+        # not against every process of the test run
         self.proc = subprocess.Popen(prefix + command(self.args, self.vgdir, self.binary), env=base_env(self.env),
-                                     stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
+                                     stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf,
+                                     start_new_session=True)
         base.LIVE.append(self)
         if wait:
             self.wait_healthy(timeout, host=self.host)

@@ -1,6 +1,7 @@
 /* worker.c: the low-priority thread that runs TLS handshake steps off the event loop. Each test
  * runs its own loop and ends with uv_loop_close() == 0: nothing is left open. */
 #include <pthread.h>
+#include <signal.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -28,6 +29,7 @@ struct fixture {
     int busy, overlap; /* work()s running at once */
     int nice_seen[JOBS];
     int other_thread[JOBS];
+    int signals_blocked[JOBS]; /* SIGTERM, SIGHUP and SIGINT blocked in work() */
     /* what the loop saw */
     int done_calls[JOBS];
     int done_canceled[JOBS];
@@ -55,6 +57,10 @@ static void job_work(struct worker_job *wj)
         __atomic_store_n(&f->overlap, 1, __ATOMIC_SEQ_CST);
     f->other_thread[jb->i] = !pthread_equal(pthread_self(), f->loop_thread);
     f->nice_seen[jb->i] = getpriority(PRIO_PROCESS, 0);
+    sigset_t cur;
+    pthread_sigmask(SIG_BLOCK, NULL, &cur);
+    f->signals_blocked[jb->i] =
+        sigismember(&cur, SIGTERM) && sigismember(&cur, SIGHUP) && sigismember(&cur, SIGINT);
     if (jb->wait_at_gate) {
         pthread_mutex_lock(&f->gate_lock);
         f->at_gate = 1;
@@ -153,8 +159,9 @@ static void test_idle_worker_keeps_loop_free(void **state)
     assert_int_equal(worker_queued(f->w), 0);
 }
 
-/* Jobs run on another thread at nice WORKER_NICE, one at a time, in the order submitted; each done
- * runs once on the loop, in the same order; the loop stays alive exactly until the last done. */
+/* Jobs run on another thread at nice WORKER_NICE with every signal blocked, one at a time, in the
+ * order submitted; each done runs once on the loop, in the same order; the loop stays alive exactly
+ * until the last done. */
 static void test_jobs_run_in_order_one_at_a_time(void **state)
 {
     struct fixture *f = *state;
@@ -177,6 +184,7 @@ static void test_jobs_run_in_order_one_at_a_time(void **state)
         assert_int_equal(f->done_canceled[i], 0);
         assert_true(f->other_thread[i]);
         assert_int_equal(f->nice_seen[i], WORKER_NICE);
+        assert_true(f->signals_blocked[i]); /* they are the loop's */
     }
     /* the worker can be used again after going idle */
     job_init(&jobs[0], f, 0);
