@@ -28,6 +28,8 @@ Checked on every answer, after the run, against the fake's record of every excha
   * file descriptors and (release build) VmRSS are flat: sampled every 2 s; after the warm-up
     (a quarter of the run, 10..60 s) the max of the last third may exceed the max of the first
     third by FD_TOLERANCE descriptors and RSS_TOLERANCE_KIB;
+  * the raw clients were not starved: over their time not spent waiting for an exchange (an error
+    answer, or a 200 whose token the fake issued after the request began) they kept half their rate;
   * the daemon took every token the fake issued and no other (entra_token token_fp=... in its
     log), imdsd_entra_exchanges_total{outcome="ok"} agrees, nothing was classified permanent, and
     it exits cleanly on SIGTERM (ASan/UBSan reports fail the test).
