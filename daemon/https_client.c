@@ -747,16 +747,6 @@ static void conn_hs_work_cb(struct worker_job *j)
 
 static void conn_hs_done_cb(struct worker_job *j, int canceled);
 
-/* Hands conn's next handshake step to the worker. */
-static void hs_start(struct https_conn *conn)
-{
-    conn->hs_job.work = conn_hs_work_cb;
-    conn->hs_job.done = conn_hs_done_cb;
-    conn->hs_active = 1;
-    conn->refs++;
-    worker_submit(conn->c->worker, &conn->hs_job);
-}
-
 /* A handshake step is back from the worker. */
 static void conn_hs_done_cb(struct worker_job *j, int canceled)
 {
@@ -820,7 +810,11 @@ static void conn_handshake(struct https_conn *conn)
 {
     assert(!conn->hs_active);
     (void)uv_read_stop((uv_stream_t *)&conn->tcp);
-    hs_start(conn);
+    conn->hs_job.work = conn_hs_work_cb;
+    conn->hs_job.done = conn_hs_done_cb;
+    conn->hs_active = 1;
+    conn->refs++; /* until the step is back */
+    worker_submit(conn->c->worker, &conn->hs_job);
 }
 
 /* ---- the tunnel through the proxy --------------------------------------------------------- */

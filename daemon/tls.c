@@ -397,12 +397,6 @@ enum tls_status tls_conn_handshake_finish(struct tls_conn *t)
     return tls_fail(t, r);
 }
 
-enum tls_status tls_conn_handshake(struct tls_conn *t)
-{
-    tls_conn_handshake_step(t);
-    return tls_conn_handshake_finish(t);
-}
-
 enum tls_status tls_conn_write(struct tls_conn *t, const void *p, size_t n)
 {
     const unsigned char *d = p;

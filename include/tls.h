@@ -1,8 +1,9 @@
 /* tls.h - TLS 1.2 client sessions over memory buffers (mbedTLS), for an event loop.
  *
  * The network layer owns the socket: it feeds received ciphertext in with tls_conn_feed(), drives
- * the session with tls_conn_handshake() / tls_conn_read() / tls_conn_write(), and after every call
- * sends whatever tls_conn_take_output() hands back. Nothing here blocks or touches a socket.
+ * the session with tls_conn_handshake_step() and _finish() / tls_conn_read() / tls_conn_write(),
+ * and after every call sends whatever tls_conn_take_output() hands back. Nothing here blocks or
+ * touches a socket.
  *
  * Peer verification is always on: the chain must lead to a trust anchor of the tls_ctx and the
  * certificate must match the host name given to tls_conn_new() (which is also sent as SNI).
@@ -56,19 +57,16 @@ void tls_conn_free(struct tls_conn *t);
  * cap is buffered (the caller should treat that as a failure). */
 int tls_conn_feed(struct tls_conn *t, const void *p, size_t n);
 
-/* Advances the handshake: TLS_OK once complete (the session is then remembered in the ctx for
- * resumption), TLS_WANT_IO, TLS_VERIFY_FAILED or TLS_FAILED (see tls_conn_reason()). */
-enum tls_status tls_conn_handshake(struct tls_conn *t);
-
-/* tls_conn_handshake in two halves, so that its CPU work (verifying the chain, the key exchange:
+/* The handshake in two halves, so that its CPU work (verifying the chain, the key exchange:
  * milliseconds each) can run off the event loop. tls_conn_handshake_step advances the handshake
  * as far as the fed input allows and may run on another thread, provided nothing else touches t
  * meanwhile (no feed, take_output, free, ...). At most one step of the ctx's sessions may run at a
  * time: verifying a signature with a trust anchor's EC key makes mbedTLS 2.28 cache a precomputed
  * table in that key (ecp_mul_comb, MBEDTLS_ECP_FIXED_POINT_OPTIM), a write to the ctx's shared
  * state; the RNG, the other one, is locked. Other sessions may read and write records meanwhile.
- * tls_conn_handshake_finish, back on the ctx's own thread, returns what tls_conn_handshake would
- * have returned (and remembers the session in the ctx). */
+ * tls_conn_handshake_finish, back on the ctx's own thread, returns the step's outcome: TLS_OK once
+ * the handshake is complete (the session is then remembered in the ctx for resumption),
+ * TLS_WANT_IO, TLS_VERIFY_FAILED or TLS_FAILED (see tls_conn_reason()). */
 void tls_conn_handshake_step(struct tls_conn *t);
 enum tls_status tls_conn_handshake_finish(struct tls_conn *t);
 
