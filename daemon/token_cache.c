@@ -65,6 +65,7 @@ struct cache_entry {
     struct token_cache_waiter *completing; /* being answered */
     unsigned pins; /* > 0 while code that runs waiter callbacks has this entry on its stack */
     int prefetch;  /* --prefetch: fetched at start, kept fresh, never evicted nor dropped */
+    struct cache_entry *prefetch_next; /* the next prefetched key, in the order they were given */
     struct token_file_waiter read;
     struct entra_fetch fetch;
 };
@@ -79,6 +80,7 @@ struct token_cache {
     size_t token_bytes;
     unsigned exchanges; /* in E_READING or E_EXCHANGING */
     struct cache_entry *slot_head, *slot_tail;
+    struct cache_entry *prefetch_head, *prefetch_tail; /* live as long as the cache */
     uv_timer_t tick;
     int64_t tick_due_ms;
     uint64_t rng;
@@ -689,7 +691,14 @@ void token_cache_prefetch(struct token_cache *c, const char *client_id, const ch
     struct cache_entry *e = find(c, h, client_id, resource, rlen);
     if (!e)
         e = entry_new(c, h, client_id, resource, rlen, mono_now());
-    e->prefetch = 1;
+    if (!e->prefetch) {
+        e->prefetch = 1;
+        if (c->prefetch_tail)
+            c->prefetch_tail->prefetch_next = e;
+        else
+            c->prefetch_head = e;
+        c->prefetch_tail = e;
+    }
     char res[160];
     log_key(e, res, sizeof res);
     log_info("token_prefetch", "client_id=%s resource=%s", e->client_id, res);
@@ -705,24 +714,21 @@ int token_cache_prefetch_missing(struct token_cache *c, int *total, char *why, s
     *total = 0;
     if (n)
         why[0] = 0;
-    for (int b = 0; b < NBUCKETS; b++)
-        for (struct cache_entry *e = c->buckets[b]; e; e = e->next) {
-            if (!e->prefetch)
-                continue;
-            ++*total;
-            if (e->tok.access_token && now < e->serve_until_ms)
-                continue;
-            if (missing++ || !n)
-                continue;
-            char res[160];
-            log_key(e, res, sizeof res);
-            const char *reason = now < e->held_until_ms ? e->held.description
-                                 : e->have_last         ? e->last.description
-                                 : busy(e)              ? "being fetched"
-                                                        : "not fetched yet";
-            snprintf(why, n, "no token yet for client_id=%s resource=%s: %s", e->client_id, res,
-                     reason);
-        }
+    for (struct cache_entry *e = c->prefetch_head; e; e = e->prefetch_next) {
+        ++*total;
+        if (e->tok.access_token && now < e->serve_until_ms)
+            continue;
+        if (missing++ || !n)
+            continue;
+        char res[160];
+        log_key(e, res, sizeof res);
+        const char *reason = now < e->held_until_ms ? e->held.description
+                             : e->have_last         ? e->last.description
+                             : busy(e)              ? "being fetched"
+                                                    : "not fetched yet";
+        snprintf(why, n, "no token yet for client_id=%s resource=%s: %s", e->client_id, res,
+                 reason);
+    }
     return missing;
 }
 

@@ -72,7 +72,8 @@ enum cache_result token_cache_get(struct token_cache *c, struct token_cache_wait
  * for as long as it has none, and never evicts or drops it. Strings are copied. */
 void token_cache_prefetch(struct token_cache *c, const char *client_id, const char *resource);
 /* How many prefetched keys have no servable token now; *total: how many there are. why (n bytes):
- * the first missing key and the reason (the last error, or "being fetched"), when one is. */
+ * the first missing key (in the order they were prefetched) and the reason (the last error, or
+ * "being fetched"), when one is. */
 int token_cache_prefetch_missing(struct token_cache *c, int *total, char *why, size_t n);
 
 /* What /metrics shows of one entry. */
