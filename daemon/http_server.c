@@ -591,6 +591,13 @@ static void secret_header_clear(struct http_conn *c, enum header_kind k)
     }
 }
 
+static void secret_headers_clear(struct http_conn *c)
+{
+    secret_header_clear(c, H_IDENTITY);
+    secret_header_clear(c, H_SECRET);
+    secret_header_clear(c, H_AUTH);
+}
+
 static struct http_conn *conn_of(llhttp_t *p)
 {
     return p->data;
@@ -611,9 +618,7 @@ static int on_message_begin(llhttp_t *p)
     c->ctype_len = 0;
     buf_reset(&c->body);
     memset(&c->req, 0, sizeof c->req);
-    secret_header_clear(c, H_IDENTITY);
-    secret_header_clear(c, H_SECRET);
-    secret_header_clear(c, H_AUTH);
+    secret_headers_clear(c);
     return 0;
 }
 
@@ -995,9 +1000,7 @@ static void watch_arrival(struct http_conn *c)
 static void conn_free(struct http_conn *c)
 {
     struct http_server *s = c->server;
-    secret_header_clear(c, H_IDENTITY);
-    secret_header_clear(c, H_SECRET);
-    secret_header_clear(c, H_AUTH);
+    secret_headers_clear(c);
     release_buffers(c); /* done by conn_close; a bare connection's too */
     free(c);
     s->open_handles--;
